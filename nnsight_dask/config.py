@@ -1,0 +1,23 @@
+"""Every default in one place. Override by assigning, e.g. ``nnsight_dask.config.persist_threshold = 4 << 20``."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+#: Where converted model weights (e.g. SmolLM2 from GGUF to safetensors) are cached.
+cache_dir: Path = Path(os.environ.get("NNSIGHT_DASK_CACHE", Path.home() / ".cache" / "nnsight-dask"))
+
+#: Saved values larger than this many bytes are persisted to Zarr when a store is given.
+persist_threshold: int = 1 << 20
+
+#: Largest total of inline (non-persisted) result bytes a remote experiment may return.
+max_inline_result_bytes: int = 256 << 20
+
+#: Show progress of remote experiments and collect() in the terminal/notebook.
+verbose: bool = True
+
+#: Wall-time limit of one remote experiment, in seconds.
+experiment_timeout: float = 600.0
+
+#: Largest number of generation steps a remote experiment may ask for.
+max_new_tokens_limit: int = 1024
