@@ -1,0 +1,19 @@
+"""nnsight-dask: read and rewrite the internals of language models, locally or on a Dask cluster.
+
+>>> import nnsight_dask as nd
+>>> lm = nd.LanguageModel("path/to/model")                      # doctest: +SKIP
+>>> with lm.trace("The capital of France is"):                  # doctest: +SKIP
+...     hidden = lm.model.layers[5].output.save()
+"""
+from __future__ import annotations
+
+from . import config
+from .errors import NNsightDaskError
+from .graph import InterventionGraph
+from .tracing import Envoy, LanguageModel, NNsight, Proxy, apply
+from .tracing import dict_ as dict
+from .tracing import list_ as list
+
+__all__ = ["Envoy", "InterventionGraph", "LanguageModel", "NNsight", "NNsightDaskError", "Proxy", "apply",
+           "config", "dict", "list"]
+__version__ = "0.1.0"

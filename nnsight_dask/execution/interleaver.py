@@ -1,0 +1,450 @@
+"""Runs one pass of an intervention graph while the model runs: nodes fire on module hooks.
+
+The interleaver is a small state machine. Each node waits for its arguments; free nodes run as
+soon as their arguments exist, in program order; event-bound nodes (reads and writes of module
+inputs/outputs, gradients) run when their module call (or backward) reaches them. A write that
+needs a value the forward pass has not produced yet is a cycle and is reported as such.
+"""
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from ..errors import InterventionError, NNsightDaskError
+from ..graph.graph import InterventionGraph
+from ..graph.node import Kind, Node, Ref, display_path
+from ..graph.ops import registry, safe_call, safe_getattr
+from .batching import Layout, conform, narrow, splice
+
+Key = Any  # int for plain nodes, (node id, step) for nodes of an iteration block
+
+
+class _Skipped:
+    """Value of a node that did not run because its condition was false."""
+
+    def __repr__(self) -> str:
+        return "<skipped>"
+
+
+SKIPPED = _Skipped()
+
+
+class StopForward(Exception):
+    """Raised inside the model to end the forward pass early (``tracer.stop()``)."""
+
+
+class _SkipNode(Exception):
+    pass
+
+
+class _ModuleState:
+    __slots__ = ("path", "calls", "current", "skip_value")
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.calls = 0
+        self.current: int | None = None
+        self.skip_value: Any = _NOTSET
+
+
+_NOTSET = object()
+
+
+class Interleaver:
+    """State of one pass: which nodes wait, which module call each event belongs to, the values.
+
+    ``values`` is shared by all passes of a graph (a session), so later passes read earlier ones.
+    ``layout`` gives each invoke its batch rows. ``steps`` is how many forward passes the run makes
+    (generation: one per token), which bounds iteration blocks.
+    """
+
+    def __init__(self, graph: InterventionGraph, pass_index: int, layout: Layout, values: dict[Key, Any],
+                 steps: int, modules: dict[str, torch.nn.Module], logs: list[str] | None = None) -> None:
+        self.graph = graph
+        self.pass_index = pass_index
+        self.layout = layout
+        self.batch = layout[-1][1] if layout else 0
+        self.narrowing = len(layout) > 1
+        self.values = values
+        self.steps = steps
+        self.modules = modules
+        self.logs = logs
+        self.suppressed = 0
+        self.ops = registry()
+        self.pending: dict[Key, int] = {}
+        self.dependents: dict[Key, list[Key]] = {}
+        self.events: dict[tuple[str, str, int], list[Key]] = {}
+        self.grad_events: dict[Key, list[Key]] = {}
+        self.result_keys: list[Key] = []
+        self.heap: list[tuple[int, int, Key]] = []
+        self.stop_key: Key | None = None
+        self.before_stop = 0
+        self.stopped = False
+        self.instances: list[Key] = []
+        self.states: dict[str, _ModuleState] = {}
+        self._build()
+
+    # -- set-up -----------------------------------------------------------------------------
+    def _build(self) -> None:
+        nodes = self.graph.nodes
+        ranges = {it.id: it.steps(self.steps) for it in self.graph.iterations if it.pass_index == self.pass_index}
+        for node in nodes:
+            if node.pass_index != self.pass_index:
+                continue
+            steps = (None,) if node.iteration is None else ranges.get(node.iteration, ())
+            for step in steps:
+                key = node.id if step is None else (node.id, step)
+                self.instances.append(key)
+                waiting = 0
+                for dep in node.deps():
+                    dep_key = self._dep_key(nodes[dep], step)
+                    if dep_key in self.values:
+                        continue
+                    waiting += 1
+                    self.dependents.setdefault(dep_key, []).append(key)
+                self.pending[key] = waiting
+                kind = node.kind
+                if kind in (Kind.GETTER, Kind.SETTER, Kind.SKIP):
+                    call = node.call + (step or 0)
+                    phase = "out" if node.access == "output" and kind != Kind.SKIP else "in"
+                    self.events.setdefault((node.module, phase, call), []).append(key)
+                elif kind in (Kind.GRAD, Kind.GRAD_SETTER):
+                    target = self._dep_key(nodes[node.args[0].id], step)
+                    self.grad_events.setdefault(target, []).append(key)
+                elif kind == Kind.RESULT:
+                    self.result_keys.append(key)
+                elif kind == Kind.STOP:
+                    self.stop_key = key
+                elif waiting == 0:
+                    self._push(key)
+        if self.stop_key is not None:
+            stop_id = self.stop_key
+            self.before_stop = sum(1 for k in self.instances if _node_id(k) < stop_id)
+        for keys in (*self.events.values(), *self.grad_events.values()):
+            keys.sort(key=_order)
+
+    def _dep_key(self, dep: Node, step: int | None) -> Key:
+        if dep.iteration is None:
+            return dep.id
+        if step is None:
+            raise NNsightDaskError(
+                f"a value from an iteration block ({dep.describe()}) is used outside the block without "
+                "being iterated; save it inside the block instead")
+        return (dep.id, step)
+
+    def _push(self, key: Key) -> None:
+        heapq.heappush(self.heap, (*_order(key), key))
+
+    def module_paths(self) -> set[str]:
+        return {path for (path, _phase, _call) in self.events}
+
+    def needs_input_hook(self, path: str) -> bool:
+        return any(p == path and phase == "in" for (p, phase, _c) in self.events)
+
+    # -- values -----------------------------------------------------------------------------
+    def _set(self, key: Key, value: Any) -> None:
+        self.values[key] = value
+        if self.stop_key is not None and _node_id(key) < _node_id(self.stop_key):
+            self.before_stop -= 1
+        for dependent in self.dependents.get(key, ()):
+            left = self.pending[dependent] - 1
+            self.pending[dependent] = left
+            if left == 0 and self.graph.nodes[_node_id(dependent)].kind not in Kind.EVENT_BOUND:
+                self._push(dependent)
+        grads = self.grad_events.get(key)
+        if grads is not None:
+            self._watch_grad(key, value, grads)
+
+    def _resolve(self, obj: Any, step: int | None) -> Any:
+        if isinstance(obj, Ref):
+            dep = self.graph.nodes[obj.id]
+            value = self.values[obj.id if dep.iteration is None else (obj.id, step)]
+            if value is SKIPPED:
+                raise _SkipNode
+            return value
+        if type(obj) in (int, float, str, bool) or obj is None:
+            return obj
+        if isinstance(obj, tuple):
+            return tuple(self._resolve(o, step) for o in obj)
+        if isinstance(obj, list):
+            return [self._resolve(o, step) for o in obj]
+        if isinstance(obj, dict):
+            return {k: self._resolve(v, step) for k, v in obj.items()}
+        if isinstance(obj, slice):
+            return slice(self._resolve(obj.start, step), self._resolve(obj.stop, step), self._resolve(obj.step, step))
+        return obj
+
+    # -- running nodes ------------------------------------------------------------------------
+    def drain(self, before: tuple[int, int] | None = None) -> None:
+        """Run ready free nodes in program order (only those before ``before`` when given)."""
+        heap = self.heap
+        while heap and (before is None or (heap[0][0], heap[0][1]) < before):
+            key = heapq.heappop(heap)[2]
+            self._run_free(key)
+        if self.stop_key is not None and self.before_stop <= 0 and not self.stopped:
+            self.stopped = True
+            raise StopForward
+
+    def _run_free(self, key: Key) -> None:
+        node = self.graph.nodes[_node_id(key)]
+        step = key[1] if isinstance(key, tuple) else None
+        try:
+            if node.cond is not None and not self._condition(node, step):
+                raise _SkipNode
+            args = self._resolve(node.args, step)
+            kwargs = self._resolve(node.kwargs, step) if node.kwargs else {}
+            value = self._execute(node, args, kwargs)
+        except _SkipNode:
+            value = SKIPPED
+        except (StopForward, InterventionError):
+            raise
+        except Exception as exc:
+            raise self._error(node, exc) from exc
+        self._set(key, value)
+
+    def _condition(self, node: Node, step: int | None) -> bool:
+        value = self._resolve(Ref(node.cond), step)  # type: ignore[arg-type]
+        return bool(value)
+
+    def _execute(self, node: Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        kind = node.kind
+        if kind == Kind.OP:
+            name = node.target
+            if name == "getattr":
+                return safe_getattr(args[0], args[1])
+            if name == "call":
+                return safe_call(args[0], *args[1:], **kwargs)
+            return self.ops.resolve(name)(*args, **kwargs)  # type: ignore[arg-type]
+        if kind == Kind.SAVE:
+            return args[0]
+        if kind == Kind.MODULE_CALL:
+            with self.suppress():
+                return self.modules[node.module](*args, **kwargs)  # type: ignore[index]
+        if kind == Kind.MODULE_ATTR:
+            return safe_getattr(self.modules[node.module], node.target)  # type: ignore[index,arg-type]
+        if kind == Kind.BACKWARD:
+            with torch.enable_grad():
+                torch.autograd.backward(args[0], **kwargs)
+            return None
+        if kind == Kind.LOG:
+            text = " ".join(str(a) for a in args)
+            if self.logs is not None:
+                self.logs.append(text)
+            else:
+                print(text)
+            return None
+        if kind == Kind.APPLY:
+            fn = self.graph.local_functions.get(node.id)
+            if fn is None:
+                raise NNsightDaskError(f"local function {node.target!r} is not available here")
+            return fn(*args, **kwargs)
+        raise NNsightDaskError(f"node kind {kind!r} cannot run as a free node")
+
+    @contextmanager
+    def suppress(self) -> Iterator[None]:
+        """Calls of model modules made by the graph itself do not count as model events."""
+        self.suppressed += 1
+        try:
+            yield
+        finally:
+            self.suppressed -= 1
+
+    # -- events -------------------------------------------------------------------------------
+    def fire(self, keys: list[Key], current: Any, phase: str) -> Any:
+        """Run the nodes bound to one event in program order; returns the (maybe replaced) value."""
+        for key in keys:
+            self.drain(before=_order(key))
+            node = self.graph.nodes[_node_id(key)]
+            step = key[1] if isinstance(key, tuple) else None
+            try:
+                if node.cond is not None and self.pending[key] == 0 and not self._condition(node, step):
+                    raise _SkipNode
+                if node.kind in (Kind.GETTER, Kind.GRAD):
+                    self._set(key, self._view(node, current, phase))
+                    continue
+                if self.pending[key]:
+                    raise self._cycle_error(node, step)
+                new = self._resolve(node.args[-1], step)
+                current = self._replace(node, current, new, phase)
+            except _SkipNode:
+                self._set(key, SKIPPED)
+                continue
+            except (StopForward, InterventionError):
+                raise
+            except Exception as exc:
+                raise self._error(node, exc) from exc
+            self._set(key, None)
+        self.drain()
+        return current
+
+    def _view(self, node: Node, current: Any, phase: str) -> Any:
+        if phase == "in":
+            args, kwargs = current
+            value = args[0] if node.access == "input" else (args, kwargs)
+            if node.access == "input" and not args:
+                raise NNsightDaskError(f"{display_path(node.module)} was called without positional arguments; "
+                                       "read .inputs to see its keyword arguments")
+        else:
+            value = current
+        if self.narrowing and node.invoke is not None and phase != "grad":
+            start, stop = self.layout[node.invoke]
+            value = narrow(value, start, stop, self.batch)
+        return value
+
+    def _replace(self, node: Node, current: Any, new: Any, phase: str) -> Any:
+        if node.kind == Kind.SKIP:
+            return new
+        if phase == "grad":
+            return conform(new, current)
+        if phase == "in":
+            args, kwargs = current
+            if node.access == "input":
+                old = args[0]
+                return ((self._fit(node, old, new), *args[1:]), kwargs)
+            new_args, new_kwargs = new
+            return (tuple(new_args), dict(new_kwargs))
+        return self._fit(node, current, new)
+
+    def _fit(self, node: Node, old: Any, new: Any) -> Any:
+        if self.narrowing and node.invoke is not None:
+            start, stop = self.layout[node.invoke]
+            return splice(old, new, start, stop, self.batch)
+        return conform(new, old)
+
+    def watch_module(self, module: torch.nn.Module, path: str) -> list[Any]:
+        """Register this pass's hooks on one module; returns the handles to remove afterwards."""
+        state = self.states[path] = _ModuleState(path)
+        events = self.events
+
+        def pre_hook(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            if self.suppressed:
+                state.current = None
+                return None
+            call = state.calls
+            state.calls += 1
+            state.current = call
+            keys = events.get((path, "in", call))
+            if keys is None:
+                return None
+            skip_nodes = [k for k in keys if self.graph.nodes[_node_id(k)].kind == Kind.SKIP]
+            if skip_nodes:
+                state.skip_value = self.fire(skip_nodes, None, "in")
+                keys = [k for k in keys if k not in skip_nodes]
+            new = self.fire(keys, (args, kwargs), "in")
+            return new if (new[0] is not args or new[1] is not kwargs) else None
+
+        def hook(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+            call = state.current
+            if call is None:
+                return None
+            keys = events.get((path, "out", call))
+            if keys is None:
+                return None
+            new = self.fire(keys, output, "out")
+            return new if new is not output else None
+
+        handles = [module.register_forward_pre_hook(pre_hook, with_kwargs=True),
+                   module.register_forward_hook(hook, with_kwargs=True)]
+        if any(p == path and self.graph.nodes[_node_id(k)].kind == Kind.SKIP
+               for (p, _ph, _c), ks in events.items() for k in ks):
+            handles.append(_install_skip(module, state))
+        return handles
+
+    def _watch_grad(self, key: Key, value: Any, keys: list[Key]) -> None:
+        node = self.graph.nodes[_node_id(key)]
+        if not isinstance(value, torch.Tensor) or not value.requires_grad:
+            raise InterventionError(
+                f"{node.location or '<graph>'}: cannot read or write .grad of {node.describe()}: the value "
+                "does not require grad. Gradients exist only for values computed from the model's "
+                "parameters while a backward pass runs (call loss.backward() in the trace).",
+                location=node.location, module=node.module)
+        value.register_hook(lambda grad: _changed(self.fire(keys, grad, "grad"), grad))
+
+    def finish(self, result: Any) -> None:
+        """End of the pass: hand out the result and check that nothing was left unreached."""
+        if self.result_keys:
+            self.fire(self.result_keys, result, "out")
+        self.drain()
+
+    def unreached(self, steps_run: int) -> list[Node]:
+        """Nodes of this pass that never ran and should have (not past a stop or the last step)."""
+        stop_id = _node_id(self.stop_key) if self.stop_key is not None else None
+        missing = []
+        for key in self.instances:
+            if key in self.values:
+                continue
+            if isinstance(key, tuple) and key[1] >= steps_run:
+                continue
+            node = self.graph.nodes[_node_id(key)]
+            if node.kind == Kind.STOP or (stop_id is not None and node.id > stop_id):
+                continue
+            missing.append(node)
+        return missing
+
+    # -- errors -------------------------------------------------------------------------------
+    def _error(self, node: Node, exc: Exception) -> InterventionError:
+        where = node.location or "<graph>"
+        module = f" on {display_path(node.module)}" if node.module is not None else ""
+        return InterventionError(
+            f"{where}: {node.describe()}{module} failed: {type(exc).__name__}: {exc}",
+            location=node.location, module=node.module, node=node.id, original_type=type(exc).__name__)
+
+    def _cycle_error(self, node: Node, step: int | None) -> InterventionError:
+        late = self._first_unready_source(node, step)
+        source = f" from {late.describe()}, which the forward pass produces later" if late else ""
+        return InterventionError(
+            f"{node.location or '<graph>'}: {node.describe()} needs a value computed{source}. A module's "
+            "input or output can only be set from values available when that module runs.",
+            location=node.location, module=node.module, node=node.id)
+
+    def _first_unready_source(self, node: Node, step: int | None) -> Node | None:
+        stack, seen = [node], set()
+        while stack:
+            current = stack.pop()
+            for dep in current.deps():
+                dep_node = self.graph.nodes[dep]
+                key = self._dep_key(dep_node, step)
+                if key in self.values or dep in seen:
+                    continue
+                seen.add(dep)
+                if dep_node.kind in Kind.EVENT_BOUND:
+                    return dep_node
+                stack.append(dep_node)
+        return None
+
+
+def _node_id(key: Key) -> int:
+    return key[0] if isinstance(key, tuple) else key
+
+
+def _order(key: Key) -> tuple[int, int]:
+    """Program order: node id first, then generation step."""
+    return key if isinstance(key, tuple) else (key, -1)
+
+
+def _changed(new: Any, old: Any) -> Any:
+    return None if new is old else new
+
+
+def _install_skip(module: torch.nn.Module, state: _ModuleState) -> Any:
+    """Replace ``module.forward`` for calls that a skip node covers; returns an undo handle."""
+    original: Callable[..., Any] = module.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if state.skip_value is not _NOTSET:
+            value, state.skip_value = state.skip_value, _NOTSET
+            return value
+        return original(*args, **kwargs)
+
+    module.forward = forward  # type: ignore[method-assign]
+
+    class _Undo:
+        def remove(self) -> None:
+            if module.__dict__.get("forward") is forward:
+                del module.__dict__["forward"]
+
+    return _Undo()

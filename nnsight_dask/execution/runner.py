@@ -1,0 +1,164 @@
+"""Run a whole intervention graph on a local torch module: batch the invokes, hook, run, collect.
+
+This is the local backend's engine and the reference every remote result is checked against.
+"""
+from __future__ import annotations
+
+import inspect
+import weakref
+from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import InterventionError, ModuleNotFoundInModelError
+from ..graph.graph import InterventionGraph, Pass
+from ..graph.node import Kind, Node, display_path
+from .batching import batch_module_inputs, batch_token_inputs, position_ids_for
+from .interleaver import SKIPPED, Interleaver, Key, StopForward
+
+
+@dataclass
+class RunResult:
+    """What an experiment returns: saved values by name, and lines logged with ``tracer.log``."""
+
+    saves: dict[str, Any] = field(default_factory=dict)
+    logs: list[str] = field(default_factory=list)
+
+
+def run_graph(model: torch.nn.Module, graph: InterventionGraph, *, pad_token_id: int | None = None,
+              fake: bool = False) -> RunResult:
+    """Run every pass of ``graph`` on ``model``; ``fake=True`` runs on fake tensors (shapes only)."""
+    modules = _modules(model, graph)
+    values: dict[Key, Any] = {}
+    logs: list[str] = []
+    with ExitStack() as stack:
+        if fake:
+            from torch._subclasses.fake_tensor import FakeTensorMode
+            stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
+        stack.enter_context(torch.enable_grad() if graph.needs_grad else torch.no_grad())
+        for index, run in enumerate(graph.passes):
+            _run_pass(model, graph, index, run, modules, values, logs, pad_token_id, fake)
+    return RunResult(saves=collect_saves(graph, values), logs=logs)
+
+
+def _run_pass(model: torch.nn.Module, graph: InterventionGraph, index: int, run: Pass,
+              modules: dict[str, torch.nn.Module], values: dict[Key, Any], logs: list[str],
+              pad_token_id: int | None, fake: bool) -> None:
+    generate = run.kind == "generate" and not fake
+    steps = run.steps if generate else 1
+    token_inputs = bool(run.invokes) and "input_ids" in run.invokes[0]
+    if token_inputs:
+        batch, layout = batch_token_inputs(run.invokes, pad_token_id if pad_token_id is not None else 0)
+        args: tuple[Any, ...] = ()
+        kwargs: dict[str, Any] = dict(batch)
+        if not generate and len(layout) > 1 and _accepts(model, "position_ids"):
+            kwargs["position_ids"] = position_ids_for(batch["attention_mask"])
+    else:
+        args, kwargs, layout = batch_module_inputs(run.invokes or [{}])
+    inter = Interleaver(graph, index, layout, values, steps, modules, logs)
+    handles = []
+    step_counter = [0]
+    try:
+        for path in inter.module_paths():
+            handles.extend(inter.watch_module(modules[path], path))
+        handles.append(model.register_forward_pre_hook(lambda *_: step_counter.__setitem__(0, step_counter[0] + 1)))
+        output: Any = None
+        try:
+            inter.drain()
+            if generate:
+                options = {"do_sample": False, "pad_token_id": pad_token_id, **run.kwargs}
+                output = model.generate(*args, **kwargs, **options)  # type: ignore[operator]
+            else:
+                output = model(*args, **kwargs)
+        except StopForward:
+            output = None
+        try:
+            inter.finish(output)
+        except StopForward:
+            pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    _check_reached(inter, step_counter[0])
+
+
+def _check_reached(inter: Interleaver, steps_run: int) -> None:
+    missing = inter.unreached(steps_run)
+    effects = [n for n in missing if n.kind in (Kind.SAVE, Kind.SETTER, Kind.GRAD_SETTER, Kind.BACKWARD, Kind.LOG, Kind.SKIP)]
+    if not effects:
+        return
+    first = effects[0]
+    cause = _root_cause(inter, first, missing)
+    if cause is not None and cause.kind in (Kind.GRAD, Kind.GRAD_SETTER):
+        why = f"{cause.describe()} (.grad) was never computed: call .backward() on a loss inside the trace"
+    elif cause is not None and cause.module is not None:
+        state = inter.states.get(cause.module)
+        ran = state.calls if state is not None else 0
+        why = (f"{display_path(cause.module)}.{cause.access} at call {cause.call} was never reached: the "
+               f"module ran {ran} time(s) in this pass")
+    else:
+        why = "its inputs were never computed"
+    raise InterventionError(f"{first.location or '<graph>'}: {first.describe()} never ran: {why}",
+                            location=first.location, module=first.module, node=first.id)
+
+
+def _root_cause(inter: Interleaver, node: Node, missing: list[Node]) -> Node | None:
+    missing_ids = {n.id for n in missing}
+    stack, seen = [node], set()
+    while stack:
+        current = stack.pop()
+        if current.kind in (Kind.GETTER, Kind.GRAD, Kind.GRAD_SETTER, Kind.SETTER, Kind.SKIP) and current is not node:
+            return current
+        for dep in current.deps():
+            if dep in missing_ids and dep not in seen:
+                seen.add(dep)
+                stack.append(inter.graph.nodes[dep])
+    return node if node.module is not None else None
+
+
+def collect_saves(graph: InterventionGraph, values: dict[Key, Any]) -> dict[str, Any]:
+    """Saved values by name; a save inside an iteration block gives a list, one value a step."""
+    saves: dict[str, Any] = {}
+    for node in graph.nodes:
+        if node.kind != Kind.SAVE:
+            continue
+        if node.iteration is None:
+            value = values.get(node.id, SKIPPED)
+            saves[node.target] = None if value is SKIPPED else value  # type: ignore[index]
+        else:
+            steps = sorted(k[1] for k in values if isinstance(k, tuple) and k[0] == node.id)
+            saves[node.target] = [values[(node.id, s)] for s in steps  # type: ignore[index]
+                                  if values[(node.id, s)] is not SKIPPED]
+    return saves
+
+
+_MODULE_CACHE: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, torch.nn.Module]] = weakref.WeakKeyDictionary()
+
+
+def _modules(model: torch.nn.Module, graph: InterventionGraph) -> dict[str, torch.nn.Module]:
+    cache = _MODULE_CACHE.setdefault(model, {})
+    for path in graph.module_paths():
+        if path not in cache:
+            try:
+                cache[path] = model.get_submodule(path)
+            except AttributeError:
+                node = next(n for n in graph.nodes if n.module == path)
+                raise ModuleNotFoundInModelError(
+                    f"{node.location or '<graph>'}: the model has no module {display_path(path)!r}",
+                    module=path, location=node.location) from None
+    return cache
+
+
+_ACCEPTS: dict[tuple[type, str], bool] = {}
+
+
+def _accepts(model: torch.nn.Module, name: str) -> bool:
+    key = (type(model), name)
+    if key not in _ACCEPTS:
+        try:
+            _ACCEPTS[key] = name in inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            _ACCEPTS[key] = False
+    return _ACCEPTS[key]

@@ -1,0 +1,164 @@
+"""Envoy: a module of the model as seen from a trace (``lm.model.layers[5].mlp``).
+
+Reading ``.output`` / ``.input`` / ``.inputs`` records a getter, assigning them records a setter,
+calling the envoy records a call of the module. Outside a trace an envoy is just a view of the
+module tree (``print(lm)``, attribute access).
+"""
+from __future__ import annotations
+
+import difflib
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..errors import ModuleIndexError, ModuleNotFoundInModelError, TracingError
+from ..graph.node import Kind, display_path
+
+if TYPE_CHECKING:
+    from .model import NNsight
+    from .proxy import Proxy
+    from .recorder import Recorder
+
+_ACCESS = ("output", "input", "inputs")
+
+
+class Envoy:
+    """Proxy for one module. ``_offset`` counts ``.next()`` calls; ``_all`` marks ``.all()``."""
+
+    __slots__ = ("_module", "_path", "_owner", "_offset", "_all", "_children")
+
+    def __init__(self, module: torch.nn.Module, path: str, owner: NNsight, offset: int = 0, all_steps: bool = False) -> None:
+        object.__setattr__(self, "_module", module)
+        object.__setattr__(self, "_path", path)
+        object.__setattr__(self, "_owner", owner)
+        object.__setattr__(self, "_offset", offset)
+        object.__setattr__(self, "_all", all_steps)
+        object.__setattr__(self, "_children", {})
+
+    # -- tree ---------------------------------------------------------------------------------------
+    def _child(self, name: str) -> Envoy:
+        child = self._children.get(name)
+        if child is None:
+            path = f"{self._path}.{name}" if self._path else name
+            child = Envoy(self._module._modules[name], path, self._owner)  # type: ignore[arg-type]
+            self._children[name] = child
+        return child
+
+    def __getattr__(self, name: str) -> Any:
+        module = self._module
+        if name in module._modules and module._modules[name] is not None:
+            return self._child(name)
+        if name.startswith("__"):
+            raise AttributeError(name)
+        try:
+            attr = getattr(module, name)
+        except AttributeError:
+            raise self._unknown(name) from None
+        if isinstance(attr, torch.Tensor):
+            recorder = self._owner._active_recorder()
+            if recorder is not None:
+                return recorder.add(Kind.MODULE_ATTR, target=name, module=self._path)
+        return attr
+
+    def _unknown(self, name: str) -> ModuleNotFoundInModelError:
+        choices = [n for n in self._module._modules] + ["output", "input", "inputs"]
+        close = difflib.get_close_matches(name, choices, n=3)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        return ModuleNotFoundInModelError(
+            f"{display_path(self._path) if self._path else 'the model'} ({type(self._module).__name__}) has no "
+            f"submodule or attribute {name!r}.{hint} Submodules: {', '.join(self._module._modules) or 'none'}",
+            module=self._path, attribute=name)
+
+    def __getitem__(self, key: int | str | slice) -> Any:
+        module = self._module
+        names = list(module._modules)
+        if isinstance(key, slice):
+            return [self._child(names[i]) for i in range(*key.indices(len(names)))]
+        if isinstance(key, str):
+            if key not in module._modules:
+                raise self._unknown(key)
+            return self._child(key)
+        if not isinstance(key, int):
+            raise TypeError(f"{display_path(self._path)} is indexed by int, str or slice, not {type(key).__name__}")
+        n = len(names)
+        if not -n <= key < n:
+            raise ModuleIndexError(
+                f"{display_path(self._path)}[{key}] is out of range: {display_path(self._path)} has {n} "
+                f"entries (valid indices 0..{n - 1}, or -{n}..-1)", module=self._path, index=key)
+        return self._child(names[key % n])
+
+    def __len__(self) -> int:
+        return len(self._module._modules)
+
+    def __iter__(self) -> Any:
+        return (self._child(name) for name in self._module._modules)
+
+    def __repr__(self) -> str:
+        return repr(self._module)
+
+    @property
+    def path(self) -> str:
+        """Dotted module path as in ``named_modules()`` (``"model.layers.5.mlp"``)."""
+        return self._path
+
+    # -- views -----------------------------------------------------------------------------------
+    def next(self, step: int = 1) -> Envoy:
+        """This module at its next call (nnsight's ``.next()``; generation: the next step)."""
+        return Envoy(self._module, self._path, self._owner, self._offset + step, self._all)
+
+    def all(self) -> Envoy:
+        """This module at every generation step: reads through it give one value a step."""
+        return Envoy(self._module, self._path, self._owner, self._offset, True)
+
+    # -- access points --------------------------------------------------------------------------
+    def _recorder(self, what: str) -> Recorder:
+        recorder = self._owner._active_recorder()
+        if recorder is None:
+            raise TracingError(
+                f"{display_path(self._path)}.{what} can only be used inside `with model.trace(...)` "
+                "(or generate/scan/session)", module=self._path)
+        return recorder
+
+    def _access(self, kind: str, access: str, value: Any = None) -> Proxy:
+        recorder = self._recorder(access)
+        iteration = recorder.all_steps_iteration() if self._all else None
+        args = () if kind == Kind.GETTER else (value,)
+        return recorder.add(kind, args, module=self._path, access=access, call=self._offset, iteration=iteration)
+
+    @property
+    def output(self) -> Proxy:
+        """The module's output (a tuple for modules that return tuples)."""
+        return self._access(Kind.GETTER, "output")
+
+    @property
+    def input(self) -> Proxy:
+        """The module's first positional argument."""
+        return self._access(Kind.GETTER, "input")
+
+    @property
+    def inputs(self) -> Proxy:
+        """The module's ``(args, kwargs)``."""
+        return self._access(Kind.GETTER, "inputs")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _ACCESS:
+            self._access(Kind.SETTER, name, value)
+            return
+        if name in Envoy.__slots__:
+            object.__setattr__(self, name, value)
+            return
+        setattr(self._module, name, value)
+
+    def skip(self, value: Any) -> None:
+        """Do not run this module; use ``value`` as its output."""
+        recorder = self._recorder("skip()")
+        if recorder.invoke is not None and len(recorder.graph.passes[recorder.pass_index].invokes) > 1:
+            raise TracingError("skip() applies to the whole batch; call it outside the invokes")
+        iteration = recorder.all_steps_iteration() if self._all else None
+        recorder.add(Kind.SKIP, (value,), module=self._path, call=self._offset, iteration=iteration)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        recorder = self._owner._active_recorder()
+        if recorder is None:
+            return self._module(*args, **kwargs)
+        return recorder.add(Kind.MODULE_CALL, args, kwargs, module=self._path)

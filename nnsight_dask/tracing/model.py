@@ -1,0 +1,367 @@
+"""Model wrappers: :class:`NNsight` for any ``torch.nn.Module``, :class:`LanguageModel` for causal LMs."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from ..errors import TracingError
+from ..graph.graph import InterventionGraph
+from ..graph.node import Kind, Node, Ref
+from .backend import Backend, LocalBackend
+from .envoy import Envoy
+from .proxy import Proxy
+from .recorder import Recorder, active_recorders
+from .tracer import Session, Tracer
+
+
+class NNsight:
+    """Wrap any module so its internals can be read and rewritten inside ``with model.trace(...)``.
+
+    Inputs given to ``trace``/``invoke`` are the module's positional and keyword arguments;
+    several invokes are concatenated along the first (batch) dimension.
+
+    Examples
+    --------
+    >>> import torch, nnsight_dask as nd
+    >>> net = nd.NNsight(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU()))
+    >>> with net.trace(torch.ones(2, 4)):
+    ...     hidden = net[0].output.save()
+    >>> hidden.shape
+    torch.Size([2, 3])
+    """
+
+    def __init__(self, module: torch.nn.Module, *, model_id: str | None = None) -> None:
+        object.__setattr__(self, "_module", module)
+        object.__setattr__(self, "_envoy", Envoy(module, "", self))
+        object.__setattr__(self, "_recorders", [])
+        object.__setattr__(self, "_session", None)
+        object.__setattr__(self, "_edits", None)
+        object.__setattr__(self, "_model_id", model_id or _default_id(module))
+        object.__setattr__(self, "_backend", None)
+
+    # -- entry points ----------------------------------------------------------------------------
+    def trace(self, *inputs: Any, remote: Any = None, execute: bool = True, validate: bool = False,
+              scan: bool = False, blocking: bool = True, **kwargs: Any) -> Tracer:
+        """Record interventions on one forward pass over ``inputs`` (run when the block exits)."""
+        return Tracer(self, inputs, kind="trace", remote=remote, execute=execute, validate=validate,
+                      fake=scan, blocking=blocking, encode_kwargs=kwargs)
+
+    def scan(self, *inputs: Any, **kwargs: Any) -> Tracer:
+        """Like ``trace`` but on fake tensors: shapes are computed, nothing heavy runs, errors surface."""
+        return self.trace(*inputs, scan=True, **kwargs)
+
+    def session(self, *, remote: Any = None, blocking: bool = True) -> Session:
+        """Group several traces into one graph whose values flow between traces."""
+        return Session(self, remote=remote, blocking=blocking)
+
+    def edit(self, *, inplace: bool = False) -> _EditContext:
+        """Record interventions applied to every later trace (of a copy, or of this model if inplace)."""
+        return _EditContext(self, inplace)
+
+    def clear_edits(self) -> None:
+        object.__setattr__(self, "_edits", None)
+
+    # -- the module tree ----------------------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._envoy, name)
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._envoy[key]
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._envoy, name, value)
+
+    def __repr__(self) -> str:
+        return repr(self._module)
+
+    @property
+    def output(self) -> Proxy:
+        return self._envoy.output
+
+    @property
+    def input(self) -> Proxy:
+        return self._envoy.input
+
+    @property
+    def inputs(self) -> Proxy:
+        return self._envoy.inputs
+
+    # -- plumbing used by tracers ---------------------------------------------------------------------
+    def _active_recorder(self) -> Recorder | None:
+        return self._recorders[-1] if self._recorders else None
+
+    def _push(self, recorder: Recorder) -> None:
+        self._recorders.append(recorder)
+        active_recorders().append(recorder)
+
+    def _pop(self, recorder: Recorder) -> None:
+        if self._recorders and self._recorders[-1] is recorder:
+            self._recorders.pop()
+        stack = active_recorders()
+        if stack and stack[-1] is recorder:
+            stack.pop()
+
+    def _encode(self, inputs: tuple[Any, ...], **kwargs: Any) -> dict[str, Any]:
+        return {"args": list(inputs), "kwargs": kwargs}
+
+    def _apply_edits(self, recorder: Recorder) -> None:
+        if self._edits is not None:
+            copy_nodes(self._edits, recorder.graph, recorder.pass_index)
+
+    def _local_backend(self) -> Backend:
+        if self._backend is None:
+            object.__setattr__(self, "_backend", LocalBackend(self._module, self._pad_token_id()))
+        return self._backend  # type: ignore[return-value]
+
+    def _pad_token_id(self) -> int | None:
+        return None
+
+    def _remote_backend(self, remote: Any) -> Backend:
+        raise TracingError(f"{type(self).__name__} runs locally; use nd.RemoteModel for remote=...")
+
+    def _run(self, recorder: Recorder, context: Tracer | Session) -> Any:
+        """Run a finished recording and hand saved values to their proxies; returns a future when
+        the run is remote and not blocking."""
+        graph = recorder.graph
+        remote = getattr(context, "remote", None)
+        local = self._local_backend() if not remote else None
+        try:
+            if getattr(context, "validate", False) or getattr(context, "fake", False):
+                backend = local or self._remote_backend(remote)
+                fake_result = _scan(self, graph)
+                if getattr(context, "fake", False):
+                    recorder.finish(fake_result.saves)
+                    return None
+            backend = local if local is not None else self._remote_backend(remote)
+            if not getattr(context, "blocking", True):
+                future = backend.submit(graph)
+                future.add_done_callback(lambda f: _deliver(recorder, context, f))
+                return future
+            result = backend.run(graph)
+        except BaseException:
+            recorder.close()
+            raise
+        _finish(recorder, context, result)
+        return None
+
+
+def _scan(model: NNsight, graph: InterventionGraph) -> Any:
+    from ..execution.runner import run_graph
+
+    return run_graph(model._module, graph, pad_token_id=model._pad_token_id(), fake=True)
+
+
+def _finish(recorder: Recorder, context: Any, result: Any) -> None:
+    recorder.finish(result.saves)
+    context.logs = list(result.logs)
+    for line in result.logs:
+        print(line)
+
+
+def _deliver(recorder: Recorder, context: Any, future: Any) -> None:
+    if future.cancelled() or future.exception() is not None:
+        recorder.close()
+        return
+    _finish(recorder, context, future.result())
+
+
+class _Generator:
+    """``lm.generator.output``: the generated token ids of a ``generate`` run."""
+
+    def __init__(self, model: NNsight) -> None:
+        self._model = model
+
+    @property
+    def output(self) -> Proxy:
+        recorder = self._model._active_recorder()
+        if recorder is None:
+            raise TracingError("lm.generator.output can only be used inside `with lm.generate(...)`")
+        return recorder.add(Kind.RESULT, invoke=None)
+
+
+class LanguageModel(NNsight):
+    """A causal language model plus its tokenizer; inputs may be text, token ids or encodings.
+
+    Parameters
+    ----------
+    model:
+        An HF directory or hub id (loaded with ``AutoModelForCausalLM``), or an already built model.
+    tokenizer:
+        The tokenizer (loaded with the model when ``model`` is a path).
+    gguf_file:
+        Load weights from this GGUF file inside the directory ``model``.
+
+    Examples
+    --------
+    >>> lm = nd.LanguageModel(model, tokenizer=tok)                     # doctest: +SKIP
+    >>> with lm.trace("The Eiffel Tower is in the city of"):            # doctest: +SKIP
+    ...     hidden = lm.model.layers[5].output.save()
+    """
+
+    def __init__(self, model: torch.nn.Module | str | os.PathLike[str], tokenizer: Any = None, *,
+                 gguf_file: str | None = None, dtype: torch.dtype | None = None, device: Any = None,
+                 model_id: str | None = None) -> None:
+        if isinstance(model, (str, os.PathLike)):
+            from ..models.loading import load_causal_lm
+
+            module, loaded_tokenizer = load_causal_lm(str(model), gguf_file=gguf_file, dtype=dtype, device=device)
+            tokenizer = tokenizer or loaded_tokenizer
+            model_id = model_id or str(model)
+        else:
+            module = model
+            if dtype is not None or device is not None:
+                module = module.to(dtype=dtype, device=device)
+        if tokenizer is not None:
+            _prepare_tokenizer(tokenizer)
+        super().__init__(module, model_id=model_id)
+        object.__setattr__(self, "tokenizer", tokenizer)
+
+    def generate(self, *inputs: Any, max_new_tokens: int = 1, remote: Any = None, blocking: bool = True,
+                 scan: bool = False, validate: bool = False, execute: bool = True, **kwargs: Any) -> Tracer:
+        """Record interventions on a generation; they apply to the first step unless inside ``tracer.iter``."""
+        return Tracer(self, inputs, kind="generate", remote=remote, execute=execute, validate=validate,
+                      fake=scan, blocking=blocking, run_kwargs={"max_new_tokens": max_new_tokens, **kwargs})
+
+    @property
+    def generator(self) -> _Generator:
+        return _Generator(self)
+
+    @property
+    def config(self) -> Any:
+        return getattr(self._module, "config", None)
+
+    def _pad_token_id(self) -> int | None:
+        tokenizer = self.tokenizer
+        if tokenizer is not None and tokenizer.pad_token_id is not None:
+            return int(tokenizer.pad_token_id)
+        config = self.config
+        for name in ("pad_token_id", "eos_token_id"):
+            value = getattr(config, name, None)
+            if isinstance(value, int):
+                return value
+        return 0
+
+    def _encode(self, inputs: tuple[Any, ...], **kwargs: Any) -> dict[str, Any]:
+        if len(inputs) != 1:
+            raise TracingError(f"a language model takes one input per invoke (text, list of texts, token "
+                               f"ids or an encoding), got {len(inputs)}")
+        return encode_prompt(inputs[0], self.tokenizer, **kwargs)
+
+
+def encode_prompt(value: Any, tokenizer: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+    """Text, lists of texts, token ids (tensor or lists) or an encoding -> ``input_ids``/``attention_mask``."""
+    if isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+        if tokenizer is None:
+            raise TracingError("text inputs need a tokenizer: LanguageModel(model, tokenizer=...)")
+        encoded = tokenizer(value if isinstance(value, list) else [value], return_tensors="pt", padding=True, **kwargs)
+        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+    if hasattr(value, "keys") and "input_ids" in value:
+        ids = torch.as_tensor(value["input_ids"])
+        mask = value.get("attention_mask")
+        ids = ids if ids.dim() == 2 else ids.unsqueeze(0)
+        mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask).reshape(ids.shape)
+        return {"input_ids": ids.long(), "attention_mask": mask.long()}
+    if isinstance(value, torch.Tensor):
+        ids = value if value.dim() == 2 else value.unsqueeze(0)
+        return {"input_ids": ids.long(), "attention_mask": torch.ones_like(ids, dtype=torch.long)}
+    if isinstance(value, list) and value and all(isinstance(v, int) for v in value):
+        ids = torch.tensor([value])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if isinstance(value, list) and value and all(isinstance(v, list) for v in value):
+        length = max(len(v) for v in value)
+        pad = (tokenizer.pad_token_id if tokenizer is not None else 0) or 0
+        ids = torch.tensor([[pad] * (length - len(v)) + v for v in value])
+        mask = torch.tensor([[0] * (length - len(v)) + [1] * len(v) for v in value])
+        return {"input_ids": ids, "attention_mask": mask}
+    raise TracingError(f"cannot use {type(value).__name__} as language-model input; pass text, a list of "
+                       "texts, token ids (tensor or lists of ints) or a dict with input_ids")
+
+
+def _prepare_tokenizer(tokenizer: Any) -> None:
+    """Left padding keeps [:, -1] the last real token; a pad token must exist to batch invokes."""
+    if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if hasattr(tokenizer, "padding_side"):
+        tokenizer.padding_side = "left"
+
+
+def _default_id(module: torch.nn.Module) -> str:
+    config = getattr(module, "config", None)
+    name = getattr(config, "_name_or_path", None)
+    return name or type(module).__name__
+
+
+class _EditContext:
+    """``with model.edit() as edited:`` interventions recorded once, applied to every later trace."""
+
+    def __init__(self, model: NNsight, inplace: bool) -> None:
+        self.model = model
+        self.inplace = inplace
+        self.recorder = Recorder()
+        self.target: NNsight = model
+
+    def __enter__(self) -> NNsight:
+        if self.inplace:
+            self.target = self.model
+        else:
+            self.target = _copy_wrapper(self.model)
+        self.recorder.new_pass("trace", {})
+        self.model._push(self.recorder)
+        if self.target is not self.model:
+            self.target._push(self.recorder)
+        return self.target
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        self.model._pop(self.recorder)
+        if self.target is not self.model:
+            self.target._pop(self.recorder)
+        self.recorder.close()
+        if exc_type is not None:
+            return
+        if any(n.kind == Kind.SAVE for n in self.recorder.graph.nodes):
+            raise TracingError("edits cannot .save() values; save them in the traces that use the edit")
+        merged = InterventionGraph()
+        if self.target._edits is not None:
+            copy_nodes(self.target._edits, merged, 0)
+        copy_nodes(self.recorder.graph, merged, 0)
+        object.__setattr__(self.target, "_edits", merged)
+
+
+def _copy_wrapper(model: NNsight) -> NNsight:
+    clone = object.__new__(type(model))
+    for name, value in model.__dict__.items():
+        object.__setattr__(clone, name, value)
+    object.__setattr__(clone, "_envoy", Envoy(model._module, "", clone))
+    object.__setattr__(clone, "_recorders", [])
+    object.__setattr__(clone, "_session", None)
+    return clone
+
+
+def copy_nodes(source: InterventionGraph, target: InterventionGraph, pass_index: int) -> None:
+    """Append ``source``'s nodes to ``target`` in pass ``pass_index``, renumbering references."""
+    offset = len(target.nodes)
+    mapping = {node.id: node.id + offset for node in source.nodes}
+    for node in source.nodes:
+        target.nodes.append(Node(
+            id=node.id + offset, kind=node.kind, target=node.target, args=_remap(node.args, mapping),
+            kwargs=_remap(node.kwargs, mapping), module=node.module, access=node.access, invoke=None,
+            call=node.call, pass_index=pass_index, iteration=None, cond=mapping.get(node.cond) if node.cond is not None else None,
+            location=node.location))
+        if node.id in source.local_functions:
+            target.local_functions[node.id + offset] = source.local_functions[node.id]
+
+
+def _remap(obj: Any, mapping: dict[int, int]) -> Any:
+    if isinstance(obj, Ref):
+        return Ref(mapping[obj.id])
+    if isinstance(obj, tuple):
+        return tuple(_remap(o, mapping) for o in obj)
+    if isinstance(obj, list):
+        return [_remap(o, mapping) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _remap(v, mapping) for k, v in obj.items()}
+    if isinstance(obj, slice):
+        return slice(_remap(obj.start, mapping), _remap(obj.stop, mapping), _remap(obj.step, mapping))
+    return obj

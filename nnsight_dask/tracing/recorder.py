@@ -1,0 +1,170 @@
+"""The recorder: turns what the user writes in a trace into nodes of one intervention graph.
+
+One recorder serves a standalone trace, or a whole session (several traces sharing values).
+It knows the current pass, invoke, iteration block and condition, so every node records them.
+"""
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any
+
+from ..errors import TracingError, UnsavedValueError
+from ..graph.graph import InterventionGraph, Iteration, Pass
+from ..graph.node import Kind, Node, Ref
+from .location import user_location
+
+if TYPE_CHECKING:
+    from .proxy import Proxy
+
+_local = threading.local()
+
+
+def active_recorders() -> list[Recorder]:
+    """Recorders currently recording in this thread, innermost last."""
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    return stack
+
+
+class Recorder:
+    """Builds one :class:`InterventionGraph` while ``recording`` is true."""
+
+    def __init__(self, graph: InterventionGraph | None = None) -> None:
+        self.graph = graph if graph is not None else InterventionGraph()
+        self.recording = True
+        self.pass_index = -1
+        self.invoke: int | None = None
+        self.iteration: int | None = None
+        self.cond: int | None = None
+        self.saved: dict[int, Proxy] = {}
+        self._all_iteration: dict[int, int] = {}
+
+    # -- structure ------------------------------------------------------------------------------
+    def new_pass(self, kind: str, kwargs: dict[str, Any]) -> int:
+        self.graph.passes.append(Pass(kind=kind, invokes=[], kwargs=dict(kwargs)))
+        self.pass_index = len(self.graph.passes) - 1
+        self.invoke = None
+        return self.pass_index
+
+    def add_invoke(self, encoded: dict[str, Any]) -> int:
+        invokes = self.graph.passes[self.pass_index].invokes
+        invokes.append(encoded)
+        return len(invokes) - 1
+
+    def open_iteration(self, start: int, stop: int | None, step: int) -> int:
+        it = Iteration(id=len(self.graph.iterations), pass_index=self.pass_index, start=start, stop=stop, step=step)
+        self.graph.iterations.append(it)
+        return it.id
+
+    def all_steps_iteration(self) -> int:
+        """The iteration block over every step of the current pass (``envoy.all()``)."""
+        if self.pass_index not in self._all_iteration:
+            self._all_iteration[self.pass_index] = self.open_iteration(0, None, 1)
+        return self._all_iteration[self.pass_index]
+
+    # -- nodes ------------------------------------------------------------------------------------
+    def add(self, kind: str, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None, *,
+            iteration: int | None = None, **fields: Any) -> Proxy:
+        """Record a node and return the proxy that stands for its value."""
+        from .proxy import Proxy
+
+        if not self.recording:
+            raise TracingError("this trace has finished; values can no longer be recorded into it")
+        found: list[int] = []
+        args = self.to_arg(args, found)
+        kwargs = self.to_arg(kwargs, found) if kwargs else {}
+        if iteration is None:
+            iteration = self.iteration
+        if iteration is None and found:
+            iteration = self._inherited_iteration(found)
+        fields.setdefault("invoke", self.invoke)
+        node = self.graph.add(kind, args=args, kwargs=kwargs, pass_index=self.pass_index,
+                              iteration=iteration, cond=self.cond, location=user_location(), **fields)
+        return Proxy(self, node.id)
+
+    def _inherited_iteration(self, refs: list[int]) -> int | None:
+        nodes = self.graph.nodes
+        found = {nodes[i].iteration for i in refs} - {None}
+        if len(found) > 1:
+            raise TracingError("one operation combines values from two different iteration blocks")
+        return found.pop() if found else None
+
+    def to_arg(self, obj: Any, found: list[int]) -> Any:
+        """Replace proxies by references (this graph) or by their values (finished traces)."""
+        from .proxy import Proxy
+
+        kind = type(obj)
+        if kind is Proxy:
+            return self._proxy_arg(obj, found)
+        if kind is tuple:
+            return tuple(self.to_arg(o, found) for o in obj)
+        if kind is list:
+            return [self.to_arg(o, found) for o in obj]
+        if kind is dict:
+            return {k: self.to_arg(v, found) for k, v in obj.items()}
+        if kind is slice:
+            return slice(self.to_arg(obj.start, found), self.to_arg(obj.stop, found), self.to_arg(obj.step, found))
+        return obj
+
+    def _proxy_arg(self, proxy: Proxy, found: list[int]) -> Any:
+        owner = proxy._recorder
+        if owner is self:
+            found.append(proxy._node)
+            return Ref(proxy._node)
+        if proxy._has_value():
+            return proxy._value
+        if owner.recording:
+            raise TracingError(
+                "a value from another trace that is still recording was used here; traces that share "
+                "values must run inside one `with model.session():`")
+        raise UnsavedValueError(
+            f"{owner.graph.nodes[proxy._node].describe()} (recorded at "
+            f"{owner.graph.nodes[proxy._node].location}) was not saved, so its value is gone; "
+            "call .save() on it inside its trace")
+
+    def node(self, node_id: int) -> Node:
+        return self.graph.nodes[node_id]
+
+    def save(self, proxy: Proxy, name: str | None) -> None:
+        if proxy._node in self.saved and name is None:
+            return
+        save = self.add(Kind.SAVE, (proxy,), target=name or f"save_{proxy._node}")
+        self.saved[proxy._node] = proxy
+        proxy._save_node = save._node
+
+    def rename_saves(self, local_vars: dict[str, Any]) -> None:
+        """Name saves after the user's variables (``h = ....save()`` is returned as ``"h"``)."""
+        from .proxy import Proxy
+
+        taken = {n.target for n in self.graph.nodes if n.kind == Kind.SAVE}
+        for var, value in local_vars.items():
+            if var.startswith("_"):
+                continue
+            candidates: list[tuple[str, Any]] = [(var, value)]
+            if isinstance(value, (list, tuple)):
+                candidates = [(f"{var}[{i}]", v) for i, v in enumerate(value)]
+            elif isinstance(value, dict):
+                candidates = [(f"{var}[{k!r}]", v) for k, v in value.items()]
+            for name, item in candidates:
+                if type(item) is not Proxy or item._recorder is not self:
+                    continue
+                save_id = getattr(item, "_save_node", None)
+                if save_id is None:
+                    continue
+                node = self.graph.nodes[save_id]
+                if node.target == f"save_{item._node}" and name not in taken:
+                    taken.discard(node.target)
+                    node.target = name
+                    taken.add(name)
+
+    def finish(self, saves: dict[str, Any]) -> None:
+        """Stop recording and hand each saved proxy its value."""
+        self.recording = False
+        for proxy in self.saved.values():
+            node = self.graph.nodes[proxy._save_node]
+            if node.target in saves:
+                proxy._value = saves[node.target]
+
+    def close(self) -> None:
+        self.recording = False

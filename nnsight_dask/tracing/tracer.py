@@ -1,0 +1,274 @@
+"""Tracer and its contexts: ``trace``/``generate``/``scan``, ``invoke``, ``iter``, ``cond``, ``session``.
+
+Entering a tracer starts recording into a graph; leaving it runs the graph through the model's
+backend (local, or remote later) and hands saved values to their proxies.
+"""
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any
+
+from ..errors import TracingError
+from ..graph.graph import InterventionGraph
+from ..graph.node import Kind, Ref
+from .proxy import Proxy
+from .recorder import Recorder, active_recorders
+
+if TYPE_CHECKING:
+    from .model import NNsight
+
+
+class Tracer:
+    """One run of the model (a forward pass or a generation) and the interventions on it."""
+
+    def __init__(self, model: NNsight, inputs: tuple[Any, ...], *, kind: str = "trace", remote: Any = None,
+                 execute: bool = True, validate: bool = False, fake: bool = False, blocking: bool = True,
+                 run_kwargs: dict[str, Any] | None = None, encode_kwargs: dict[str, Any] | None = None,
+                 backend_options: dict[str, Any] | None = None) -> None:
+        self.model = model
+        self.kind = kind
+        self.remote = remote
+        self.execute = execute
+        self.validate = validate
+        self.fake = fake
+        self.blocking = blocking
+        self.run_kwargs = run_kwargs or {}
+        self.encode_kwargs = encode_kwargs or {}
+        self.backend_options = backend_options or {}
+        self._inputs = inputs
+        self._implicit: Invoker | None = None
+        self._recorder: Recorder | None = None
+        self._session = model._session
+        self._invoked = False
+        self.future: Any = None
+        self.logs: list[str] = []
+
+    @property
+    def graph(self) -> InterventionGraph:
+        """The intervention graph recorded so far."""
+        return self._require().graph
+
+    def _require(self) -> Recorder:
+        if self._recorder is None:
+            raise TracingError("the tracer is not active; use it as `with model.trace(...) as tracer:`")
+        return self._recorder
+
+    # -- context ------------------------------------------------------------------------------------
+    def __enter__(self) -> Tracer:
+        if self._session is not None:
+            self._recorder = self._session.recorder
+        else:
+            self._recorder = Recorder()
+            self._recorder.graph.model = self.model._model_id
+        recorder = self._recorder
+        recorder.new_pass(self.kind, self.run_kwargs)
+        self.model._push(recorder)
+        self.model._apply_edits(recorder)
+        if self._inputs:
+            self._implicit = Invoker(self, self._inputs, self.encode_kwargs)
+            self._implicit.__enter__()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        recorder = self._require()
+        if self._implicit is not None:
+            self._implicit.__exit__(None, None, None)
+        self.model._pop(recorder)
+        if exc_type is not None:
+            if self._session is None:
+                recorder.close()
+            return
+        if not recorder.graph.passes[recorder.pass_index].invokes:
+            raise TracingError("the trace has no inputs: pass them to trace(...) or open `with tracer.invoke(...)`")
+        recorder.rename_saves(sys._getframe(1).f_locals)
+        if self._session is not None:
+            return
+        if not self.execute:
+            recorder.close()
+            return
+        self.future = self.model._run(recorder, self)
+
+    # -- sub-contexts ----------------------------------------------------------------------------------
+    def invoke(self, *inputs: Any, **encode_kwargs: Any) -> Invoker:
+        """A batch entry: its inputs join the one forward pass; interventions inside see only its rows."""
+        if self._implicit is not None:
+            raise TracingError("pass inputs either to trace(...) or to tracer.invoke(...), not both")
+        return Invoker(self, inputs, encode_kwargs)
+
+    @property
+    def iter(self) -> _IterSelector:
+        """``with tracer.iter[a:b]:`` applies the block at generation steps a..b-1 (``iter[k]``: step k)."""
+        return _IterSelector(self)
+
+    def all(self) -> IterationBlock:
+        """``with tracer.all():`` applies the block at every generation step."""
+        return IterationBlock(self, 0, None, 1)
+
+    def cond(self, condition: Any) -> CondBlock:
+        """``with tracer.cond(x):`` runs the block's interventions only where ``x`` is true."""
+        return CondBlock(self, condition)
+
+    def stop(self) -> None:
+        """Stop the forward pass as soon as every intervention written so far has run."""
+        self._require().add(Kind.STOP)
+
+    def log(self, *values: Any) -> None:
+        """Print values when they are computed (remotely: returned with the result and printed)."""
+        self._require().add(Kind.LOG, values)
+
+    def apply(self, fn: Any, *args: Any, **kwargs: Any) -> Proxy:
+        """Run a local Python function on traced values (the graph becomes local-only)."""
+        return record_apply(self._require(), fn, args, kwargs)
+
+    @property
+    def result(self) -> Proxy:
+        """The run's result: generated token ids for ``generate``, the model output for ``trace``."""
+        return self._require().add(Kind.RESULT, invoke=None)
+
+    def __repr__(self) -> str:
+        return f"<Tracer {self.kind} of {self.model._model_id or type(self.model._module).__name__}>"
+
+
+class Invoker:
+    """``with tracer.invoke(inputs):`` one entry of the batch."""
+
+    def __init__(self, tracer: Tracer, inputs: tuple[Any, ...], encode_kwargs: dict[str, Any]) -> None:
+        self.tracer = tracer
+        self.inputs = inputs
+        self.encode_kwargs = encode_kwargs
+        self.index: int | None = None
+
+    def __enter__(self) -> Invoker:
+        recorder = self.tracer._require()
+        if recorder.invoke is not None:
+            raise TracingError("invokes cannot be nested")
+        encoded = self.tracer.model._encode(self.inputs, **self.encode_kwargs)
+        self.index = recorder.add_invoke(encoded)
+        recorder.invoke = self.index
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.tracer._require().invoke = None
+
+
+class _IterSelector:
+    def __init__(self, tracer: Tracer) -> None:
+        self.tracer = tracer
+
+    def __getitem__(self, key: int | slice) -> IterationBlock:
+        if isinstance(key, int):
+            if key < 0:
+                raise TracingError("generation steps are counted from 0; negative steps are not supported")
+            return IterationBlock(self.tracer, key, key + 1, 1)
+        if isinstance(key, slice):
+            return IterationBlock(self.tracer, key.start or 0, key.stop, key.step or 1)
+        raise TracingError(f"tracer.iter takes an int or a slice, not {type(key).__name__}")
+
+
+class IterationBlock:
+    """Nodes recorded inside run once per generation step of the selected range."""
+
+    def __init__(self, tracer: Tracer, start: int, stop: int | None, step: int) -> None:
+        self.tracer, self.start, self.stop, self.step = tracer, start, stop, step
+        self._previous: int | None = None
+
+    def __enter__(self) -> IterationBlock:
+        recorder = self.tracer._require()
+        if recorder.iteration is not None:
+            raise TracingError("iteration blocks cannot be nested")
+        self._previous = recorder.iteration
+        recorder.iteration = recorder.open_iteration(self.start, self.stop, self.step)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.tracer._require().iteration = self._previous
+
+
+class CondBlock:
+    """Nodes recorded inside run only when the condition's value is true."""
+
+    def __init__(self, tracer: Tracer, condition: Any) -> None:
+        self.tracer = tracer
+        self.condition = condition
+        self._previous: int | None = None
+
+    def __enter__(self) -> CondBlock:
+        recorder = self.tracer._require()
+        self._previous = recorder.cond
+        condition = self.condition
+        if self._previous is not None:
+            condition = recorder.add(Kind.OP, ([Ref(self._previous), condition],), target="builtins.all")
+        if not isinstance(condition, Proxy):
+            condition = recorder.add(Kind.OP, (condition,), target="builtins.bool")
+        recorder.cond = condition._node
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.tracer._require().cond = self._previous
+
+
+class Session:
+    """``with model.session():`` several traces recorded as one graph and run together at the end,
+    so values flow from one trace to the next (remotely: one request)."""
+
+    def __init__(self, model: NNsight, remote: Any = None, blocking: bool = True) -> None:
+        self.model = model
+        self.remote = remote
+        self.blocking = blocking
+        self.recorder = Recorder()
+        self.recorder.graph.model = model._model_id
+        self.future: Any = None
+        self.logs: list[str] = []
+
+    @property
+    def graph(self) -> InterventionGraph:
+        return self.recorder.graph
+
+    def __enter__(self) -> Session:
+        if self.model._session is not None:
+            raise TracingError("sessions cannot be nested")
+        self.model._session = self
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.model._session = None
+        if exc_type is not None:
+            self.recorder.close()
+            return
+        self.recorder.rename_saves(sys._getframe(1).f_locals)
+        if not self.recorder.graph.passes:
+            self.recorder.close()
+            return
+        self.future = self.model._run(self.recorder, self)
+
+
+def record_apply(recorder: Recorder, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Proxy:
+    name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+    proxy = recorder.add(Kind.APPLY, args, kwargs, target=name)
+    recorder.graph.local_functions[proxy._node] = fn
+    return proxy
+
+
+def apply(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call a local Python function on traced values (or directly, outside any trace)."""
+    stack = active_recorders()
+    if not stack:
+        return fn(*args, **kwargs)
+    return record_apply(stack[-1], fn, args, kwargs)
+
+
+def _container(kind: str, items: Any) -> Any:
+    stack = active_recorders()
+    if not stack:
+        return list(items) if kind == "list" else dict(items)
+    return stack[-1].add(Kind.OP, (items,) if items else (), target=f"builtins.{kind}")
+
+
+def list_(*items: Any) -> Any:
+    """A list that lives in the trace: ``l = nd.list().save(); l.append(x)``."""
+    return _container("list", list(items))
+
+
+def dict_(**items: Any) -> Any:
+    """A dict that lives in the trace: ``d = nd.dict().save(); d["k"] = x``."""
+    return _container("dict", dict(items))
