@@ -115,10 +115,15 @@ def conform(new: Any, old: Any) -> Any:
         if new.dtype != old.dtype or new.device != old.device:
             new = new.to(dtype=old.dtype, device=old.device)
         if new.shape != old.shape:
-            try:
-                new = new.expand(old.shape)
-            except RuntimeError:
+            if not _broadcasts_to(new.shape, old.shape):
                 raise ValueError(
                     f"the new value has shape {tuple(new.shape)} but the value it replaces has shape "
-                    f"{tuple(old.shape)}") from None
+                    f"{tuple(old.shape)}")
+            new = new.expand(old.shape)
     return new
+
+
+def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
+    if len(shape) > len(target):
+        return False
+    return all(s in (1, t) for s, t in zip(reversed(shape), reversed(target)))

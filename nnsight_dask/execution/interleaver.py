@@ -263,7 +263,7 @@ class Interleaver:
             try:
                 if node.cond is not None and self.pending[key] == 0 and not self._condition(node, step):
                     raise _SkipNode
-                if node.kind in (Kind.GETTER, Kind.GRAD):
+                if node.kind in (Kind.GETTER, Kind.GRAD, Kind.RESULT):
                     self._set(key, self._view(node, current, phase))
                     continue
                 if self.pending[key]:
@@ -388,7 +388,7 @@ class Interleaver:
     # -- errors -------------------------------------------------------------------------------
     def _error(self, node: Node, exc: Exception) -> InterventionError:
         where = node.location or "<graph>"
-        module = f" on {display_path(node.module)}" if node.module is not None else ""
+        module = f" on {display_path(node.module)}" if node.module is not None and node.kind == Kind.MODULE_CALL else ""
         return InterventionError(
             f"{where}: {node.describe()}{module} failed: {type(exc).__name__}: {exc}",
             location=node.location, module=node.module, node=node.id, original_type=type(exc).__name__)

@@ -1,0 +1,174 @@
+"""Load a causal language model and its tokenizer, ready for tracing.
+
+Three sources are accepted, all through transformers' ``from_pretrained``:
+
+- a local Hugging Face directory (``config.json`` + weights + tokenizer files);
+- a hub id such as ``"HuggingFaceTB/SmolLM2-135M-Instruct"`` (needs network or a warm HF cache);
+- a local directory plus ``gguf_file=`` naming a GGUF file inside it (needs ``gguf`` and ``accelerate``).
+
+The model comes back in eval mode (tracing reads activations; dropout would make two runs of the
+same prompt disagree) and the tokenizer pads on the left with a pad token always defined, so a
+batch of prompts of different lengths ends on the same position (``[:, -1]`` is every prompt's last
+token, which is what logit lens and generation need).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from nnsight_dask.errors import NNsightDaskError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = ["ModelLoadError", "load_causal_lm", "prepare_tokenizer"]
+
+
+class ModelLoadError(NNsightDaskError, OSError):
+    """A model or tokenizer cannot be loaded from the source given."""
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Make ``tokenizer`` pad on the left and make sure it has a pad token.
+
+    Left padding keeps the last real token of every prompt at position ``-1`` of a batch. Many
+    causal LMs ship without a pad token; the end-of-sequence token stands in, since padded
+    positions are masked out by the attention mask anyway.
+
+    Parameters
+    ----------
+    tokenizer:
+        Any Hugging Face tokenizer. Changed in place and returned.
+
+    Examples
+    --------
+    >>> from nnsight_dask.models import tiny_tokenizer
+    >>> prepare_tokenizer(tiny_tokenizer()).padding_side
+    'left'
+    """
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelLoadError(
+                f"Tokenizer {type(tokenizer).__name__} has neither a pad token nor an eos token, "
+                "so batches of prompts cannot be padded. Set one, e.g. "
+                "tokenizer.add_special_tokens({'pad_token': '<pad>'}), and pass it as tokenizer=.",
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_causal_lm(
+    source: str | Path,
+    *,
+    gguf_file: str | None = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer from a local directory, a hub id, or a GGUF file.
+
+    Parameters
+    ----------
+    source:
+        A local Hugging Face model directory, or a hub id (``"org/name"``). With ``gguf_file``, the
+        directory (or hub repo) that holds the GGUF file.
+    gguf_file:
+        File name of a GGUF checkpoint inside ``source``. GGUF weights are dequantized on load, so
+        the model computes in ``dtype`` (default float32).
+    dtype:
+        Parameter dtype, e.g. ``torch.bfloat16``. ``None`` keeps the checkpoint's own dtype
+        (float32 for GGUF).
+    device:
+        Where to put the model (``"cpu"``, ``"cuda:0"``). ``None`` leaves it on the CPU.
+    tokenizer:
+        A tokenizer to use instead of the one stored with the model. It is still switched to left
+        padding with a pad token (see :func:`prepare_tokenizer`).
+
+    Returns
+    -------
+    (model, tokenizer)
+        The model in eval mode, and the prepared tokenizer.
+
+    Raises
+    ------
+    ModelLoadError
+        ``source`` is neither an existing directory nor a reachable hub id, the GGUF file is
+        missing, or transformers cannot read the checkpoint. The message names the source.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from nnsight_dask.models import save_tiny
+    >>> path = save_tiny(tempfile.mkdtemp(), arch="llama")
+    >>> model, tok = load_causal_lm(path)
+    >>> model.training, tok.padding_side
+    (False, 'left')
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = str(source)
+    is_dir = Path(src).is_dir()
+    if not is_dir and _looks_like_path(src):
+        raise ModelLoadError(
+            f"Model source {src!r} is not a directory. Pass a local Hugging Face model directory "
+            "(with config.json), a hub id like 'org/name', or a directory plus gguf_file=.",
+            source=src,
+        )
+    if gguf_file is not None and is_dir and not (Path(src) / gguf_file).is_file():
+        raise ModelLoadError(
+            f"GGUF file {gguf_file!r} not found in {src!r}. "
+            f"Files there: {sorted(p.name for p in Path(src).iterdir())}.",
+            source=src,
+        )
+
+    kwargs: dict[str, object] = {}
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
+    except ImportError as exc:
+        raise ModelLoadError(
+            f"Loading {src!r} needs a package that is not installed: {exc}. "
+            "For GGUF files: pip install 'nnsight-dask[gguf]' (gguf and accelerate).",
+            source=src,
+        ) from exc
+    except (OSError, ValueError, EnvironmentError) as exc:
+        where = "local directory" if is_dir else "hub id (not a local directory; is the hub reachable?)"
+        raise ModelLoadError(
+            f"Cannot load a causal LM from {src!r} ({where}): {exc}",
+            source=src,
+        ) from exc
+
+    if tokenizer is None:
+        try:
+            tok_kwargs: dict[str, object] = {}
+            if gguf_file is not None:
+                tok_kwargs["gguf_file"] = gguf_file
+            tokenizer = AutoTokenizer.from_pretrained(src, **tok_kwargs)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(
+                f"Loaded the model from {src!r} but not its tokenizer: {exc}. "
+                "Pass one with tokenizer=.",
+                source=src,
+            ) from exc
+    tokenizer = prepare_tokenizer(tokenizer)
+
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def _looks_like_path(src: str) -> bool:
+    """True when ``src`` cannot be a hub id, so a missing directory is the user's typo, not the hub."""
+    return (
+        src.startswith(("/", ".", "~"))
+        or "\\" in src
+        or src.count("/") > 1
+        or Path(src).exists()
+    )
