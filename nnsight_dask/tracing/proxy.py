@@ -183,7 +183,11 @@ def _identity(value: Any) -> Any:
 
 
 class _Method:
-    """``proxy.mean`` before it is called: records ``Tensor.mean`` when called."""
+    """``proxy.mean`` before it is called: records ``Tensor.mean`` when called.
+
+    Some attributes share a name with a tensor method (``topk(3).indices``, ``out.values``); used
+    as anything but a call, this records a plain attribute read instead.
+    """
 
     __slots__ = ("_proxy", "_name")
 
@@ -193,6 +197,17 @@ class _Method:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Proxy:
         return self._proxy._op(f"Tensor.{self._name}", (self._proxy, *args), kwargs)
+
+    def _attribute(self) -> Proxy:
+        return self._proxy._op("getattr", (self._proxy, self._name))
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._attribute(), name)
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._attribute()[key]
 
 
 def _unwrap(obj: Any) -> Any:
