@@ -7,7 +7,7 @@
 """
 from __future__ import annotations
 
-from . import config
+from . import config, models
 from .errors import NNsightDaskError
 from .graph import InterventionGraph
 from .tracing import Envoy, LanguageModel, NNsight, Proxy, apply
@@ -15,5 +15,5 @@ from .tracing import dict_ as dict
 from .tracing import list_ as list
 
 __all__ = ["Envoy", "InterventionGraph", "LanguageModel", "NNsight", "NNsightDaskError", "Proxy", "apply",
-           "config", "dict", "list"]
+           "config", "dict", "list", "models"]
 __version__ = "0.1.0"

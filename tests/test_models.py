@@ -25,7 +25,7 @@ from nnsight_dask.models import (
     tiny_llama,
     tiny_tokenizer,
 )
-from nnsight_dask.models import smollm2 as smollm2_module
+from nnsight_dask.models import _smollm2 as smollm2_module
 
 # ---------------------------------------------------------------------------------------- tiny
 

@@ -4,6 +4,13 @@ Importing this package has no side effects and imports neither Dask nor the trac
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from nnsight_dask.tracing import LanguageModel
+
 from nnsight_dask.models.loading import ModelLoadError, load_causal_lm, prepare_tokenizer
 from nnsight_dask.models.shards import (
     ShardPlanError,
@@ -13,7 +20,7 @@ from nnsight_dask.models.shards import (
     owner_of,
     plan_shards,
 )
-from nnsight_dask.models.smollm2 import (
+from nnsight_dask.models._smollm2 import (
     SMOLLM2_INSTALL,
     load_smollm2,
     smollm2_available,
@@ -29,8 +36,6 @@ from nnsight_dask.models.tiny import (
     tiny_tokenizer,
 )
 
-# Wrappers returning a traceable LanguageModel (e.g. ``smollm2()``) belong below; they import
-# ``nnsight_dask.tracing`` lazily, inside the function, so this package stays importable alone.
 
 __all__ = [
     "SMOLLM2_INSTALL",
@@ -47,6 +52,7 @@ __all__ = [
     "plan_shards",
     "prepare_tokenizer",
     "save_tiny",
+    "smollm2",
     "smollm2_available",
     "smollm2_cache_path",
     "smollm2_gguf_path",
@@ -54,3 +60,18 @@ __all__ = [
     "tiny_llama",
     "tiny_tokenizer",
 ]
+
+
+def smollm2(dtype: torch.dtype | None = None) -> LanguageModel:
+    """SmolLM2-135M-Instruct as a ready :class:`~nnsight_dask.LanguageModel` (converted once, then cached).
+
+    >>> lm = nd.models.smollm2()                                  # doctest: +SKIP
+    >>> with lm.generate("The capital of France is", max_new_tokens=2) as t:   # doctest: +SKIP
+    ...     ids = t.result.save()
+    """
+    import torch
+
+    from nnsight_dask.tracing import LanguageModel
+
+    model, tokenizer = load_smollm2(dtype or torch.float32)
+    return LanguageModel(model, tokenizer=tokenizer, model_id="SmolLM2-135M-Instruct")
