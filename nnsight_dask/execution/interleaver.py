@@ -8,7 +8,7 @@ needs a value the forward pass has not produced yet is a cycle and is reported a
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -59,11 +59,13 @@ class Interleaver:
 
     ``values`` is shared by all passes of a graph (a session), so later passes read earlier ones.
     ``layout`` gives each invoke its batch rows. ``steps`` is how many forward passes the run makes
-    (generation: one per token), which bounds iteration blocks.
+    (generation: one per token), which bounds iteration blocks. ``owned`` restricts the pass to the
+    nodes of one shard; values of other shards' nodes arrive through :meth:`receive`.
     """
 
     def __init__(self, graph: InterventionGraph, pass_index: int, layout: Layout, values: dict[Key, Any],
-                 steps: int, modules: dict[str, torch.nn.Module], logs: list[str] | None = None) -> None:
+                 steps: int, modules: dict[str, torch.nn.Module], logs: list[str] | None = None,
+                 owned: Collection[int] | None = None) -> None:
         self.graph = graph
         self.pass_index = pass_index
         self.layout = layout
@@ -86,14 +88,16 @@ class Interleaver:
         self.stopped = False
         self.instances: list[Key] = []
         self.states: dict[str, _ModuleState] = {}
+        self.owned = owned
         self._build()
 
     # -- set-up -----------------------------------------------------------------------------
     def _build(self) -> None:
         nodes = self.graph.nodes
         ranges = {it.id: it.steps(self.steps) for it in self.graph.iterations if it.pass_index == self.pass_index}
+        owned = self.owned
         for node in nodes:
-            if node.pass_index != self.pass_index:
+            if node.pass_index != self.pass_index or (owned is not None and node.id not in owned):
                 continue
             steps = (None,) if node.iteration is None else ranges.get(node.iteration, ())
             for step in steps:
@@ -124,6 +128,8 @@ class Interleaver:
         if self.stop_key is not None:
             stop_id = self.stop_key
             self.before_stop = sum(1 for k in self.instances if _node_id(k) < stop_id)
+        stops = [n.id for n in nodes if n.kind == Kind.STOP and n.pass_index == self.pass_index]
+        self.stop_id: int | None = stops[0] if stops else None
         for keys in (*self.events.values(), *self.grad_events.values()):
             keys.sort(key=_order)
 
@@ -146,9 +152,15 @@ class Interleaver:
         return any(p == path and phase == "in" for (p, phase, _c) in self.events)
 
     # -- values -----------------------------------------------------------------------------
+    def receive(self, values: dict[Key, Any]) -> None:
+        """Values computed elsewhere (an earlier shard) arrive; nodes waiting for them may run."""
+        for key, value in values.items():
+            if key not in self.values:
+                self._set(key, value)
+
     def _set(self, key: Key, value: Any) -> None:
         self.values[key] = value
-        if self.stop_key is not None and _node_id(key) < _node_id(self.stop_key):
+        if self.stop_key is not None and key in self.pending and _node_id(key) < _node_id(self.stop_key):
             self.before_stop -= 1
         for dependent in self.dependents.get(key, ()):
             left = self.pending[dependent] - 1
@@ -317,7 +329,9 @@ class Interleaver:
 
     def watch_module(self, module: torch.nn.Module, path: str) -> list[Any]:
         """Register this pass's hooks on one module; returns the handles to remove afterwards."""
-        state = self.states[path] = _ModuleState(path)
+        state = self.states.get(path)
+        if state is None:  # kept across stages: call counts go on from step to step
+            state = self.states[path] = _ModuleState(path)
         events = self.events
 
         def pre_hook(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -372,7 +386,7 @@ class Interleaver:
 
     def unreached(self, steps_run: int) -> list[Node]:
         """Nodes of this pass that never ran and should have (not past a stop or the last step)."""
-        stop_id = _node_id(self.stop_key) if self.stop_key is not None else None
+        stop_id = self.stop_id
         missing = []
         for key in self.instances:
             if key in self.values:

@@ -1,0 +1,93 @@
+"""Our Dask serializer: tensors travel as raw bytes + dtype + shape (bf16/fp8 included).
+
+Dask's own torch serializer fails on bf16/fp8 and a failed serialization can leave a dependent
+task pending forever. Values that cross workers (carries, results) are pickled with every tensor
+pulled out as a separate zero-copy frame through :mod:`nnsight_dask.graph.tensor_codec`; the
+pickle keeps shared references intact (a saved list appended to later is still one list).
+"""
+from __future__ import annotations
+
+import io
+import pickle
+from typing import Any
+
+import torch
+
+from ..graph.tensor_codec import tensor_from_bytes, tensor_to_bytes
+
+_REGISTERED = False
+
+
+class _Pickler(pickle.Pickler):
+    def __init__(self, file: io.BytesIO) -> None:
+        super().__init__(file, protocol=5)
+        self.headers: list[dict[str, Any]] = []
+        self.frames: list[memoryview] = []
+        self._seen: dict[int, int] = {}
+
+    def persistent_id(self, obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor) and type(obj) in (torch.Tensor, torch.nn.Parameter):
+            index = self._seen.get(id(obj))
+            if index is None:
+                header, frame = tensor_to_bytes(obj)
+                header["requires_grad"] = False
+                index = len(self.headers)
+                self.headers.append(header)
+                self.frames.append(frame)
+                self._seen[id(obj)] = index
+            return ("tensor", index)
+        return None
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, file: io.BytesIO, tensors: list[torch.Tensor]) -> None:
+        super().__init__(file)
+        self.tensors = tensors
+
+    def persistent_load(self, pid: Any) -> Any:
+        kind, index = pid
+        if kind != "tensor":
+            raise pickle.UnpicklingError(f"unknown persistent id {kind!r}")
+        return self.tensors[index]
+
+
+def dumps(obj: Any) -> tuple[dict[str, Any], list[Any]]:
+    """Header and frames (frame 0: the pickle without tensors; then one frame per tensor)."""
+    buffer = io.BytesIO()
+    pickler = _Pickler(buffer)
+    pickler.dump(obj)
+    header = {"tensors": pickler.headers}
+    return header, [buffer.getvalue(), *pickler.frames]
+
+
+def loads(header: dict[str, Any], frames: list[Any]) -> Any:
+    tensors = [tensor_from_bytes(h, f) for h, f in zip(header["tensors"], frames[1:])]
+    return _Unpickler(io.BytesIO(frames[0]), tensors).load()
+
+
+def register() -> None:
+    """Register our serializer with Dask for tensors, carries and results (idempotent)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from distributed.protocol import dask_deserialize, dask_serialize
+
+    from ..execution.stage import Carry
+    from .results import Results
+
+    dask_serialize.dispatch(torch.Tensor)  # let Dask load its lazy torch entry first, then override it
+
+    def serialize_tensor(tensor: torch.Tensor) -> tuple[dict[str, Any], list[Any]]:
+        header, frame = tensor_to_bytes(tensor)
+        return header, [frame]
+
+    def deserialize_tensor(header: dict[str, Any], frames: list[Any]) -> torch.Tensor:
+        return tensor_from_bytes(header, b"".join(bytes(f) for f in frames) if len(frames) != 1 else frames[0])
+
+    for cls in (torch.Tensor, torch.nn.Parameter):
+        dask_serialize.register(cls)(serialize_tensor)
+        dask_deserialize.register(cls)(deserialize_tensor)
+    for cls in (Carry, Results):
+        dask_serialize.register(cls)(dumps)
+        dask_deserialize.register(cls)(loads)
+    _REGISTERED = True

@@ -1,0 +1,310 @@
+"""One shard's part of an experiment: run its layers for one step, its interventions, hand on.
+
+A remote experiment is a chain of stages. Each stage runs on the shard that owns a range of
+layers, receives a :class:`Carry` (the hidden state leaving the previous shard, the values later
+nodes need, the saves so far) and returns the next one. Gradients come back through the shards
+in reverse order in backward stages. Everything that must outlive a stage (module call counts,
+KV caches, the autograd graph) stays in the shard's :class:`ExperimentState`.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import InterventionError
+from ..graph.graph import InterventionGraph
+from ..graph.node import Kind
+from ..models.shards import ShardSpec, owner_of
+from .batching import batch_token_inputs, position_ids_for
+from .interleaver import SKIPPED, Interleaver, Key, StopForward
+from .partition import assign_shards, backward_origins
+from .runner import _check_reached, _modules
+
+
+@dataclass(frozen=True)
+class Stage:
+    """``direction`` is ``"forward"`` or ``"backward"``; ``step`` counts generation steps."""
+
+    pass_index: int
+    step: int
+    shard: int
+    direction: str = "forward"
+
+    @property
+    def label(self) -> str:
+        kind = "fwd" if self.direction == "forward" else "bwd"
+        return f"p{self.pass_index}-t{self.step}-{kind}-s{self.shard}"
+
+
+@dataclass
+class Carry:
+    """What travels from stage to stage (worker to worker, never through the client)."""
+
+    values: dict[Key, Any] = field(default_factory=dict)
+    hidden: torch.Tensor | None = None
+    grad: torch.Tensor | None = None
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    tokens: torch.Tensor | None = None
+    unfinished: torch.Tensor | None = None
+    stopped: bool = False
+    steps_run: int = 0
+    logs: list[str] = field(default_factory=list)
+
+
+def plan_stages(graph: InterventionGraph, shards: list[int], n_shards: int) -> list[Stage]:
+    """The chain: per pass and step, every shard forward; then backward stages where needed."""
+    origins = backward_origins(graph, shards)
+    stages: list[Stage] = []
+    for index, run in enumerate(graph.passes):
+        steps = run.steps if run.kind == "generate" else 1
+        for step in range(steps):
+            stages.extend(Stage(index, step, s) for s in range(n_shards))
+        if index in origins:
+            stages.extend(Stage(index, 0, s, "backward") for s in reversed(range(origins[index])))
+    return stages
+
+
+@dataclass
+class ExperimentState:
+    """A shard's memory of one experiment between its stages."""
+
+    graph: InterventionGraph
+    shards: list[int]
+    owned: set[int]
+    exported: set[int]
+    backward_from: dict[int, int]
+    values: dict[Key, Any] = field(default_factory=dict)
+    interleavers: dict[int, Interleaver] = field(default_factory=dict)
+    caches: dict[int, Any] = field(default_factory=dict)
+    entry: torch.Tensor | None = None
+    exit: torch.Tensor | None = None
+    touched: float = field(default_factory=time.monotonic)
+    busy_seconds: float = 0.0
+
+
+class ShardRunner:
+    """Runs stages on one shard (a model cut by :func:`~nnsight_dask.models.surgery.cut_to_shard`)."""
+
+    def __init__(self, model: torch.nn.Module, plan: list[ShardSpec], index: int, pad_token_id: int) -> None:
+        self.model = model
+        self.plan = plan
+        self.spec = plan[index]
+        self.index = index
+        self.last = index == len(plan) - 1
+        self.pad_token_id = pad_token_id
+        layers = model.get_submodule(self.spec.layers_path)
+        self.first_layer = layers[self.spec.layer_start]
+        self.last_layer = layers[self.spec.layer_stop - 1]
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        self.eos = [eos] if isinstance(eos, int) else list(eos or [])
+
+    def owner(self, path: str) -> int:
+        return owner_of(self.plan, path)
+
+    def start(self, graph: InterventionGraph) -> ExperimentState:
+        shards = assign_shards(graph, self.owner, len(self.plan))
+        owned = {i for i, s in enumerate(shards) if s == self.index}
+        exported = {node.id for node in graph.nodes if node.kind == Kind.SAVE and node.id in owned}
+        for node in graph.nodes:
+            for dep in node.deps():
+                if dep in owned and shards[node.id] != self.index:
+                    exported.add(dep)
+        return ExperimentState(graph=graph, shards=shards, owned=owned, exported=exported,
+                               backward_from=backward_origins(graph, shards))
+
+    # -- forward --------------------------------------------------------------------------------
+    def forward(self, state: ExperimentState, stage: Stage, carry: Carry) -> Carry:
+        graph = state.graph
+        run = graph.passes[stage.pass_index]
+        generate = run.kind == "generate"
+        steps = run.steps if generate else 1
+        if stage.step == 0 and stage.shard == 0:
+            carry = self._first_inputs(carry, run, generate)
+        inter = state.interleavers.get(stage.pass_index)
+        if inter is None:
+            inter = Interleaver(graph, stage.pass_index, _layout_of(run), state.values, steps,
+                                _modules(self.model, graph), carry.logs, owned=state.owned)
+            state.interleavers[stage.pass_index] = inter
+        inter.logs = carry.logs
+        inter.receive(carry.values)
+        if carry.stopped or (carry.unfinished is not None and not bool(carry.unfinished.any())):
+            return self._export(state, carry, inter, final=stage.step == steps - 1 or carry.stopped, stage=stage)
+        needs_grad = graph.needs_grad
+        handles = []
+        exit_value: list[Any] = []
+        try:
+            if self.index > 0:
+                handles.append(self.first_layer.register_forward_pre_hook(
+                    self._entry_hook(state, carry, needs_grad), with_kwargs=True))
+            for path in inter.module_paths():
+                handles.extend(inter.watch_module(inter.modules[path], path))
+            if not self.last:
+                handles.append(self.last_layer.register_forward_hook(_exit_hook(exit_value)))
+            output = None
+            with torch.enable_grad() if needs_grad else torch.no_grad():
+                try:
+                    inter.drain()
+                    output = self.model(**self._model_inputs(state, stage, carry, generate))
+                except StopForward:
+                    if not exit_value:
+                        carry.stopped = True
+        finally:
+            for handle in handles:
+                handle.remove()
+        carry.hidden = None
+        if exit_value:
+            hidden = exit_value[0]
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+            state.exit = hidden
+            carry.hidden = hidden.detach()
+        if self.last and output is not None:
+            carry.steps_run = stage.step + 1
+            if generate:
+                self._next_token(carry, output)
+        final = stage.step == steps - 1 or carry.stopped or (
+            carry.unfinished is not None and not bool(carry.unfinished.any()))
+        return self._export(state, carry, inter, final=final, stage=stage, output=output)
+
+    def _first_inputs(self, carry: Carry, run: Any, generate: bool) -> Carry:
+        batch, layout = batch_token_inputs(run.invokes, self.pad_token_id)
+        carry.inputs = dict(batch)
+        if generate:
+            mask = batch["attention_mask"]
+            positions = position_ids_for(mask).masked_fill(mask == 0, 1)
+            carry.inputs["position_ids"] = positions
+            carry.tokens = batch["input_ids"]
+            carry.unfinished = torch.ones(batch["input_ids"].shape[0], dtype=torch.bool)
+        elif len(layout) > 1:
+            carry.inputs["position_ids"] = position_ids_for(batch["attention_mask"])
+        carry.stopped = False
+        return carry
+
+    def _model_inputs(self, state: ExperimentState, stage: Stage, carry: Carry, generate: bool) -> dict[str, Any]:
+        inputs = dict(carry.inputs)
+        if generate:
+            from transformers import DynamicCache
+
+            cache = state.caches.setdefault(stage.pass_index, DynamicCache())
+            past = cache.get_seq_length()
+            length = inputs["input_ids"].shape[1]
+            inputs.update(past_key_values=cache, use_cache=True,
+                          cache_position=torch.arange(past, past + length))
+        else:
+            inputs["use_cache"] = False
+        return inputs
+
+    def _entry_hook(self, state: ExperimentState, carry: Carry, needs_grad: bool) -> Any:
+        hidden = carry.hidden
+        if hidden is None:
+            raise InterventionError(f"shard {self.index} received no hidden state from shard {self.index - 1}")
+        if needs_grad:
+            hidden = hidden.detach().requires_grad_(True)
+        state.entry = hidden
+
+        def hook(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            if args:
+                return (hidden, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": hidden}
+        return hook
+
+    def _next_token(self, carry: Carry, output: Any) -> None:
+        logits = output.logits if hasattr(output, "logits") else output[0]
+        tokens = logits[:, -1].argmax(-1)
+        unfinished = carry.unfinished if carry.unfinished is not None else torch.ones_like(tokens, dtype=torch.bool)
+        tokens = torch.where(unfinished, tokens, torch.full_like(tokens, self.pad_token_id))
+        carry.tokens = torch.cat([carry.tokens, tokens[:, None]], dim=1)  # type: ignore[list-item]
+        if self.eos:
+            unfinished = unfinished & ~torch.isin(tokens, torch.tensor(self.eos))
+        carry.unfinished = unfinished
+        mask = carry.inputs["attention_mask"]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        positions = carry.inputs["position_ids"][:, -1:] + 1
+        carry.inputs = {"input_ids": tokens[:, None], "attention_mask": mask, "position_ids": positions}
+
+    # -- backward -------------------------------------------------------------------------------
+    def backward(self, state: ExperimentState, stage: Stage, carry: Carry) -> Carry:
+        inter = state.interleavers[stage.pass_index]
+        inter.logs = carry.logs
+        inter.receive(carry.values)
+        if state.exit is None or carry.grad is None:
+            raise InterventionError(f"shard {self.index} has no forward activations to run backward through")
+        with torch.enable_grad():
+            torch.autograd.backward(state.exit, carry.grad)
+        inter.drain()
+        return self._export(state, carry, inter, final=True, stage=stage)
+
+    # -- handing on ---------------------------------------------------------------------------------
+    def _export(self, state: ExperimentState, carry: Carry, inter: Interleaver, *, final: bool, stage: Stage,
+                output: Any = None) -> Carry:
+        if final and stage.direction == "forward":
+            if self.last:
+                try:
+                    inter.finish(carry.tokens if state.graph.passes[stage.pass_index].kind == "generate" else output)
+                except StopForward:
+                    pass
+            backward_later = self.index < state.backward_from.get(stage.pass_index, 0)
+            if not backward_later:
+                _check_reached(inter, carry.steps_run or (stage.step + 1))
+        elif final and stage.direction == "backward":
+            _check_reached(inter, carry.steps_run or 1)
+        if stage.direction == "forward" and state.entry is not None and state.entry.grad is not None:
+            carry.grad = state.entry.grad
+        elif stage.direction == "backward":
+            carry.grad = state.entry.grad if state.entry is not None else None
+        exported = {key: value for key, value in state.values.items()
+                    if _node_of(key) in state.exported and key not in carry.values}
+        carry.values.update(exported)
+        return carry
+
+
+def _node_of(key: Key) -> Any:
+    return key[0] if isinstance(key, tuple) else key
+
+
+def _layout_of(run: Any) -> list[tuple[int, int]]:
+    layout, row = [], 0
+    for invoke in run.invokes:
+        rows = int(invoke["input_ids"].shape[0])
+        layout.append((row, row + rows))
+        row += rows
+    return layout
+
+
+def _exit_hook(store: list[Any]) -> Any:
+    def hook(_module: torch.nn.Module, _args: Any, output: Any) -> Any:
+        store.append(output)
+        raise StopForward
+    return hook
+
+
+def collect_results(graph: InterventionGraph, values: dict[Key, Any]) -> dict[str, Any]:
+    """Saved values by name from the values that reached the end of the chain."""
+    from .runner import collect_saves
+
+    saves = collect_saves(graph, values)
+    return {k: (None if v is SKIPPED else v) for k, v in saves.items()}
+
+
+__all__ = ["Carry", "ExperimentState", "ShardRunner", "Stage", "collect_results", "plan_stages", "Kind"]
+
+
+def run_pipeline(runners: list[ShardRunner], graph: InterventionGraph, transport: Any = None) -> tuple[dict[str, Any], list[str]]:
+    """Run the whole chain in this process (``transport`` may round-trip each carry, as a wire would).
+
+    The Dask scheduler runs exactly these stages, each on its shard's worker; this in-process
+    version is the reference for it and lets the partitioning be tested without a cluster.
+    """
+    states = [runner.start(graph) for runner in runners]
+    carry = Carry()
+    for stage in plan_stages(graph, states[0].shards, len(runners)):
+        runner, state = runners[stage.shard], states[stage.shard]
+        if stage.direction == "forward":
+            carry = runner.forward(state, stage, carry)
+        else:
+            carry = runner.backward(state, stage, carry)
+        if transport is not None:
+            carry = transport(carry)
+    return collect_results(graph, carry.values), carry.logs

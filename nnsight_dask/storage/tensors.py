@@ -1,0 +1,104 @@
+"""Persisting one saved tensor: ``<store>/<experiment>/<name>`` as a Zarr v3 array.
+
+This is what a shard calls for a saved value above the persist threshold; it returns the
+:class:`TensorRef` that travels back to the client instead of the tensor. The array is created and
+written in one go, by one writer, so it owns all of its chunks; it becomes *visible* to readers only
+when the experiment is marked complete (see :mod:`.experiments`).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Sequence
+
+import torch
+import zarr
+
+from .. import config
+from .chunking import choose_chunks
+from .dtypes import ATTRS_KEY, dtype_name, encode
+from .errors import StorageError
+from .experiments import ensure_experiment
+from .names import validate_experiment_id, validate_name
+from .location import StoreLocation
+from .ref import TensorRef
+
+def write_tensor(
+    store_url: str | os.PathLike[str],
+    experiment_id: str,
+    name: str,
+    tensor: torch.Tensor,
+    *,
+    chunks: Sequence[int] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> TensorRef:
+    """Write ``tensor`` as a Zarr v3 array at ``<store_url>/<experiment_id>/<name>``.
+
+    Parameters
+    ----------
+    store_url
+        fsspec URL or local path of the store root.
+    experiment_id
+        The experiment the value belongs to; its group is created on first write.
+    name
+        The saved value's name inside the experiment.
+    tensor
+        Any dtype (bf16/fp8 stored as an unsigned-int view of their bits), any device.
+    chunks
+        Chunk shape; default: trailing dims whole, ~2 MiB chunks (:func:`.chunking.choose_chunks`).
+    storage_options
+        fsspec options of the store (credentials, endpoint).
+
+    Returns
+    -------
+    TensorRef
+        What to send to the client instead of the tensor.
+
+    Raises
+    ------
+    CompletedResultError
+        The experiment is already complete (results are immutable once visible).
+    """
+    location = StoreLocation(os.fspath(store_url), storage_options or {})
+    validate_experiment_id(experiment_id)
+    validate_name(name)
+    ensure_experiment(location, experiment_id)
+    data = encode(tensor)
+    ref = TensorRef.for_tensor(location, f"{experiment_id}/{name}", tensor)
+    chosen = tuple(chunks) if chunks is not None else choose_chunks(data.shape, data.itemsize)
+    if len(chosen) != data.ndim:
+        raise StorageError(f"chunks {chosen} do not match the {data.ndim}-d shape {tuple(data.shape)} of {name!r}",
+                           name=name)
+    try:
+        zarr.create_array(
+            location.zarr_store(), name=ref.path, data=data, chunks=chosen,
+            compressors=None, fill_value=0, overwrite=True,
+            attributes={ATTRS_KEY: {"torch_dtype": dtype_name(tensor.dtype), "kind": "tensor"}},
+        )
+    except OSError as exc:
+        raise StorageError(f"could not write {ref.full_url}: {exc}", url=ref.url, path=ref.path) from exc
+    return ref
+
+
+def should_persist(tensor: torch.Tensor, threshold: int | None = None) -> bool:
+    """True when ``tensor`` is larger than ``threshold`` bytes (default ``config.persist_threshold``)."""
+    limit = config.persist_threshold if threshold is None else threshold
+    return tensor.numel() * tensor.element_size() > limit
+
+
+def maybe_persist(
+    value: Any,
+    store_url: str | None,
+    experiment_id: str,
+    name: str,
+    *,
+    threshold: int | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Any:
+    """What a shard returns for a saved value: a :class:`TensorRef` if the value is a tensor above the
+    threshold and a store is given, else the value itself (inline)."""
+    if store_url is not None and isinstance(value, torch.Tensor) and should_persist(value, threshold):
+        return write_tensor(store_url, experiment_id, name, value, storage_options=storage_options)
+    return value
+
+
+__all__ = ["maybe_persist", "should_persist", "write_tensor"]
