@@ -17,3 +17,18 @@ from .tracing import list_ as list
 __all__ = ["Envoy", "InterventionGraph", "LanguageModel", "NNsight", "NNsightDaskError", "Proxy", "apply",
            "config", "dict", "list", "models"]
 __version__ = "0.1.0"
+
+_LAZY = {
+    "serve": "nnsight_dask.scheduler", "undeploy": "nnsight_dask.scheduler", "deployments": "nnsight_dask.scheduler",
+    "RemoteModel": "nnsight_dask.scheduler", "ExperimentFuture": "nnsight_dask.scheduler",
+}
+
+
+def __getattr__(name: str) -> object:
+    """Cluster parts import Dask; they load on first use so local tracing stays Dask-free."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'nnsight_dask' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

@@ -66,28 +66,19 @@ def loads(header: dict[str, Any], frames: list[Any]) -> Any:
 
 
 def register() -> None:
-    """Register our serializer with Dask for tensors, carries and results (idempotent)."""
+    """Register our serializer with Dask for :class:`~nnsight_dask.execution.stage.Carry` (idempotent).
+
+    Only carries are registered: they travel between our own shard workers, which all register
+    at start-up. Bare tensors keep Dask's default so that a plain client without this package
+    imported can still read tensors from those workers; results reach clients as plain pickles.
+    """
     global _REGISTERED
     if _REGISTERED:
         return
     from distributed.protocol import dask_deserialize, dask_serialize
 
     from ..execution.stage import Carry
-    from .results import Results
 
-    dask_serialize.dispatch(torch.Tensor)  # let Dask load its lazy torch entry first, then override it
-
-    def serialize_tensor(tensor: torch.Tensor) -> tuple[dict[str, Any], list[Any]]:
-        header, frame = tensor_to_bytes(tensor)
-        return header, [frame]
-
-    def deserialize_tensor(header: dict[str, Any], frames: list[Any]) -> torch.Tensor:
-        return tensor_from_bytes(header, b"".join(bytes(f) for f in frames) if len(frames) != 1 else frames[0])
-
-    for cls in (torch.Tensor, torch.nn.Parameter):
-        dask_serialize.register(cls)(serialize_tensor)
-        dask_deserialize.register(cls)(deserialize_tensor)
-    for cls in (Carry, Results):
-        dask_serialize.register(cls)(dumps)
-        dask_deserialize.register(cls)(loads)
+    dask_serialize.register(Carry)(dumps)
+    dask_deserialize.register(Carry)(loads)
     _REGISTERED = True

@@ -86,6 +86,21 @@ class InterventionGraph:
     def module_paths(self) -> set[str]:
         return {n.module for n in self.nodes if n.module is not None}
 
+    def __call__(self) -> Any:
+        """Run on the deployment named ``self.model``, so that ``client.submit(graph)`` works.
+
+        This executes inside a Dask task on a worker of the cluster: it submits the experiment's
+        stages from there and returns the saved values by name.
+        """
+        from distributed import worker_client
+
+        from ..scheduler.experiment import run_experiment
+
+        if not self.model:
+            raise GraphValidationError("the graph names no deployment; record it on a RemoteModel")
+        with worker_client() as client:
+            return run_experiment(client, self.model, self)
+
     def __repr__(self) -> str:
         return (f"InterventionGraph({len(self.nodes)} nodes, {len(self.passes)} pass(es), "
                 f"saves={sorted(self.saves)})")

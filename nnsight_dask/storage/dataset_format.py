@@ -30,10 +30,13 @@ from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
+import zarr
+from zarr.errors import NodeNotFoundError
 
 from .chunking import TARGET_CHUNK_BYTES, token_chunk_length
-from .dtypes import dtype_from_name, dtype_name
+from .dtypes import ATTRS_KEY, dtype_from_name, dtype_name
 from .errors import StorageError
+from .location import StoreLocation
 from .names import validate_name
 
 KIND = "activation_dataset"
@@ -119,6 +122,11 @@ class DatasetLayout:
         slot = -(-batch_capacity // longest) * longest
         return cls(tuple(specs), n_batches, batch_capacity, slot, index_rows)
 
+    def summary(self) -> dict[str, Any]:
+        """What makes two layouts the same dataset (chunking aside): modules, batches, capacity."""
+        return {"modules": {m.name: [list(m.feature_shape), m.dtype] for m in self.modules},
+                "n_batches": self.n_batches, "batch_capacity": self.batch_capacity}
+
     @property
     def module_names(self) -> list[str]:
         return [m.name for m in self.modules]
@@ -149,3 +157,24 @@ class DatasetLayout:
                         for m in obj["modules"])
         return cls(modules, int(obj["n_batches"]), int(obj["batch_capacity"]), int(obj["slot_rows"]),
                    int(obj["index_chunk_rows"]))
+
+
+def read_dataset_info(location: StoreLocation) -> dict[str, Any] | None:
+    """The dataset attributes at ``location``, or None if there is no Zarr group there.
+
+    Raises if the group there is something other than an activation dataset.
+    """
+    try:
+        root = zarr.open_group(location.zarr_store(read_only=True), mode="r", zarr_format=3)
+    except (NodeNotFoundError, FileNotFoundError):
+        return None
+    info = dict(root.attrs.get(ATTRS_KEY) or {})
+    if info.get("kind") != KIND:
+        raise StorageError(f"{location.url} holds a Zarr group that is not an activation dataset "
+                           f"(kind={info.get('kind')!r}); choose another URL", url=location.url)
+    return info
+
+
+def finished_batches(location: StoreLocation) -> dict[int, dict[str, Any]]:
+    """``batch -> marker`` for every batch whose data is fully written (one listing)."""
+    return {int(name.removesuffix(".json")): marker for name, marker in location.list_json(MARKERS).items()}

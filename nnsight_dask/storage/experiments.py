@@ -44,7 +44,7 @@ def _info(group: zarr.Group) -> dict[str, Any]:
 
 def _open_group(location: StoreLocation, experiment_id: str, mode: str = "r") -> zarr.Group | None:
     try:
-        return zarr.open_group(location.zarr_store(read_only=mode == "r"), path=experiment_id, mode=mode)
+        return zarr.open_group(location.zarr_store(read_only=mode == "r"), path=experiment_id, mode=mode, zarr_format=3)
     except (NodeNotFoundError, FileNotFoundError):
         return None
 
@@ -65,7 +65,7 @@ def ensure_experiment(location: StoreLocation, experiment_id: str) -> None:
                 url=location.url, experiment_id=experiment_id)
         return
     store = location.zarr_store()
-    zarr.open_group(store, mode="a")  # the store root is a group too, so Zarr tools can browse it
+    zarr.open_group(store, mode="a", zarr_format=3)  # the store root is a group too, so Zarr tools can browse it
     zarr.create_group(store, path=experiment_id, overwrite=False, attributes={
         ATTRS_KEY: {"kind": KIND, "created_at": _now().isoformat(), "complete": False}})
 
@@ -148,7 +148,7 @@ class Experiment(Mapping[str, Any]):
         if name not in self._names:
             raise KeyError(f"experiment {self.id!r} has no persisted value {name!r}; it has {self._names}")
         path = f"{self.id}/{name}"
-        z = zarr.open_array(self.location.zarr_store(read_only=True), path=path, mode="r")
+        z = zarr.open_array(self.location.zarr_store(read_only=True), path=path, mode="r", zarr_format=3)
         dtype = (z.attrs.get(ATTRS_KEY) or {}).get("torch_dtype") or str(z.dtype)
         dtype_from_name(dtype)
         return TensorRef(self.location.url, path, z.shape, dtype, self.location.storage_options)
@@ -203,7 +203,7 @@ def list_experiments(url: UrlLike, *,
     """Every experiment in a store: ``id -> attributes`` (kind, created_at, complete, ...)."""
     location = as_location(url, storage_options)
     try:
-        root = zarr.open_group(location.zarr_store(read_only=True), mode="r")
+        root = zarr.open_group(location.zarr_store(read_only=True), mode="r", zarr_format=3)
     except (NodeNotFoundError, FileNotFoundError):
         return {}
     return {name: info for name, group in root.groups() if (info := _info(group))}

@@ -64,7 +64,7 @@ class LazyTensor:
         """Open the Zarr array ``ref`` points at (reads its metadata only)."""
         store = ref.location.zarr_store(read_only=True)
         try:
-            z = zarr.open_array(store=store, path=ref.path, mode="r")
+            z = zarr.open_array(store=store, path=ref.path, mode="r", zarr_format=3)
         except FileNotFoundError as exc:
             raise ResultNotFoundError(
                 f"no persisted tensor at {ref.full_url}: it was never written, or was deleted "

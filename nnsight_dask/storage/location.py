@@ -140,6 +140,7 @@ class StoreLocation:
         of reads); temporary ``.partial`` files are skipped."""
         fs, root = self.filesystem()
         base = posixpath.join(root, prefix)
+        fs.invalidate_cache(base)  # s3fs & co. cache listings; markers appear while we run
         try:
             paths = [p for p in fs.ls(base, detail=False) if p.endswith(".json")]
         except FileNotFoundError:

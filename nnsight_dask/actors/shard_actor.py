@@ -1,0 +1,148 @@
+"""ShardActor: one shard of a deployed model, alive in a Dask actor on one worker.
+
+The actor loads the model once, cuts it to its shard and registers itself in the worker's
+process registry. Experiments reach it through stage tasks pinned to this worker (see
+:mod:`.tasks`), which run under the shard's lock: its hooks and KV caches belong to one
+experiment at a time, while other shards of the deployment serve other experiments.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..execution.stage import Carry, ExperimentState, ShardRunner, Stage, collect_results
+from ..graph.graph import InterventionGraph
+from ..models.shards import plan_shards
+from ..models.surgery import cut_to_shard
+from . import registry
+from .results import Results
+from .serialization import register as register_serializers
+
+ModelSource = Any  # a path or hub id, "smollm2", or a callable returning (model, tokenizer)
+
+#: An experiment's state is dropped when untouched this long (its client vanished mid-way).
+STALE_SECONDS = 600.0
+
+
+def load_source(source: ModelSource, dtype: torch.dtype | None = None, gguf_file: str | None = None) -> tuple[Any, Any]:
+    """Build ``(model, tokenizer)`` from a deployment's model source, on the worker."""
+    if callable(source):
+        return source()
+    if source == "smollm2":
+        from ..models import load_smollm2
+
+        return load_smollm2(dtype or torch.float32)
+    from ..models import load_causal_lm
+
+    return load_causal_lm(str(source), gguf_file=gguf_file, dtype=dtype)
+
+
+def describe_model(model: torch.nn.Module, tokenizer: Any) -> dict[str, Any]:
+    """What a client needs to trace without weights: config, module paths, the tokenizer."""
+    config = getattr(model, "config", None)
+    description: dict[str, Any] = {
+        "config": config.to_dict() if config is not None else None,
+        "module_paths": [name for name, _ in model.named_modules()],
+        "tokenizer": None,
+    }
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        description["tokenizer"] = {
+            "json": backend.to_str(),
+            "special": {k: str(v) for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)},
+        }
+    return description
+
+
+class ShardActor:
+    """Holds shard ``index`` of ``n_shards`` of a model for deployment ``deployment``."""
+
+    def __init__(self, deployment: str, index: int, n_shards: int, source: ModelSource,
+                 dtype: torch.dtype | None = None, device: str | None = None, gguf_file: str | None = None) -> None:
+        register_serializers()
+        torch.set_num_threads(int(os.environ.get("NNSIGHT_DASK_TORCH_THREADS", "1")))
+        started = time.perf_counter()
+        model, tokenizer = load_source(source, dtype, gguf_file)
+        model.eval()
+        self.description = describe_model(model, tokenizer) if index == 0 else None
+        plan = plan_shards(model, n_shards)
+        model = cut_to_shard(model, plan, index)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model.to(device)
+        pad = getattr(tokenizer, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(getattr(model, "config", None), "eos_token_id", None) or 0
+        self.runner = ShardRunner(model, plan, index, int(pad))
+        self.deployment = deployment
+        self.index = index
+        self.lock = threading.Lock()
+        self.experiments: dict[str, ExperimentState] = {}
+        self.busy_seconds = 0.0
+        self.stages_run = 0
+        self.load_seconds = time.perf_counter() - started
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+        registry.register(deployment, index, self)
+
+    # -- actor methods (called through the Dask actor handle) -------------------------------------
+    def describe(self) -> dict[str, Any] | None:
+        return self.description
+
+    def plan(self) -> list[Any]:
+        return list(self.runner.plan)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "deployment": self.deployment, "shard": self.index,
+            "layers": [self.runner.spec.layer_start, self.runner.spec.layer_stop],
+            "in_flight": len(self.experiments), "busy_seconds": self.busy_seconds,
+            "stages_run": self.stages_run, "weight_bytes": self.weight_bytes,
+            "load_seconds": self.load_seconds, "pid": os.getpid(),
+        }
+
+    def close(self) -> None:
+        registry.unregister(self.deployment, self.index)
+        self.experiments.clear()
+
+    # -- called in-process by stage tasks -----------------------------------------------------------
+    def run(self, experiment: str, stage: Stage, graph_json: str, carry: Carry | None, final: bool,
+            on_start: Callable[[], None] | None = None) -> Carry | Results:
+        with self.lock:
+            if on_start is not None:
+                on_start()
+            started = time.perf_counter()
+            try:
+                state = self.experiments.get(experiment)
+                if state is None:
+                    self._drop_stale()
+                    state = self.experiments[experiment] = self.runner.start(InterventionGraph.from_json(graph_json))
+                state.touched = time.monotonic()
+                carry = carry if carry is not None else Carry()
+                if stage.direction == "forward":
+                    carry = self.runner.forward(state, stage, carry)
+                else:
+                    carry = self.runner.backward(state, stage, carry)
+            except BaseException:
+                self.experiments.pop(experiment, None)
+                raise
+            finally:
+                elapsed = time.perf_counter() - started
+                self.busy_seconds += elapsed
+                self.stages_run += 1
+            if final:
+                self.experiments.pop(experiment, None)
+                return Results(collect_results(state.graph, carry.values), experiment_id=experiment, logs=carry.logs)
+            return carry
+
+    def release(self, experiment: str) -> None:
+        with self.lock:
+            self.experiments.pop(experiment, None)
+
+    def _drop_stale(self) -> None:
+        now = time.monotonic()
+        for key in [k for k, s in self.experiments.items() if now - s.touched > STALE_SECONDS]:
+            del self.experiments[key]

@@ -1,0 +1,55 @@
+"""Plain Dask tasks that forward to the shard living on their worker (pinned there by the scheduler)."""
+from __future__ import annotations
+
+from typing import Any
+
+from ..execution.stage import Carry, Stage
+from . import registry
+from .results import Results
+
+
+def run_stage(deployment: str, index: int, experiment: str, stage: Stage, graph_json: str,
+              carry: Carry | None, final: bool) -> Carry | Results:
+    """One stage of an experiment on shard ``index`` of ``deployment``."""
+    shard = registry.lookup(deployment, index)
+    return shard.run(experiment, stage, graph_json, carry, final, on_start=_event(deployment, experiment, stage))
+
+
+def release(deployment: str, index: int, experiment: str) -> None:
+    """Forget an experiment's state on this shard (after it ended, or was cancelled or failed)."""
+    try:
+        registry.lookup(deployment, index).release(experiment)
+    except registry.ShardUnavailableError:
+        pass
+
+
+def shard_status(deployment: str, index: int) -> dict[str, Any]:
+    import psutil
+
+    status = registry.lookup(deployment, index).status()
+    status["rss_bytes"] = psutil.Process().memory_info().rss
+    return status
+
+
+def describe(deployment: str) -> dict[str, Any]:
+    return registry.lookup(deployment, 0).describe()  # type: ignore[return-value]
+
+
+def close_shard(deployment: str, index: int) -> None:
+    try:
+        registry.lookup(deployment, index).close()
+    except registry.ShardUnavailableError:
+        pass
+
+
+def _event(deployment: str, experiment: str, stage: Stage) -> Any:
+    def emit() -> None:
+        try:
+            from distributed import get_worker
+
+            get_worker().log_event("nnsight-dask-stages", {
+                "experiment": experiment, "deployment": deployment, "shard": stage.shard,
+                "stage": stage.label, "status": "running"})
+        except ValueError:  # not on a worker (in-process use)
+            pass
+    return emit

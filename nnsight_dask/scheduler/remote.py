@@ -1,0 +1,130 @@
+"""RemoteModel: the module tree of a deployed model on the meta device, tracing like a local one.
+
+No weights reach the client: the config and the tokenizer come from shard 0, and every trace is
+sent to the deployment as a graph.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from distributed import Client
+
+from ..actors import tasks
+from ..actors.results import Results
+from ..errors import TracingError
+from ..execution.runner import RunResult
+from ..graph.graph import InterventionGraph
+from ..tracing.backend import Backend
+from ..tracing.model import LanguageModel
+from ..tracing.tracer import Session, Tracer
+from .deployment import get_deployment
+from .experiment import ExperimentFuture, run_experiment
+
+
+class RemoteBackend:
+    """Runs graphs on deployment ``name`` through ``client``."""
+
+    def __init__(self, client: Client, name: str, module_paths: list[str] | None = None) -> None:
+        self.client = client
+        self.name = name
+        self.module_paths = module_paths
+
+    def run(self, graph: InterventionGraph, **options: Any) -> RunResult:
+        results = run_experiment(self.client, self.name, graph, module_paths=self.module_paths, **options)
+        return RunResult(saves=dict(results), logs=results.logs)
+
+    def submit(self, graph: InterventionGraph, **options: Any) -> Any:
+        return _AsRunResult(ExperimentFuture(self.client, self.name, graph, module_paths=self.module_paths, **options))
+
+
+class _AsRunResult:
+    """Wraps an experiment future so tracers receive a RunResult while users see Results."""
+
+    def __init__(self, future: ExperimentFuture) -> None:
+        self.future = future
+
+    def add_done_callback(self, fn: Any) -> None:
+        self.future.add_done_callback(lambda f: fn(_Converted(f)))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.future, name)
+
+
+class _Converted:
+    def __init__(self, future: ExperimentFuture) -> None:
+        self._future = future
+
+    def cancelled(self) -> bool:
+        return self._future.cancelled()
+
+    def exception(self) -> BaseException | None:
+        return None if self._future.cancelled() else self._future.exception()
+
+    def result(self) -> RunResult:
+        results: Results = self._future.result()
+        return RunResult(saves=dict(results), logs=results.logs)
+
+
+class RemoteModel(LanguageModel):
+    """A deployed model seen from a client: ``with lm.trace(prompt): ...`` runs on the cluster.
+
+    Examples
+    --------
+    >>> nd.serve(client, "path/to/model", shards=2, name="smol")        # doctest: +SKIP
+    >>> lm = nd.RemoteModel(client, "smol")                              # doctest: +SKIP
+    >>> with lm.trace("The capital of France is", remote=True):          # doctest: +SKIP
+    ...     out = lm.output.logits[:, -1].argmax(-1).save()
+    """
+
+    def __init__(self, client: Client, name: str) -> None:
+        from ..actors.serialization import register
+
+        register()
+        record = get_deployment(client, name)
+        description = client.submit(tasks.describe, name, workers=[record["shards"][0]["worker"]],
+                                    pure=False).result()
+        module = _meta_model(description["config"])
+        tokenizer = _tokenizer(description["tokenizer"])
+        super().__init__(module, tokenizer=tokenizer, model_id=name)
+        object.__setattr__(self, "_client", client)
+        object.__setattr__(self, "_module_paths", description["module_paths"])
+        object.__setattr__(self, "deployment", record)
+
+    def trace(self, *inputs: Any, remote: Any = True, **kwargs: Any) -> Tracer:
+        return super().trace(*inputs, remote=remote, **kwargs)
+
+    def generate(self, *inputs: Any, remote: Any = True, **kwargs: Any) -> Tracer:
+        return super().generate(*inputs, remote=remote, **kwargs)
+
+    def session(self, *, remote: Any = True, blocking: bool = True) -> Session:
+        return super().session(remote=remote, blocking=blocking)
+
+    def _local_backend(self) -> Backend:
+        raise TracingError(f"{self._model_id!r} is a remote deployment: its weights are on the cluster. "
+                           "Run traces with remote=True (the default for RemoteModel).")
+
+    def _remote_backend(self, remote: Any) -> Backend:
+        client = self._client if remote is True else remote
+        if not isinstance(client, Client):
+            raise TracingError(f"remote= takes True or a distributed.Client, not {type(remote).__name__}")
+        return RemoteBackend(client, self._model_id, self._module_paths)
+
+
+def _meta_model(config: dict[str, Any]) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    settings = dict(config)
+    model_type = settings.pop("model_type")
+    hf_config = AutoConfig.for_model(model_type, **settings)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(hf_config).eval()
+
+
+def _tokenizer(description: dict[str, Any] | None) -> Any:
+    if description is None:
+        return None
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(description["json"]), **description["special"])
