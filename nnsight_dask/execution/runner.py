@@ -137,9 +137,10 @@ def collect_saves(graph: InterventionGraph, values: dict[Key, Any]) -> dict[str,
 _MODULE_CACHE: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, torch.nn.Module]] = weakref.WeakKeyDictionary()
 
 
-def _modules(model: torch.nn.Module, graph: InterventionGraph) -> dict[str, torch.nn.Module]:
+def _modules(model: torch.nn.Module, graph: InterventionGraph, paths: set[str] | None = None) -> dict[str, torch.nn.Module]:
+    """The graph's modules by path (``paths``: only those), with a clear error for unknown ones."""
     cache = _MODULE_CACHE.setdefault(model, {})
-    for path in graph.module_paths():
+    for path in graph.module_paths() if paths is None else paths:
         if path not in cache:
             try:
                 cache[path] = model.get_submodule(path)

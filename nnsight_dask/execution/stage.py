@@ -125,8 +125,9 @@ class ShardRunner:
             carry = self._first_inputs(carry, run, generate)
         inter = state.interleavers.get(stage.pass_index)
         if inter is None:
+            paths = {graph.nodes[i].module for i in state.owned if graph.nodes[i].module is not None}
             inter = Interleaver(graph, stage.pass_index, _layout_of(run), state.values, steps,
-                                _modules(self.model, graph), carry.logs, owned=state.owned)
+                                _modules(self.model, graph, paths), carry.logs, owned=state.owned)
             state.interleavers[stage.pass_index] = inter
         inter.logs = carry.logs
         inter.receive(carry.values)

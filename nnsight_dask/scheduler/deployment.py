@@ -147,7 +147,7 @@ def recover(client: Client, name: str) -> dict[str, Any]:
 
     Runs under a cluster-wide lock, so several clients noticing the same loss recover it once.
     """
-    with Lock(f"nnsight-dask-recover-{name}", client=client):
+    with Lock(f"nnsight-dask-recover-{name}"):
         record = get_deployment(client, name)
         lost = dead_shards(client, record)
         if not lost:

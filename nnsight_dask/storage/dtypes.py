@@ -52,9 +52,8 @@ def encode(tensor: torch.Tensor) -> np.ndarray:
 
 def decode(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     """The exact tensor of ``dtype`` from stored bits (inverse of :func:`encode`)."""
-    array = np.ascontiguousarray(array)
-    if not array.flags.writeable:
-        array = array.copy()
+    if not (array.flags.c_contiguous and array.flags.writeable):
+        array = array.copy(order="C")  # torch needs writable memory; ascontiguousarray would make 0-d 1-d
     t = torch.from_numpy(array)
     return t.view(dtype) if is_encoded(dtype) else t
 

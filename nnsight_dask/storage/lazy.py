@@ -229,5 +229,5 @@ def _numpy_index(key: Any) -> Any:
 
 
 def _writable(array: np.ndarray) -> np.ndarray:
-    array = np.ascontiguousarray(array)
-    return array if array.flags.writeable else array.copy()
+    ok = array.flags.c_contiguous and array.flags.writeable
+    return array if ok else array.copy(order="C")  # not ascontiguousarray: it turns 0-d into 1-d

@@ -71,7 +71,7 @@ def write_tensor(
     try:
         zarr.create_array(
             location.zarr_store(), name=ref.path, data=data, chunks=chosen,
-            compressors=None, fill_value=0, overwrite=True,
+            compressors=None, fill_value=0, overwrite=True, config={"write_empty_chunks": True},
             attributes={ATTRS_KEY: {"torch_dtype": dtype_name(tensor.dtype), "kind": "tensor"}},
         )
     except OSError as exc:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 import torch
@@ -35,8 +36,7 @@ class NNsight:
     def __init__(self, module: torch.nn.Module, *, model_id: str | None = None) -> None:
         object.__setattr__(self, "_module", module)
         object.__setattr__(self, "_envoy", Envoy(module, "", self))
-        object.__setattr__(self, "_recorders", [])
-        object.__setattr__(self, "_session", None)
+        object.__setattr__(self, "_threads", threading.local())
         object.__setattr__(self, "_edits", None)
         object.__setattr__(self, "_model_id", model_id or _default_id(module))
         object.__setattr__(self, "_backend", None)
@@ -89,8 +89,24 @@ class NNsight:
         return self._envoy.inputs
 
     # -- plumbing used by tracers ---------------------------------------------------------------------
+    @property
+    def _recorders(self) -> list[Recorder]:
+        """Recording contexts open on this model in this thread (threads trace independently)."""
+        threads = self._threads
+        if not hasattr(threads, "recorders"):
+            threads.recorders = []
+        return threads.recorders
+
+    @property
+    def _session(self) -> Session | None:
+        return getattr(self._threads, "session", None)
+
+    def _set_session(self, session: Session | None) -> None:
+        self._threads.session = session
+
     def _active_recorder(self) -> Recorder | None:
-        return self._recorders[-1] if self._recorders else None
+        recorders = self._recorders
+        return recorders[-1] if recorders else None
 
     def _push(self, recorder: Recorder) -> None:
         self._recorders.append(recorder)
@@ -334,8 +350,7 @@ def _copy_wrapper(model: NNsight) -> NNsight:
     for name, value in model.__dict__.items():
         object.__setattr__(clone, name, value)
     object.__setattr__(clone, "_envoy", Envoy(model._module, "", clone))
-    object.__setattr__(clone, "_recorders", [])
-    object.__setattr__(clone, "_session", None)
+    object.__setattr__(clone, "_threads", threading.local())
     return clone
 
 

@@ -227,11 +227,11 @@ class Session:
     def __enter__(self) -> Session:
         if self.model._session is not None:
             raise TracingError("sessions cannot be nested")
-        self.model._session = self
+        self.model._set_session(self)
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        self.model._session = None
+        self.model._set_session(None)
         if exc_type is not None:
             self.recorder.close()
             return
