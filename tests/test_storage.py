@@ -70,7 +70,7 @@ class CountingFS(LocalFileSystem):
 
     @classmethod
     def chunk_reads(cls) -> list[str]:
-        return [p for p in cls.reads if "/c/" in p]
+        return [p for p in cls.reads if "/c." in p]
 
 
 fsspec.register_implementation("countfile", CountingFS, clobber=True)
@@ -217,7 +217,7 @@ def test_tensor_ref_is_a_small_picklable_json_value(tmp_path: Path) -> None:
 
 
 def test_default_chunks_keep_trailing_dims_whole() -> None:
-    assert choose_chunks((32, 128, 4096), 4) == (1, 128, 4096)
+    assert choose_chunks((32, 128, 4096), 4) == (2, 128, 4096)       # 4 MiB: two prompts' tokens
     assert choose_chunks((64, 1024, 576), 2, target_bytes=2 << 20) == (1, 1024, 576)
     assert choose_chunks((3, 5), 4) == (3, 5)
     assert choose_chunks((0, 5), 4) == (1, 5)
@@ -371,7 +371,8 @@ def test_dataset_round_trip_and_metadata(tmp_path: Path) -> None:
     assert ds["model.layers.1.mlp.output"].dtype == np.float32     # bf16 values, exactly, as float32
     check_dataset(open_activations(url), list(range(N_BATCHES)))
     meta = open_activations(url).metadata
-    assert meta["model"] == "tiny-llama" and meta["tokenizer"] == "tiny" and meta["prompts_digest"].startswith("sha256:")
+    assert meta["model"] == "tiny-llama" and meta["tokenizer"] == "tiny"
+    assert meta["prompts_digest"].startswith("sha256:")
     assert datetime.fromisoformat(meta["created_at"]).tzinfo is not None
     rows = ds.prompt_rows()
     assert rows[5] == slice(sum(batch_tokens(0)) + batch_tokens(1)[0], sum(batch_tokens(0)) + sum(batch_tokens(1)[:2]))
@@ -383,7 +384,7 @@ def test_dataset_chunks_suit_per_token_and_per_prompt_reads(tmp_path: Path) -> N
     assert spec.chunk_rows * HIDDEN * 4 <= CHUNK_BYTES and writer.layout.slot_rows % spec.chunk_rows == 0
     default = DatasetWriter.create(tmp_path / "big.zarr", {"h": (4096, torch.bfloat16)}, n_batches=2,
                                    batch_capacity=32 * 512).layout.module("h")
-    assert default.chunk_rows == 256  # 2 MiB of bf16 rows, whole hidden dim: a token is in one chunk
+    assert default.chunk_rows == 512  # 4 MiB of bf16 rows, whole hidden dim: a token is in one chunk
 
 
 def test_incomplete_dataset_is_refused_unless_asked(tmp_path: Path) -> None:

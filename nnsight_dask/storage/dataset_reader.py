@@ -66,7 +66,8 @@ class ActivationDataset(Mapping[str, da.Array]):
         return list(self.batch_tokens)
 
     def __repr__(self) -> str:
-        state = "complete" if self.complete else f"INCOMPLETE ({len(self.batch_tokens)}/{self.layout.n_batches} batches)"
+        done = f"{len(self.batch_tokens)}/{self.layout.n_batches}"
+        state = "complete" if self.complete else f"INCOMPLETE ({done} batches)"
         return f"ActivationDataset({self.location.url!r}, {state}, tokens={self.n_tokens}, modules={self.modules})"
 
     # -- arrays --------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ import torch
 import zarr
 from zarr.errors import NodeNotFoundError
 
-from .chunking import TARGET_CHUNK_BYTES
+from .chunking import CHUNK_KEY_ENCODING, TARGET_CHUNK_BYTES
 from .dataset_format import (FORMAT_VERSION, KIND, PROMPT_INDEX, DatasetLayout, finished_batches, marker_key,
                              read_dataset_info)
 from .dtypes import ATTRS_KEY, encode, storage_dtype
@@ -148,6 +148,7 @@ class DatasetWriter:
             except (NodeNotFoundError, FileNotFoundError):
                 pass
             zarr.create_array(store, name=name, shape=shape, dtype=dtype, chunks=chunks, compressors=None,
+                              chunk_key_encoding=CHUNK_KEY_ENCODING, config={"write_empty_chunks": True},
                               fill_value=-1 if name == PROMPT_INDEX else 0, attributes={ATTRS_KEY: attrs})
 
     def _array(self, name: str) -> zarr.Array:

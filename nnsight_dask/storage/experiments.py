@@ -23,9 +23,9 @@ import zarr
 from zarr.errors import NodeNotFoundError
 
 from .dtypes import ATTRS_KEY, dtype_from_name
-from .errors import CompletedResultError, IncompleteResultError, ResultNotFoundError, StorageError
-from .names import validate_experiment_id
+from .errors import CompletedResultError, IncompleteResultError, ResultNotFoundError
 from .location import StoreLocation, UrlLike, as_location
+from .names import validate_experiment_id
 from .ref import TensorRef
 
 KIND = "experiment"

@@ -135,6 +135,23 @@ class StoreLocation:
         else:
             fs.pipe_file(path, data)
 
+    def put_objects(self, objects: Mapping[str, bytes | memoryview]) -> None:
+        """Write whole objects (e.g. Zarr chunks) at ``<url>/<key>``: plain file writes on local disk,
+        one concurrent batch of PUTs elsewhere."""
+        fs, root = self.filesystem()
+        if self.is_local:
+            made: set[str] = set()
+            for key, value in objects.items():
+                path = posixpath.join(root, key)
+                parent = posixpath.dirname(path)
+                if parent not in made:
+                    os.makedirs(parent, exist_ok=True)
+                    made.add(parent)
+                with open(path, "wb") as f:
+                    f.write(value)
+        else:
+            fs.pipe({posixpath.join(root, key): bytes(value) for key, value in objects.items()})
+
     def list_json(self, prefix: str) -> dict[str, Any]:
         """Every JSON object directly under ``<url>/<prefix>/``, by file name (one listing, one batch
         of reads); temporary ``.partial`` files are skipped."""

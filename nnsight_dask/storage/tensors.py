@@ -14,12 +14,13 @@ import torch
 import zarr
 
 from .. import config
-from .chunking import choose_chunks
+from .chunk_writer import write_whole_chunks
+from .chunking import CHUNK_KEY_ENCODING, choose_chunks
 from .dtypes import ATTRS_KEY, dtype_name, encode
 from .errors import StorageError
 from .experiments import ensure_experiment
-from .names import validate_experiment_id, validate_name
 from .location import StoreLocation
+from .names import validate_experiment_id, validate_name
 from .ref import TensorRef
 
 def write_tensor(
@@ -69,11 +70,14 @@ def write_tensor(
         raise StorageError(f"chunks {chosen} do not match the {data.ndim}-d shape {tuple(data.shape)} of {name!r}",
                            name=name)
     try:
-        zarr.create_array(
-            location.zarr_store(), name=ref.path, data=data, chunks=chosen,
+        z = zarr.create_array(
+            location.zarr_store(), name=ref.path, shape=data.shape, dtype=data.dtype, chunks=chosen,
             compressors=None, fill_value=0, overwrite=True, config={"write_empty_chunks": True},
+            chunk_key_encoding=CHUNK_KEY_ENCODING,
             attributes={ATTRS_KEY: {"torch_dtype": dtype_name(tensor.dtype), "kind": "tensor"}},
         )
+        if not write_whole_chunks(location, z, data):
+            z[...] = data
     except OSError as exc:
         raise StorageError(f"could not write {ref.full_url}: {exc}", url=ref.url, path=ref.path) from exc
     return ref
