@@ -15,12 +15,13 @@ from .tracing import dict_ as dict
 from .tracing import list_ as list
 
 __all__ = ["Envoy", "InterventionGraph", "LanguageModel", "NNsight", "NNsightDaskError", "Proxy", "apply",
-           "config", "dict", "list", "models"]
+           "collect", "config", "dict", "list", "models", "open_activations"]
 __version__ = "0.1.0"
 
 _LAZY = {
     "serve": "nnsight_dask.scheduler", "undeploy": "nnsight_dask.scheduler", "deployments": "nnsight_dask.scheduler",
     "RemoteModel": "nnsight_dask.scheduler", "ExperimentFuture": "nnsight_dask.scheduler",
+    "collect": "nnsight_dask.storage.collect", "open_activations": "nnsight_dask.storage",
 }
 
 

@@ -59,6 +59,35 @@ def describe_model(model: torch.nn.Module, tokenizer: Any) -> dict[str, Any]:
     return description
 
 
+def inline_bytes(value: Any) -> int:
+    """Bytes of the tensors a result carries inline (persisted values count as nothing)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(inline_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(inline_bytes(v) for v in value)
+    return 0
+
+
+def check_inline_size(results: dict[str, Any], options: dict[str, Any], limit: int | None = None) -> None:
+    """Refuse results whose inline tensors exceed ``config.max_inline_result_bytes``."""
+    from .. import config
+    from ..errors import ExperimentFailedError
+
+    limit = config.max_inline_result_bytes if limit is None else limit
+    size = inline_bytes(results)
+    if size <= limit:
+        return
+    hint = ("pass store=<fsspec URL> to the trace so large saves are persisted to Zarr and come back lazy"
+            if not options.get("store") else
+            "lower persist_threshold= so more saves are persisted to the store")
+    raise ExperimentFailedError(
+        f"the experiment's saved values total {size / 2**20:.1f} MiB inline, over the limit of "
+        f"{limit / 2**20:.1f} MiB (nnsight_dask.config.max_inline_result_bytes): {hint}",
+        inline_bytes=size, limit=limit)
+
+
 class ShardActor:
     """Holds shard ``index`` of ``n_shards`` of a model for deployment ``deployment``."""
 
@@ -120,6 +149,7 @@ class ShardActor:
                 if state is None:
                     self._drop_stale()
                     state = self.experiments[experiment] = self.runner.start(InterventionGraph.from_json(graph_json))
+                    state.experiment = experiment
                 state.touched = time.monotonic()
                 carry = carry if carry is not None else Carry()
                 if stage.direction == "forward":
@@ -135,7 +165,9 @@ class ShardActor:
                 self.stages_run += 1
             if final:
                 self.experiments.pop(experiment, None)
-                return Results(collect_results(state.graph, carry.values), experiment_id=experiment, logs=carry.logs)
+                results = Results(collect_results(state.graph, carry.values), experiment_id=experiment, logs=carry.logs)
+                check_inline_size(results, state.graph.options)
+                return results
             return carry
 
     def release(self, experiment: str) -> None:

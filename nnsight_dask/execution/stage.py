@@ -83,6 +83,8 @@ class ExperimentState:
     exit: torch.Tensor | None = None
     touched: float = field(default_factory=time.monotonic)
     busy_seconds: float = 0.0
+    #: The experiment's id (set by the shard actor); names the store group of persisted saves.
+    experiment: str = ""
 
 
 class ShardRunner:
@@ -255,10 +257,49 @@ class ShardRunner:
             carry.grad = state.entry.grad
         elif stage.direction == "backward":
             carry.grad = state.entry.grad if state.entry is not None else None
-        exported = {key: value for key, value in state.values.items()
+        exported = {key: _maybe_persist(state, key, value) for key, value in state.values.items()
                     if _node_of(key) in state.exported and key not in carry.values}
         carry.values.update(exported)
         return carry
+
+
+def _maybe_persist(state: ExperimentState, key: Key, value: Any) -> Any:
+    """A saved tensor above the trace's threshold, with a store set, is written to Zarr here, by the
+    shard that produced it; what travels on is its :class:`~nnsight_dask.storage.TensorRef`.
+
+    Only saves no other node reads are persisted (a node on another shard needs the tensor itself).
+    """
+    options = state.graph.options
+    store = options.get("store")
+    if not store or not state.experiment or not isinstance(value, torch.Tensor):
+        return value
+    node = state.graph.nodes[_node_of(key)]
+    if node.kind != Kind.SAVE or node.id not in state.owned or node.id in _read_nodes(state.graph):
+        return value
+    from ..storage import maybe_persist
+
+    name = persisted_name(node.target or f"save{node.id}", key)
+    return maybe_persist(value.detach(), store, state.experiment, name,
+                         threshold=options.get("persist_threshold"),
+                         storage_options=options.get("storage_options"))
+
+
+def persisted_name(target: str, key: Key) -> str:
+    """The array name of a saved value in its experiment's group (``h``, ``hs[3]``, ``logits.2`` a step)."""
+    import re
+
+    name = re.sub(r"[^A-Za-z0-9_.\-\[\]]", "_", target)
+    if not name or not name[0].isalnum():
+        name = "v" + name
+    return f"{name}.{key[1]}" if isinstance(key, tuple) else name
+
+
+def _read_nodes(graph: InterventionGraph) -> set[int]:
+    cached = getattr(graph, "_read_nodes_cache", None)
+    if cached is None:
+        cached = {dep for node in graph.nodes for dep in node.deps()}
+        graph._read_nodes_cache = cached  # type: ignore[attr-defined]
+    return cached
 
 
 def _node_of(key: Key) -> Any:

@@ -61,6 +61,9 @@ class InterventionGraph:
     passes: list[Pass] = field(default_factory=list)
     iterations: list[Iteration] = field(default_factory=list)
     model: str | None = None
+    #: Experiment options (JSON-able): ``store`` (fsspec URL of persisted saves), ``persist_threshold``
+    #: (bytes; saves above it are persisted when a store is set), ``storage_options`` (fsspec options).
+    options: dict[str, Any] = field(default_factory=dict)
     #: Python callables of ``apply`` nodes, by node id. Never serialized: such graphs are local only.
     local_functions: dict[int, Callable[..., Any]] = field(default_factory=dict)
 
@@ -130,6 +133,7 @@ class InterventionGraph:
                        for p in self.passes],
             "iterations": [[it.id, it.pass_index, it.start, it.stop, it.step] for it in self.iterations],
             "nodes": [_node_to_dict(n) for n in self.nodes],
+            **({"options": dict(self.options)} if self.options else {}),
         }
 
     def to_json(self) -> str:
@@ -142,7 +146,10 @@ class InterventionGraph:
                 f"not an intervention graph of format version {FORMAT_VERSION} "
                 f"(got version {data.get('version') if isinstance(data, dict) else type(data).__name__})")
         try:
-            graph = cls(model=data.get("model"))
+            options = data.get("options") or {}
+            if not isinstance(options, dict):
+                raise GraphValidationError("graph options must be an object")
+            graph = cls(model=data.get("model"), options=dict(options))
             graph.passes = [Pass(kind=p["kind"], invokes=[decode(i) for i in p["invokes"]],
                                  kwargs=decode(p.get("kwargs", {})))
                             for p in data["passes"]]

@@ -95,6 +95,7 @@ def run_experiment(client: Client, name: str, graph: InterventionGraph, *, modul
         except _WorkerLost:
             client.cancel(futures)
             _release(client, record, experiment)
+            _discard(graph, experiment)
             if attempt == 1:
                 _log(client, experiment, name, "failed", error="a shard's worker died twice")
                 raise ExperimentFailedError(
@@ -108,17 +109,65 @@ def run_experiment(client: Client, name: str, graph: InterventionGraph, *, modul
         except _Cancelled:
             client.cancel(futures)
             _release(client, record, experiment)
+            _discard(graph, experiment)
             _log(client, experiment, name, "cancelled")
             raise concurrent.futures.CancelledError(f"experiment {experiment} was cancelled") from None
         except BaseException as exc:
             client.cancel(futures)
             _release(client, record, experiment)
+            _discard(graph, experiment)
+            _log(client, experiment, name, "failed", error=f"{type(exc).__name__}: {exc}")
+            raise
+        try:
+            finish_results(graph, results, experiment)
+        except BaseException as exc:
+            _discard(graph, experiment)
             _log(client, experiment, name, "failed", error=f"{type(exc).__name__}: {exc}")
             raise
         _log(client, experiment, name, "completed", seconds=time.monotonic() - started)
         notify("completed", {"experiment": experiment})
         return results
     raise AssertionError("unreachable")
+
+
+def persisted_refs(value: Any) -> list[Any]:
+    """Every :class:`~nnsight_dask.storage.TensorRef` in a result value (lists/dicts walked)."""
+    from ..storage.ref import TensorRef
+
+    if isinstance(value, TensorRef):
+        return [value]
+    if isinstance(value, dict):
+        return [r for v in value.values() for r in persisted_refs(v)]
+    if isinstance(value, (list, tuple)):
+        return [r for v in value for r in persisted_refs(v)]
+    return []
+
+
+def finish_results(graph: InterventionGraph, results: Results, experiment: str) -> None:
+    """After the last stage: refuse oversized inline results, then make persisted saves visible."""
+    from ..actors.shard_actor import check_inline_size
+
+    check_inline_size(results, graph.options)
+    store = graph.options.get("store")
+    if not store:
+        return
+    from ..storage import mark_complete
+
+    names = [ref.path.split("/", 1)[1] for ref in persisted_refs(dict(results))]
+    mark_complete(store, experiment, names=names, storage_options=graph.options.get("storage_options"))
+
+
+def _discard(graph: InterventionGraph, experiment: str) -> None:
+    """A failed, cancelled or retried experiment leaves nothing in the store (never anything complete)."""
+    store = graph.options.get("store")
+    if not store:
+        return
+    try:
+        from ..storage import delete
+
+        delete(store, experiment, storage_options=graph.options.get("storage_options"))
+    except Exception:  # best effort: an incomplete group is invisible anyway, and cleanup() removes it
+        pass
 
 
 def _wait(client: Client, futures: list[Future], record: dict[str, Any], deadline: float,

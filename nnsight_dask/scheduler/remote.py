@@ -32,7 +32,7 @@ class RemoteBackend:
 
     def run(self, graph: InterventionGraph, **options: Any) -> RunResult:
         results = run_experiment(self.client, self.name, graph, module_paths=self.module_paths, **options)
-        return RunResult(saves=dict(results), logs=results.logs)
+        return RunResult(saves=open_refs(dict(results)), logs=results.logs)
 
     def submit(self, graph: InterventionGraph, **options: Any) -> Any:
         return _AsRunResult(ExperimentFuture(self.client, self.name, graph, module_paths=self.module_paths, **options))
@@ -63,7 +63,22 @@ class _Converted:
 
     def result(self) -> RunResult:
         results: Results = self._future.result()
-        return RunResult(saves=dict(results), logs=results.logs)
+        return RunResult(saves=open_refs(dict(results)), logs=results.logs)
+
+
+def open_refs(value: Any) -> Any:
+    """Persisted saves (:class:`~nnsight_dask.storage.TensorRef`) become lazy tensors for the user."""
+    from ..storage.ref import TensorRef
+
+    if isinstance(value, TensorRef):
+        return value.open()
+    if isinstance(value, dict):
+        return {k: open_refs(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [open_refs(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(open_refs(v) for v in value)
+    return value
 
 
 class RemoteModel(LanguageModel):
@@ -97,8 +112,8 @@ class RemoteModel(LanguageModel):
     def generate(self, *inputs: Any, remote: Any = True, **kwargs: Any) -> Tracer:
         return super().generate(*inputs, remote=remote, **kwargs)
 
-    def session(self, *, remote: Any = True, blocking: bool = True) -> Session:
-        return super().session(remote=remote, blocking=blocking)
+    def session(self, *, remote: Any = True, blocking: bool = True, **options: Any) -> Session:
+        return super().session(remote=remote, blocking=blocking, **options)
 
     def _local_backend(self) -> Backend:
         raise TracingError(f"{self._model_id!r} is a remote deployment: its weights are on the cluster. "

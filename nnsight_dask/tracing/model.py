@@ -43,18 +43,26 @@ class NNsight:
 
     # -- entry points ----------------------------------------------------------------------------
     def trace(self, *inputs: Any, remote: Any = None, execute: bool = True, validate: bool = False,
-              scan: bool = False, blocking: bool = True, **kwargs: Any) -> Tracer:
-        """Record interventions on one forward pass over ``inputs`` (run when the block exits)."""
+              scan: bool = False, blocking: bool = True, store: Any = None, persist_threshold: int | None = None,
+              storage_options: dict[str, Any] | None = None, **kwargs: Any) -> Tracer:
+        """Record interventions on one forward pass over ``inputs`` (run when the block exits).
+
+        ``store=`` (an fsspec URL or local path) persists saved tensors above ``persist_threshold``
+        bytes (default ``config.persist_threshold``) to Zarr; they come back as lazy tensors.
+        """
         return Tracer(self, inputs, kind="trace", remote=remote, execute=execute, validate=validate,
-                      fake=scan, blocking=blocking, encode_kwargs=kwargs)
+                      fake=scan, blocking=blocking, encode_kwargs=kwargs, store=store,
+                      persist_threshold=persist_threshold, storage_options=storage_options)
 
     def scan(self, *inputs: Any, **kwargs: Any) -> Tracer:
         """Like ``trace`` but on fake tensors: shapes are computed, nothing heavy runs, errors surface."""
         return self.trace(*inputs, scan=True, **kwargs)
 
-    def session(self, *, remote: Any = None, blocking: bool = True) -> Session:
+    def session(self, *, remote: Any = None, blocking: bool = True, store: Any = None,
+                persist_threshold: int | None = None, storage_options: dict[str, Any] | None = None) -> Session:
         """Group several traces into one graph whose values flow between traces."""
-        return Session(self, remote=remote, blocking=blocking)
+        return Session(self, remote=remote, blocking=blocking, store=store, persist_threshold=persist_threshold,
+                       storage_options=storage_options)
 
     def edit(self, *, inplace: bool = False) -> _EditContext:
         """Record interventions applied to every later trace (of a copy, or of this model if inplace)."""
@@ -156,11 +164,49 @@ class NNsight:
                 future.add_done_callback(lambda f: _deliver(recorder, context, f))
                 return future
             result = backend.run(graph)
+            if local is not None and graph.options.get("store"):
+                result = _persist_local(graph, result)
         except BaseException:
             recorder.close()
             raise
         _finish(recorder, context, result)
         return None
+
+
+def _persist_local(graph: InterventionGraph, result: Any) -> Any:
+    """A local trace with ``store=``: large saves are written to Zarr as one experiment and handed
+    back as lazy tensors, exactly like a remote trace's."""
+    import uuid
+
+    from ..execution.stage import persisted_name
+    from ..storage import delete, mark_complete, maybe_persist
+    from ..storage.ref import TensorRef
+
+    options = graph.options
+    store, storage_options = options["store"], options.get("storage_options")
+    experiment = uuid.uuid4().hex[:12]
+    saves: dict[str, Any] = {}
+    try:
+        for name, value in result.saves.items():
+            def persist(v: Any, key: Any) -> Any:
+                if not isinstance(v, torch.Tensor):
+                    return v
+                return maybe_persist(v.detach(), store, experiment, persisted_name(name, key),
+                                     threshold=options.get("persist_threshold"), storage_options=storage_options)
+            if isinstance(value, list):
+                saves[name] = [persist(v, (0, i)) for i, v in enumerate(value)]
+            else:
+                saves[name] = persist(value, 0)
+        refs = [v for value in saves.values() for v in (value if isinstance(value, list) else [value])
+                if isinstance(v, TensorRef)]
+        mark_complete(store, experiment, names=[r.path.split("/", 1)[1] for r in refs],
+                      storage_options=storage_options)
+    except BaseException:
+        delete(store, experiment, storage_options=storage_options)
+        raise
+    opened = {k: ([x.open() if isinstance(x, TensorRef) else x for x in v] if isinstance(v, list)
+                  else v.open() if isinstance(v, TensorRef) else v) for k, v in saves.items()}
+    return type(result)(saves=opened, logs=result.logs)
 
 
 def _scan(model: NNsight, graph: InterventionGraph) -> Any:
@@ -235,10 +281,13 @@ class LanguageModel(NNsight):
         object.__setattr__(self, "tokenizer", tokenizer)
 
     def generate(self, *inputs: Any, max_new_tokens: int = 1, remote: Any = None, blocking: bool = True,
-                 scan: bool = False, validate: bool = False, execute: bool = True, **kwargs: Any) -> Tracer:
+                 scan: bool = False, validate: bool = False, execute: bool = True, store: Any = None,
+                 persist_threshold: int | None = None, storage_options: dict[str, Any] | None = None,
+                 **kwargs: Any) -> Tracer:
         """Record interventions on a generation; they apply to the first step unless inside ``tracer.iter``."""
         return Tracer(self, inputs, kind="generate", remote=remote, execute=execute, validate=validate,
-                      fake=scan, blocking=blocking, run_kwargs={"max_new_tokens": max_new_tokens, **kwargs})
+                      fake=scan, blocking=blocking, run_kwargs={"max_new_tokens": max_new_tokens, **kwargs},
+                      store=store, persist_threshold=persist_threshold, storage_options=storage_options)
 
     @property
     def generator(self) -> _Generator:

@@ -24,8 +24,10 @@ class Tracer:
     def __init__(self, model: NNsight, inputs: tuple[Any, ...], *, kind: str = "trace", remote: Any = None,
                  execute: bool = True, validate: bool = False, fake: bool = False, blocking: bool = True,
                  run_kwargs: dict[str, Any] | None = None, encode_kwargs: dict[str, Any] | None = None,
-                 backend_options: dict[str, Any] | None = None) -> None:
+                 backend_options: dict[str, Any] | None = None, store: Any = None,
+                 persist_threshold: int | None = None, storage_options: dict[str, Any] | None = None) -> None:
         self.model = model
+        self.options = experiment_options(store, persist_threshold, storage_options)
         self.kind = kind
         self.remote = remote
         self.execute = execute
@@ -61,6 +63,7 @@ class Tracer:
             self._recorder = Recorder()
             self._recorder.graph.model = self.model._model_id
         recorder = self._recorder
+        recorder.graph.options.update(self.options)
         recorder.new_pass(self.kind, self.run_kwargs)
         self.model._push(recorder)
         self.model._apply_edits(recorder)
@@ -211,12 +214,14 @@ class Session:
     """``with model.session():`` several traces recorded as one graph and run together at the end,
     so values flow from one trace to the next (remotely: one request)."""
 
-    def __init__(self, model: NNsight, remote: Any = None, blocking: bool = True) -> None:
+    def __init__(self, model: NNsight, remote: Any = None, blocking: bool = True, *, store: Any = None,
+                 persist_threshold: int | None = None, storage_options: dict[str, Any] | None = None) -> None:
         self.model = model
         self.remote = remote
         self.blocking = blocking
         self.recorder = Recorder()
         self.recorder.graph.model = model._model_id
+        self.recorder.graph.options.update(experiment_options(store, persist_threshold, storage_options))
         self.future: Any = None
         self.logs: list[str] = []
 
@@ -240,6 +245,23 @@ class Session:
             self.recorder.close()
             return
         self.future = self.model._run(self.recorder, self)
+
+
+def experiment_options(store: Any, persist_threshold: int | None,
+                       storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """The graph options for persisted saves (``store=`` any fsspec URL or local path)."""
+    options: dict[str, Any] = {}
+    if store is not None:
+        import os
+
+        options["store"] = os.fspath(store)
+    if persist_threshold is not None:
+        if int(persist_threshold) < 0:
+            raise TracingError(f"persist_threshold must be >= 0 bytes, got {persist_threshold}")
+        options["persist_threshold"] = int(persist_threshold)
+    if storage_options:
+        options["storage_options"] = dict(storage_options)
+    return options
 
 
 def record_apply(recorder: Recorder, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Proxy:

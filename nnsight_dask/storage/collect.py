@@ -1,0 +1,205 @@
+"""``collect``: run prompts through a model in batches and write modules' activations to a dataset.
+
+>>> ds = nd.collect(lm, prompts, modules=["model.layers.12", "model.layers.20.mlp"],
+...                 store="s3://bucket/run1.zarr", batch_size=32)          # doctest: +SKIP
+>>> ds["model.layers.12.output"]            # dask array [tokens, hidden]; ds.prompt_index: [tokens]
+
+Works with a local :class:`~nnsight_dask.LanguageModel` (batches run in this process, one after
+the other) and with a :class:`~nnsight_dask.RemoteModel` (several batches in flight on the
+deployment at once, as non-blocking traces). Either way the client writes each batch's rows with
+:class:`~.dataset_writer.DatasetWriter` as soon as the batch returns, so an interrupted run resumes
+with exactly the batches it had not finished (``pending_batches``) and never writes one twice.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any, Mapping
+
+import torch
+
+from .. import config
+from ..errors import TracingError
+from .dataset_format import prompts_digest
+from .dataset_reader import ActivationDataset
+from .dataset_writer import DatasetWriter
+from .location import UrlLike
+
+
+def collect(
+    lm: Any,
+    prompts: Iterable[Any],
+    modules: Sequence[str],
+    store: UrlLike,
+    *,
+    batch_size: int = 32,
+    storage_options: Mapping[str, Any] | None = None,
+    progress: bool = True,
+    max_in_flight: int | None = None,
+) -> ActivationDataset:
+    """Collect the outputs of ``modules`` for every token of ``prompts`` into a dataset at ``store``.
+
+    Parameters
+    ----------
+    lm
+        A ``LanguageModel`` (runs locally) or a ``RemoteModel`` (runs on its deployment).
+    prompts
+        Texts (or token-id lists); their order fixes the batches: batch ``b`` is
+        ``prompts[b * batch_size:(b + 1) * batch_size]``.
+    modules
+        Module paths such as ``"model.layers.12"`` or ``"model.layers.20.mlp"``; each becomes the
+        array ``"<path>.output"`` of shape ``[tokens, *feature]``, left padding removed.
+    store
+        fsspec URL or local path of the dataset. An existing unfinished dataset of the same
+        model, modules and prompts is resumed; a different one is refused.
+    max_in_flight
+        Remote only: batches running at once (default: twice the deployment's shards).
+
+    Returns
+    -------
+    ActivationDataset
+        The finished dataset (``open_activations(store)`` reopens it anywhere).
+    """
+    prompts = list(prompts)
+    if not prompts:
+        raise TracingError("collect needs at least one prompt")
+    if not modules:
+        raise TracingError("collect needs at least one module path, e.g. modules=['model.layers.0']")
+    if batch_size < 1:
+        raise TracingError(f"batch_size must be >= 1, got {batch_size}")
+    modules = [m[:-len(".output")] if m.endswith(".output") else m for m in modules]
+    envoys = [_envoy(lm, m) for m in modules]
+    names = [f"{m}.output" for m in modules]
+    batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
+    encoded = [_encode(lm, batch) for batch in batches]
+    capacity = max(int(e["attention_mask"].sum()) for e in encoded)
+
+    # Feature shapes and dtypes: one real run of the first prompt (cheap, and exact for any deployment).
+    probe = _run_sync(lm, _encode(lm, batches[0][:1]), envoys)
+    specs = {name: (tuple(value.shape[2:]), value.dtype) for name, value in zip(names, probe)}
+    tokenizer = getattr(lm, "tokenizer", None)
+    metadata = {
+        "model": str(getattr(lm, "_model_id", None) or type(lm).__name__),
+        "tokenizer": str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__),
+        "prompts_digest": prompts_digest([p if isinstance(p, str) else repr(p) for p in prompts]),
+        "n_prompts": len(prompts),
+        "batch_size": batch_size,
+        "modules": names,
+        "dtype": {name: str(dtype).removeprefix("torch.") for name, (_, dtype) in specs.items()},
+    }
+    writer = DatasetWriter.create(store, specs, n_batches=len(batches), batch_capacity=capacity,
+                                  metadata=metadata, storage_options=storage_options)
+    pending = writer.pending_batches()
+    bar = _progress(len(batches), len(batches) - len(pending), progress)
+    try:
+        def write(b: int, values: list[Any]) -> None:
+            rows, index = _rows(values, encoded[b]["attention_mask"], b * batch_size)
+            writer.write_batch(b, dict(zip(names, rows)), prompt_index=index)
+            if bar is not None:
+                bar.update(1)
+
+        if _is_remote(lm):
+            in_flight = max_in_flight or 2 * len(getattr(lm, "deployment", {}).get("shards", [None]))
+            _run_remote(lm, pending, encoded, envoys, write, max(1, in_flight))
+        else:
+            for b in pending:
+                write(b, _run_sync(lm, encoded[b], envoys))
+    finally:
+        if bar is not None:
+            bar.close()
+    return writer.finalize()
+
+
+def _envoy(lm: Any, path: str) -> Any:
+    envoy = lm
+    try:
+        for part in path.split("."):
+            envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
+    except (AttributeError, IndexError, KeyError, TypeError) as exc:
+        raise TracingError(f"collect: the model has no module {path!r} ({exc})") from None
+    return envoy
+
+
+def _encode(lm: Any, batch: list[Any]) -> dict[str, torch.Tensor]:
+    if all(isinstance(p, str) for p in batch):
+        return lm._encode((batch,))
+    return lm._encode(([list(p) for p in batch],))
+
+
+def _is_remote(lm: Any) -> bool:
+    return hasattr(lm, "_client") and hasattr(lm, "deployment")
+
+
+def _record(lm: Any, inputs: dict[str, torch.Tensor], envoys: list[Any], **options: Any) -> tuple[Any, list[Any]]:
+    with lm.trace(inputs, **options) as tracer:
+        acts = [envoy.output.save() for envoy in envoys]
+    return tracer, acts
+
+
+def _value(proxy: Any) -> Any:
+    return getattr(proxy, "value", proxy)
+
+
+def _run_sync(lm: Any, inputs: dict[str, torch.Tensor], envoys: list[Any]) -> list[Any]:
+    _, acts = _record(lm, inputs, envoys)
+    return [_materialize(_value(a)) for a in acts]
+
+
+def _run_remote(lm: Any, pending: list[int], encoded: list[dict[str, torch.Tensor]], envoys: list[Any],
+                write: Any, in_flight: int) -> None:
+    """Keep ``in_flight`` non-blocking traces running; write each batch as it returns."""
+    queue = list(pending)
+    running: dict[Any, tuple[int, list[str]]] = {}
+    try:
+        while queue or running:
+            while queue and len(running) < in_flight:
+                b = queue.pop(0)
+                tracer, acts = _record(lm, encoded[b], envoys, blocking=False)
+                targets = [a._recorder.graph.nodes[a._save_node].target for a in acts]
+                running[tracer.future.future] = (b, targets)
+            done, _ = concurrent.futures.wait(list(running), return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in done:
+                b, targets = running.pop(future)
+                results = future.result()  # raises the batch's failure; finished batches stay written
+                write(b, [_materialize(results[t]) for t in targets])
+    finally:
+        for future in running:
+            future.cancel()
+
+
+def _materialize(value: Any) -> torch.Tensor:
+    """A saved output as a tensor: first element of a tuple output; persisted refs read back."""
+    if isinstance(value, (tuple, list)):
+        value = value[0]
+    if hasattr(value, "open") and not isinstance(value, torch.Tensor):  # a TensorRef
+        value = value.open()
+    if hasattr(value, "torch") and not isinstance(value, torch.Tensor):  # a LazyTensor
+        value = value.torch()
+    if not isinstance(value, torch.Tensor):
+        raise TracingError(f"collect: a module output is a {type(value).__name__}, not a tensor")
+    return value.detach().cpu()
+
+
+def _rows(values: list[torch.Tensor], mask: torch.Tensor, first_prompt: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per-token rows ``[n_tokens, *feature]`` (padding removed) and each token's global prompt index."""
+    keep = mask.bool()
+    rows = []
+    for value in values:
+        if tuple(value.shape[:2]) != tuple(keep.shape):
+            raise TracingError(f"collect: a module output has shape {list(value.shape)}; expected "
+                               f"[batch, tokens, ...] = {list(keep.shape)} first")
+        rows.append(value[keep].contiguous())
+    prompt = torch.arange(first_prompt, first_prompt + keep.shape[0])[:, None].expand_as(keep)
+    return rows, prompt[keep].contiguous()
+
+
+def _progress(total: int, initial: int, enabled: bool) -> Any:
+    if not (enabled and config.verbose):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="batch", desc="collect")
+
+
+__all__ = ["collect"]
