@@ -16,7 +16,8 @@ def _client(scheduler: str | None, workers: int = 2) -> Any:
     if scheduler:
         return Client(scheduler), None
     cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":8787",
-                           env={"OMP_NUM_THREADS": "1", "NNSIGHT_DASK_TORCH_THREADS": "1"})
+                           env={"OMP_NUM_THREADS": "1", "NNSIGHT_DASK_TORCH_THREADS": "1"},
+                           scheduler_kwargs={"preload": ["nnsight_dask.service.dashboard"]})
     return Client(cluster), cluster
 
 
@@ -34,7 +35,7 @@ def demo(args: argparse.Namespace) -> None:
     load_smollm2()  # convert in this process once, so the workers load the cached safetensors
     client, cluster = _client(args.scheduler)
     try:
-        print(f"Dask dashboard: {client.dashboard_link}")
+        print(f"Dask dashboard: {client.dashboard_link} (experiments: {client.dashboard_link.rsplit('/', 1)[0]}/experiments)")
         started = time.perf_counter()
         if "smollm2" not in nd.deployments(client):
             nd.serve(client, "smollm2", shards=2, name="smollm2")

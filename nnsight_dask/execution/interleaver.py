@@ -89,6 +89,7 @@ class Interleaver:
         self.instances: list[Key] = []
         self.states: dict[str, _ModuleState] = {}
         self.owned = owned
+        self.skip_paths: set[str] = set()
         self._build()
 
     # -- set-up -----------------------------------------------------------------------------
@@ -113,6 +114,8 @@ class Interleaver:
                 self.pending[key] = waiting
                 kind = node.kind
                 if kind in (Kind.GETTER, Kind.SETTER, Kind.SKIP):
+                    if kind == Kind.SKIP:
+                        self.skip_paths.add(node.module)  # type: ignore[arg-type]
                     call = node.call + (step or 0)
                     phase = "out" if node.access == "output" and kind != Kind.SKIP else "in"
                     self.events.setdefault((node.module, phase, call), []).append(key)
@@ -363,8 +366,7 @@ class Interleaver:
 
         handles = [module.register_forward_pre_hook(pre_hook, with_kwargs=True),
                    module.register_forward_hook(hook, with_kwargs=True)]
-        if any(p == path and self.graph.nodes[_node_id(k)].kind == Kind.SKIP
-               for (p, _ph, _c), ks in events.items() for k in ks):
+        if path in self.skip_paths:
             handles.append(_install_skip(module, state))
         return handles
 

@@ -1,0 +1,1 @@
+"""Operating a deployment: the dashboard preload (``nnsight_dask.service.dashboard``)."""
