@@ -71,12 +71,14 @@ def collect(
     modules = [m[:-len(".output")] if m.endswith(".output") else m for m in modules]
     envoys = [_envoy(lm, m) for m in modules]
     names = [f"{m}.output" for m in modules]
-    batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
-    encoded = [_encode(lm, batch) for batch in batches]
-    capacity = max(int(e["attention_mask"].sum()) for e in encoded)
+    # One invoke per prompt: the batch is left-padded and given position ids that skip the padding,
+    # so every prompt's activations are what it computes alone.
+    encoded = [_encode(lm, p) for p in prompts]
+    batches = [encoded[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
+    capacity = max(sum(int(e["input_ids"].shape[1]) for e in batch) for batch in batches)
 
     # Feature shapes and dtypes: one real run of the first prompt (cheap, and exact for any deployment).
-    probe = _run_sync(lm, _encode(lm, batches[0][:1]), envoys)
+    probe = _run_sync(lm, batches[0][:1], envoys)[0]
     specs = {name: (tuple(value.shape[2:]), value.dtype) for name, value in zip(names, probe)}
     tokenizer = getattr(lm, "tokenizer", None)
     metadata = {
@@ -94,17 +96,18 @@ def collect(
     bar = _progress(len(batches), len(batches) - len(pending), progress)
     try:
         def write(b: int, values: list[Any]) -> None:
-            rows, index = _rows(values, encoded[b]["attention_mask"], b * batch_size)
+            lengths = [int(e["input_ids"].shape[1]) for e in batches[b]]
+            rows, index = _rows(values, b * batch_size, lengths)
             writer.write_batch(b, dict(zip(names, rows)), prompt_index=index)
             if bar is not None:
                 bar.update(1)
 
         if _is_remote(lm):
             in_flight = max_in_flight or 2 * len(getattr(lm, "deployment", {}).get("shards", [None]))
-            _run_remote(lm, pending, encoded, envoys, write, max(1, in_flight))
+            _run_remote(lm, pending, batches, envoys, write, max(1, in_flight))
         else:
             for b in pending:
-                write(b, _run_sync(lm, encoded[b], envoys))
+                write(b, _run_sync(lm, batches[b], envoys))
     finally:
         if bar is not None:
             bar.close()
@@ -121,19 +124,27 @@ def _envoy(lm: Any, path: str) -> Any:
     return envoy
 
 
-def _encode(lm: Any, batch: list[Any]) -> dict[str, torch.Tensor]:
-    if all(isinstance(p, str) for p in batch):
-        return lm._encode((batch,))
-    return lm._encode(([list(p) for p in batch],))
+def _encode(lm: Any, prompt: Any) -> dict[str, torch.Tensor]:
+    """One prompt's token ids, unpadded: ``input_ids`` ``[1, length]``."""
+    encoded = lm._encode((prompt if isinstance(prompt, (str, torch.Tensor)) else list(prompt),))
+    if encoded["input_ids"].shape[0] != 1:
+        raise TracingError("collect: each prompt must be one text or one list of token ids")
+    keep = encoded["attention_mask"][0].bool()
+    return {"input_ids": encoded["input_ids"][:, keep], "attention_mask": encoded["attention_mask"][:, keep]}
 
 
 def _is_remote(lm: Any) -> bool:
     return hasattr(lm, "_client") and hasattr(lm, "deployment")
 
 
-def _record(lm: Any, inputs: dict[str, torch.Tensor], envoys: list[Any], **options: Any) -> tuple[Any, list[Any]]:
-    with lm.trace(inputs, **options) as tracer:
-        acts = [envoy.output.save() for envoy in envoys]
+def _record(lm: Any, batch: list[dict[str, torch.Tensor]], envoys: list[Any],
+            **options: Any) -> tuple[Any, list[list[Any]]]:
+    """One trace of the batch, one invoke a prompt; ``acts[prompt][module]`` are the saved proxies."""
+    acts: list[list[Any]] = []
+    with lm.trace(**options) as tracer:
+        for inputs in batch:
+            with tracer.invoke(inputs):
+                acts.append([envoy.output.save() for envoy in envoys])
     return tracer, acts
 
 
@@ -141,28 +152,28 @@ def _value(proxy: Any) -> Any:
     return getattr(proxy, "value", proxy)
 
 
-def _run_sync(lm: Any, inputs: dict[str, torch.Tensor], envoys: list[Any]) -> list[Any]:
-    _, acts = _record(lm, inputs, envoys)
-    return [_materialize(_value(a)) for a in acts]
+def _run_sync(lm: Any, batch: list[dict[str, torch.Tensor]], envoys: list[Any]) -> list[list[torch.Tensor]]:
+    _, acts = _record(lm, batch, envoys)
+    return [[_materialize(_value(a)) for a in prompt] for prompt in acts]
 
 
-def _run_remote(lm: Any, pending: list[int], encoded: list[dict[str, torch.Tensor]], envoys: list[Any],
+def _run_remote(lm: Any, pending: list[int], batches: list[list[dict[str, torch.Tensor]]], envoys: list[Any],
                 write: Any, in_flight: int) -> None:
     """Keep ``in_flight`` non-blocking traces running; write each batch as it returns."""
     queue = list(pending)
-    running: dict[Any, tuple[int, list[str]]] = {}
+    running: dict[Any, tuple[int, list[list[str]]]] = {}
     try:
         while queue or running:
             while queue and len(running) < in_flight:
                 b = queue.pop(0)
-                tracer, acts = _record(lm, encoded[b], envoys, blocking=False)
-                targets = [a._recorder.graph.nodes[a._save_node].target for a in acts]
+                tracer, acts = _record(lm, batches[b], envoys, blocking=False)
+                targets = [[a._recorder.graph.nodes[a._save_node].target for a in prompt] for prompt in acts]
                 running[tracer.future.future] = (b, targets)
             done, _ = concurrent.futures.wait(list(running), return_when=concurrent.futures.FIRST_COMPLETED)
             for future in done:
                 b, targets = running.pop(future)
                 results = future.result()  # raises the batch's failure; finished batches stay written
-                write(b, [_materialize(results[t]) for t in targets])
+                write(b, [[_materialize(results[t]) for t in prompt] for prompt in targets])
     finally:
         for future in running:
             future.cancel()
@@ -181,17 +192,23 @@ def _materialize(value: Any) -> torch.Tensor:
     return value.detach().cpu()
 
 
-def _rows(values: list[torch.Tensor], mask: torch.Tensor, first_prompt: int) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Per-token rows ``[n_tokens, *feature]`` (padding removed) and each token's global prompt index."""
-    keep = mask.bool()
+def _rows(values: list[list[torch.Tensor]], first_prompt: int,
+          lengths: list[int]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per-token rows ``[n_tokens, *feature]`` per module (left padding removed: the last
+    ``length`` positions of each prompt's ``[1, padded, ...]`` output) and each token's prompt index."""
+    n_modules = len(values[0])
     rows = []
-    for value in values:
-        if tuple(value.shape[:2]) != tuple(keep.shape):
-            raise TracingError(f"collect: a module output has shape {list(value.shape)}; expected "
-                               f"[batch, tokens, ...] = {list(keep.shape)} first")
-        rows.append(value[keep].contiguous())
-    prompt = torch.arange(first_prompt, first_prompt + keep.shape[0])[:, None].expand_as(keep)
-    return rows, prompt[keep].contiguous()
+    for m in range(n_modules):
+        parts = []
+        for prompt, length in zip(values, lengths):
+            value = prompt[m]
+            if value.dim() < 2 or value.shape[0] != 1 or value.shape[1] < length:
+                raise TracingError(f"collect: a module output has shape {list(value.shape)}; expected "
+                                   f"[1, >= {length} tokens, ...] per prompt")
+            parts.append(value[0, value.shape[1] - length:])
+        rows.append(torch.cat(parts).contiguous())
+    index = torch.cat([torch.full((length,), first_prompt + i, dtype=torch.int64) for i, length in enumerate(lengths)])
+    return rows, index
 
 
 def _progress(total: int, initial: int, enabled: bool) -> Any:

@@ -1,0 +1,159 @@
+"""Persisted saves on a real LocalCluster: large saves are written by the shard that made them,
+come back as lazy tensors equal to local values, and become visible only when the experiment is complete.
+
+The remote ``collect`` test lives here too, so that one cluster serves both (cluster start-up is
+the slow part of these tests).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nnsight_dask as nd
+from nnsight_dask.errors import ExperimentFailedError, InterventionError
+from nnsight_dask.models import save_tiny
+from nnsight_dask.storage import LazyTensor, is_complete, list_experiments, open_experiment
+
+from .cluster import local_cluster
+
+torch.set_num_threads(1)
+pytestmark = pytest.mark.cluster
+PROMPT = "The Eiffel Tower is in the city of"
+THRESHOLD = 1024  # bytes: a [1, 9, 64] float32 hidden state (2304 B) persists, a scalar stays inline
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return str(save_tiny(tmp_path_factory.mktemp("models") / "tiny-llama", arch="llama", n_layer=4))
+
+
+@pytest.fixture(scope="module")
+def client():
+    with local_cluster(2) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def remote(client, model_dir):
+    nd.serve(client, model_dir, shards=2, name="tiny-persist")
+    yield nd.RemoteModel(client, "tiny-persist")
+
+
+@pytest.fixture(scope="module")
+def local(model_dir):
+    return nd.LanguageModel(model_dir)
+
+
+def reference(local):
+    with local.trace(PROMPT):
+        h1 = local.model.layers[1].output.save()
+        h3 = local.model.layers[3].output.save()
+        logits = local.output.logits.save()
+    return h1.value, h3.value, logits.value
+
+
+def test_large_saves_come_back_lazy_and_equal(remote, local, tmp_path):
+    store = str(tmp_path / "store.zarr")
+    with remote.trace(PROMPT, store=store, persist_threshold=THRESHOLD) as tracer:
+        h1 = remote.model.layers[1].output.save()        # shard 0
+        h3 = remote.model.layers[3].output.save()        # shard 1
+        logits = remote.output.logits.save()             # shard 1, [1, 9, vocab]
+        top = remote.output.logits[:, -1].argmax(-1).save()  # small: inline
+        hs = [remote.model.layers[i].output.save() for i in range(4)]
+    ref_h1, ref_h3, ref_logits = reference(local)
+    for proxy in (h1, h3, logits, *hs):
+        assert isinstance(proxy.value, LazyTensor), proxy
+    assert isinstance(top.value, torch.Tensor)
+    assert torch.allclose(h1.value.torch(), ref_h1, atol=1e-5)
+    assert torch.allclose(h3.value.torch(), ref_h3, atol=1e-5)
+    assert torch.allclose(logits.value.torch(), ref_logits, atol=1e-4)
+    assert torch.equal(top.value, ref_logits[:, -1].argmax(-1))
+    # slicing stays lazy and reads the right values
+    last = h3.value[:, -1]
+    assert isinstance(last, LazyTensor) and tuple(last.shape) == (1, 64)
+    assert torch.allclose(last.torch(), ref_h3[:, -1], atol=1e-5)
+    assert torch.allclose(torch.as_tensor(h1.value[0, 2:4].numpy()), ref_h1[0, 2:4], atol=1e-5)
+    # the experiment is complete, and holds exactly the persisted saves
+    experiments = list_experiments(store)
+    assert len(experiments) == 1
+    (experiment_id, info), = experiments.items()
+    assert info["complete"]
+    assert sorted(open_experiment(store, experiment_id)) == sorted(
+        ["h1", "h3", "logits", "hs[0]", "hs[1]", "hs[2]", "hs[3]"])
+    assert h1.value.shape == ref_h1.shape
+
+
+def test_bf16_persisted_exactly(remote, local, tmp_path):
+    store = str(tmp_path / "bf16.zarr")
+    with remote.trace(PROMPT, store=store, persist_threshold=0):
+        h = remote.model.layers[2].output.to(torch.bfloat16).save()
+    with local.trace(PROMPT):
+        ref = local.model.layers[2].output.to(torch.bfloat16).save()
+    assert isinstance(h.value, LazyTensor) and h.value.dtype == torch.bfloat16
+    got = h.value.torch()
+    assert got.dtype == torch.bfloat16 and torch.equal(got, ref.value)
+
+
+def test_non_blocking_trace_persists_too(remote, local, tmp_path):
+    store = str(tmp_path / "nb.zarr")
+    with remote.trace(PROMPT, store=store, persist_threshold=THRESHOLD, blocking=False) as tracer:
+        h1 = remote.model.layers[1].output.save()
+    tracer.future.result(timeout=60)
+    tracer.future.future._thread.join(timeout=10)
+    ref_h1, _, _ = reference(local)
+    assert isinstance(h1.value, LazyTensor)
+    assert torch.allclose(h1.value.torch(), ref_h1, atol=1e-5)
+
+
+def test_failed_experiment_leaves_nothing_complete(remote, tmp_path):
+    store = str(tmp_path / "failed.zarr")
+    with pytest.raises(InterventionError, match="IndexError"):
+        with remote.trace(PROMPT, store=store, persist_threshold=THRESHOLD):
+            remote.model.layers[1].output.save()             # persisted on shard 0 first...
+            remote.model.layers[3].output[:, 99].save()      # ...then shard 1 fails
+    assert list_experiments(store) == {}  # deleted; at the very least never complete
+    # the same deployment keeps working with the same store
+    with remote.trace(PROMPT, store=store, persist_threshold=THRESHOLD):
+        ok = remote.model.layers[1].output.save()
+    assert isinstance(ok.value, LazyTensor)
+    complete = [e for e, info in list_experiments(store).items() if info.get("complete")]
+    assert len(complete) == 1 and is_complete(store, complete[0])
+
+
+def test_inline_limit_refuses_without_store(remote, monkeypatch):
+    monkeypatch.setattr(nd.config, "max_inline_result_bytes", 1000)
+    with pytest.raises(ExperimentFailedError, match="store="):
+        with remote.trace(PROMPT):
+            remote.model.layers[1].output.save()
+    with remote.trace(PROMPT):  # small results still pass
+        top = remote.output.logits[:, -1].argmax(-1).save()
+    assert top.value.shape == (1,)
+
+
+def test_local_trace_with_store(local, tmp_path):
+    store = str(tmp_path / "local.zarr")
+    with local.trace(PROMPT, store=store, persist_threshold=THRESHOLD):
+        h1 = local.model.layers[1].output.save()
+        small = local.model.layers[1].output[0, -1, 0].save()
+    ref_h1, _, _ = reference(local)
+    assert isinstance(h1.value, LazyTensor) and isinstance(small.value, torch.Tensor)
+    assert torch.equal(h1.value.torch(), ref_h1)
+    (experiment_id, info), = list_experiments(store).items()
+    assert info["complete"] and list(open_experiment(store, experiment_id)) == ["h1"]
+
+
+def test_graph_options_round_trip(local):
+    with local.trace(PROMPT, store="s3://bucket/run", persist_threshold=7, execute=False) as tracer:
+        local.model.layers[1].output.save()
+    graph = nd.InterventionGraph.from_json(tracer.graph.to_json())
+    assert graph.options == {"store": "s3://bucket/run", "persist_threshold": 7}
+
+
+# -- collect on the deployment (shares this module's cluster) ------------------------------------------
+def test_remote_collect(remote, local, tmp_path):
+    from .test_collect import MODULES, PROMPTS, check_dataset
+
+    url = str(tmp_path / "remote-acts.zarr")
+    ds = nd.collect(remote, PROMPTS, modules=MODULES, store=url, batch_size=2, progress=False)
+    check_dataset(ds, local, PROMPTS)
+    assert nd.open_activations(url).n_tokens == ds.n_tokens
