@@ -20,6 +20,7 @@ from ..tracing.model import LanguageModel
 from ..tracing.tracer import Session, Tracer
 from .deployment import get_deployment
 from .experiment import ExperimentFuture, run_experiment
+from .progress import ExperimentProgress
 
 
 class RemoteBackend:
@@ -31,7 +32,12 @@ class RemoteBackend:
         self.module_paths = module_paths
 
     def run(self, graph: InterventionGraph, **options: Any) -> RunResult:
-        results = run_experiment(self.client, self.name, graph, module_paths=self.module_paths, **options)
+        progress = ExperimentProgress(self.name, options.pop("verbose", None))
+        try:
+            results = run_experiment(self.client, self.name, graph, module_paths=self.module_paths,
+                                     on_status=progress, **options)
+        finally:
+            progress.close()
         return RunResult(saves=open_refs(dict(results)), logs=results.logs)
 
     def submit(self, graph: InterventionGraph, **options: Any) -> Any:

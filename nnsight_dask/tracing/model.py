@@ -44,15 +44,18 @@ class NNsight:
     # -- entry points ----------------------------------------------------------------------------
     def trace(self, *inputs: Any, remote: Any = None, execute: bool = True, validate: bool = False,
               scan: bool = False, blocking: bool = True, store: Any = None, persist_threshold: int | None = None,
-              storage_options: dict[str, Any] | None = None, **kwargs: Any) -> Tracer:
+              storage_options: dict[str, Any] | None = None, verbose: bool | None = None, **kwargs: Any) -> Tracer:
         """Record interventions on one forward pass over ``inputs`` (run when the block exits).
+
+        ``verbose`` shows a remote experiment's progress (default ``config.verbose``).
 
         ``store=`` (an fsspec URL or local path) persists saved tensors above ``persist_threshold``
         bytes (default ``config.persist_threshold``) to Zarr; they come back as lazy tensors.
         """
         return Tracer(self, inputs, kind="trace", remote=remote, execute=execute, validate=validate,
                       fake=scan, blocking=blocking, encode_kwargs=kwargs, store=store,
-                      persist_threshold=persist_threshold, storage_options=storage_options)
+                      persist_threshold=persist_threshold, storage_options=storage_options,
+                      backend_options=_verbosity(verbose))
 
     def scan(self, *inputs: Any, **kwargs: Any) -> Tracer:
         """Like ``trace`` but on fake tensors: shapes are computed, nothing heavy runs, errors surface."""
@@ -163,7 +166,7 @@ class NNsight:
                 future = backend.submit(graph)
                 future.add_done_callback(lambda f: _deliver(recorder, context, f))
                 return future
-            result = backend.run(graph)
+            result = backend.run(graph, **getattr(context, "backend_options", {}))
             if local is not None and graph.options.get("store"):
                 result = _persist_local(graph, result)
         except BaseException:
@@ -283,11 +286,12 @@ class LanguageModel(NNsight):
     def generate(self, *inputs: Any, max_new_tokens: int = 1, remote: Any = None, blocking: bool = True,
                  scan: bool = False, validate: bool = False, execute: bool = True, store: Any = None,
                  persist_threshold: int | None = None, storage_options: dict[str, Any] | None = None,
-                 **kwargs: Any) -> Tracer:
+                 verbose: bool | None = None, **kwargs: Any) -> Tracer:
         """Record interventions on a generation; they apply to the first step unless inside ``tracer.iter``."""
         return Tracer(self, inputs, kind="generate", remote=remote, execute=execute, validate=validate,
                       fake=scan, blocking=blocking, run_kwargs={"max_new_tokens": max_new_tokens, **kwargs},
-                      store=store, persist_threshold=persist_threshold, storage_options=storage_options)
+                      store=store, persist_threshold=persist_threshold, storage_options=storage_options,
+                      backend_options=_verbosity(verbose))
 
     @property
     def generator(self) -> _Generator:
@@ -350,6 +354,10 @@ def _prepare_tokenizer(tokenizer: Any) -> None:
         tokenizer.pad_token = tokenizer.eos_token
     if hasattr(tokenizer, "padding_side"):
         tokenizer.padding_side = "left"
+
+
+def _verbosity(verbose: bool | None) -> dict[str, Any]:
+    return {} if verbose is None else {"verbose": verbose}
 
 
 def _default_id(module: torch.nn.Module) -> str:

@@ -1,0 +1,45 @@
+"""Client feedback for blocking remote traces: queued, running stage k of n, completed.
+
+Shown as one updating line (a tqdm bar in a terminal or notebook), silent with ``verbose=False``
+or ``nnsight_dask.config.verbose = False``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .. import config
+
+
+class ExperimentProgress:
+    """An ``on_status`` callback for :func:`~nnsight_dask.scheduler.experiment.run_experiment`."""
+
+    def __init__(self, deployment: str, verbose: bool | None = None) -> None:
+        self.deployment = deployment
+        self.enabled = config.verbose if verbose is None else verbose
+        self.bar: Any = None
+
+    def __call__(self, status: str, info: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=1, desc=f"{self.deployment}: queued", leave=False, unit="stage")
+        bar = self.bar
+        if status == "running" and "stages" in info:
+            bar.total = info["stages"]
+            bar.n = info.get("stage", 0)
+            bar.set_description(f"{self.deployment}: running stage {bar.n + 1 if bar.n < bar.total else bar.n} of {bar.total}")
+        elif status in ("queued", "retrying"):
+            bar.set_description(f"{self.deployment}: {status}")
+        elif status == "completed":
+            bar.n = bar.total
+            bar.set_description(f"{self.deployment}: completed")
+            self.close()
+            return
+        bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
