@@ -276,6 +276,32 @@ def test_gradients_read_and_write(lm):
     assert torch.allclose(g1, 3 * gmid, atol=1e-6)  # mid took the place of the output
 
 
+def test_gradients_per_invoke(lm):
+    with lm.trace() as tracer:
+        with tracer.invoke("Rome is in Italy"):
+            clean = lm.model.layers[1].output.save()
+        with tracer.invoke(PROMPT):
+            g = lm.model.layers[1].output.grad.save()
+            lm.output.logits[0, -1].max().backward()
+    model = lm._module
+    batch = dict(lm.tokenizer(["Rome is in Italy", PROMPT], return_tensors="pt", padding=True))
+    batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    seen = {}
+
+    def keep(m, a, o):
+        o.retain_grad()
+        seen["o"] = o
+
+    handle = model.model.layers[1].register_forward_hook(keep)
+    try:
+        model(**batch).logits[1, -1].max().backward()
+    finally:
+        handle.remove()
+        model.zero_grad()
+    assert g.shape[0] == 1 and clean.shape[0] == 1
+    assert torch.allclose(g, seen["o"].grad[1:2], atol=1e-6)
+
+
 # -- 7. generation ---------------------------------------------------------------------------------------
 def test_generation_matches_hf_and_iterates(lm):
     inputs = encode(lm, PROMPT)

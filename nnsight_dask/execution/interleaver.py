@@ -378,6 +378,20 @@ class Interleaver:
                 "does not require grad. Gradients exist only for values computed from the model's "
                 "parameters while a backward pass runs (call loss.backward() in the trace).",
                 location=node.location, module=node.module)
+        base = value._base
+        if self.narrowing and node.invoke is not None and node.kind == Kind.GETTER and base is not None \
+                and base.requires_grad and base.shape[0] == self.batch:
+            # an invoke's rows are a view the model never uses: watch the whole batch's tensor and
+            # hand the invoke its rows of the gradient (and splice a replacement back in)
+            start, stop = self.layout[node.invoke]
+
+            def rows_hook(grad: torch.Tensor) -> Any:
+                part = grad[start:stop]
+                new = self.fire(keys, part, "grad")
+                return None if new is part else splice(grad, new, start, stop, self.batch)
+
+            base.register_hook(rows_hook)
+            return
         value.register_hook(lambda grad: _changed(self.fire(keys, grad, "grad"), grad))
 
     def finish(self, result: Any) -> None:
