@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from distributed import Client, Future, fire_and_forget
+from distributed import wait as wait_futures
 from distributed.client import FutureCancelledError
 
 from .. import config
@@ -176,7 +177,10 @@ def _wait(client: Client, futures: list[Future], record: dict[str, Any], deadlin
     done_before = 0
     while True:
         try:
-            result = last.result(timeout=POLL_SECONDS)
+            # wait without fetching: a timed-out .result() cancels the Client's shared fetch for all threads
+            if not wait_futures([last], timeout=POLL_SECONDS).done:
+                raise TimeoutError
+            result = last.result()
             if not isinstance(result, Results):
                 raise ExperimentFailedError(f"the last stage returned {type(result).__name__}, not results")
             return result
