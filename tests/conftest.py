@@ -61,3 +61,28 @@ def smollm2() -> tuple[Any, Any]:
     from nnsight_dask.models import load_smollm2
 
     return load_smollm2()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A 4-layer tiny Llama saved as a Hugging Face directory (what workers load by path)."""
+    from nnsight_dask.models import save_tiny
+
+    return str(save_tiny(tmp_path_factory.mktemp("models") / "tiny-llama", arch="llama", n_layer=4))
+
+
+@pytest.fixture(scope="module")
+def local(model_dir: str) -> Any:
+    """The tiny Llama of ``model_dir`` as a local LanguageModel (the reference for remote runs)."""
+    import nnsight_dask as nd
+
+    return nd.LanguageModel(model_dir)
+
+
+@pytest.fixture(scope="module")
+def client() -> Any:
+    """A LocalCluster with two single-threaded worker processes, one per test module."""
+    from .cluster import local_cluster
+
+    with local_cluster(2) as client:
+        yield client

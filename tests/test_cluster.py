@@ -5,7 +5,6 @@ import concurrent.futures
 import multiprocessing
 import os
 import signal
-import threading
 import time
 
 import pytest
@@ -13,7 +12,6 @@ import torch
 
 import nnsight_dask as nd
 from nnsight_dask.errors import DeploymentError, ForbiddenOperationError, InterventionError
-from nnsight_dask.models import save_tiny
 
 from .cluster import local_cluster
 
@@ -22,25 +20,9 @@ PROMPT = "The Eiffel Tower is in the city of"
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return str(save_tiny(tmp_path_factory.mktemp("models") / "tiny-llama", arch="llama", n_layer=4))
-
-
-@pytest.fixture(scope="module")
-def client():
-    with local_cluster(2) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
 def remote(client, model_dir):
     nd.serve(client, model_dir, shards=2, name="tiny")
     yield nd.RemoteModel(client, "tiny")
-
-
-@pytest.fixture(scope="module")
-def local(model_dir):
-    return nd.LanguageModel(model_dir)
 
 
 def both(remote, local, experiment):

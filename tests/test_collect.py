@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import nnsight_dask as nd
-from nnsight_dask.models import save_tiny
 from nnsight_dask.storage import DatasetWriter
 from nnsight_dask.storage.dataset_format import read_dataset_info
 
@@ -15,16 +14,6 @@ PROMPTS = ["The Eiffel Tower is in", "the city of", "Paris is", "a b c d e", "Th
            "city", "Tower of the city is in Paris"]
 MODULES = ["model.layers.1", "model.layers.2.mlp"]
 NAMES = ["model.layers.1.output", "model.layers.2.mlp.output"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return str(save_tiny(tmp_path_factory.mktemp("models") / "tiny-llama", arch="llama", n_layer=4))
-
-
-@pytest.fixture(scope="module")
-def local(model_dir):
-    return nd.LanguageModel(model_dir)
 
 
 def alone(lm, prompt):

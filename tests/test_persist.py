@@ -11,10 +11,8 @@ import torch
 
 import nnsight_dask as nd
 from nnsight_dask.errors import ExperimentFailedError, InterventionError
-from nnsight_dask.models import save_tiny
 from nnsight_dask.storage import LazyTensor, is_complete, list_experiments, open_experiment
 
-from .cluster import local_cluster
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.cluster
@@ -23,25 +21,9 @@ THRESHOLD = 1024  # bytes: a [1, 9, 64] float32 hidden state (2304 B) persists, 
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return str(save_tiny(tmp_path_factory.mktemp("models") / "tiny-llama", arch="llama", n_layer=4))
-
-
-@pytest.fixture(scope="module")
-def client():
-    with local_cluster(2) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
 def remote(client, model_dir):
     nd.serve(client, model_dir, shards=2, name="tiny-persist")
     yield nd.RemoteModel(client, "tiny-persist")
-
-
-@pytest.fixture(scope="module")
-def local(model_dir):
-    return nd.LanguageModel(model_dir)
 
 
 def reference(local):
