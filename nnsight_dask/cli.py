@@ -121,18 +121,32 @@ def status_command(args: argparse.Namespace) -> None:
                 state = "up" if shard["worker"] in alive else "LOST"
                 print(f"  shard {shard['index']}: layers {shard['layers'][0]}-{shard['layers'][1] - 1} "
                       f"on {shard['worker']} [{state}]")
-        events = client.get_events("nnsight-dask-experiments")
-        latest: dict[str, dict[str, Any]] = {}
-        for _, event in events:
-            latest[event["experiment"]] = event
-        counts: dict[str, int] = {}
-        for event in latest.values():
-            counts[event["status"]] = counts.get(event["status"], 0) + 1
-        print("experiments: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"))
+        _print_experiments(client)
     finally:
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+def _print_experiments(client: Any) -> None:
+    """Experiment counts by status and per-shard load, from the scheduler's experiment monitor."""
+    from nnsight_dask.scheduler import monitor
+
+    try:
+        snapshot = client.sync(getattr(client.scheduler, monitor.SNAPSHOT_RPC))
+    except Exception:  # no deployment was ever served here, so no monitor
+        print("experiments: none (no experiment monitor on this scheduler)")
+        return
+    counts: dict[str, int] = {}
+    for row in snapshot["experiments"]:
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    print("experiments: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"))
+    for shard in snapshot["shards"]:
+        print(f"  {shard['deployment']}[{shard['shard']}]: {shard['in_flight']} in flight, "
+              f"{shard['stages_run']} stages run, busy {shard['busy_seconds']:.2f} s")
+    for row in snapshot["experiments"][:5]:
+        print(f"  {row['experiment']} {row['status']:<9} {row['deployment']} by {row['user'] or '?'}"
+              + (f": {row['error'].splitlines()[0][:100]}" if row["error"] else ""))
 
 
 def undeploy_command(args: argparse.Namespace) -> None:

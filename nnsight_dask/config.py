@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import getpass
 from pathlib import Path
 
 #: Where converted model weights (e.g. SmolLM2 from GGUF to safetensors) are cached.
@@ -21,3 +22,6 @@ experiment_timeout: float = 600.0
 
 #: Largest number of generation steps a remote experiment may ask for.
 max_new_tokens_limit: int = 1024
+
+#: Who submits remote experiments (shown on the dashboard's Experiments page).
+user: str = os.environ.get("NNSIGHT_DASK_USER") or getpass.getuser()

@@ -1,17 +1,23 @@
-"""The Experiments page, JSON endpoint and metrics over real HTTP against a running cluster."""
+"""The experiment monitor, Experiments page, JSON endpoint, metrics and progress over a real cluster."""
 from __future__ import annotations
 
+import io
 import json
+import threading
+import time
 import urllib.request
+from contextlib import redirect_stderr
 
 import pytest
 
 import nnsight_dask as nd
 from nnsight_dask.errors import InterventionError
 from nnsight_dask.models import save_tiny
-from nnsight_dask.service.dashboard import ExperimentsPanel, ShardsPanel, experiment_rows, prometheus_text
+from nnsight_dask.scheduler import monitor
+from nnsight_dask.service.dashboard import ExperimentsPanel
 
 pytestmark = pytest.mark.cluster
+PROMPT = "The Eiffel Tower is"
 
 
 @pytest.fixture(scope="module")
@@ -20,16 +26,17 @@ def cluster_with_dashboard(tmp_path_factory):
 
     path = str(save_tiny(tmp_path_factory.mktemp("m") / "tiny", arch="gpt2", n_layer=2))
     cluster = LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0",
-                           scheduler_kwargs={"preload": ["nnsight_dask.service.dashboard"]})
+                           scheduler_kwargs={"preload": ["nnsight_dask.service.dashboard"]},
+                           env={"OMP_NUM_THREADS": "1", "NNSIGHT_DASK_TORCH_THREADS": "1"})
     client = Client(cluster)
     nd.serve(client, path, shards=2, name="dash")
     lm = nd.RemoteModel(client, "dash")
-    with lm.trace("The Eiffel Tower is"):
-        lm.output.logits.save()
+    with lm.trace(PROMPT):
+        logits = lm.output.logits.save()
     with pytest.raises(InterventionError):
-        with lm.trace("The Eiffel Tower is"):
+        with lm.trace(PROMPT):
             lm.transformer.h[1].output[:, 50].save()
-    yield cluster, client
+    yield cluster, client, lm, logits
     client.close()
     cluster.close()
 
@@ -40,46 +47,137 @@ def get(client, path):
         return response.status, response.read().decode()
 
 
+def rows(client):
+    return json.loads(get(client, "/nnsight/experiments.json")[1])
+
+
 def test_json_endpoint_lists_experiments(cluster_with_dashboard):
-    _, client = cluster_with_dashboard
+    _, client, _, logits = cluster_with_dashboard
     status, body = get(client, "/nnsight/experiments.json")
     data = json.loads(body)
     assert status == 200
-    statuses = sorted(row["status"] for row in data["experiments"])
-    assert statuses == ["completed", "failed"]
-    failed = next(r for r in data["experiments"] if r["status"] == "failed")
-    assert "IndexError" in failed["error"] and failed["deployment"] == "dash"
-    done = next(r for r in data["experiments"] if r["status"] == "completed")
-    assert done["shards"] == "0,1" and done["run_time"] > 0 and done["queue_wait"] >= 0
-    assert {(s["deployment"], s["shard"]) for s in data["shards"]} == {("dash", 0), ("dash", 1)}
+    first_two = sorted(data["experiments"][-2:], key=lambda r: r["submitted"])
+    assert [r["status"] for r in first_two] == ["completed", "failed"]
+    done, failed = first_two
+    assert "IndexError" in failed["error"] and "test_dashboard.py:" in failed["error"] and failed["deployment"] == "dash"
+    assert done["shards"] == "0,1" and done["stages"] == "2/2" and done["run_time"] > 0 and done["queue_wait"] >= 0
+    assert done["user"] == nd.config.user
+    assert done["bytes_returned"] >= logits.numel() * 4  # the logits came back inline
+    shards = {(s["deployment"], s["shard"]): s for s in data["shards"]}
+    assert set(shards) == {("dash", 0), ("dash", 1)}
+    assert all(s["stages_run"] >= 1 and s["busy_seconds"] > 0 and s["in_flight"] == 0 for s in shards.values())
 
 
-def test_metrics_endpoint(cluster_with_dashboard):
-    _, client = cluster_with_dashboard
+def test_metrics_endpoint_and_dask_metrics(cluster_with_dashboard):
+    _, client, _, _ = cluster_with_dashboard
     status, body = get(client, "/nnsight/metrics")
     assert status == 200
-    assert 'nnsight_dask_experiments{status="completed"} 1' in body
-    assert 'nnsight_dask_experiments{status="failed"} 1' in body
+    assert 'nnsight_dask_experiments_total{status="completed"} 1' in body
+    assert 'nnsight_dask_experiments_total{status="failed"} 1' in body
     assert "nnsight_dask_experiment_seconds_count 2" in body  # completed and failed both finished
+    assert "nnsight_dask_bytes_returned_total" in body and "nnsight_dask_bytes_persisted_total 0" in body
+    pytest.importorskip("prometheus_client")
+    status, body = get(client, "/metrics")  # Dask's own Prometheus endpoint carries ours too
+    assert status == 200 and "nnsight_dask_experiment_seconds_bucket" in body and "dask_scheduler_workers" in body
 
 
-def test_experiments_page_and_panels(cluster_with_dashboard):
-    cluster, client = cluster_with_dashboard
+def test_experiments_page_and_panel(cluster_with_dashboard):
+    cluster, client, _, _ = cluster_with_dashboard
     status, body = get(client, "/experiments")
     assert status == 200 and "bokeh" in body.lower()
     panel = ExperimentsPanel(cluster.scheduler)
-    panel.update()
-    assert sorted(panel.source.data["status"]) == ["completed", "failed"]
-    shards = ShardsPanel(cluster.scheduler)
-    assert list(shards.source.data["shard"]) == [0, 1]
+    assert {"completed", "failed"} <= set(panel.source.data["status"])
+    assert "bytes_persisted" in panel.source.data and "busy_seconds" in panel.shard_source.data
+    assert sorted(panel.shard_source.data["shard"]) == [0, 1]
 
 
-def test_rows_and_metrics_are_pure():
-    events = [(1.0, {"experiment": "a", "deployment": "d", "status": "queued"}),
-              (3.0, {"experiment": "a", "deployment": "d", "status": "completed"})]
-    stages = [(1.5, {"experiment": "a", "deployment": "d", "shard": 0}),
-              (2.0, {"experiment": "a", "deployment": "d", "shard": 1})]
-    (row,) = experiment_rows(events, stages)
-    assert row["queue_wait"] == 0.5 and row["run_time"] == 1.5 and row["shards"] == "0,1"
-    text = prometheus_text([row])
-    assert 'nnsight_dask_experiment_seconds_bucket{le="2.5"} 1' in text
+def test_events_and_cli_status(cluster_with_dashboard, capsys):
+    _, client, _, _ = cluster_with_dashboard
+    events = client.get_events(monitor.EVENTS)
+    assert {"queued", "running", "completed", "failed"} <= {e["status"] for _, e in events}
+    from nnsight_dask.cli import main
+
+    assert main(["status", "--scheduler", client.scheduler.address]) == 0
+    out = capsys.readouterr().out
+    assert "dash: " in out and "completed 1" in out and "failed 1" in out and "dash[1]:" in out
+
+
+def test_live_status_and_progress_line(cluster_with_dashboard):
+    """A long generation shows as running on the page while its progress line counts stages."""
+    _, client, lm, _ = cluster_with_dashboard
+    seen: list[str] = []
+    stream = io.StringIO()
+
+    def watch():
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not seen:
+            seen.extend(r["experiment"] for r in rows(client)["experiments"] if r["status"] == "running")
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    with redirect_stderr(stream):
+        with lm.generate(PROMPT, max_new_tokens=60, verbose=True):
+            lm.transformer.h[1].output.save()
+    watcher.join()
+    assert seen, "the generation never showed as running"
+    assert rows(client)["experiments"][0]["experiment"] == seen[0]
+    assert rows(client)["experiments"][0]["status"] == "completed"
+    assert "dash: running stage" in stream.getvalue()
+
+
+def test_progress_line_shows_queue_position():
+    from nnsight_dask.scheduler.progress import ExperimentProgress
+
+    stream = io.StringIO()
+    with redirect_stderr(stream):
+        progress = ExperimentProgress("dep", verbose=True)
+        progress("queued", {"experiment": "x", "position": 3})
+        progress("running", {"stage": 1, "stages": 4})
+        progress("completed", {"experiment": "x"})
+    text = stream.getvalue()
+    assert "dep: queued, 3 experiment(s) ahead" in text and "dep: running stage 2 of 4" in text
+    silent = ExperimentProgress("dep", verbose=False)
+    silent("queued", {"position": 1})
+    assert silent.bar is None
+
+
+def test_cancelled_experiment_is_shown_cancelled(cluster_with_dashboard):
+    _, client, lm, _ = cluster_with_dashboard
+    with lm.generate(PROMPT, max_new_tokens=100, blocking=False) as tracer:
+        lm.transformer.h[0].output.save()
+    time.sleep(0.5)
+    assert tracer.future.cancel()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        latest = rows(client)["experiments"][0]
+        if latest["status"] == "cancelled":
+            break
+        time.sleep(0.1)
+    assert latest["status"] == "cancelled"
+
+
+def test_monitor_counts_are_pure():
+    """The monitor's bookkeeping, driven through its own hooks as the scheduler would."""
+    m = monitor.ExperimentMonitor()
+    m.handle_message(client="c1", event="submitted", experiment="a", deployment="d", user="u",
+                     keys=["k0", "k1"], shards=[0, 1])
+    m.handle_message(client="c1", event="submitted", experiment="b", deployment="d", user="u",
+                     keys=["j0", "j1"], shards=[0, 1])
+    assert m.experiment_status("b") == {"status": "queued", "position": 1, "stages_done": 0, "stages": 2}
+    m.transition("k0", "waiting", "processing", worker="w0")
+    assert m.experiment_status("a")["status"] == "running"
+    m.transition("k0", "processing", "memory", worker="w0", nbytes=10,
+                 startstops=[{"action": "compute", "start": 1.0, "stop": 1.5}])
+    assert m.experiment_status("b")["position"] == 0
+    m.transition("k1", "processing", "memory", worker="w1", nbytes=40,
+                 startstops=[{"action": "compute", "start": 2.0, "stop": 3.0}])
+    m.transition("j0", "processing", "erred", worker="w0", exception_text="IndexError: boom")
+    (b, a) = m.rows()
+    assert a["status"] == "completed" and a["run_time"] == 2.0 and a["bytes_returned"] == 40
+    assert b["status"] == "failed" and b["error"] == "IndexError: boom"
+    text = m.prometheus_text()
+    assert 'nnsight_dask_experiment_seconds_bucket{le="1.0"} 1' in text  # b failed at once
+    assert 'nnsight_dask_experiment_seconds_bucket{le="2.5"} 2' in text  # a ran 2 s
+    assert 'nnsight_dask_experiments_total{status="failed"} 1' in text
+    assert [s["busy_seconds"] for s in m.shard_rows()] == [0.5, 1.0]

@@ -21,6 +21,10 @@ class ShardUnavailableError(DeploymentError):
     """The shard is not on this worker (its worker died and it moved, or it was undeployed)."""
 
 
+class ShardStateLostError(DeploymentError):
+    """A later stage reached a shard that no longer holds its experiment's state."""
+
+
 def register(deployment: str, index: int, shard: ShardActor) -> None:
     with _lock:
         _shards[(deployment, index)] = shard

@@ -81,4 +81,19 @@ def register() -> None:
 
     dask_serialize.register(Carry)(dumps)
     dask_deserialize.register(Carry)(loads)
+    _register_sizes()
     _REGISTERED = True
+
+
+def _register_sizes() -> None:
+    """Tell Dask the real size of carries and results (its memory accounting, the monitor's bytes)."""
+    import dataclasses
+
+    from dask.sizeof import sizeof
+
+    from ..execution.stage import Carry
+    from .results import Results
+    from .shard_actor import inline_bytes
+
+    sizeof.register(Results)(lambda results: inline_bytes(dict(results)))
+    sizeof.register(Carry)(lambda carry: inline_bytes([getattr(carry, f.name) for f in dataclasses.fields(carry)]))

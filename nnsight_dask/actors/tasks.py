@@ -8,11 +8,10 @@ from . import registry
 from .results import Results
 
 
-def run_stage(deployment: str, index: int, experiment: str, stage: Stage, graph_json: str,
+def run_stage(deployment: str, index: int, experiment: str, stage: Stage, graph_json: str | None,
               carry: Carry | None, final: bool) -> Carry | Results:
     """One stage of an experiment on shard ``index`` of ``deployment``."""
-    shard = registry.lookup(deployment, index)
-    return shard.run(experiment, stage, graph_json, carry, final, on_start=_event(deployment, experiment, stage))
+    return registry.lookup(deployment, index).run(experiment, stage, graph_json, carry, final)
 
 
 def release(deployment: str, index: int, experiment: str) -> None:
@@ -40,16 +39,3 @@ def close_shard(deployment: str, index: int) -> None:
         registry.lookup(deployment, index).close()
     except registry.ShardUnavailableError:
         pass
-
-
-def _event(deployment: str, experiment: str, stage: Stage) -> Any:
-    def emit() -> None:
-        try:
-            from distributed import get_worker
-
-            get_worker().log_event("nnsight-dask-stages", {
-                "experiment": experiment, "deployment": deployment, "shard": stage.shard,
-                "stage": stage.label, "status": "running"})
-        except ValueError:  # not on a worker (in-process use)
-            pass
-    return emit

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
+import warnings
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from ..actors.serialization import register as register_serializers
 from ..actors.shard_actor import ModelSource, ShardActor
 from ..errors import DeploymentError
 from ..models.shards import ShardSpec
+from .monitor import ExperimentMonitor
 
 _ROOT = "nnsight-dask-deployments"
 #: How long recovery waits for a replacement worker to appear (the Nanny restarts a dead one).
@@ -58,6 +60,7 @@ def serve(client: Client, model: ModelSource, shards: int = 1, name: str | None 
         raise DeploymentError(f"deploying {name!r} failed while loading a shard: {type(exc).__name__}: {exc}",
                               name=name) from exc
     client.publish_dataset(**{_dataset(name): futures}, override=True)
+    monitored = install_monitor(client)
     specs = actors[0].plan().result()
     record = {
         "name": name, "source": model if isinstance(model, str) else getattr(model, "__qualname__", repr(model)),
@@ -65,10 +68,23 @@ def serve(client: Client, model: ModelSource, shards: int = 1, name: str | None 
         "shards": [{"index": s.index, "worker": placement[s.index], "layers": [s.layer_start, s.layer_stop],
                     "prefixes": list(s.module_prefixes), "layers_path": s.layers_path} for s in specs],
         "options": {"dtype": str(dtype).removeprefix("torch.") if dtype else None, "device": device, "gguf_file": gguf_file},
+        "monitor": monitored,
     }
     client.set_metadata(_key(name), record)
     _remember_source(client, name, model)
     return record
+
+
+def install_monitor(client: Client) -> bool:
+    """Register the experiment monitor on the scheduler (idempotent); False if the scheduler can't load it."""
+    try:
+        client.register_plugin(ExperimentMonitor())
+    except Exception as exc:  # e.g. nnsight_dask is not installed where the scheduler runs
+        warnings.warn(f"the nnsight-dask experiment monitor could not be installed on the scheduler "
+                      f"({type(exc).__name__}: {exc}); experiments run, but the dashboard page stays empty",
+                      RuntimeWarning, stacklevel=3)
+        return False
+    return True
 
 
 def _start_shard(client: Client, name: str, index: int, n_shards: int, model: ModelSource, dtype: Any,

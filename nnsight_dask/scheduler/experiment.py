@@ -21,16 +21,19 @@ from distributed.client import FutureCancelledError
 from .. import config
 from ..actors import tasks
 from ..actors.results import Results
+from ..actors.shard_actor import check_inline_size, inline_bytes
 from ..errors import ExperimentFailedError, NNsightDaskError
 from ..execution.partition import assign_shards
 from ..execution.stage import plan_stages
 from ..graph.graph import InterventionGraph
 from ..graph.validate import validate_graph
 from ..models.shards import owner_of
+from . import monitor
 from .deployment import dead_shards, get_deployment, recover, shard_specs
 
-EVENTS = "nnsight-dask-experiments"
 POLL_SECONDS = 0.2
+#: Re-submissions allowed when only the client's cached deployment record was out of date.
+STALE_RECORD_RESUBMITS = 3
 
 
 class _WorkerLost(Exception):
@@ -55,80 +58,122 @@ def check_graph(graph: InterventionGraph, module_paths: list[str] | None = None)
 
 
 def submit_stages(client: Client, record: dict[str, Any], graph: InterventionGraph, graph_json: str,
-                  experiment: str) -> list[Future]:
-    """Submit the experiment's chain of stages; the last future resolves to its :class:`Results`."""
+                  experiment: str, *, user: str | None = None, retry_of: str = "", reason: str = "") -> list[Future]:
+    """Submit the experiment's chain of stages; the last future resolves to its :class:`Results`.
+
+    Each shard's first stage carries the graph (the shard keeps it for its later stages). The
+    deployment's monitor is told who submitted what just before, on the same stream.
+    """
     specs = shard_specs(record)
     shards = assign_shards(graph, lambda path: owner_of(specs, path), len(specs))
     stages = plan_stages(graph, shards, len(specs))
+    keys = [f"nnsight-{experiment}-{position:03d}-{stage.label}" for position, stage in enumerate(stages)]
+    announce(client, record, event="submitted", experiment=experiment, deployment=record["name"],
+             user=user or config.user, keys=keys, shards=[stage.shard for stage in stages], retry_of=retry_of,
+             reason=reason)
     futures: list[Future] = []
     previous: Future | None = None
+    seen: set[int] = set()
     for position, stage in enumerate(stages):
         worker = record["shards"][stage.shard]["worker"]
+        first_on_shard = stage.shard not in seen
+        seen.add(stage.shard)
         previous = client.submit(
-            tasks.run_stage, record["name"], stage.shard, experiment, stage, graph_json, previous,
-            position == len(stages) - 1, key=f"nnsight-{experiment}-{position:03d}-{stage.label}",
-            workers=[worker], allow_other_workers=False, pure=False)
+            tasks.run_stage, record["name"], stage.shard, experiment, stage, graph_json if first_on_shard else None,
+            previous, position == len(stages) - 1, key=keys[position], workers=[worker],
+            allow_other_workers=False, pure=False)
         futures.append(previous)
     return futures
+
+
+def announce(client: Client, record: dict[str, Any], **message: Any) -> None:
+    """Tell the deployment's monitor (a scheduler plugin) about an experiment, fire-and-forget.
+
+    Goes on the client's existing batched stream to the scheduler (``Client._send_to_scheduler``,
+    the call ``client.submit`` itself uses), so it costs no round trip and arrives before the
+    stage tasks submitted after it.
+    """
+    if not record.get("monitor"):
+        return
+    try:
+        client._send_to_scheduler({"op": monitor.STREAM_OP, **message})
+    except Exception:  # monitoring must never fail an experiment
+        pass
 
 
 def run_experiment(client: Client, name: str, graph: InterventionGraph, *, module_paths: list[str] | None = None,
                    user: str | None = None, cancelled: threading.Event | None = None,
                    on_status: Callable[[str, dict[str, Any]], None] | None = None,
-                   timeout: float | None = None) -> Results:
-    """Run ``graph`` on deployment ``name`` and return its results (blocking)."""
+                   timeout: float | None = None, record: dict[str, Any] | None = None,
+                   on_record: Callable[[dict[str, Any]], None] | None = None) -> Results:
+    """Run ``graph`` on deployment ``name`` and return its results (blocking).
+
+    ``record`` is the caller's cached deployment record (saves a scheduler round trip per
+    experiment); when the shards have moved since, the fresh record is handed to ``on_record``.
+    """
     check_graph(graph, module_paths)
     graph_json = graph.to_json()
     experiment = new_experiment_id()
-    timeout = timeout if timeout is not None else config.experiment_timeout
+    deadline = time.monotonic() + (timeout if timeout is not None else config.experiment_timeout)
     notify = on_status or (lambda status, info: None)
-    _log(client, experiment, name, "queued", user=user)
-    notify("queued", {"experiment": experiment})
-    started = time.monotonic()
-    record = get_deployment(client, name)
-    for attempt in (0, 1):
-        if dead_shards(client, record):
-            record = recover(client, name)
-        futures = submit_stages(client, record, graph, graph_json, experiment)
-        notify("running", {"experiment": experiment, "stages": len(futures)})
+    if record is None:
+        record = get_deployment(client, name)
+    retried_from, reason = "", ""
+    attempts, resubmits = 0, 0
+    while True:
+        futures = submit_stages(client, record, graph, graph_json, experiment, user=user, retry_of=retried_from,
+                                reason=reason)
         try:
-            results = _wait(client, futures, record, started + timeout, cancelled, notify)
+            results = _wait(client, futures, record, experiment, deadline, cancelled, on_status)
         except _WorkerLost:
             client.cancel(futures)
             _release(client, record, experiment)
             _discard(graph, experiment)
-            if attempt == 1:
-                _log(client, experiment, name, "failed", error="a shard's worker died twice")
-                raise ExperimentFailedError(
-                    f"experiment {experiment} on {name!r} failed: a shard's worker died during the run and "
-                    "again during the retry", experiment=experiment) from None
-            _log(client, experiment, name, "retrying", error="a shard's worker died")
-            notify("retrying", {"experiment": experiment})
-            record = recover(client, name)
-            experiment = new_experiment_id()
+            fresh = get_deployment(client, name)
+            if fresh["generation"] != record["generation"] and not dead_shards(client, fresh) \
+                    and resubmits < STALE_RECORD_RESUBMITS:
+                reason, resubmits = "the deployment's shards had moved (cached placement was out of date)", resubmits + 1
+            elif attempts == 1:
+                error = "a shard's worker died during the run and again during the retry"
+                _finished(client, record, experiment, "failed", error=error)
+                raise ExperimentFailedError(f"experiment {experiment} on {name!r} failed: {error}",
+                                            experiment=experiment) from None
+            else:
+                reason, attempts = "a shard's worker died", attempts + 1
+                notify("retrying", {"experiment": experiment})
+                fresh = recover(client, name)
+            record = fresh
+            if on_record is not None:
+                on_record(fresh)
+            retried_from, experiment = experiment, new_experiment_id()
             continue
         except _Cancelled:
             client.cancel(futures)
             _release(client, record, experiment)
             _discard(graph, experiment)
-            _log(client, experiment, name, "cancelled")
+            _finished(client, record, experiment, "cancelled")
             raise concurrent.futures.CancelledError(f"experiment {experiment} was cancelled") from None
         except BaseException as exc:
             client.cancel(futures)
             _release(client, record, experiment)
             _discard(graph, experiment)
-            _log(client, experiment, name, "failed", error=f"{type(exc).__name__}: {exc}")
+            _finished(client, record, experiment, "failed", error=f"{type(exc).__name__}: {exc}")
             raise
         try:
-            finish_results(graph, results, experiment)
+            persisted = finish_results(graph, results, experiment)
         except BaseException as exc:
             _discard(graph, experiment)
-            _log(client, experiment, name, "failed", error=f"{type(exc).__name__}: {exc}")
+            _finished(client, record, experiment, "failed", error=f"{type(exc).__name__}: {exc}")
             raise
-        _log(client, experiment, name, "completed", seconds=time.monotonic() - started)
+        if persisted:  # the monitor saw the completion itself; only persisted bytes are news to it
+            _finished(client, record, experiment, "completed", bytes_returned=inline_bytes(dict(results)),
+                      bytes_persisted=persisted)
         notify("completed", {"experiment": experiment})
         return results
-    raise AssertionError("unreachable")
+
+
+def _finished(client: Client, record: dict[str, Any], experiment: str, status: str, **info: Any) -> None:
+    announce(client, record, event="finished", experiment=experiment, status=status, **info)
 
 
 def persisted_refs(value: Any) -> list[Any]:
@@ -144,18 +189,21 @@ def persisted_refs(value: Any) -> list[Any]:
     return []
 
 
-def finish_results(graph: InterventionGraph, results: Results, experiment: str) -> None:
-    """After the last stage: refuse oversized inline results, then make persisted saves visible."""
-    from ..actors.shard_actor import check_inline_size
+def finish_results(graph: InterventionGraph, results: Results, experiment: str) -> int:
+    """After the last stage: refuse oversized inline results, then make persisted saves visible.
 
+    Returns the bytes of the persisted saves.
+    """
     check_inline_size(results, graph.options)
     store = graph.options.get("store")
     if not store:
-        return
+        return 0
     from ..storage import mark_complete
 
-    names = [ref.path.split("/", 1)[1] for ref in persisted_refs(dict(results))]
+    refs = persisted_refs(dict(results))
+    names = [ref.path.split("/", 1)[1] for ref in refs]
     mark_complete(store, experiment, names=names, storage_options=graph.options.get("storage_options"))
+    return sum(ref.nbytes for ref in refs)
 
 
 def _discard(graph: InterventionGraph, experiment: str) -> None:
@@ -171,19 +219,23 @@ def _discard(graph: InterventionGraph, experiment: str) -> None:
         pass
 
 
-def _wait(client: Client, futures: list[Future], record: dict[str, Any], deadline: float,
-          cancelled: threading.Event | None, notify: Callable[[str, dict[str, Any]], None]) -> Results:
+def _wait(client: Client, futures: list[Future], record: dict[str, Any], experiment: str, deadline: float,
+          cancelled: threading.Event | None, on_status: Callable[[str, dict[str, Any]], None] | None) -> Results:
+    """Wait for the last stage. The happy path makes no scheduler call besides fetching the result.
+
+    Every ``POLL_SECONDS`` without a result: check cancellation, lost shard workers, the time
+    limit, and (when someone shows progress) the queue position or stage reached.
+    """
     last = futures[-1]
-    done_before = 0
+    shown: tuple[Any, ...] = ()
     while True:
         try:
             # wait without fetching: a timed-out .result() cancels the Client's shared fetch for all threads
-            if not wait_futures([last], timeout=POLL_SECONDS).done:
-                raise TimeoutError
-            result = last.result()
-            if not isinstance(result, Results):
-                raise ExperimentFailedError(f"the last stage returned {type(result).__name__}, not results")
-            return result
+            if wait_futures([last], timeout=POLL_SECONDS).done:
+                result = last.result()
+                if not isinstance(result, Results):
+                    raise ExperimentFailedError(f"the last stage returned {type(result).__name__}, not results")
+                return result
         except TimeoutError:
             pass
         except FutureCancelledError:
@@ -191,7 +243,7 @@ def _wait(client: Client, futures: list[Future], record: dict[str, Any], deadlin
                 raise _WorkerLost from None
             raise
         except Exception as exc:
-            if type(exc).__name__ in ("KilledWorker", "ShardUnavailableError") or dead_shards(client, record):
+            if type(exc).__name__ in ("KilledWorker", "ShardUnavailableError", "ShardStateLostError") or dead_shards(client, record):
                 raise _WorkerLost from None
             raise
         if cancelled is not None and cancelled.is_set():
@@ -201,10 +253,28 @@ def _wait(client: Client, futures: list[Future], record: dict[str, Any], deadlin
         if time.monotonic() > deadline:
             raise ExperimentFailedError(f"the experiment did not finish within {config.experiment_timeout:.0f} s "
                                         "(nnsight_dask.config.experiment_timeout)")
-        done = sum(f.done() for f in futures)
-        if done != done_before:
-            done_before = done
-            notify("running", {"stage": done, "stages": len(futures)})
+        if on_status is not None:
+            shown = _report_progress(client, record, experiment, futures, on_status, shown)
+
+
+def _report_progress(client: Client, record: dict[str, Any], experiment: str, futures: list[Future],
+                     on_status: Callable[[str, dict[str, Any]], None], shown: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Queued with position k, or running stage k of n; tells ``on_status`` only about changes."""
+    done = sum(f.done() for f in futures)
+    position = 0
+    if done == 0 and record.get("monitor"):
+        try:
+            status = client.sync(getattr(client.scheduler, monitor.STATUS_RPC), experiment=experiment)
+            position = int(status.get("position") or 0)
+        except Exception:  # an older scheduler without the monitor: no position, still progress
+            position = 0
+    now: tuple[Any, ...] = ("queued", position) if position else ("running", done)
+    if now != shown:
+        if position:
+            on_status("queued", {"experiment": experiment, "position": position})
+        else:
+            on_status("running", {"stage": done, "stages": len(futures)})
+    return now
 
 
 def _release(client: Client, record: dict[str, Any], experiment: str) -> None:
@@ -213,14 +283,6 @@ def _release(client: Client, record: dict[str, Any], experiment: str) -> None:
         if shard["worker"] in alive:
             fire_and_forget(client.submit(tasks.release, record["name"], shard["index"], experiment,
                                           workers=[shard["worker"]], pure=False))
-
-
-def _log(client: Client, experiment: str, deployment: str, status: str, **info: Any) -> None:
-    try:
-        client.log_event(EVENTS, {"experiment": experiment, "deployment": deployment, "status": status,
-                                  "time": time.time(), **info})
-    except Exception:  # monitoring must never fail an experiment
-        pass
 
 
 class ExperimentFuture(concurrent.futures.Future):  # type: ignore[type-arg]

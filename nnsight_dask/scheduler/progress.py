@@ -1,7 +1,8 @@
-"""Client feedback for blocking remote traces: queued, running stage k of n, completed.
+"""Client feedback for blocking remote traces: queued (position k), running stage k of n, completed.
 
 Shown as one updating line (a tqdm bar in a terminal or notebook), silent with ``verbose=False``
-or ``nnsight_dask.config.verbose = False``.
+or ``nnsight_dask.config.verbose = False``. The line appears only once an experiment has taken
+longer than a poll interval (0.2 s): quick experiments print nothing and pay nothing for it.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ class ExperimentProgress:
         self.bar: Any = None
 
     def __call__(self, status: str, info: dict[str, Any]) -> None:
-        if not self.enabled:
+        if not self.enabled or (self.bar is None and status == "completed"):
             return
         if self.bar is None:
             from tqdm.auto import tqdm
@@ -30,6 +31,8 @@ class ExperimentProgress:
             bar.total = info["stages"]
             bar.n = info.get("stage", 0)
             bar.set_description(f"{self.deployment}: running stage {bar.n + 1 if bar.n < bar.total else bar.n} of {bar.total}")
+        elif status == "queued" and info.get("position"):
+            bar.set_description(f"{self.deployment}: queued, {info['position']} experiment(s) ahead")
         elif status in ("queued", "retrying"):
             bar.set_description(f"{self.deployment}: {status}")
         elif status == "completed":

@@ -24,24 +24,33 @@ from .progress import ExperimentProgress
 
 
 class RemoteBackend:
-    """Runs graphs on deployment ``name`` through ``client``."""
+    """Runs graphs on deployment ``name`` through ``client``.
 
-    def __init__(self, client: Client, name: str, module_paths: list[str] | None = None) -> None:
+    ``model`` (the :class:`RemoteModel`) caches the deployment record, so an experiment needs no
+    scheduler round trip to find its shards; a recovery elsewhere refreshes the cache.
+    """
+
+    def __init__(self, client: Client, name: str, model: RemoteModel) -> None:
         self.client = client
         self.name = name
-        self.module_paths = module_paths
+        self.model = model
+
+    def _options(self, options: dict[str, Any]) -> dict[str, Any]:
+        return {"module_paths": self.model._module_paths, "record": self.model.deployment,
+                "on_record": self.model._set_deployment, **options}
 
     def run(self, graph: InterventionGraph, **options: Any) -> RunResult:
         progress = ExperimentProgress(self.name, options.pop("verbose", None))
         try:
-            results = run_experiment(self.client, self.name, graph, module_paths=self.module_paths,
-                                     on_status=progress, **options)
+            results = run_experiment(self.client, self.name, graph, on_status=progress if progress.enabled else None,
+                                     **self._options(options))
         finally:
             progress.close()
         return RunResult(saves=open_refs(dict(results)), logs=results.logs)
 
     def submit(self, graph: InterventionGraph, **options: Any) -> Any:
-        return _AsRunResult(ExperimentFuture(self.client, self.name, graph, module_paths=self.module_paths, **options))
+        options.pop("verbose", None)
+        return _AsRunResult(ExperimentFuture(self.client, self.name, graph, **self._options(options)))
 
 
 class _AsRunResult:
@@ -112,6 +121,9 @@ class RemoteModel(LanguageModel):
         object.__setattr__(self, "_module_paths", description["module_paths"])
         object.__setattr__(self, "deployment", record)
 
+    def _set_deployment(self, record: dict[str, Any]) -> None:
+        object.__setattr__(self, "deployment", record)
+
     def trace(self, *inputs: Any, remote: Any = True, **kwargs: Any) -> Tracer:
         return super().trace(*inputs, remote=remote, **kwargs)
 
@@ -129,7 +141,7 @@ class RemoteModel(LanguageModel):
         client = self._client if remote is True else remote
         if not isinstance(client, Client):
             raise TracingError(f"remote= takes True or a distributed.Client, not {type(remote).__name__}")
-        return RemoteBackend(client, self._model_id, self._module_paths)
+        return RemoteBackend(client, self._model_id, self)
 
 
 def _meta_model(config: dict[str, Any]) -> torch.nn.Module:

@@ -85,6 +85,22 @@ class TensorRef:
 
         return LazyTensor.from_ref(self)
 
+    # Reading a ref directly (what ``client.submit(graph).result()`` holds for persisted saves):
+    def __getitem__(self, index: Any) -> LazyTensor:
+        """A lazy slice; reads only the chunks it needs when computed."""
+        return self.open()[index]
+
+    def torch(self) -> torch.Tensor:
+        """The whole tensor, in its original dtype."""
+        return self.open().torch()
+
+    def numpy(self) -> Any:
+        """The whole array as numpy (bf16/fp8 decoded to float32, exactly)."""
+        return self.open().numpy()
+
+    def compute(self) -> torch.Tensor:
+        return self.open().compute()
+
     def to_json(self) -> dict[str, Any]:
         """A JSON-able dict (``storage_options`` included as given: keep secrets out of them, or
         strip them before sending a ref to an untrusted client)."""

@@ -1,0 +1,353 @@
+"""ExperimentMonitor: a scheduler plugin that follows every experiment from the scheduler's side.
+
+Why a plugin: an experiment is a chain of stage tasks, and the scheduler already sees each of
+them change state (queued, computing, done, erred, cancelled) together with the worker's own
+compute start/stop times and result sizes. Watching those transitions costs the experiment
+nothing: no remote call on the client's path, no event per stage from the workers. The client
+adds one fire-and-forget message on its existing scheduler stream, sent just before the stage
+tasks (same stream, so it always arrives first): who submitted, which deployment, which keys.
+
+The monitor serves what the dashboard, the CLI and waiting clients read: rows per experiment
+(:meth:`ExperimentMonitor.snapshot`), the queue position of one experiment (scheduler RPC
+``nnsight_experiment_status``), ``/nnsight/experiments.json`` and ``/nnsight/metrics`` on the
+dashboard server, and our series in Dask's own Prometheus ``/metrics`` when ``prometheus_client``
+is installed. Status changes are also logged as scheduler events under :data:`EVENTS`.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from distributed.diagnostics.plugin import SchedulerPlugin
+
+#: Name of the plugin on the scheduler.
+NAME = "nnsight-dask-monitor"
+#: Stream op a client sends (fire-and-forget) when it submits or finishes an experiment.
+STREAM_OP = "nnsight-experiment"
+#: Scheduler RPC a waiting client calls (only when its experiment is slow) for its queue position.
+STATUS_RPC = "nnsight_experiment_status"
+#: Scheduler RPC returning :meth:`ExperimentMonitor.snapshot` (the CLI's ``status``).
+SNAPSHOT_RPC = "nnsight_experiments"
+#: Event topic with one event per experiment status change (``client.get_events(EVENTS)``).
+EVENTS = "nnsight-dask-experiments"
+FINISHED = ("completed", "failed", "cancelled", "retried")
+STATUSES = ("queued", "running", *FINISHED)
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+#: Finished experiments kept for the page and the JSON endpoint (the counters keep counting).
+KEEP_FINISHED = 2000
+
+
+@dataclass
+class ExperimentRecord:
+    """What the scheduler knows of one experiment."""
+
+    experiment: str
+    deployment: str
+    user: str
+    client: str
+    keys: list[str]
+    shards: list[int]
+    submitted: float
+    retry_of: str = ""
+    status: str = "queued"
+    started: float | None = None
+    ended: float | None = None
+    done: set[str] = field(default_factory=set)
+    processing: dict[str, str] = field(default_factory=dict)  # key -> worker
+    bytes_returned: int = 0
+    bytes_persisted: int = 0
+    error: str = ""
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED
+
+
+@dataclass
+class ShardRecord:
+    deployment: str
+    shard: int
+    worker: str = ""
+    stages_run: int = 0
+    busy_seconds: float = 0.0
+
+
+class ExperimentMonitor(SchedulerPlugin):
+    """Follows experiments' stage tasks on the scheduler; see the module docstring."""
+
+    name = NAME
+    idempotent = True  # registering again (every ``serve``, the dashboard preload) keeps the data
+
+    def __init__(self) -> None:
+        self.scheduler: Any = None
+        self.experiments: OrderedDict[str, ExperimentRecord] = OrderedDict()
+        self.by_key: dict[str, ExperimentRecord] = {}
+        self.shards: dict[tuple[str, int], ShardRecord] = {}
+        self.totals: dict[str, int] = dict.fromkeys(STATUSES, 0)
+        self.latencies: list[int] = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.latency_sum = 0.0
+        self.bytes_returned_total = 0
+        self.bytes_persisted_total = 0
+
+    # -- plugin hooks --------------------------------------------------------------------------
+    async def start(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+        scheduler.stream_handlers[STREAM_OP] = self.handle_message
+        scheduler.handlers[STATUS_RPC] = self.experiment_status
+        scheduler.handlers[SNAPSHOT_RPC] = self.snapshot
+        _add_http_routes(scheduler, self)
+        _register_prometheus(self)
+
+    def transition(self, key: Any, start: str, finish: str, *args: Any, stimulus_id: str = "", **kwargs: Any) -> None:
+        record = self.by_key.get(key) if isinstance(key, str) else None
+        if record is None:
+            return
+        if finish == "processing":
+            record.processing[key] = kwargs.get("worker") or self._worker_of(key)
+        elif start == "processing":
+            record.processing.pop(key, None)
+        if start == "processing" and finish == "memory":
+            self._stage_done(record, key, kwargs)
+        elif finish == "erred" and not record.finished:
+            text = kwargs.get("exception_text") or ""
+            self._finish(record, "failed", error=str(text))
+        elif finish == "forgotten" and key not in record.done and not record.finished:
+            self._finish(record, "cancelled")  # released by its client before it ran (a lost worker only re-queues)
+        if finish == "forgotten":
+            self.by_key.pop(key, None)
+
+    # -- messages from clients -----------------------------------------------------------------
+    def handle_message(self, client: str = "", event: str = "", **message: Any) -> None:
+        """``event="submitted"`` before the stage tasks; ``"finished"`` once the client has the result."""
+        if event == "submitted":
+            self._submitted(client, message)
+        elif event == "finished":
+            record = self.experiments.get(message.get("experiment", ""))
+            if record is None:
+                return
+            for name in ("bytes_returned", "bytes_persisted"):
+                value = int(message.get(name) or 0)
+                setattr(self, f"{name}_total", getattr(self, f"{name}_total") + value - getattr(record, name))
+                setattr(record, name, value)
+            status = message.get("status")
+            if status == record.status == "failed" and message.get("error"):
+                record.error = message["error"]  # the client's text reads better than the scheduler's repr()
+            elif status in FINISHED and not record.finished:
+                self._finish(record, status, error=message.get("error") or "")
+            elif status in ("failed", "retried") and record.status == "completed":
+                # the chain completed but the client refused the result (e.g. too large inline)
+                self._recount(record, status, error=message.get("error") or "")
+
+    def _submitted(self, client: str, message: dict[str, Any]) -> None:
+        record = ExperimentRecord(
+            experiment=message["experiment"], deployment=message.get("deployment", ""),
+            user=message.get("user") or "", client=client, keys=list(message.get("keys", [])),
+            shards=list(message.get("shards", [])), submitted=time.time(), retry_of=message.get("retry_of") or "")
+        self.experiments[record.experiment] = record
+        for key in record.keys:
+            self.by_key[key] = record
+        self.totals["queued"] += 1
+        previous = self.experiments.get(record.retry_of)
+        if previous is not None and not previous.finished:
+            self._finish(previous, "retried", error=message.get("reason") or "")
+        self._log(record)
+        self._trim()
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+    def _stage_done(self, record: ExperimentRecord, key: str, kwargs: dict[str, Any]) -> None:
+        record.done.add(key)
+        position = record.keys.index(key)
+        shard = self.shards.setdefault((record.deployment, record.shards[position]),
+                                       ShardRecord(record.deployment, record.shards[position]))
+        shard.worker = kwargs.get("worker") or shard.worker
+        shard.stages_run += 1
+        compute = [s for s in kwargs.get("startstops") or () if s.get("action") == "compute"]
+        for span in compute:
+            shard.busy_seconds += span["stop"] - span["start"]
+        if compute and (record.started is None or compute[0]["start"] < record.started):
+            record.started = compute[0]["start"]
+        if record.status == "queued":
+            record.status = "running"
+            self._log(record)
+        if position == len(record.keys) - 1 and not record.finished:
+            if not record.bytes_returned:
+                record.bytes_returned = int(kwargs.get("nbytes") or 0)
+                self.bytes_returned_total += record.bytes_returned
+            ended = compute[-1]["stop"] if compute else time.time()
+            self._finish(record, "completed", ended=ended)
+
+    def _finish(self, record: ExperimentRecord, status: str, error: str = "", ended: float | None = None) -> None:
+        record.status = status
+        record.ended = ended or time.time()
+        record.error = error or record.error
+        self.totals[status] += 1
+        if status in ("completed", "failed"):
+            seconds = record.ended - (record.started or record.submitted)
+            self.latency_sum += seconds
+            self.latencies[next((i for i, b in enumerate(LATENCY_BUCKETS) if seconds <= b), len(LATENCY_BUCKETS))] += 1
+        record.processing.clear()
+        self._log(record)
+
+    def _recount(self, record: ExperimentRecord, status: str, error: str) -> None:
+        self.totals[record.status] -= 1
+        self.totals[status] += 1
+        record.status, record.error = status, error
+        self._log(record)
+
+    def _log(self, record: ExperimentRecord) -> None:
+        if self.scheduler is not None:
+            self.scheduler.log_event(EVENTS, {
+                "experiment": record.experiment, "deployment": record.deployment, "user": record.user,
+                "status": record.status, **({"error": record.error} if record.error else {})})
+
+    def _trim(self) -> None:
+        finished = [k for k, r in self.experiments.items() if r.finished]
+        for key in finished[: max(0, len(finished) - KEEP_FINISHED)]:
+            record = self.experiments.pop(key)
+            for task in record.keys:
+                if self.by_key.get(task) is record:
+                    del self.by_key[task]
+
+    def _worker_of(self, key: str) -> str:
+        task = self.scheduler.tasks.get(key) if self.scheduler is not None else None
+        return getattr(getattr(task, "processing_on", None), "address", "") or ""
+
+    # -- reading -------------------------------------------------------------------------------
+    def queue_position(self, record: ExperimentRecord) -> int:
+        """Experiments of the same deployment submitted earlier that have not finished a stage yet."""
+        if record.done or record.finished:
+            return 0
+        return sum(1 for other in self.experiments.values()
+                   if other.deployment == record.deployment and other.submitted < record.submitted
+                   and not other.done and not other.finished)
+
+    def live_status(self, record: ExperimentRecord) -> str:
+        if record.status == "queued" and record.processing and self.queue_position(record) == 0:
+            return "running"
+        return record.status
+
+    def experiment_status(self, experiment: str) -> dict[str, Any]:
+        record = self.experiments.get(experiment)
+        if record is None:
+            return {"status": "unknown"}
+        return {"status": self.live_status(record), "position": self.queue_position(record),
+                "stages_done": len(record.done), "stages": len(record.keys)}
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per experiment, newest first."""
+        out = []
+        for record in reversed(self.experiments.values()):
+            start = record.started
+            out.append({
+                "experiment": record.experiment, "user": record.user, "deployment": record.deployment,
+                "status": self.live_status(record), "position": self.queue_position(record),
+                "submitted": record.submitted,
+                # worker and scheduler clocks may differ by a fraction of a millisecond
+                "queue_wait": round(max(0.0, start - record.submitted), 4) if start is not None else None,
+                "run_time": round(record.ended - (start or record.submitted), 4) if record.ended else None,
+                "stages": f"{len(record.done)}/{len(record.keys)}",
+                "shards": ",".join(str(s) for s in sorted(set(record.shards))),
+                "bytes_returned": record.bytes_returned, "bytes_persisted": record.bytes_persisted,
+                "error": record.error, "retry_of": record.retry_of,
+            })
+        return out
+
+    def shard_rows(self) -> list[dict[str, Any]]:
+        """Per deployment shard: experiments in flight there, stages run, busy time."""
+        in_flight: dict[tuple[str, int], int] = {}
+        for record in self.experiments.values():
+            if record.finished:
+                continue
+            for shard in {record.shards[record.keys.index(k)] for k in record.processing}:
+                in_flight[(record.deployment, shard)] = in_flight.get((record.deployment, shard), 0) + 1
+                self.shards.setdefault((record.deployment, shard), ShardRecord(record.deployment, shard))
+        return [{"deployment": d, "shard": s, "worker": r.worker, "in_flight": in_flight.get((d, s), 0),
+                 "stages_run": r.stages_run, "busy_seconds": round(r.busy_seconds, 4)}
+                for (d, s), r in sorted(self.shards.items())]
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"experiments": self.rows(), "shards": self.shard_rows()}
+
+    def prometheus_text(self) -> str:
+        """Experiments by status, latency histogram, bytes returned/persisted (Prometheus text format)."""
+        live: dict[str, int] = dict.fromkeys(STATUSES, 0)
+        for record in self.experiments.values():
+            live[self.live_status(record)] += 1
+        lines = ["# HELP nnsight_dask_experiments Experiments by current status (queued/running now; finished ones kept).",
+                 "# TYPE nnsight_dask_experiments gauge"]
+        lines += [f'nnsight_dask_experiments{{status="{s}"}} {live[s]}' for s in STATUSES]
+        lines += ["# HELP nnsight_dask_experiments_total Experiments that reached each status since the scheduler started.",
+                  "# TYPE nnsight_dask_experiments_total counter"]
+        lines += [f'nnsight_dask_experiments_total{{status="{s}"}} {self.totals[s]}' for s in STATUSES]
+        lines += ["# HELP nnsight_dask_experiment_seconds Run time of completed and failed experiments.",
+                  "# TYPE nnsight_dask_experiment_seconds histogram"]
+        cumulative = 0
+        for bound, count in zip((*LATENCY_BUCKETS, "+Inf"), self.latencies):
+            cumulative += count
+            lines.append(f'nnsight_dask_experiment_seconds_bucket{{le="{bound}"}} {cumulative}')
+        lines.append(f"nnsight_dask_experiment_seconds_sum {self.latency_sum}")
+        lines.append(f"nnsight_dask_experiment_seconds_count {cumulative}")
+        for name, value in (("returned", self.bytes_returned_total), ("persisted", self.bytes_persisted_total)):
+            lines += [f"# HELP nnsight_dask_bytes_{name}_total Bytes of saved values {name} (inline results / Zarr).",
+                      f"# TYPE nnsight_dask_bytes_{name}_total counter", f"nnsight_dask_bytes_{name}_total {value}"]
+        return "\n".join(lines) + "\n"
+
+
+def monitor_of(scheduler: Any) -> ExperimentMonitor | None:
+    plugin = scheduler.plugins.get(NAME)
+    return plugin if isinstance(plugin, ExperimentMonitor) else None
+
+
+def install(scheduler: Any) -> ExperimentMonitor:
+    """Add the monitor to a scheduler in-process (the dashboard preload); idempotent."""
+    monitor = monitor_of(scheduler)
+    if monitor is None:
+        monitor = ExperimentMonitor()
+        scheduler.add_plugin(monitor, name=NAME, idempotent=True)
+    return monitor
+
+
+def _add_http_routes(scheduler: Any, monitor: ExperimentMonitor) -> None:
+    application = getattr(scheduler, "http_application", None)
+    if application is None or getattr(application, "_nnsight_routes", False):
+        return
+    from tornado import web
+
+    class ExperimentsJSON(web.RequestHandler):
+        def get(self) -> None:
+            self.set_header("Content-Type", "application/json")
+            self.write(json.dumps(monitor.snapshot()))
+
+    class Metrics(web.RequestHandler):
+        def get(self) -> None:
+            self.set_header("Content-Type", "text/plain; version=0.0.4")
+            self.write(monitor.prometheus_text())
+
+    application.add_handlers(r".*", [(r"/nnsight/experiments.json", ExperimentsJSON), (r"/nnsight/metrics", Metrics)])
+    application._nnsight_routes = True
+
+
+def _register_prometheus(monitor: ExperimentMonitor) -> None:
+    """Our series in Dask's own ``/metrics`` (it serves prometheus_client's global registry)."""
+    try:
+        from prometheus_client import REGISTRY
+        from prometheus_client.parser import text_string_to_metric_families
+    except ImportError:
+        return
+
+    class Collector:
+        def collect(self) -> Any:
+            return text_string_to_metric_families(monitor.prometheus_text())
+
+        def describe(self) -> list[Any]:
+            return []  # no fixed description: collected fresh on every scrape
+
+    previous = getattr(REGISTRY, "_nnsight_collector", None)
+    if previous is not None:
+        REGISTRY.unregister(previous)
+    collector = Collector()
+    REGISTRY.register(collector)
+    REGISTRY._nnsight_collector = collector  # type: ignore[attr-defined]
