@@ -4,7 +4,6 @@ Run from the repository root (20-40 s on 2 CPU cores, no GPU, no network)::
 
     python docs/dashboard_screenshot.py                  # writes docs/dashboard-experiments.png
     python docs/dashboard_screenshot.py -o /tmp/page.png # somewhere else
-    python docs/dashboard_screenshot.py --as-is          # no layout workaround (see below)
 
 It needs a headless Chromium. On Debian/Ubuntu: ``apt-get update && apt-get install -y chromium``
 (the ``chromium-headless-shell`` package works too); set ``CHROMIUM=/path/to/binary`` to use another
@@ -19,10 +18,7 @@ Chromium and screenshots it once a table there has drawn one row per experiment.
 
 ``chromium --screenshot URL`` is not enough: it shoots when the HTML has loaded, before BokehJS has
 received the document over its websocket (a blank page). So Chromium is driven over its DevTools
-protocol (tornado's websocket client) and polled until the rows are in the DOM. If a DataTable is
-drawn 0 px tall (``sizing_mode="stretch_both"`` inside a column that stretches only its width, as
-an earlier version of the page did), it is switched to ``stretch_width`` in that browser session, with
-a warning on stderr; ``--as-is`` shoots the page unchanged instead.
+protocol (tornado's websocket client) and polled until the rows are in the DOM.
 """
 from __future__ import annotations
 
@@ -128,22 +124,7 @@ TABLES_JS = """(() => {
   return tables;
 })()"""
 
-#: Workaround for a DataTable with ``sizing_mode="stretch_both"`` inside a column that only
-#: stretches its width: the browser gives it no height, so it draws no rows. Switching such tables
-#: to ``stretch_width`` (keeping their own ``height``) in this browser session makes them visible.
-UNCOLLAPSE_JS = """(() => {
-  let changed = 0;
-  for (const doc of Bokeh.documents)
-    for (const model of doc.all_models)
-      if (model.type === 'DataTable' && model.sizing_mode === 'stretch_both') {
-        model.sizing_mode = 'stretch_width';
-        changed++;
-      }
-  return changed;
-})()"""
-
-
-async def _capture(port: int, url: str, min_rows: int, deadline: float, uncollapse: bool) -> bytes:
+async def _capture(port: int, url: str, min_rows: int, deadline: float) -> bytes:
     """Over the DevTools protocol: open ``url``, wait until a table has drawn ``min_rows`` rows, screenshot."""
     import base64
 
@@ -176,26 +157,12 @@ async def _capture(port: int, url: str, min_rows: int, deadline: float, uncollap
         await call("Emulation.setDeviceMetricsOverride", width=WIDTH, height=HEIGHT, deviceScaleFactor=1,
                    mobile=False)
         await call("Page.navigate", url=url)
-        tables, stable_since, uncollapsed = None, time.monotonic(), False
-        while True:
-            await asyncio.sleep(0.25)
-            now = await evaluate(TABLES_JS) or []
-            if now != tables:
-                tables, stable_since = now, time.monotonic()
-            if any(t["rows"] >= min_rows for t in tables):
-                break
-            settled = tables and time.monotonic() - stable_since > 1.0
-            if settled and uncollapse and not uncollapsed and any(t["height"] == 0 for t in tables):
-                changed = await evaluate(UNCOLLAPSE_JS)
-                uncollapsed = True
-                print(f"warning: {changed} DataTable(s) with sizing_mode='stretch_both' were drawn 0 px tall "
-                      "(no rows visible); shown as 'stretch_width' for this screenshot. Fix the layout in "
-                      "nnsight_dask/service/dashboard.py, or pass --as-is to shoot the page unchanged.",
-                      file=sys.stderr)
-            elif settled and not uncollapse and time.monotonic() - stable_since > 3.0:
-                break    # --as-is: shoot whatever the page drew
+        tables: list[dict] = []
+        while not any(t["rows"] >= min_rows for t in tables):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no table on the page drew {min_rows} rows (tables: {tables})")
+            await asyncio.sleep(0.25)
+            tables = await evaluate(TABLES_JS) or []
         await asyncio.sleep(0.5)   # let the last paint land
         shot = await call("Page.captureScreenshot", format="png")
         return base64.b64decode(shot["data"])
@@ -203,14 +170,12 @@ async def _capture(port: int, url: str, min_rows: int, deadline: float, uncollap
         ws.close()
 
 
-def screenshot(chromium: str, url: str, out: Path, min_rows: int, *, uncollapse: bool = True,
-               timeout: float = 30.0) -> None:
+def screenshot(chromium: str, url: str, out: Path, min_rows: int, *, timeout: float = 30.0) -> None:
     """Headless Chromium renders the Bokeh page (BokehJS, fed over a websocket) into ``out``.
 
     ``chromium --screenshot`` would shoot as soon as the HTML has loaded, before the document has
     arrived over Bokeh's websocket (a blank page), so we drive Chromium over its DevTools protocol
-    and wait until one table has drawn at least ``min_rows`` rows. ``uncollapse`` works around
-    tables drawn 0 px tall (see :data:`UNCOLLAPSE_JS`), with a warning.
+    and wait until one table has drawn at least ``min_rows`` rows.
     """
     deadline = time.monotonic() + timeout
     with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile, \
@@ -231,7 +196,7 @@ def screenshot(chromium: str, url: str, out: Path, min_rows: int, *, uncollapse:
                 time.sleep(0.1)
             port = int(port_file.read_text().split()[0])
             try:
-                png = asyncio.run(_capture(port, url, min_rows, deadline, uncollapse))
+                png = asyncio.run(_capture(port, url, min_rows, deadline))
             except TimeoutError as exc:
                 sys.exit(f"{url}: {exc}")
         finally:
@@ -248,8 +213,6 @@ def screenshot(chromium: str, url: str, out: Path, min_rows: int, *, uncollapse:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-o", "--output", type=Path, default=OUT, help=f"PNG to write (default: {OUT})")
-    parser.add_argument("--as-is", action="store_true",
-                        help="shoot the page as it renders, without making 0 px tall tables visible")
     args = parser.parse_args(argv)
     chromium = find_chromium()
     started = time.monotonic()
@@ -274,8 +237,7 @@ def main(argv: list[str] | None = None) -> None:
             rows = wait_for_rows(base, count)
             statuses = sorted(r["status"] for r in rows)
             print(f"{len(rows)} experiments: {statuses}")
-            screenshot(chromium, base + "/experiments", args.output, min_rows=len(rows),
-                       uncollapse=not args.as_is)
+            screenshot(chromium, base + "/experiments", args.output, min_rows=len(rows))
     size = args.output.stat().st_size
     print(f"wrote {args.output} ({size // 1024} KiB) in {time.monotonic() - started:.1f} s")
 

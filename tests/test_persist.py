@@ -139,3 +139,21 @@ def test_remote_collect(remote, local, tmp_path):
     ds = nd.collect(remote, PROMPTS, modules=MODULES, store=url, batch_size=2, progress=False)
     check_dataset(ds, local, PROMPTS)
     assert nd.open_activations(url).n_tokens == ds.n_tokens
+
+
+def test_client_submit_graph_with_store_reads_refs_and_counts_bytes(client, remote, local, tmp_path):
+    """``client.submit(graph)`` hands back TensorRefs that read from Zarr; the monitor counts the bytes."""
+    from nnsight_dask.scheduler import monitor
+
+    store = str(tmp_path / "submit.zarr")
+    with remote.trace(PROMPT, store=store, persist_threshold=THRESHOLD, execute=False) as tracer:
+        h3 = remote.model.layers[3].output.save()  # noqa: F841 (saved under this name)
+    result = client.submit(tracer.graph).result()
+    ref = result["h3"]
+    _, ref_h3, _ = reference(local)
+    assert torch.allclose(ref.torch(), ref_h3, atol=1e-5)
+    assert torch.allclose(ref[:, -1].compute(), ref_h3[:, -1], atol=1e-5)
+    assert ref.numpy().shape == tuple(ref_h3.shape)
+    snapshot = client.sync(getattr(client.scheduler, monitor.SNAPSHOT_RPC))
+    row = next(r for r in snapshot["experiments"] if r["experiment"] == result.experiment_id)
+    assert row["status"] == "completed" and row["bytes_persisted"] == ref_h3.numel() * 4
