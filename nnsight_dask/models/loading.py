@@ -23,7 +23,7 @@ from nnsight_dask.errors import NNsightDaskError
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["ModelLoadError", "load_causal_lm", "prepare_tokenizer"]
+__all__ = ["ModelLoadError", "load_causal_lm", "load_tokenizer", "prepare_tokenizer"]
 
 
 class ModelLoadError(NNsightDaskError, OSError):
@@ -107,7 +107,7 @@ def load_causal_lm(
     >>> model.training, tok.padding_side
     (False, 'left')
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     src = str(source)
     is_dir = Path(src).is_dir()
@@ -144,24 +144,36 @@ def load_causal_lm(
             source=src,
         ) from exc
 
-    if tokenizer is None:
-        try:
-            tok_kwargs: dict[str, object] = {}
-            if gguf_file is not None:
-                tok_kwargs["gguf_file"] = gguf_file
-            tokenizer = AutoTokenizer.from_pretrained(src, **tok_kwargs)
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(
-                f"Loaded the model from {src!r} but not its tokenizer: {exc}. "
-                "Pass one with tokenizer=.",
-                source=src,
-            ) from exc
-    tokenizer = prepare_tokenizer(tokenizer)
+    tokenizer = load_tokenizer(src, gguf_file=gguf_file) if tokenizer is None else prepare_tokenizer(tokenizer)
 
     if device is not None:
         model = model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def load_tokenizer(source: str | Path, *, gguf_file: str | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer stored with a model (directory, hub id, or GGUF file), prepared for batches.
+
+    Raises
+    ------
+    ModelLoadError
+        transformers cannot read a tokenizer there; the message names the source.
+    """
+    from transformers import AutoTokenizer
+
+    src = str(source)
+    kwargs: dict[str, object] = {}
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"Cannot load the tokenizer of the model at {src!r}: {exc}. Pass one with tokenizer=.",
+            source=src,
+        ) from exc
+    return prepare_tokenizer(tokenizer)
 
 
 def _looks_like_path(src: str) -> bool:
