@@ -25,3 +25,9 @@ max_new_tokens_limit: int = 1024
 
 #: Who submits remote experiments (shown on the dashboard's Experiments page).
 user: str = os.environ.get("NNSIGHT_DASK_USER") or getpass.getuser()
+
+#: Longest time (s) a client holds its messages to the scheduler before sending them. Dask batches a
+#: client's messages for 10 ms, so an experiment submitted right after another one (whose futures were
+#: just released) waits up to 10 ms before the scheduler even hears of it; remote traces shorten it
+#: on the client they use. ``None`` leaves Dask's default.
+client_batch_interval: float | None = 0.002

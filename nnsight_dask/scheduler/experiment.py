@@ -86,6 +86,17 @@ def submit_stages(client: Client, record: dict[str, Any], graph: InterventionGra
     return futures
 
 
+def shorten_batching(client: Client) -> None:
+    """Apply ``config.client_batch_interval`` to the client's stream to the scheduler (see there).
+
+    Checked per experiment because a reconnecting client gets a new stream with Dask's default.
+    """
+    stream = getattr(client, "scheduler_comm", None)
+    interval = config.client_batch_interval
+    if interval is not None and stream is not None and getattr(stream, "interval", 0) > interval:
+        stream.interval = interval
+
+
 def announce(client: Client, record: dict[str, Any], **message: Any) -> None:
     """Tell the deployment's monitor (a scheduler plugin) about an experiment, fire-and-forget.
 
@@ -118,6 +129,7 @@ def run_experiment(client: Client, name: str, graph: InterventionGraph, *, modul
     notify = on_status or (lambda status, info: None)
     if record is None:
         record = get_deployment(client, name)
+    shorten_batching(client)
     retried_from, reason = "", ""
     attempts, resubmits = 0, 0
     while True:
