@@ -387,11 +387,9 @@ PARTS = [
     ("tracer enter (tokenize, record)", "tracing/tracer.py", "__enter__"),
     ("check_graph (validate)", "scheduler/experiment.py", "check_graph"),
     ("graph.to_json", "graph/graph.py", "to_json"),
-    ("_log x2 (client.log_event)", "scheduler/experiment.py", "_log"),
-    ("get_deployment (get_metadata RPC)", "scheduler/deployment.py", "get_deployment"),
-    ("dead_shards (scheduler_info RPC)", "scheduler/deployment.py", "dead_shards"),
-    ("submit_stages (client.submit xN)", "scheduler/experiment.py", "submit_stages"),
+    ("submit_stages (announce + client.submit xN)", "scheduler/experiment.py", "submit_stages"),
     ("_wait (chain runs + result fetch)", "scheduler/experiment.py", "_wait"),
+    ("finish_results", "scheduler/experiment.py", "finish_results"),
 ]
 
 

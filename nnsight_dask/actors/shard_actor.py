@@ -1,6 +1,6 @@
 """ShardActor: one shard of a deployed model, alive in a Dask actor on one worker.
 
-The actor loads the model once, cuts it to its shard and registers itself in the worker's
+The actor reads only its shard's weights (see :mod:`..models.shard_loading`) and registers itself in the worker's
 process registry. Experiments reach it through stage tasks pinned to this worker (see
 :mod:`.tasks`), which run under the shard's lock: its hooks and KV caches belong to one
 experiment at a time, while other shards of the deployment serve other experiments.
@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,6 +18,7 @@ from ..execution.stage import Carry, ExperimentState, ShardRunner, Stage, collec
 from ..graph.graph import InterventionGraph
 from ..models.shard_loading import load_shard
 from . import registry
+from .registry import ShardStateLostError
 from .results import Results
 from .serialization import register as register_serializers
 
@@ -141,15 +141,19 @@ class ShardActor:
         self.experiments.clear()
 
     # -- called in-process by stage tasks -----------------------------------------------------------
-    def run(self, experiment: str, stage: Stage, graph_json: str, carry: Carry | None, final: bool,
-            on_start: Callable[[], None] | None = None) -> Carry | Results:
+    def run(self, experiment: str, stage: Stage, graph_json: str | None, carry: Carry | None,
+            final: bool) -> Carry | Results:
+        """Run one stage; ``graph_json`` comes with the experiment's first stage on this shard only."""
         with self.lock:
-            if on_start is not None:
-                on_start()
             started = time.perf_counter()
             try:
                 state = self.experiments.get(experiment)
                 if state is None:
+                    if graph_json is None:
+                        raise ShardStateLostError(
+                            f"shard {self.index} of {self.deployment!r} no longer holds experiment {experiment} "
+                            "(it was restarted or the experiment was released); resubmit the experiment",
+                            deployment=self.deployment, shard=self.index)
                     self._drop_stale()
                     state = self.experiments[experiment] = self.runner.start(InterventionGraph.from_json(graph_json))
                     state.experiment = experiment
