@@ -58,9 +58,11 @@ def check_graph(graph: InterventionGraph, module_paths: list[str] | None = None)
 
 
 def submit_stages(client: Client, record: dict[str, Any], graph: InterventionGraph, graph_json: str,
-                  experiment: str, *, user: str | None = None, retry_of: str = "", reason: str = "") -> list[Future]:
-    """Submit the experiment's chain of stages; the last future resolves to its :class:`Results`.
+                  experiment: str, *, user: str | None = None, retry_of: str = "", reason: str = "") -> tuple[Future, int]:
+    """Submit the experiment's chain of stages; returns the last stage's future and the number of stages.
 
+    The last future resolves to the :class:`Results`; the scheduler keeps the earlier stages for it
+    (cancelling it cancels them), so the client holds no other future and hears of no other key.
     Each shard's first stage carries the graph (the shard keeps it for its later stages). The
     deployment's monitor is told who submitted what just before, on the same stream.
     """
@@ -71,7 +73,6 @@ def submit_stages(client: Client, record: dict[str, Any], graph: InterventionGra
     announce(client, record, event="submitted", experiment=experiment, deployment=record["name"],
              user=user or config.user, keys=keys, shards=[stage.shard for stage in stages], retry_of=retry_of,
              reason=reason)
-    futures: list[Future] = []
     previous: Future | None = None
     seen: set[int] = set()
     for position, stage in enumerate(stages):
@@ -82,8 +83,8 @@ def submit_stages(client: Client, record: dict[str, Any], graph: InterventionGra
             tasks.run_stage, record["name"], stage.shard, experiment, stage, graph_json if first_on_shard else None,
             previous, position == len(stages) - 1, key=keys[position], workers=[worker],
             allow_other_workers=False, pure=False)
-        futures.append(previous)
-    return futures
+    assert previous is not None
+    return previous, len(stages)
 
 
 def shorten_batching(client: Client) -> None:
@@ -133,12 +134,12 @@ def run_experiment(client: Client, name: str, graph: InterventionGraph, *, modul
     retried_from, reason = "", ""
     attempts, resubmits = 0, 0
     while True:
-        futures = submit_stages(client, record, graph, graph_json, experiment, user=user, retry_of=retried_from,
+        last, n_stages = submit_stages(client, record, graph, graph_json, experiment, user=user, retry_of=retried_from,
                                 reason=reason)
         try:
-            results = _wait(client, futures, record, experiment, deadline, cancelled, on_status)
+            results = _wait(client, last, n_stages, record, experiment, deadline, cancelled, on_status)
         except _WorkerLost:
-            client.cancel(futures)
+            client.cancel([last])
             _release(client, record, experiment)
             _discard(graph, experiment)
             fresh = get_deployment(client, name)
@@ -160,13 +161,13 @@ def run_experiment(client: Client, name: str, graph: InterventionGraph, *, modul
             retried_from, experiment = experiment, new_experiment_id()
             continue
         except _Cancelled:
-            client.cancel(futures)
+            client.cancel([last])
             _release(client, record, experiment)
             _discard(graph, experiment)
             _finished(client, record, experiment, "cancelled")
             raise concurrent.futures.CancelledError(f"experiment {experiment} was cancelled") from None
         except BaseException as exc:
-            client.cancel(futures)
+            client.cancel([last])
             _release(client, record, experiment)
             _discard(graph, experiment)
             _finished(client, record, experiment, "failed", error=f"{type(exc).__name__}: {exc}")
@@ -231,14 +232,13 @@ def _discard(graph: InterventionGraph, experiment: str) -> None:
         pass
 
 
-def _wait(client: Client, futures: list[Future], record: dict[str, Any], experiment: str, deadline: float,
+def _wait(client: Client, last: Future, n_stages: int, record: dict[str, Any], experiment: str, deadline: float,
           cancelled: threading.Event | None, on_status: Callable[[str, dict[str, Any]], None] | None) -> Results:
     """Wait for the last stage. The happy path makes no scheduler call besides fetching the result.
 
     Every ``POLL_SECONDS`` without a result: check cancellation, lost shard workers, the time
     limit, and (when someone shows progress) the queue position or stage reached.
     """
-    last = futures[-1]
     shown: tuple[Any, ...] = ()
     while True:
         try:
@@ -266,26 +266,25 @@ def _wait(client: Client, futures: list[Future], record: dict[str, Any], experim
             raise ExperimentFailedError(f"the experiment did not finish within {config.experiment_timeout:.0f} s "
                                         "(nnsight_dask.config.experiment_timeout)")
         if on_status is not None:
-            shown = _report_progress(client, record, experiment, futures, on_status, shown)
+            shown = _report_progress(client, record, experiment, n_stages, on_status, shown)
 
 
-def _report_progress(client: Client, record: dict[str, Any], experiment: str, futures: list[Future],
+def _report_progress(client: Client, record: dict[str, Any], experiment: str, n_stages: int,
                      on_status: Callable[[str, dict[str, Any]], None], shown: tuple[Any, ...]) -> tuple[Any, ...]:
-    """Queued with position k, or running stage k of n; tells ``on_status`` only about changes."""
-    done = sum(f.done() for f in futures)
-    position = 0
-    if done == 0 and record.get("monitor"):
+    """Queued with position k, or running stage k of n (from the monitor); tells ``on_status`` of changes."""
+    status: dict[str, Any] = {}
+    if record.get("monitor"):
         try:
             status = client.sync(getattr(client.scheduler, monitor.STATUS_RPC), experiment=experiment)
-            position = int(status.get("position") or 0)
-        except Exception:  # an older scheduler without the monitor: no position, still progress
-            position = 0
+        except Exception:  # a scheduler that lost its monitor: progress without detail
+            status = {}
+    position, done = int(status.get("position") or 0), int(status.get("stages_done") or 0)
     now: tuple[Any, ...] = ("queued", position) if position else ("running", done)
     if now != shown:
         if position:
             on_status("queued", {"experiment": experiment, "position": position})
         else:
-            on_status("running", {"stage": done, "stages": len(futures)})
+            on_status("running", {"stage": done, "stages": n_stages})
     return now
 
 

@@ -85,6 +85,8 @@ class ExperimentMonitor(SchedulerPlugin):
         self.scheduler: Any = None
         self.experiments: OrderedDict[str, ExperimentRecord] = OrderedDict()
         self.by_key: dict[str, ExperimentRecord] = {}
+        #: Experiments with no stage done yet, in submission order (what queue positions count).
+        self.waiting: dict[str, ExperimentRecord] = {}
         self.shards: dict[tuple[str, int], ShardRecord] = {}
         self.totals: dict[str, int] = dict.fromkeys(STATUSES, 0)
         self.latencies: list[int] = [0] * (len(LATENCY_BUCKETS) + 1)
@@ -150,6 +152,7 @@ class ExperimentMonitor(SchedulerPlugin):
         for key in record.keys:
             self.by_key[key] = record
         self.totals["queued"] += 1
+        self.waiting[record.experiment] = record
         previous = self.experiments.get(record.retry_of)
         if previous is not None and not previous.finished:
             self._finish(previous, "retried", error=message.get("reason") or "")
@@ -159,6 +162,7 @@ class ExperimentMonitor(SchedulerPlugin):
     # -- bookkeeping ---------------------------------------------------------------------------
     def _stage_done(self, record: ExperimentRecord, key: str, kwargs: dict[str, Any]) -> None:
         record.done.add(key)
+        self.waiting.pop(record.experiment, None)
         position = record.keys.index(key)
         shard = self.shards.setdefault((record.deployment, record.shards[position]),
                                        ShardRecord(record.deployment, record.shards[position]))
@@ -189,6 +193,7 @@ class ExperimentMonitor(SchedulerPlugin):
             self.latency_sum += seconds
             self.latencies[next((i for i, b in enumerate(LATENCY_BUCKETS) if seconds <= b), len(LATENCY_BUCKETS))] += 1
         record.processing.clear()
+        self.waiting.pop(record.experiment, None)
         self._log(record)
 
     def _recount(self, record: ExperimentRecord, status: str, error: str) -> None:
@@ -204,6 +209,9 @@ class ExperimentMonitor(SchedulerPlugin):
                 "status": record.status, **({"error": record.error} if record.error else {})})
 
     def _trim(self) -> None:
+        """Forget the oldest finished experiments beyond ``KEEP_FINISHED`` (in batches: O(1) amortized)."""
+        if len(self.experiments) <= KEEP_FINISHED + KEEP_FINISHED // 4:
+            return
         finished = [k for k, r in self.experiments.items() if r.finished]
         for key in finished[: max(0, len(finished) - KEEP_FINISHED)]:
             record = self.experiments.pop(key)
@@ -218,11 +226,14 @@ class ExperimentMonitor(SchedulerPlugin):
     # -- reading -------------------------------------------------------------------------------
     def queue_position(self, record: ExperimentRecord) -> int:
         """Experiments of the same deployment submitted earlier that have not finished a stage yet."""
-        if record.done or record.finished:
+        if record.experiment not in self.waiting:
             return 0
-        return sum(1 for other in self.experiments.values()
-                   if other.deployment == record.deployment and other.submitted < record.submitted
-                   and not other.done and not other.finished)
+        position = 0
+        for other in self.waiting.values():
+            if other is record:
+                return position
+            position += other.deployment == record.deployment
+        return position
 
     def live_status(self, record: ExperimentRecord) -> str:
         if record.status == "queued" and record.processing and self.queue_position(record) == 0:
