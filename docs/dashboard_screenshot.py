@@ -178,7 +178,7 @@ def screenshot(chromium: str, url: str, out: Path, min_rows: int, *, timeout: fl
     and wait until one table has drawn at least ``min_rows`` rows.
     """
     deadline = time.monotonic() + timeout
-    with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile, \
+    with tempfile.TemporaryDirectory(prefix="chromium-profile-", ignore_cleanup_errors=True) as profile, \
             tempfile.TemporaryFile("w+") as log:
         command = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                    "--no-first-run", "--no-default-browser-check", "--hide-scrollbars", "--mute-audio",

@@ -13,22 +13,30 @@ from typing import Any
 
 from ..scheduler import monitor as monitor_module
 
-EXPERIMENT_COLUMNS = ("experiment", "user", "deployment", "status", "position", "queue_wait", "run_time", "stages",
-                      "shards", "bytes_returned", "bytes_persisted", "error")
-SHARD_COLUMNS = ("deployment", "shard", "worker", "in_flight", "stages_run", "busy_seconds")
+#: Column -> (title, relative width); the table spreads them over the page width.
+EXPERIMENT_COLUMNS = {
+    "experiment": ("experiment", 110), "user": ("user", 70), "deployment": ("deployment", 100),
+    "status": ("status", 75), "position": ("queue pos.", 60), "queue_wait": ("queue wait s", 75),
+    "run_time": ("run time s", 75), "stages": ("stages", 55), "shards": ("shards", 50),
+    "bytes_returned": ("bytes returned", 90), "bytes_persisted": ("bytes persisted", 90), "error": ("error", 420),
+}
+SHARD_COLUMNS = {
+    "deployment": ("deployment", 120), "shard": ("shard", 50), "worker": ("worker", 180),
+    "in_flight": ("in flight", 70), "stages_run": ("stages run", 80), "busy_seconds": ("busy s", 80),
+}
 REFRESH_MS = 1000
 
 
-def _table(columns: tuple[str, ...], **kwargs: Any) -> tuple[Any, Any]:
+def _table(columns: dict[str, tuple[str, int]], **kwargs: Any) -> tuple[Any, Any]:
     from bokeh.models import ColumnDataSource, DataTable, TableColumn
 
     source = ColumnDataSource({name: [] for name in columns})
-    table = DataTable(source=source, columns=[TableColumn(field=c, title=c.replace("_", " ")) for c in columns],
-                      **kwargs)
+    table = DataTable(source=source, columns=[TableColumn(field=c, title=title, width=width)
+                                              for c, (title, width) in columns.items()], **kwargs)
     return source, table
 
 
-def _columns(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> dict[str, list[Any]]:
+def _columns(rows: list[dict[str, Any]], columns: dict[str, Any]) -> dict[str, list[Any]]:
     return {name: [("" if row[name] is None else row[name]) for row in rows] for name in columns}
 
 
@@ -37,7 +45,7 @@ class ExperimentsPanel:
 
     def __init__(self, scheduler: Any) -> None:
         self.scheduler = scheduler
-        self.source, self.table = _table(EXPERIMENT_COLUMNS, sizing_mode="stretch_width", height=420)
+        self.source, self.table = _table(EXPERIMENT_COLUMNS, sizing_mode="stretch_width", height=320)
         self.shard_source, self.shard_table = _table(SHARD_COLUMNS, sizing_mode="stretch_width", height=160)
         self.update()
 
