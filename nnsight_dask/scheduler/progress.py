@@ -25,19 +25,21 @@ class ExperimentProgress:
         if self.bar is None:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=1, desc=f"{self.deployment}: queued", leave=False, unit="stage")
+            # no rate: stages differ wildly in length, so "stages/s" would only mislead
+            self.bar = tqdm(total=info.get("stages", 1), desc=self.deployment, leave=False,
+                            bar_format="{desc} |{bar}| {n_fmt}/{total_fmt} stages [{elapsed}]")
         bar = self.bar
         if status == "running" and "stages" in info:
             bar.total = info["stages"]
             bar.n = info.get("stage", 0)
-            bar.set_description(f"{self.deployment}: running stage {bar.n + 1 if bar.n < bar.total else bar.n} of {bar.total}")
+            bar.set_description_str(f"{self.deployment}: running stage {bar.n + 1 if bar.n < bar.total else bar.n} of {bar.total}")
         elif status == "queued" and info.get("position"):
-            bar.set_description(f"{self.deployment}: queued, {info['position']} experiment(s) ahead")
+            bar.set_description_str(f"{self.deployment}: queued, {info['position']} experiment(s) ahead")
         elif status in ("queued", "retrying"):
-            bar.set_description(f"{self.deployment}: {status}")
+            bar.set_description_str(f"{self.deployment}: {status}")
         elif status == "completed":
             bar.n = bar.total
-            bar.set_description(f"{self.deployment}: completed")
+            bar.set_description_str(f"{self.deployment}: completed")
             self.close()
             return
         bar.refresh()
