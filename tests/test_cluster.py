@@ -235,3 +235,13 @@ def test_killed_shard_worker_recovers_and_retries(model_dir):
         with lm.trace(PROMPT):
             ok = lm.output.logits.save()
         assert ok.shape[0] == 1
+        # a second user whose cached placement still names the dead worker: resubmitted, not failed
+        stale = nd.RemoteModel(client, "fragile")
+        stale._set_deployment({**record, "generation": 0, "shards": [
+            {**s, "worker": victim} if s["index"] == 1 else s for s in record["shards"]]})
+        with stale.trace(PROMPT):
+            again = stale.output.logits.save()
+        assert torch.equal(again.value, ok.value)
+        assert stale.deployment["generation"] == 1 and stale.deployment["shards"][1]["worker"] != victim
+        statuses = [r["status"] for r in client.sync(client.scheduler.nnsight_experiments)["experiments"]]
+        assert statuses[:2] == ["completed", "retried"]  # the stale submission shows as retried

@@ -156,6 +156,8 @@ class ExperimentMonitor(SchedulerPlugin):
         previous = self.experiments.get(record.retry_of)
         if previous is not None and not previous.finished:
             self._finish(previous, "retried", error=message.get("reason") or "")
+        elif previous is not None and previous.status == "cancelled":  # its client cancelled it to retry
+            self._recount(previous, "retried", error=message.get("reason") or "")
         self._log(record)
         self._trim()
 
