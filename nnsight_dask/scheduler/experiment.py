@@ -134,14 +134,12 @@ def run_experiment(client: Client, name: str, graph: InterventionGraph, *, modul
     retried_from, reason = "", ""
     attempts, resubmits = 0, 0
     while True:
-        last, n_stages = submit_stages(client, record, graph, graph_json, experiment, user=user, retry_of=retried_from,
-                                reason=reason)
+        last, n_stages = submit_stages(client, record, graph, graph_json, experiment, user=user,
+                                       retry_of=retried_from, reason=reason)
         try:
             results = _wait(client, last, n_stages, record, experiment, deadline, cancelled, on_status)
         except _WorkerLost:
-            client.cancel([last])
-            _release(client, record, experiment)
-            _discard(graph, experiment)
+            _abandon(client, record, graph, experiment, last)
             fresh = get_deployment(client, name)
             if fresh["generation"] != record["generation"] and not dead_shards(client, fresh) \
                     and resubmits < STALE_RECORD_RESUBMITS:
@@ -161,15 +159,11 @@ def run_experiment(client: Client, name: str, graph: InterventionGraph, *, modul
             retried_from, experiment = experiment, new_experiment_id()
             continue
         except _Cancelled:
-            client.cancel([last])
-            _release(client, record, experiment)
-            _discard(graph, experiment)
+            _abandon(client, record, graph, experiment, last)
             _finished(client, record, experiment, "cancelled")
             raise concurrent.futures.CancelledError(f"experiment {experiment} was cancelled") from None
         except BaseException as exc:
-            client.cancel([last])
-            _release(client, record, experiment)
-            _discard(graph, experiment)
+            _abandon(client, record, graph, experiment, last)
             _finished(client, record, experiment, "failed", error=f"{type(exc).__name__}: {exc}")
             raise
         try:
@@ -183,6 +177,14 @@ def run_experiment(client: Client, name: str, graph: InterventionGraph, *, modul
                       bytes_persisted=persisted)
         notify("completed", {"experiment": experiment})
         return results
+
+
+def _abandon(client: Client, record: dict[str, Any], graph: InterventionGraph, experiment: str,
+             last: Future) -> None:
+    """Cancel the chain, free the experiment's state on the shards and its partial saves."""
+    client.cancel([last])
+    _release(client, record, experiment)
+    _discard(graph, experiment)
 
 
 def _finished(client: Client, record: dict[str, Any], experiment: str, status: str, **info: Any) -> None:
