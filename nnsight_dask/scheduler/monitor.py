@@ -57,6 +57,7 @@ class ExperimentRecord:
     ended: float | None = None
     done: set[str] = field(default_factory=set)
     processing: dict[str, str] = field(default_factory=dict)  # key -> worker
+    positions: dict[str, int] = field(default_factory=dict)  # key -> stage index (generations have thousands)
     bytes_returned: int = 0
     bytes_persisted: int = 0
     error: str = ""
@@ -149,8 +150,9 @@ class ExperimentMonitor(SchedulerPlugin):
             user=message.get("user") or "", client=client, keys=list(message.get("keys", [])),
             shards=list(message.get("shards", [])), submitted=time.time(), retry_of=message.get("retry_of") or "")
         self.experiments[record.experiment] = record
-        for key in record.keys:
+        for position, key in enumerate(record.keys):
             self.by_key[key] = record
+            record.positions[key] = position
         self.totals["queued"] += 1
         self.waiting[record.experiment] = record
         previous = self.experiments.get(record.retry_of)
@@ -165,7 +167,7 @@ class ExperimentMonitor(SchedulerPlugin):
     def _stage_done(self, record: ExperimentRecord, key: str, kwargs: dict[str, Any]) -> None:
         record.done.add(key)
         self.waiting.pop(record.experiment, None)
-        position = record.keys.index(key)
+        position = record.positions[key]
         shard = self.shards.setdefault((record.deployment, record.shards[position]),
                                        ShardRecord(record.deployment, record.shards[position]))
         shard.worker = kwargs.get("worker") or shard.worker
@@ -274,7 +276,7 @@ class ExperimentMonitor(SchedulerPlugin):
         for record in self.experiments.values():
             if record.finished:
                 continue
-            for shard in {record.shards[record.keys.index(k)] for k in record.processing}:
+            for shard in {record.shards[record.positions[k]] for k in record.processing}:
                 in_flight[(record.deployment, shard)] = in_flight.get((record.deployment, shard), 0) + 1
                 self.shards.setdefault((record.deployment, shard), ShardRecord(record.deployment, shard))
         return [{"deployment": d, "shard": s, "worker": r.worker, "in_flight": in_flight.get((d, s), 0),
