@@ -155,7 +155,7 @@ class NullWriter:
         pass
 
     def isatty(self) -> bool:
-        return False
+        return True  # progress bars draw only on terminals: measure them drawing
 
 
 def _get(obj, path: str):

@@ -20,6 +20,13 @@ pytestmark = pytest.mark.cluster
 PROMPT = "The Eiffel Tower is"
 
 
+class Terminal(io.StringIO):
+    """Captures what a progress bar draws; says it is a terminal (bars stay silent elsewhere)."""
+
+    def isatty(self) -> bool:
+        return True
+
+
 @pytest.fixture(scope="module")
 def cluster_with_dashboard(tmp_path_factory):
     from distributed import Client, LocalCluster
@@ -106,7 +113,7 @@ def test_live_status_and_progress_line(cluster_with_dashboard):
     """A long generation shows as running on the page while its progress line counts stages."""
     _, client, lm, _ = cluster_with_dashboard
     seen: list[str] = []
-    stream = io.StringIO()
+    stream = Terminal()
 
     def watch():
         deadline = time.monotonic() + 30
@@ -129,7 +136,7 @@ def test_live_status_and_progress_line(cluster_with_dashboard):
 def test_progress_line_shows_queue_position():
     from nnsight_dask.scheduler.progress import ExperimentProgress
 
-    stream = io.StringIO()
+    stream = Terminal()
     with redirect_stderr(stream):
         progress = ExperimentProgress("dep", verbose=True)
         progress("queued", {"experiment": "x", "position": 3})
@@ -140,6 +147,12 @@ def test_progress_line_shows_queue_position():
     silent = ExperimentProgress("dep", verbose=False)
     silent("queued", {"position": 1})
     assert silent.bar is None
+    piped = io.StringIO()  # not a terminal: nothing drawn
+    with redirect_stderr(piped):
+        progress = ExperimentProgress("dep", verbose=True)
+        progress("running", {"stage": 1, "stages": 4})
+        progress.close()
+    assert piped.getvalue() == ""
 
 
 def test_cancelled_experiment_is_shown_cancelled(cluster_with_dashboard):

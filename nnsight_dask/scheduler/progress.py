@@ -26,7 +26,8 @@ class ExperimentProgress:
             from tqdm.auto import tqdm
 
             # no rate: stages differ wildly in length, so "stages/s" would only mislead
-            self.bar = tqdm(total=info.get("stages", 1), desc=self.deployment, leave=False,
+            # disable=None: no bar where stderr is not a terminal (logs, CI), where it would only litter
+            self.bar = tqdm(total=info.get("stages", 1), desc=self.deployment, leave=False, disable=None,
                             bar_format="{desc} |{bar}| {n_fmt}/{total_fmt} stages [{elapsed}]")
         bar = self.bar
         if status == "running" and "stages" in info:
