@@ -403,16 +403,18 @@ def _read_file(model: torch.nn.Module, file: Path,
 def _load_persistent_buffers(model: torch.nn.Module, weight_map: dict[str, Path]) -> None:
     """Overwrite the persistent buffers the checkpoint has (e.g. ``num_batches_tracked``) with its values."""
     persistent = set(model.state_dict(keep_vars=True))
-    for name, buf in list(model.named_buffers()):
-        if name not in persistent or name not in weight_map:
-            continue
-        file = weight_map[name]
+    by_file: dict[Path, list[tuple[str, torch.Tensor]]] = {}
+    for name, buf in model.named_buffers():
+        if name in persistent and name in weight_map:
+            by_file.setdefault(weight_map[name], []).append((name, buf))
+    for file, buffers in by_file.items():  # each file's header read once
         data_start, header = _read_header(file)
         with open(file, "rb", buffering=0) as handle:
-            stored = _read_tensor(handle, file, data_start, name, header[name])
-        if buf.is_floating_point() and stored.is_floating_point() and stored.dtype != buf.dtype:
-            stored = stored.to(buf.dtype)
-        _set(model, name, stored, parameter=False)
+            for name, buf in buffers:
+                stored = _read_tensor(handle, file, data_start, name, header[name])
+                if buf.is_floating_point() and stored.is_floating_point() and stored.dtype != buf.dtype:
+                    stored = stored.to(buf.dtype)
+                _set(model, name, stored, parameter=False)
 
 
 def _read_header(file: Path) -> tuple[int, dict[str, dict[str, Any]]]:

@@ -47,7 +47,6 @@ class ExperimentRecord:
     experiment: str
     deployment: str
     user: str
-    client: str
     keys: list[str]
     shards: list[int]
     submitted: float
@@ -124,9 +123,12 @@ class ExperimentMonitor(SchedulerPlugin):
 
     # -- messages from clients -----------------------------------------------------------------
     def handle_message(self, client: str = "", event: str = "", **message: Any) -> None:
-        """``event="submitted"`` before the stage tasks; ``"finished"`` once the client has the result."""
+        """``event="submitted"`` before the stage tasks; ``"finished"`` once the client has the result.
+
+        ``client`` (the sender's id, added by Dask's stream handling) is accepted and not used.
+        """
         if event == "submitted":
-            self._submitted(client, message)
+            self._submitted(message)
         elif event == "finished":
             record = self.experiments.get(message.get("experiment", ""))
             if record is None:
@@ -140,14 +142,14 @@ class ExperimentMonitor(SchedulerPlugin):
                 record.error = message["error"]  # the client's text reads better than the scheduler's repr()
             elif status in FINISHED and not record.finished:
                 self._finish(record, status, error=message.get("error") or "")
-            elif status in ("failed", "retried") and record.status == "completed":
+            elif status == "failed" and record.status == "completed":
                 # the chain completed but the client refused the result (e.g. too large inline)
                 self._recount(record, status, error=message.get("error") or "")
 
-    def _submitted(self, client: str, message: dict[str, Any]) -> None:
+    def _submitted(self, message: dict[str, Any]) -> None:
         record = ExperimentRecord(
             experiment=message["experiment"], deployment=message.get("deployment", ""),
-            user=message.get("user") or "", client=client, keys=list(message.get("keys", [])),
+            user=message.get("user") or "", keys=list(message.get("keys", [])),
             shards=list(message.get("shards", [])), submitted=time.time(), retry_of=message.get("retry_of") or "")
         self.experiments[record.experiment] = record
         for position, key in enumerate(record.keys):
