@@ -31,3 +31,13 @@ user: str = os.environ.get("NNSIGHT_DASK_USER") or getpass.getuser()
 #: just released) waits up to 10 ms before the scheduler even hears of it; remote traces shorten it
 #: on the client they use. ``None`` leaves Dask's default.
 client_batch_interval: float | None = 0.002
+
+#: Most experiments one chain of stage tasks carries. Experiments in flight together from one process
+#: (threads, ``blocking=False`` traces) share stage tasks once every shard of the deployment is busy;
+#: each still runs alone on the shard, with its own state. ``1`` turns sharing off.
+max_batch_experiments: int = 8
+
+#: Fetch remote results straight from the worker that holds them (one message less for the scheduler,
+#: faster under load). Set ``False`` when clients cannot reach the workers' addresses; Dask also falls
+#: back to fetching through the scheduler when a worker does not answer.
+direct_results: bool = True

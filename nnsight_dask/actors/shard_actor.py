@@ -3,7 +3,9 @@
 The actor reads only its shard's weights (see :mod:`..models.shard_loading`) and registers itself in the worker's
 process registry. Experiments reach it through stage tasks pinned to this worker (see
 :mod:`.tasks`), which run under the shard's lock: its hooks and KV caches belong to one
-experiment at a time, while other shards of the deployment serve other experiments.
+experiment at a time, while other shards of the deployment serve other experiments. One stage
+task may carry several experiments submitted together (:mod:`..scheduler.coalesce`); they run one
+after the other, each with its own state.
 """
 from __future__ import annotations
 
@@ -91,6 +93,19 @@ def check_inline_size(results: dict[str, Any], options: dict[str, Any], limit: i
         inline_bytes=size, limit=limit)
 
 
+def portable_error(exc: Exception) -> Exception:
+    """``exc`` if it survives pickling (it travels as a value to the client), else its text."""
+    import pickle
+
+    from ..errors import InterventionError
+
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return InterventionError(f"{type(exc).__name__}: {exc}")
+
+
 class ShardActor:
     """Holds shard ``index`` of ``n_shards`` of a model for deployment ``deployment``."""
 
@@ -170,12 +185,34 @@ class ShardActor:
                 elapsed = time.perf_counter() - started
                 self.busy_seconds += elapsed
                 self.stages_run += 1
-            if final:
+            if final or stage == state.last_stage:  # nothing more of it runs here: free its state now
                 self.experiments.pop(experiment, None)
+            if final:
                 results = Results(collect_results(state.graph, carry.values), experiment_id=experiment, logs=carry.logs)
                 check_inline_size(results, state.graph.options)
                 return results
             return carry
+
+    def run_batch(self, members: list[tuple[str, str | None]], stage: Stage,
+                  carries: dict[str, Carry | BaseException] | None, final: bool) -> dict[str, Any]:
+        """Run ``stage`` for each ``(experiment, graph_json)`` of a batch, in turn.
+
+        An experiment that fails here, or failed on an earlier shard, is answered with its error so
+        the others carry on. A batch of one raises instead, so its task errs like any failed task.
+        """
+        out: dict[str, Any] = {}
+        for experiment, graph_json in members:
+            carry = carries.get(experiment) if carries is not None else None
+            if isinstance(carry, BaseException):
+                out[experiment] = carry
+                continue
+            try:
+                out[experiment] = self.run(experiment, stage, graph_json, carry, final)
+            except Exception as exc:
+                if len(members) == 1:
+                    raise
+                out[experiment] = portable_error(exc)
+        return out
 
     def release(self, experiment: str) -> None:
         with self.lock:

@@ -8,10 +8,15 @@ from . import registry
 from .results import Results
 
 
-def run_stage(deployment: str, index: int, experiment: str, stage: Stage, graph_json: str | None,
-              carry: Carry | None, final: bool) -> Carry | Results:
-    """One stage of an experiment on shard ``index`` of ``deployment``."""
-    return registry.lookup(deployment, index).run(experiment, stage, graph_json, carry, final)
+def run_stage(deployment: str, index: int, members: list[tuple[str, str | None]], stage: Stage,
+              carries: dict[str, Carry | BaseException] | None, final: bool) -> dict[str, Carry | Results | BaseException]:
+    """One stage of a batch of experiments on shard ``index`` of ``deployment``.
+
+    ``members`` are ``(experiment, graph_json)`` pairs (the graph only on an experiment's first
+    stage on this shard); the answer maps each experiment to its carry, its results (``final``) or
+    its error.
+    """
+    return registry.lookup(deployment, index).run_batch(members, stage, carries, final)
 
 
 def release(deployment: str, index: int, experiment: str) -> None:

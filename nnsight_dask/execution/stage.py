@@ -85,6 +85,8 @@ class ExperimentState:
     busy_seconds: float = 0.0
     #: The experiment's id (set by the shard actor); names the store group of persisted saves.
     experiment: str = ""
+    #: This shard's last stage of the experiment: after it the shard forgets the experiment.
+    last_stage: Stage | None = None
 
 
 class ShardRunner:
@@ -114,8 +116,9 @@ class ShardRunner:
             for dep in node.deps():
                 if dep in owned and shards[node.id] != self.index:
                     exported.add(dep)
+        mine = [stage for stage in plan_stages(graph, shards, len(self.plan)) if stage.shard == self.index]
         return ExperimentState(graph=graph, shards=shards, owned=owned, exported=exported,
-                               backward_from=backward_origins(graph, shards))
+                               backward_from=backward_origins(graph, shards), last_stage=mine[-1] if mine else None)
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, state: ExperimentState, stage: Stage, carry: Carry) -> Carry:

@@ -1,7 +1,8 @@
 """Experiments on a deployment: a graph becomes a chain of stage tasks pinned to shard workers.
 
 Stage k's future is an argument of stage k+1, so Dask moves the carry (hidden states, values)
-straight from one shard's worker to the next. The client only waits for the last stage, watching
+straight from one shard's worker to the next. Experiments in flight together from one process
+share a chain (:mod:`.coalesce`). The client only waits for the last stage, watching
 the deployment: if a shard's worker dies, the chain is cancelled, the lost shard re-created, and
 the experiment retried once; every experiment ends completed, failed or cancelled.
 """
@@ -15,7 +16,6 @@ from collections.abc import Callable
 from typing import Any
 
 from distributed import Client, Future, fire_and_forget
-from distributed import wait as wait_futures
 from distributed.client import FutureCancelledError
 
 from .. import config
@@ -24,11 +24,12 @@ from ..actors.results import Results
 from ..actors.shard_actor import check_inline_size, inline_bytes
 from ..errors import ExperimentFailedError, NNsightDaskError
 from ..execution.partition import assign_shards
-from ..execution.stage import plan_stages
+from ..execution.stage import Stage, plan_stages
 from ..graph.graph import InterventionGraph
 from ..graph.validate import validate_graph
 from ..models.shards import owner_of
 from . import monitor
+from .coalesce import Batch, Coalescer, Member, coalescer_for
 from .deployment import dead_shards, get_deployment, recover, shard_specs
 
 POLL_SECONDS = 0.2
@@ -57,34 +58,41 @@ def check_graph(graph: InterventionGraph, module_paths: list[str] | None = None)
             raise ExperimentFailedError("remote generation is greedy; do_sample=True runs only locally")
 
 
-def submit_stages(client: Client, record: dict[str, Any], graph: InterventionGraph, graph_json: str,
-                  experiment: str, *, user: str | None = None, retry_of: str = "", reason: str = "") -> tuple[Future, int]:
-    """Submit the experiment's chain of stages; returns the last stage's future and the number of stages.
-
-    The last future resolves to the :class:`Results`; the scheduler keeps the earlier stages for it
-    (cancelling it cancels them), so the client holds no other future and hears of no other key.
-    Each shard's first stage carries the graph (the shard keeps it for its later stages). The
-    deployment's monitor is told who submitted what just before, on the same stream.
-    """
+def plan_for(record: dict[str, Any], graph: InterventionGraph) -> list[Stage]:
+    """The experiment's chain of stages on the deployment's current shards."""
     specs = shard_specs(record)
     shards = assign_shards(graph, lambda path: owner_of(specs, path), len(specs))
-    stages = plan_stages(graph, shards, len(specs))
-    keys = [f"nnsight-{experiment}-{position:03d}-{stage.label}" for position, stage in enumerate(stages)]
-    announce(client, record, event="submitted", experiment=experiment, deployment=record["name"],
-             user=user or config.user, keys=keys, shards=[stage.shard for stage in stages], retry_of=retry_of,
-             reason=reason)
+    return plan_stages(graph, shards, len(specs))
+
+
+def launch_batch(client: Client, batch: Batch) -> None:
+    """Submit a batch's chain of stage tasks; sets ``batch.last``, the last stage's future.
+
+    The last future resolves to ``{experiment: Results | error}``; the scheduler keeps the earlier
+    stages for it (cancelling it cancels them), so the client holds no other future and hears of
+    no other key. Keys name every member experiment. Each shard's first stage carries the graphs
+    (the shard keeps them for its later stages). The deployment's monitor is told who submitted
+    what just before, on the same stream.
+    """
+    record, stages = batch.record, batch.stages
+    ids = "+".join(member.experiment for member in batch.members)
+    keys = [f"nnsight-{ids}-{position:03d}-{stage.label}" for position, stage in enumerate(stages)]
+    for member in batch.members:
+        announce(client, record, event="submitted", experiment=member.experiment, deployment=record["name"],
+                 user=member.user or config.user, keys=keys, shards=[stage.shard for stage in stages],
+                 retry_of=member.retry_of, reason=member.reason)
     previous: Future | None = None
     seen: set[int] = set()
     for position, stage in enumerate(stages):
         worker = record["shards"][stage.shard]["worker"]
         first_on_shard = stage.shard not in seen
         seen.add(stage.shard)
+        members = [(member.experiment, member.graph_json if first_on_shard else None) for member in batch.members]
         previous = client.submit(
-            tasks.run_stage, record["name"], stage.shard, experiment, stage, graph_json if first_on_shard else None,
-            previous, position == len(stages) - 1, key=keys[position], workers=[worker],
-            allow_other_workers=False, pure=False)
+            tasks.run_stage, record["name"], stage.shard, members, stage, previous, position == len(stages) - 1,
+            key=keys[position], workers=[worker], allow_other_workers=False, pure=False)
     assert previous is not None
-    return previous, len(stages)
+    batch.keys, batch.last = keys, previous
 
 
 def shorten_batching(client: Client) -> None:
@@ -131,15 +139,16 @@ def run_experiment(client: Client, name: str, graph: InterventionGraph, *, modul
     if record is None:
         record = get_deployment(client, name)
     shorten_batching(client)
+    coalescer = coalescer_for(client, name, launch_batch)
     retried_from, reason = "", ""
     attempts, resubmits = 0, 0
     while True:
-        last, n_stages = submit_stages(client, record, graph, graph_json, experiment, user=user,
-                                       retry_of=retried_from, reason=reason)
+        member = Member(experiment, graph_json, user=user, retry_of=retried_from, reason=reason)
+        batch = coalescer.enqueue(member, record, plan_for(record, graph))
         try:
-            results = _wait(client, last, n_stages, record, experiment, deadline, cancelled, on_status)
+            results = _wait(client, coalescer, batch, member, deadline, cancelled, on_status)
         except _WorkerLost:
-            _abandon(client, record, graph, experiment, last)
+            _abandon(client, coalescer, batch, member, graph)
             fresh = get_deployment(client, name)
             if fresh["generation"] != record["generation"] and not dead_shards(client, fresh) \
                     and resubmits < STALE_RECORD_RESUBMITS:
@@ -159,11 +168,11 @@ def run_experiment(client: Client, name: str, graph: InterventionGraph, *, modul
             retried_from, experiment = experiment, new_experiment_id()
             continue
         except _Cancelled:
-            _abandon(client, record, graph, experiment, last)
+            _abandon(client, coalescer, batch, member, graph)
             _finished(client, record, experiment, "cancelled")
             raise concurrent.futures.CancelledError(f"experiment {experiment} was cancelled") from None
         except BaseException as exc:
-            _abandon(client, record, graph, experiment, last)
+            _abandon(client, coalescer, batch, member, graph)
             _finished(client, record, experiment, "failed", error=f"{type(exc).__name__}: {exc}")
             raise
         try:
@@ -172,19 +181,23 @@ def run_experiment(client: Client, name: str, graph: InterventionGraph, *, modul
             _discard(graph, experiment)
             _finished(client, record, experiment, "failed", error=f"{type(exc).__name__}: {exc}")
             raise
-        if persisted:  # the monitor saw the completion itself; only persisted bytes are news to it
+        if persisted or len(batch.members) > 1:
+            # the monitor saw the completion itself; news to it are persisted bytes, and this
+            # member's share of what a shared last stage returned
             _finished(client, record, experiment, "completed", bytes_returned=inline_bytes(dict(results)),
                       bytes_persisted=persisted)
         notify("completed", {"experiment": experiment})
         return results
 
 
-def _abandon(client: Client, record: dict[str, Any], graph: InterventionGraph, experiment: str,
-             last: Future) -> None:
-    """Cancel the chain, free the experiment's state on the shards and its partial saves."""
-    client.cancel([last])
-    _release(client, record, experiment)
-    _discard(graph, experiment)
+def _abandon(client: Client, coalescer: Coalescer, batch: Batch, member: Member, graph: InterventionGraph) -> None:
+    """Leave the batch (its chain is cancelled once no member is left), free the experiment's state
+    on the shards and its partial saves."""
+    coalescer.withdraw(batch, member)
+    if batch.last is not None:
+        batch.leave(client, member.experiment)
+        _release(client, batch.record, member.experiment)
+    _discard(graph, member.experiment)
 
 
 def _finished(client: Client, record: dict[str, Any], experiment: str, status: str, **info: Any) -> None:
@@ -234,24 +247,35 @@ def _discard(graph: InterventionGraph, experiment: str) -> None:
         pass
 
 
-def _wait(client: Client, last: Future, n_stages: int, record: dict[str, Any], experiment: str, deadline: float,
+def _wait(client: Client, coalescer: Coalescer, batch: Batch, member: Member, deadline: float,
           cancelled: threading.Event | None, on_status: Callable[[str, dict[str, Any]], None] | None) -> Results:
-    """Wait for the last stage. The happy path makes no scheduler call besides fetching the result.
+    """Wait for the batch to leave, then for its last stage. The happy path makes no scheduler call
+    besides fetching the result.
 
     Every ``POLL_SECONDS`` without a result: check cancellation, lost shard workers, the time
     limit, and (when someone shows progress) the queue position or stage reached.
     """
     shown: tuple[Any, ...] = ()
+    while not batch.launched.wait(POLL_SECONDS):
+        _check_limits(cancelled, deadline)
+        if on_status is not None:
+            position = coalescer.ahead_of(batch)
+            if ("queued", position) != shown:
+                on_status("queued", {"experiment": member.experiment, "position": position})
+                shown = ("queued", position)
+    if batch.launch_error is not None:
+        raise batch.launch_error
+    assert batch.last is not None
+    record = batch.record
     while True:
         try:
-            # wait without fetching: a timed-out .result() cancels the Client's shared fetch for all threads
-            if wait_futures([last], timeout=POLL_SECONDS).done:
-                result = last.result()
-                if not isinstance(result, Results):
-                    raise ExperimentFailedError(f"the last stage returned {type(result).__name__}, not results")
-                return result
-        except TimeoutError:
-            pass
+            if batch.done.wait(POLL_SECONDS):
+                outcome = batch.outcome(client).get(member.experiment)
+                if isinstance(outcome, BaseException):
+                    raise outcome
+                if not isinstance(outcome, Results):
+                    raise ExperimentFailedError(f"the last stage returned {type(outcome).__name__}, not results")
+                return outcome
         except FutureCancelledError:
             if dead_shards(client, record):
                 raise _WorkerLost from None
@@ -260,15 +284,19 @@ def _wait(client: Client, last: Future, n_stages: int, record: dict[str, Any], e
             if type(exc).__name__ in ("KilledWorker", "ShardUnavailableError", "ShardStateLostError") or dead_shards(client, record):
                 raise _WorkerLost from None
             raise
-        if cancelled is not None and cancelled.is_set():
-            raise _Cancelled
+        _check_limits(cancelled, deadline)
         if dead_shards(client, record):
             raise _WorkerLost
-        if time.monotonic() > deadline:
-            raise ExperimentFailedError(f"the experiment did not finish within {config.experiment_timeout:.0f} s "
-                                        "(nnsight_dask.config.experiment_timeout)")
         if on_status is not None:
-            shown = _report_progress(client, record, experiment, n_stages, on_status, shown)
+            shown = _report_progress(client, record, member.experiment, len(batch.stages), on_status, shown)
+
+
+def _check_limits(cancelled: threading.Event | None, deadline: float) -> None:
+    if cancelled is not None and cancelled.is_set():
+        raise _Cancelled
+    if time.monotonic() > deadline:
+        raise ExperimentFailedError(f"the experiment did not finish within {config.experiment_timeout:.0f} s "
+                                    "(nnsight_dask.config.experiment_timeout)")
 
 
 def _report_progress(client: Client, record: dict[str, Any], experiment: str, n_stages: int,
@@ -331,4 +359,4 @@ class ExperimentFuture(concurrent.futures.Future):  # type: ignore[type-arg]
         return self.cancelled()
 
 
-__all__ = ["ExperimentFuture", "NNsightDaskError", "check_graph", "run_experiment", "submit_stages"]
+__all__ = ["ExperimentFuture", "NNsightDaskError", "check_graph", "launch_batch", "run_experiment"]

@@ -84,7 +84,8 @@ class ExperimentMonitor(SchedulerPlugin):
     def __init__(self) -> None:
         self.scheduler: Any = None
         self.experiments: OrderedDict[str, ExperimentRecord] = OrderedDict()
-        self.by_key: dict[str, ExperimentRecord] = {}
+        #: Stage key -> the experiments it runs (several when a client batched them, see scheduler.coalesce).
+        self.by_key: dict[str, list[ExperimentRecord]] = {}
         #: Experiments with no stage done yet, in submission order (what queue positions count).
         self.waiting: dict[str, ExperimentRecord] = {}
         self.shards: dict[tuple[str, int], ShardRecord] = {}
@@ -104,22 +105,27 @@ class ExperimentMonitor(SchedulerPlugin):
         _register_prometheus(self)
 
     def transition(self, key: Any, start: str, finish: str, *args: Any, stimulus_id: str = "", **kwargs: Any) -> None:
-        record = self.by_key.get(key) if isinstance(key, str) else None
-        if record is None:
+        records = self.by_key.get(key) if isinstance(key, str) else None
+        if records is None:
             return
+        for record in records:
+            self._follow(record, key, start, finish, kwargs, sharing=len(records), first=record is records[0])
+        if finish == "forgotten":
+            self.by_key.pop(key, None)
+
+    def _follow(self, record: ExperimentRecord, key: str, start: str, finish: str, kwargs: dict[str, Any],
+                sharing: int = 1, first: bool = True) -> None:
         if finish == "processing":
             record.processing[key] = kwargs.get("worker") or self._worker_of(key)
         elif start == "processing":
             record.processing.pop(key, None)
         if start == "processing" and finish == "memory":
-            self._stage_done(record, key, kwargs)
+            self._stage_done(record, key, kwargs, sharing, first)
         elif finish == "erred" and not record.finished:
             text = kwargs.get("exception_text") or ""
             self._finish(record, "failed", error=str(text))
         elif finish == "forgotten" and key not in record.done and not record.finished:
             self._finish(record, "cancelled")  # released by its client before it ran (a lost worker only re-queues)
-        if finish == "forgotten":
-            self.by_key.pop(key, None)
 
     # -- messages from clients -----------------------------------------------------------------
     def handle_message(self, client: str = "", event: str = "", **message: Any) -> None:
@@ -153,7 +159,7 @@ class ExperimentMonitor(SchedulerPlugin):
             shards=list(message.get("shards", [])), submitted=time.time(), retry_of=message.get("retry_of") or "")
         self.experiments[record.experiment] = record
         for position, key in enumerate(record.keys):
-            self.by_key[key] = record
+            self.by_key.setdefault(key, []).append(record)
             record.positions[key] = position
         self.totals["queued"] += 1
         self.waiting[record.experiment] = record
@@ -166,7 +172,8 @@ class ExperimentMonitor(SchedulerPlugin):
         self._trim()
 
     # -- bookkeeping ---------------------------------------------------------------------------
-    def _stage_done(self, record: ExperimentRecord, key: str, kwargs: dict[str, Any]) -> None:
+    def _stage_done(self, record: ExperimentRecord, key: str, kwargs: dict[str, Any], sharing: int, first: bool) -> None:
+        """A stage of ``record`` ran (a task ``sharing`` experiments ran; its busy time counts once)."""
         record.done.add(key)
         self.waiting.pop(record.experiment, None)
         position = record.positions[key]
@@ -175,7 +182,7 @@ class ExperimentMonitor(SchedulerPlugin):
         shard.worker = kwargs.get("worker") or shard.worker
         shard.stages_run += 1
         compute = [s for s in kwargs.get("startstops") or () if s.get("action") == "compute"]
-        for span in compute:
+        for span in compute if first else ():
             shard.busy_seconds += span["stop"] - span["start"]
         if compute and (record.started is None or compute[0]["start"] < record.started):
             record.started = compute[0]["start"]
@@ -184,7 +191,8 @@ class ExperimentMonitor(SchedulerPlugin):
             self._log(record)
         if position == len(record.keys) - 1 and not record.finished:
             if not record.bytes_returned:
-                record.bytes_returned = int(kwargs.get("nbytes") or 0)
+                # a shared last stage's bytes, split evenly until the client reports each member's share
+                record.bytes_returned = int(kwargs.get("nbytes") or 0) // sharing
                 self.bytes_returned_total += record.bytes_returned
             ended = compute[-1]["stop"] if compute else time.time()
             self._finish(record, "completed", ended=ended)
@@ -222,8 +230,11 @@ class ExperimentMonitor(SchedulerPlugin):
         for key in finished[: max(0, len(finished) - KEEP_FINISHED)]:
             record = self.experiments.pop(key)
             for task in record.keys:
-                if self.by_key.get(task) is record:
-                    del self.by_key[task]
+                sharing = self.by_key.get(task)
+                if sharing is not None and record in sharing:
+                    sharing.remove(record)
+                    if not sharing:
+                        del self.by_key[task]
 
     def _worker_of(self, key: str) -> str:
         task = self.scheduler.tasks.get(key) if self.scheduler is not None else None
