@@ -199,6 +199,112 @@ def test_many_concurrent_users_get_their_own_results(client, remote, local):
     assert sorted(len(v) for v in held.values()) == [1, 1]
 
 
+# -- experiments in flight together share stage tasks ------------------------------------------------------
+def _stage_keys(client):
+    """Experiment id -> its first stage task's key, as the scheduler's monitor saw them."""
+    def read(dask_scheduler):
+        from nnsight_dask.scheduler.monitor import monitor_of
+
+        return {e: r.keys[0] for e, r in monitor_of(dask_scheduler).experiments.items()}
+    return client.run_on_scheduler(read)
+
+
+def _in_flight(client, name):
+    """Experiments each shard of deployment ``name`` still holds state for."""
+    from nnsight_dask.actors import tasks
+
+    record = nd.deployments(client)[name]
+    return [client.submit(tasks.shard_status, name, s["index"], workers=[s["worker"]], pure=False).result()["in_flight"]
+            for s in record["shards"]]
+
+
+def _monitor_rows(client):
+    def read(dask_scheduler):
+        from nnsight_dask.scheduler.monitor import monitor_of
+
+        return monitor_of(dask_scheduler).rows()
+    return {row["experiment"]: row for row in client.run_on_scheduler(read)}
+
+
+def _occupy(client, remote, n=2):
+    """Non-blocking generations that keep the deployment's chain slots busy (~1 s), once they run."""
+    fillers = []
+    for _ in range(n):
+        with remote.generate(PROMPT, max_new_tokens=60, blocking=False) as tracer:
+            remote.output.logits.save()
+        fillers.append(tracer)
+    deadline = time.monotonic() + 30
+    while sum(row["status"] in ("queued", "running") for row in _monitor_rows(client).values()) < n:
+        assert time.monotonic() < deadline, "the filler generations never started"
+        time.sleep(0.01)
+    return fillers
+
+
+def test_experiments_in_flight_together_share_stage_tasks(client, remote, local):
+    prompts = [torch.tensor([[i + 4] * (2 + i % 4)]) for i in range(10)]  # lengths 2..5: nothing padded
+    tracers = []
+    for ids in prompts:
+        with remote.trace(ids, blocking=False) as tracer:
+            out = remote.model.layers[3].output[:, -1].save()
+        tracers.append(tracer)
+    results = [tracer.future.result(timeout=60) for tracer in tracers]
+    for ids, result in zip(prompts, results):
+        with local.trace(ids):
+            ref = local.model.layers[3].output[:, -1].save()
+        assert_close(result["out"], ref)
+    keys = _stage_keys(client)
+    shared = [r.experiment_id for r in results if "+" in keys[r.experiment_id]]
+    assert len(shared) >= 2, "no two experiments shared a chain of stage tasks"
+    for experiment in shared:
+        assert experiment in keys[experiment]  # keys name every member experiment
+    assert _in_flight(client, "tiny") == [0, 0]  # every shard forgot every finished experiment
+
+
+def test_error_in_a_shared_chain_fails_only_that_experiment(client, remote, local):
+    with local.trace(PROMPT):
+        h = local.model.layers[3].output.save()
+    seen = {e for e, row in _monitor_rows(client).items() if "index 99" in row["error"]}  # earlier tests'
+    for _attempt in range(5):  # which experiments leave together depends on timing: retry until the bad one shares
+        fillers = _occupy(client, remote)
+        futures = {}
+        for label, index in (("good1", 0), ("bad", 99), ("good2", -1)):
+            with remote.trace(PROMPT, blocking=False) as tracer:
+                remote.model.layers[3].output[:, index].save()
+            futures[label] = tracer.future
+        with pytest.raises(InterventionError, match=r"test_cluster.py:\d+: operation operator.getitem failed: IndexError"):
+            futures["bad"].result(timeout=60)
+        assert_close(next(iter(futures["good1"].result(timeout=60).values())), h.value[:, 0])
+        assert_close(next(iter(futures["good2"].result(timeout=60).values())), h.value[:, -1])
+        for tracer in fillers:
+            tracer.future.cancel()
+        keys, rows = _stage_keys(client), _monitor_rows(client)
+        bad = [e for e, row in rows.items() if "index 99" in row["error"] and e not in seen]
+        assert len(bad) == 1
+        seen.update(bad)
+        if "+" in keys[bad[0]]:
+            mates = keys[bad[0]].split("-")[1].split("+")
+            assert {e: rows[e]["status"] for e in mates} == {e: "failed" if e == bad[0] else "completed" for e in mates}
+            return
+    pytest.fail("the failing experiment never shared a chain of stage tasks in 5 attempts")
+
+
+def test_cancelling_a_queued_experiment_leaves_the_others(client, remote, local):
+    fillers = _occupy(client, remote)
+    futures = []
+    for i in range(3):
+        with remote.trace(torch.tensor([[i + 4, 5, 6]]), blocking=False) as tracer:
+            out = remote.output.logits[:, -1].save()
+        futures.append(tracer.future)
+    assert futures[1].cancel() and futures[1].cancelled()
+    for i in (0, 2):
+        with local.trace(torch.tensor([[i + 4, 5, 6]])):
+            ref = local.output.logits[:, -1].save()
+        assert_close(futures[i].result(timeout=60)["out"], ref)
+    for tracer in fillers:
+        tracer.future.result(timeout=60)
+    assert _in_flight(client, "tiny") == [0, 0]
+
+
 # -- serialization ---------------------------------------------------------------------------------------
 def test_bf16_values_cross_workers(client, model_dir):
     nd.serve(client, model_dir, shards=2, name="tiny-bf16", dtype="bfloat16")

@@ -329,17 +329,22 @@ def _release(client: Client, record: dict[str, Any], experiment: str) -> None:
 class ExperimentFuture(concurrent.futures.Future):  # type: ignore[type-arg]
     """A remote experiment running in the background; ``result()`` gives its :class:`Results`."""
 
-    def __init__(self, client: Client, name: str, graph: InterventionGraph, **options: Any) -> None:
+    def __init__(self, client: Client, name: str, graph: InterventionGraph,
+                 deliver: Callable[[Results], None] | None = None, **options: Any) -> None:
         super().__init__()
         self._cancel_event = threading.Event()
         self.set_running_or_notify_cancel()
-        self._thread = threading.Thread(target=self._drive, args=(client, name, graph, options),
+        self._thread = threading.Thread(target=self._drive, args=(client, name, graph, deliver, options),
                                         name="nnsight-dask-experiment", daemon=True)
         self._thread.start()
 
-    def _drive(self, client: Client, name: str, graph: InterventionGraph, options: dict[str, Any]) -> None:
+    def _drive(self, client: Client, name: str, graph: InterventionGraph,
+               deliver: Callable[[Results], None] | None, options: dict[str, Any]) -> None:
+        """Run the experiment; ``deliver`` gets the results before anyone waiting wakes up."""
         try:
             result = run_experiment(client, name, graph, cancelled=self._cancel_event, **options)
+            if deliver is not None:
+                deliver(result)
         except concurrent.futures.CancelledError:
             with self._condition:
                 self._state = "CANCELLED_AND_NOTIFIED"

@@ -5,6 +5,7 @@ sent to the deployment as a graph.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -46,39 +47,19 @@ class RemoteBackend:
                                      **self._options(options))
         finally:
             progress.close()
-        return RunResult(saves=open_refs(dict(results)), logs=results.logs)
+        return as_run_result(results)
 
-    def submit(self, graph: InterventionGraph, **options: Any) -> Any:
+    def submit(self, graph: InterventionGraph, deliver: Callable[[RunResult], None] | None = None,
+               **options: Any) -> ExperimentFuture:
+        """The running experiment; its ``result()`` is the :class:`Results` (saved values by name)."""
         options.pop("verbose", None)
-        return _AsRunResult(ExperimentFuture(self.client, self.name, graph, **self._options(options)))
+        hand_out = None if deliver is None else (lambda results: deliver(as_run_result(results)))
+        return ExperimentFuture(self.client, self.name, graph, deliver=hand_out, **self._options(options))
 
 
-class _AsRunResult:
-    """Wraps an experiment future so tracers receive a RunResult while users see Results."""
-
-    def __init__(self, future: ExperimentFuture) -> None:
-        self.future = future
-
-    def add_done_callback(self, fn: Any) -> None:
-        self.future.add_done_callback(lambda f: fn(_Converted(f)))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.future, name)
-
-
-class _Converted:
-    def __init__(self, future: ExperimentFuture) -> None:
-        self._future = future
-
-    def cancelled(self) -> bool:
-        return self._future.cancelled()
-
-    def exception(self) -> BaseException | None:
-        return None if self._future.cancelled() else self._future.exception()
-
-    def result(self) -> RunResult:
-        results: Results = self._future.result()
-        return RunResult(saves=open_refs(dict(results)), logs=results.logs)
+def as_run_result(results: Results) -> RunResult:
+    """What tracers hand to their proxies: persisted saves opened as lazy tensors, and the logs."""
+    return RunResult(saves=open_refs(dict(results)), logs=results.logs)
 
 
 def open_refs(value: Any) -> Any:

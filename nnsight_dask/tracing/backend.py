@@ -2,6 +2,7 @@
 (``remote=`` a Dask client or a deployment handle) plugs in through the same two calls."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -15,7 +16,10 @@ class Backend(Protocol):
 
     def run(self, graph: InterventionGraph, **options: Any) -> RunResult: ...
 
-    def submit(self, graph: InterventionGraph, **options: Any) -> Any: ...
+    def submit(self, graph: InterventionGraph, deliver: Callable[[RunResult], None] | None = None,
+               **options: Any) -> Any:
+        """A future of the run; ``deliver(result)`` is called before the future is done, so whoever
+        wakes on it finds the saved values already handed out."""
 
 
 class LocalBackend:
@@ -28,12 +32,16 @@ class LocalBackend:
     def run(self, graph: InterventionGraph, *, fake: bool = False, **_options: Any) -> RunResult:
         return run_graph(self.module, graph, pad_token_id=self.pad_token_id, fake=fake)
 
-    def submit(self, graph: InterventionGraph, **options: Any) -> Any:
+    def submit(self, graph: InterventionGraph, deliver: Callable[[RunResult], None] | None = None,
+               **options: Any) -> Any:
         from concurrent.futures import Future
 
         future: Future[RunResult] = Future()
         try:
-            future.set_result(self.run(graph, **options))
+            result = self.run(graph, **options)
+            if deliver is not None:
+                deliver(result)
+            future.set_result(result)
         except Exception as exc:  # the future carries the failure to whoever waits on it
             future.set_exception(exc)
         return future

@@ -163,8 +163,8 @@ class NNsight:
                     return None
             backend = local if local is not None else self._remote_backend(remote)
             if not getattr(context, "blocking", True):
-                future = backend.submit(graph)
-                future.add_done_callback(lambda f: _deliver(recorder, context, f))
+                future = backend.submit(graph, deliver=lambda result: _finish(recorder, context, result))
+                future.add_done_callback(lambda f: _close_unless_done(recorder, f))
                 return future
             result = backend.run(graph, **getattr(context, "backend_options", {}))
             if local is not None and graph.options.get("store"):
@@ -225,11 +225,10 @@ def _finish(recorder: Recorder, context: Any, result: Any) -> None:
         print(line)
 
 
-def _deliver(recorder: Recorder, context: Any, future: Any) -> None:
+def _close_unless_done(recorder: Recorder, future: Any) -> None:
+    """A cancelled or failed run hands out nothing: its proxies are closed."""
     if future.cancelled() or future.exception() is not None:
         recorder.close()
-        return
-    _finish(recorder, context, future.result())
 
 
 class _Generator:
