@@ -168,7 +168,7 @@ def _run_remote(lm: Any, pending: list[int], batches: list[list[dict[str, torch.
                 b = queue.pop(0)
                 tracer, acts = _record(lm, batches[b], envoys, blocking=False)
                 targets = [[a._recorder.graph.nodes[a._save_node].target for a in prompt] for prompt in acts]
-                running[tracer.future.future] = (b, targets)
+                running[tracer.future] = (b, targets)
             done, _ = concurrent.futures.wait(list(running), return_when=concurrent.futures.FIRST_COMPLETED)
             for future in done:
                 b, targets = running.pop(future)
