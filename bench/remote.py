@@ -345,6 +345,59 @@ def throughput(cluster, model: Model, shards: int, counts: tuple[int, ...], wind
     return {"rates": rates, "failed": failed}
 
 
+def _process_client(scheduler: str, name: str, layers_path: str, n_layer: int, prompt: str,
+                    expected: tuple[torch.Tensor, torch.Tensor], barrier, window_s: float) -> dict:
+    """One client process: its own Client and RemoteModel; experiments for ``window_s`` after the barrier."""
+    import nnsight_dask as nd
+    from distributed import Client
+
+    nd.config.verbose = False
+    h_l, t_l = expected
+    with Client(scheduler) as client:
+        lm = nd.RemoteModel(client, name)
+
+        def run():
+            with lm.trace(prompt):
+                h = _get(lm, layers_path)[n_layer - 1].output.save()
+                tok = lm.output.logits[:, -1].argmax(-1).save()
+            return _tensor(h), _tensor(tok)
+
+        run()
+        barrier.wait(timeout=600)
+        t0 = time.perf_counter()
+        n, wrong = 0, 0
+        while time.perf_counter() < t0 + window_s:
+            h, tok = run()
+            wrong += not torch.equal(tok, t_l) or (h.float() - h_l.float()).abs().max().item() > 1e-5
+            n += 1
+        return {"n": n, "wrong": wrong, "seconds": time.perf_counter() - t0}
+
+
+def throughput_processes(client, model: Model, shards: int, n_clients: int, window_s: float) -> dict:
+    """Experiments/s of ``n_clients`` separate client processes (one Client each) on one deployment.
+
+    Experiments of different processes never share stage tasks (see ``nnsight_dask.scheduler.coalesce``):
+    this is the per-experiment cost of Dask's task machinery.
+    """
+    import concurrent.futures
+    import multiprocessing
+
+    name = model.records[shards]["name"]
+    prompts = prompts_for(n_clients)
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Manager() as manager:
+        barrier = manager.Barrier(n_clients + 1)
+        with concurrent.futures.ProcessPoolExecutor(n_clients, mp_context=ctx) as pool:
+            futures = [pool.submit(_process_client, client.scheduler.address, name, model.layers_path, model.n_layer,
+                                   prompts[i], model.experiment(model.local, prompts[i]), barrier, window_s)
+                       for i in range(n_clients)]
+            barrier.wait(timeout=600)
+            outs = [f.result(timeout=600) for f in futures]
+    if any(o["wrong"] for o in outs):
+        raise AssertionError(f"{sum(o['wrong'] for o in outs)} experiments of client processes returned wrong results")
+    return {"rate": sum(o["n"] for o in outs) / max(o["seconds"] for o in outs), "n": n_clients}
+
+
 def private_copy(model: Model) -> dict:
     out = subprocess.run([sys.executable, "-c", PRIVATE_COPY, model.source, model.layers_path],
                          capture_output=True, text=True, timeout=180,
@@ -387,7 +440,7 @@ PARTS = [
     ("tracer enter (tokenize, record)", "tracing/tracer.py", "__enter__"),
     ("check_graph (validate)", "scheduler/experiment.py", "check_graph"),
     ("graph.to_json", "graph/graph.py", "to_json"),
-    ("submit_stages (announce + client.submit xN)", "scheduler/experiment.py", "submit_stages"),
+    ("launch_batch (announce + client.submit xN)", "scheduler/experiment.py", "launch_batch"),
     ("_wait (chain runs + result fetch)", "scheduler/experiment.py", "_wait"),
     ("finish_results", "scheduler/experiment.py", "finish_results"),
 ]
@@ -476,6 +529,8 @@ def main() -> None:
             window_s, rounds = (1.5, 2) if quick else ((2.5, 3) if m is models[0] else (2.5, 2))
             log(f"throughput: {m.label} ({len(CLIENT_COUNTS) * rounds} windows of {window_s} s)")
             tp[m.label] = throughput(cluster, m, 2, CLIENT_COUNTS, window_s, rounds)
+        log(f"throughput: {models[0].label}, {max(CLIENT_COUNTS)} client processes")
+        procs = throughput_processes(client, models[0], 2, max(CLIENT_COUNTS), window_s=2.0 if quick else 3.0)
 
         tiny = models[0]
         t = rt[tiny.label]["times"]
@@ -561,10 +616,16 @@ def main() -> None:
                 target = f"{verdict(tp_ok[m.label])} (>= {THROUGHPUT_TARGET:.0f}x)" if m is tiny else (
                     f"({verdict(tp_ok[m.label])})")
             rows.append([m.label, str(n), f"{med:.1f}", f"{1e3 * n / med:.1f}", f"{speedup:.2f}x", target])
+        if m is tiny:
+            n = procs["n"]
+            rows.append([m.label, f"{n} processes", f"{procs['rate']:.1f}", f"{1e3 * n / procs['rate']:.1f}",
+                         f"{procs['rate'] / base:.2f}x", "-"])
     out(table(["model", "clients", "experiments/s", "latency ms", "vs 1 client", "target"], rows))
     out("")
-    out("Every concurrent result was checked against local execution of its own prompt "
-        "(distinct prompts per client): all correct.")
+    out("Clients are threads sharing one `RemoteModel`; experiments in flight together from one process share "
+        "stage tasks once every shard is busy (`nnsight_dask.scheduler.coalesce`). 'processes': separate client "
+        "processes, one `Client` each; their experiments never share tasks. Every concurrent result was checked "
+        "against local execution of its own prompt (distinct prompts per client): all correct.")
     for m in models:
         failed = tp[m.label]["failed"]
         if failed:

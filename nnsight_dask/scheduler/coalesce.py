@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from distributed import Client, Future
-from distributed.utils_comm import gather_from_workers
 
 from .. import config
 from ..execution.stage import Stage
@@ -56,29 +55,23 @@ class Batch:
     _failure: BaseException | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def outcome(self, client: Client) -> dict[str, Any]:
-        """The last stage's answer, fetched once for all members (its error re-raised to each)."""
-        with self._lock:
-            if self._outcome is None and self._failure is None:
-                try:
-                    self._outcome = self._fetch(client)
-                except BaseException as exc:
-                    self._failure = exc
-            if self._failure is not None:
-                raise self._failure
-            assert self._outcome is not None
-            return self._outcome
+    def outcome(self) -> dict[str, Any]:
+        """The last stage's answer once ``done`` (its error, or the chain's, is raised to each member)."""
+        if self._failure is not None:
+            raise self._failure
+        assert self._outcome is not None
+        return self._outcome
 
-    def _fetch(self, client: Client) -> dict[str, Any]:
-        """Straight from the last shard's worker when allowed (it is pinned there, so no scheduler
-        lookup is needed); through Dask's own gather otherwise, or when that worker does not answer."""
-        assert self.last is not None
-        if config.direct_results and self.last.status == "finished":
-            worker = self.record["shards"][self.stages[-1].shard]["worker"]
-            data, *_ = client.sync(gather_from_workers, {self.last.key: [worker]}, rpc=client.rpc)
-            if self.last.key in data:
-                return data[self.last.key]
-        return client.gather(self.last, direct=config.direct_results)
+    async def fetch(self, client: Client) -> None:
+        """On the client's event loop: wait for the last stage and take its answer, once for all members.
+
+        Waiting and fetching there, instead of in each member's thread, saves the hand-offs between
+        threads that cost milliseconds each when many threads of a process compete for the GIL.
+        """
+        try:
+            self._outcome = await client.gather(self.last, direct=config.direct_results, asynchronous=True)
+        except BaseException as exc:
+            self._failure = exc
 
     def leave(self, client: Client, experiment: str) -> None:
         """A member gives up (cancelled, failed, retried): the chain is cancelled once all have."""
@@ -152,8 +145,11 @@ class Coalescer:
             self._finished(batch)
             return
         batch.launched.set()
-        assert batch.last is not None
-        batch.last.add_done_callback(lambda _future: self._finished(batch))
+        self.client.loop.add_callback(self._watch, batch)
+
+    async def _watch(self, batch: Batch) -> None:
+        await batch.fetch(self.client)
+        self._finished(batch)
 
     def _finished(self, batch: Batch) -> None:
         """A chain ended (any way): wake its members, launch the oldest pending batch in its slot."""

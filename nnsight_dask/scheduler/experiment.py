@@ -270,7 +270,7 @@ def _wait(client: Client, coalescer: Coalescer, batch: Batch, member: Member, de
     while True:
         try:
             if batch.done.wait(POLL_SECONDS):
-                outcome = batch.outcome(client).get(member.experiment)
+                outcome = batch.outcome().get(member.experiment)
                 if isinstance(outcome, BaseException):
                     raise outcome
                 if not isinstance(outcome, Results):
