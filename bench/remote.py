@@ -286,7 +286,7 @@ def prompts_for(n: int) -> list[str]:
 
 
 def throughput(cluster, model: Model, shards: int, counts: tuple[int, ...], window_s: float, rounds: int,
-               on_window=None) -> dict:
+               on_window=None, unshared: bool = False) -> dict:
     """Experiments/s of ``n`` client threads sharing one RemoteModel, for each n in ``counts``.
 
     Each window gets its own ``Client`` + ``RemoteModel`` (made before the clock starts), so a client
@@ -335,11 +335,22 @@ def throughput(cluster, model: Model, shards: int, counts: tuple[int, ...], wind
             client.close()
 
     window(max(counts))  # warm-up
-    rates: dict[int, list[float]] = {n: [] for n in counts}
+    def window_unshared() -> float:
+        """The most clients with sharing of stage tasks off: every experiment its own chain."""
+        import nnsight_dask as nd
+
+        before, nd.config.max_batch_experiments = nd.config.max_batch_experiments, 1
+        try:
+            return window(max(counts))
+        finally:
+            nd.config.max_batch_experiments = before
+
+    rates: dict[int | str, list[float]] = {n: [] for n in counts}
+    variants: list[int | str] = [*counts, *(["unshared"] if unshared else [])]
     for r in range(rounds):
-        order = list(counts[r % len(counts):] + counts[: r % len(counts)])
+        order = variants[r % len(variants):] + variants[: r % len(variants)]
         for n in order:
-            rates[n].append(window(n))
+            rates.setdefault(n, []).append(window_unshared() if n == "unshared" else window(n))
     if wrong:
         raise AssertionError(f"{len(wrong)} concurrent experiments returned wrong results: {wrong[:3]}")
     return {"rates": rates, "failed": failed}
@@ -528,7 +539,7 @@ def main() -> None:
         for m in models:
             window_s, rounds = (1.5, 2) if quick else ((2.5, 3) if m is models[0] else (2.5, 2))
             log(f"throughput: {m.label} ({len(CLIENT_COUNTS) * rounds} windows of {window_s} s)")
-            tp[m.label] = throughput(cluster, m, 2, CLIENT_COUNTS, window_s, rounds)
+            tp[m.label] = throughput(cluster, m, 2, CLIENT_COUNTS, window_s, rounds, unshared=m is models[0])
         log(f"throughput: {models[0].label}, {max(CLIENT_COUNTS)} client processes")
         procs = throughput_processes(client, models[0], 2, max(CLIENT_COUNTS), window_s=2.0 if quick else 3.0)
 
@@ -616,6 +627,9 @@ def main() -> None:
                 target = f"{verdict(tp_ok[m.label])} (>= {THROUGHPUT_TARGET:.0f}x)" if m is tiny else (
                     f"({verdict(tp_ok[m.label])})")
             rows.append([m.label, str(n), f"{med:.1f}", f"{1e3 * n / med:.1f}", f"{speedup:.2f}x", target])
+        if "unshared" in rates:
+            med, n = statistics.median(rates["unshared"]), max(CLIENT_COUNTS)
+            rows.append([m.label, f"{n}, sharing off", f"{med:.1f}", f"{1e3 * n / med:.1f}", f"{med / base:.2f}x", "-"])
         if m is tiny:
             n = procs["n"]
             rows.append([m.label, f"{n} processes", f"{procs['rate']:.1f}", f"{1e3 * n / procs['rate']:.1f}",
@@ -624,7 +638,8 @@ def main() -> None:
     out("")
     out("Clients are threads sharing one `RemoteModel`; experiments in flight together from one process share "
         "stage tasks once every shard is busy (`nnsight_dask.scheduler.coalesce`). 'processes': separate client "
-        "processes, one `Client` each; their experiments never share tasks. Every concurrent result was checked "
+        "processes, one `Client` each; their experiments never share tasks. 'sharing off': "
+        "`nd.config.max_batch_experiments = 1`, every experiment in its own chain. Every concurrent result was checked "
         "against local execution of its own prompt (distinct prompts per client): all correct.")
     for m in models:
         failed = tp[m.label]["failed"]

@@ -34,7 +34,8 @@ client_batch_interval: float | None = 0.002
 
 #: Most experiments one chain of stage tasks carries. Experiments in flight together from one process
 #: (threads, ``blocking=False`` traces) share stage tasks once every shard of the deployment is busy;
-#: each still runs alone on the shard, with its own state. ``1`` turns sharing off.
+#: each still runs alone on the shard, with its own state. ``1`` turns sharing off: every experiment
+#: then leaves at once in a chain of its own.
 max_batch_experiments: int = 8
 
 #: Fetch remote results straight from the worker that holds them (one message less for the scheduler,

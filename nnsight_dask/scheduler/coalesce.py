@@ -85,8 +85,9 @@ class Batch:
 class Coalescer:
     """Queues experiments for one deployment of one client and launches them as batches.
 
-    At most ``slots`` chains are in flight (one per shard, so shards work on different batches at
-    once); a pending batch takes up to ``config.max_batch_experiments`` members with equal stages.
+    At most one chain per shard is in flight (so shards work on different batches at once); a
+    pending batch takes up to ``config.max_batch_experiments`` members with equal stages. With
+    sharing off (``max_batch_experiments = 1``) every experiment leaves at once in a chain of its own.
     """
 
     def __init__(self, client: Client, launch: Any) -> None:
@@ -99,7 +100,8 @@ class Coalescer:
     def enqueue(self, member: Member, record: dict[str, Any], stages: list[Stage]) -> Batch:
         """Put ``member`` in a batch: a new one launched now if a slot is free, else a pending one."""
         with self.lock:
-            if self.in_flight < max(1, len(record["shards"])):
+            sharing = config.max_batch_experiments > 1
+            if not sharing or self.in_flight < max(1, len(record["shards"])):
                 self.in_flight += 1
                 batch = Batch(record, stages, [member])
             else:
