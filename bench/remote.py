@@ -538,7 +538,7 @@ def main() -> None:
         tp = {}
         for m in models:
             window_s, rounds = (1.5, 2) if quick else ((2.5, 3) if m is models[0] else (2.5, 2))
-            log(f"throughput: {m.label} ({len(CLIENT_COUNTS) * rounds} windows of {window_s} s)")
+            log(f"throughput: {m.label} ({(len(CLIENT_COUNTS) + (m is models[0])) * rounds} windows of {window_s} s)")
             tp[m.label] = throughput(cluster, m, 2, CLIENT_COUNTS, window_s, rounds, unshared=m is models[0])
         log(f"throughput: {models[0].label}, {max(CLIENT_COUNTS)} client processes")
         procs = throughput_processes(client, models[0], 2, max(CLIENT_COUNTS), window_s=2.0 if quick else 3.0)
