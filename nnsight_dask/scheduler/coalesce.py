@@ -49,7 +49,6 @@ class Batch:
     #: The last stage's future (resolves to ``{experiment: Results | error}``), once launched.
     last: Future | None = None
     launch_error: BaseException | None = None
-    keys: list[str] = field(default_factory=list)
     _left: set[str] = field(default_factory=set)
     _outcome: dict[str, Any] | None = None
     _failure: BaseException | None = None
@@ -111,13 +110,15 @@ class Coalescer:
         self._launch(batch)
         return batch
 
-    def withdraw(self, batch: Batch, member: Member) -> None:
-        """Take a member out of a batch that has not left yet (its experiment was cancelled)."""
+    def withdraw(self, batch: Batch, member: Member) -> bool:
+        """Take a member out of a batch still pending; ``False`` when the batch is leaving or left."""
         with self.lock:
-            if not batch.launched.is_set() and member in batch.members:
-                batch.members.remove(member)
-                if not batch.members and batch in self.pending:
-                    self.pending.remove(batch)
+            if batch not in self.pending:
+                return False
+            batch.members.remove(member)
+            if not batch.members:
+                self.pending.remove(batch)
+            return True
 
     def ahead_of(self, batch: Batch) -> int:
         """Experiments of this process queued before ``batch`` (the in-flight chains count one each)."""

@@ -92,7 +92,7 @@ def launch_batch(client: Client, batch: Batch) -> None:
             tasks.run_stage, record["name"], stage.shard, members, stage, previous, position == len(stages) - 1,
             key=keys[position], workers=[worker], allow_other_workers=False, pure=False)
     assert previous is not None
-    batch.keys, batch.last = keys, previous
+    batch.last = previous
 
 
 def shorten_batching(client: Client) -> None:
@@ -193,10 +193,11 @@ def run_experiment(client: Client, name: str, graph: InterventionGraph, *, modul
 def _abandon(client: Client, coalescer: Coalescer, batch: Batch, member: Member, graph: InterventionGraph) -> None:
     """Leave the batch (its chain is cancelled once no member is left), free the experiment's state
     on the shards and its partial saves."""
-    coalescer.withdraw(batch, member)
-    if batch.last is not None:
-        batch.leave(client, member.experiment)
-        _release(client, batch.record, member.experiment)
+    if not coalescer.withdraw(batch, member):
+        batch.launched.wait()  # it was being launched: set within the launching call
+        if batch.last is not None:
+            batch.leave(client, member.experiment)
+            _release(client, batch.record, member.experiment)
     _discard(graph, member.experiment)
 
 
