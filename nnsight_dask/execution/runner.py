@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import inspect
 import weakref
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 

@@ -13,7 +13,6 @@ with exactly the batches it had not finished (``pending_batches``) and never wri
 from __future__ import annotations
 
 import concurrent.futures
-import math
 from collections.abc import Iterable, Sequence
 from typing import Any, Mapping
 
