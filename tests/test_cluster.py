@@ -333,9 +333,20 @@ def test_killed_shard_worker_recovers_and_retries(model_dir):
         with lm.generate(PROMPT, max_new_tokens=40, blocking=False) as tracer:
             ids = tracer.result.save()
         time.sleep(0.5)
+        prompts = [torch.tensor([[i + 4, 5, 6]]) for i in range(4)]
+        traces = []
+        for ids_ in prompts:  # in flight or queued (sharing a chain) when the worker dies
+            with lm.trace(ids_, blocking=False) as t:
+                lm.output.logits[:, -1].save()
+            traces.append(t.future)
         os.kill(pid, signal.SIGKILL)
         result = tracer.future.result(timeout=120)  # retried once on the recovered deployment
         assert result["ids"].shape[1] > 8
+        local = nd.LanguageModel(model_dir)
+        for ids_, future in zip(prompts, traces):
+            with local.trace(ids_):
+                ref = local.output.logits[:, -1].save()
+            assert_close(next(iter(future.result(timeout=120).values())), ref)
         record = nd.deployments(client)["fragile"]
         assert record["generation"] == 1 and record["shards"][1]["worker"] != victim
         with lm.trace(PROMPT):
