@@ -38,7 +38,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -49,6 +49,7 @@ from .surgery import cut_to_shard, settle_passthroughs, strip_to_shard
 __all__ = ["LoadedShard", "ShardLoadError", "checkpoint_dir", "load_shard", "load_shard_from_checkpoint"]
 
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 #: ``(source, dtype, gguf_file) -> (model, tokenizer)``: the full loader used when a shard cannot be
 #: read on its own (``nnsight_dask.actors.shard_actor.load_source``).
@@ -374,22 +375,14 @@ def _load_parameters(model: torch.nn.Module, weight_map: dict[str, Path], aliase
     groups: dict[int, tuple[torch.nn.Parameter, list[str]]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         groups.setdefault(id(param), (param, []))[1].append(name)
-    wanted: dict[Path, list[tuple[str, torch.nn.Parameter, list[str]]]] = {}
+    wanted: dict[Path, list[tuple[str, tuple[torch.nn.Parameter, list[str]]]]] = {}
     for key_id, (param, names) in groups.items():
         key = next((k for k in [*names, *aliases.get(key_id, [])] if k in weight_map), None)
         if key is None:
             raise _NeedsFullLoad(f"no checkpoint key for parameter {names[0]!r} (tried {aliases.get(key_id, names)})")
-        wanted.setdefault(weight_map[key], []).append((key, param, names))
+        wanted.setdefault(weight_map[key], []).append((key, (param, names)))
     for file, items in wanted.items():
-        _read_file(model, file, items)
-
-
-def _read_file(model: torch.nn.Module, file: Path,
-               items: list[tuple[str, torch.nn.Parameter, list[str]]]) -> None:
-    data_start, header = _read_header(file)
-    with open(file, "rb", buffering=0) as handle:
-        for key, param, names in sorted(items, key=lambda item: header[item[0]]["data_offsets"][0]):
-            stored = _read_tensor(handle, file, data_start, key, header[key])
+        for key, (param, names), stored in _read_tensors(file, items):
             if tuple(stored.shape) != tuple(param.shape):
                 raise _NeedsFullLoad(f"{key!r} has shape {tuple(stored.shape)} in the checkpoint, "
                                      f"the model expects {tuple(param.shape)}")
@@ -407,14 +400,19 @@ def _load_persistent_buffers(model: torch.nn.Module, weight_map: dict[str, Path]
     for name, buf in model.named_buffers():
         if name in persistent and name in weight_map:
             by_file.setdefault(weight_map[name], []).append((name, buf))
-    for file, buffers in by_file.items():  # each file's header read once
-        data_start, header = _read_header(file)
-        with open(file, "rb", buffering=0) as handle:
-            for name, buf in buffers:
-                stored = _read_tensor(handle, file, data_start, name, header[name])
-                if buf.is_floating_point() and stored.is_floating_point() and stored.dtype != buf.dtype:
-                    stored = stored.to(buf.dtype)
-                _set(model, name, stored, parameter=False)
+    for file, buffers in by_file.items():
+        for name, buf, stored in _read_tensors(file, buffers):
+            if buf.is_floating_point() and stored.is_floating_point() and stored.dtype != buf.dtype:
+                stored = stored.to(buf.dtype)
+            _set(model, name, stored, parameter=False)
+
+
+def _read_tensors(file: Path, items: list[tuple[str, _T]]) -> Iterator[tuple[str, _T, torch.Tensor]]:
+    """``(key, what, tensor)`` for each ``(key, what)`` of ``items``, in file order (the header read once)."""
+    data_start, header = _read_header(file)
+    with open(file, "rb", buffering=0) as handle:
+        for key, what in sorted(items, key=lambda item: header[item[0]]["data_offsets"][0]):
+            yield key, what, _read_tensor(handle, file, data_start, key, header[key])
 
 
 def _read_header(file: Path) -> tuple[int, dict[str, dict[str, Any]]]:
