@@ -86,7 +86,7 @@ def _preimport() -> int:
     from transformers.models.gpt2 import modeling_gpt2  # noqa: F401
     from transformers.models.llama import modeling_llama  # noqa: F401
 
-    import nnsight_dask.actors.shard_actor  # noqa: F401
+    import nnsight_dask.worker.shard_actor  # noqa: F401
     import nnsight_dask.models.loading  # noqa: F401
 
     torch.set_num_threads(1)
@@ -135,7 +135,7 @@ import nnsight_dask as nd
 gc.collect()
 before = psutil.Process().memory_info().rss
 source, layers_path = sys.argv[1], sys.argv[2]
-lm = nd.models.smollm2() if source == "smollm2" else nd.LanguageModel(source)
+lm = nd.smollm2() if source == "smollm2" else nd.LanguageModel(source)
 layers = lm
 for part in layers_path.split("."):
     layers = getattr(layers, part)
@@ -184,7 +184,7 @@ class Model:
     def load_local(self) -> None:
         import nnsight_dask as nd
 
-        self.local = nd.models.smollm2() if self.source == "smollm2" else nd.LanguageModel(self.source)
+        self.local = nd.smollm2() if self.source == "smollm2" else nd.LanguageModel(self.source)
         self.n_layer = len(_get(self.local, self.layers_path))
 
     def deploy(self, client, shards: int) -> float:
@@ -205,7 +205,7 @@ class Model:
 
     def carry_bytes(self, prompt: str = PROMPT) -> int:
         """Bytes of the carry that crosses the shard boundary for this graph (hidden + inputs + pickle)."""
-        from nnsight_dask.actors.serialization import dumps
+        from nnsight_dask.worker.serialization import dumps
         from nnsight_dask.execution.stage import Carry
 
         enc = self.local.tokenizer([prompt], return_tensors="pt")
@@ -235,9 +235,9 @@ def worker_rss(client) -> dict[str, int]:
 
 # -- 1 + 2: round trip and hop ----------------------------------------------------------------------
 def round_trip(client, model: Model, budget_s: float) -> dict:
-    a = model.records[1]["shards"][0]["worker"]
-    b = model.records[2]["shards"][1]["worker"]
-    assert model.records[2]["shards"][0]["worker"] == a and a != b
+    a = model.records[1].shards[0].worker
+    b = model.records[2].shards[1].worker
+    assert model.records[2].shards[0].worker == a and a != b
     nbytes = model.carry_bytes()
 
     null = NullWriter()
@@ -295,7 +295,7 @@ def throughput(cluster, model: Model, shards: int, counts: tuple[int, ...], wind
     import nnsight_dask as nd
     from distributed import Client
 
-    name = model.records[shards]["name"]
+    name = model.records[shards].name
     prompts = prompts_for(max(counts))
     expected = {p: model.experiment(model.local, p) for p in prompts}
     wrong: list[str] = []
@@ -387,13 +387,13 @@ def _process_client(scheduler: str, name: str, layers_path: str, n_layer: int, p
 def throughput_processes(client, model: Model, shards: int, n_clients: int, window_s: float) -> dict:
     """Experiments/s of ``n_clients`` separate client processes (one Client each) on one deployment.
 
-    Experiments of different processes never share stage tasks (see ``nnsight_dask.scheduler.coalesce``):
+    Experiments of different processes never share stage tasks (see ``nnsight_dask.client.coalesce``):
     this is the per-experiment cost of Dask's task machinery.
     """
     import concurrent.futures
     import multiprocessing
 
-    name = model.records[shards]["name"]
+    name = model.records[shards].name
     prompts = prompts_for(n_clients)
     ctx = multiprocessing.get_context("spawn")
     with ctx.Manager() as manager:
@@ -421,12 +421,12 @@ def private_copy(model: Model) -> dict:
 def memory(cluster, client, model: Model, idle: dict[str, int], window_s: float) -> dict:
     """Worker RSS: idle (libraries imported), with the 2-shard deployment, and while 10 clients run."""
     import nnsight_dask as nd
-    from nnsight_dask.actors import tasks
+    from nnsight_dask.worker import tasks
 
     loaded = worker_rss(client)
     record = model.records[2]
-    status = [client.submit(tasks.shard_status, record["name"], s["index"], workers=[s["worker"]],
-                            pure=False).result() for s in record["shards"]]
+    status = [client.submit(tasks.shard_status, record.name, s.index, workers=[s.worker],
+                            pure=False).result() for s in record.shards]
     weight_bytes = sum(s["weight_bytes"] for s in status)
     peak = dict(loaded)
 
@@ -449,11 +449,11 @@ def memory(cluster, client, model: Model, idle: dict[str, int], window_s: float)
 # -- profile ----------------------------------------------------------------------------------------
 PARTS = [
     ("tracer enter (tokenize, record)", "tracing/tracer.py", "__enter__"),
-    ("check_graph (validate)", "scheduler/experiment.py", "check_graph"),
+    ("check_graph (validate)", "worker/limits.py", "check_graph"),
     ("graph.to_json", "graph/graph.py", "to_json"),
-    ("launch_batch (announce + client.submit xN)", "scheduler/experiment.py", "launch_batch"),
-    ("_wait (chain runs + result fetch)", "scheduler/experiment.py", "_wait"),
-    ("finish_results", "scheduler/experiment.py", "finish_results"),
+    ("launch_batch (announce + client.submit xN)", "client/experiment.py", "launch_batch"),
+    ("_wait (chain runs + result fetch)", "client/experiment.py", "_wait"),
+    ("ZarrSink.commit", "storage/results/sink.py", "commit"),
 ]
 
 
@@ -637,7 +637,7 @@ def main() -> None:
     out(table(["model", "clients", "experiments/s", "latency ms", "vs 1 client", "target"], rows))
     out("")
     out("Clients are threads sharing one `RemoteModel`; experiments in flight together from one process share "
-        "stage tasks once every shard is busy (`nnsight_dask.scheduler.coalesce`). 'processes': separate client "
+        "stage tasks once every shard is busy (`nnsight_dask.client.coalesce`). 'processes': separate client "
         "processes, one `Client` each; their experiments never share tasks. 'sharing off': "
         "`nd.config.max_batch_experiments = 1`, every experiment in its own chain. Every concurrent result was checked "
         "against local execution of its own prompt (distinct prompts per client): all correct.")

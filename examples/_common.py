@@ -47,7 +47,7 @@ def open_model(model: str = "smollm2", scheduler: Any = None, local: bool = Fals
         if not smollm2_available():
             raise SystemExit(f"SmolLM2 weights are missing: {SMOLLM2_INSTALL}")
         if local:
-            yield nd.models.smollm2()
+            yield nd.smollm2()
             return
         load_smollm2()  # convert once here, so the workers load the cached safetensors
     elif local:

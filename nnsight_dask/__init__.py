@@ -8,28 +8,34 @@
 from __future__ import annotations
 
 from . import config, models
+from .api import LanguageModel, NNsight, smollm2
 from .errors import NNsightDaskError
 from .graph import InterventionGraph
-from .tracing import Envoy, LanguageModel, NNsight, Proxy, apply
+from .tracing import Envoy, Proxy, apply
 from .tracing import dict_ as dict
 from .tracing import list_ as list
 
-__all__ = ["Envoy", "InterventionGraph", "LanguageModel", "NNsight", "NNsightDaskError", "Proxy", "apply",
-           "collect", "config", "dict", "list", "models", "open_activations"]
+__all__ = ["Deployment", "Envoy", "ExperimentFuture", "InterventionGraph", "LanguageModel", "NNsight",
+           "NNsightDaskError", "Proxy", "RemoteModel", "apply", "collect", "config", "deployments", "dict", "list",
+           "models", "open_activations", "serve", "smollm2", "undeploy"]
 __version__ = "0.1.0"
 
 _LAZY = {
-    "serve": "nnsight_dask.scheduler", "undeploy": "nnsight_dask.scheduler", "deployments": "nnsight_dask.scheduler",
-    "RemoteModel": "nnsight_dask.scheduler", "ExperimentFuture": "nnsight_dask.scheduler",
-    "collect": "nnsight_dask.storage.collect", "open_activations": "nnsight_dask.storage",
+    "serve": "nnsight_dask.client", "undeploy": "nnsight_dask.client", "deployments": "nnsight_dask.client",
+    "RemoteModel": "nnsight_dask.client", "ExperimentFuture": "nnsight_dask.client",
+    "Deployment": "nnsight_dask.client",
+    "collect": "nnsight_dask.recipes", "open_activations": "nnsight_dask.storage",
+    "storage": "nnsight_dask.storage",
 }
 
 
 def __getattr__(name: str) -> object:
-    """Cluster parts import Dask; they load on first use so local tracing stays Dask-free."""
+    """Cluster parts import Dask's distributed, storage imports Zarr: they load on first use, so local
+    tracing stays free of both."""
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'nnsight_dask' has no attribute {name!r}")
     import importlib
 
-    return getattr(importlib.import_module(module), name)
+    loaded = importlib.import_module(module)
+    return loaded if name == "storage" else getattr(loaded, name)

@@ -1,44 +1,99 @@
-"""Every default in one place. Override by assigning, e.g. ``nnsight_dask.config.persist_threshold = 4 << 20``."""
+"""Settings, kept in ``dask.config`` under the ``nnsight-dask`` namespace.
+
+Why dask.config: client, scheduler and workers each read their own copy, set the same ways (YAML
+files, ``DASK_NNSIGHT_DASK__MAX_NEW_TOKENS_LIMIT=64`` environment variables, ``dask.config.set``),
+and a ``LocalCluster``'s workers start with the config of the process that made them. So the
+limits a worker enforces are the worker's, whatever a client sets for itself.
+
+This module is the friendly front: ``nnsight_dask.config.persist_threshold = 4 << 20`` sets
+``nnsight-dask.persist-threshold`` for this process, and reading the attribute reads it back.
+
+>>> import nnsight_dask as nd
+>>> nd.config.max_new_tokens_limit
+1024
+>>> import dask
+>>> with dask.config.set({"nnsight-dask.max-new-tokens-limit": 64}):
+...     nd.config.max_new_tokens_limit
+64
+"""
 from __future__ import annotations
 
-import os
 import getpass
+import os
+import sys
+import types
 from pathlib import Path
+from typing import Any
 
-#: Where converted model weights (e.g. SmolLM2 from GGUF to safetensors) are cached.
-cache_dir: Path = Path(os.environ.get("NNSIGHT_DASK_CACHE", Path.home() / ".cache" / "nnsight-dask"))
+import dask.config
 
-#: Saved values larger than this many bytes are persisted to Zarr when a store is given.
-persist_threshold: int = 1 << 20
+NAMESPACE = "nnsight-dask"
 
-#: Largest total of inline (non-persisted) result bytes a remote experiment may return.
-max_inline_result_bytes: int = 256 << 20
+#: Every setting with its default. Keys are the attribute names; in dask.config they are spelled
+#: with dashes (``persist_threshold`` -> ``nnsight-dask.persist-threshold``).
+DEFAULTS: dict[str, Any] = {
+    #: Where converted model weights (e.g. SmolLM2 from GGUF to safetensors) are cached.
+    "cache_dir": os.environ.get("NNSIGHT_DASK_CACHE") or str(Path.home() / ".cache" / "nnsight-dask"),
+    #: Saved values larger than this many bytes are persisted to Zarr when a store is given.
+    "persist_threshold": 1 << 20,
+    #: Largest total of inline (non-persisted) result bytes a remote experiment may return; also the
+    #: largest total of tensors a graph may carry in. Enforced by the shard that returns the results.
+    "max_inline_result_bytes": 256 << 20,
+    #: Show progress of remote experiments and collect() in the terminal/notebook.
+    "verbose": True,
+    #: Wall-time limit of one remote experiment, in seconds.
+    "experiment_timeout": 600.0,
+    #: Largest number of generation steps a remote experiment may ask for (checked on the shards).
+    "max_new_tokens_limit": 1024,
+    #: Who submits remote experiments (shown on the dashboard's Experiments page).
+    "user": os.environ.get("NNSIGHT_DASK_USER") or getpass.getuser(),
+    #: Longest time (s) a client holds its messages to the scheduler before sending them. Dask batches
+    #: a client's messages for 10 ms, so an experiment submitted right after another one waits up to
+    #: 10 ms before the scheduler even hears of it; remote traces shorten it on the client they use.
+    #: ``None`` leaves Dask's default.
+    "client_batch_interval": 0.002,
+    #: Most experiments one chain of stage tasks carries. Experiments in flight together from one
+    #: process (threads, ``blocking=False`` traces) share stage tasks once every shard of the
+    #: deployment is busy; each still runs alone on the shard, with its own state. ``1`` turns sharing
+    #: off: every experiment then leaves at once in a chain of its own.
+    "max_batch_experiments": 8,
+    #: Fetch remote results straight from the worker that holds them. Set ``False`` when clients
+    #: cannot reach the workers' addresses.
+    "direct_results": True,
+}
 
-#: Show progress of remote experiments and collect() in the terminal/notebook.
-verbose: bool = True
+dask.config.update_defaults({NAMESPACE: {_name.replace("_", "-"): _value for _name, _value in DEFAULTS.items()}})
 
-#: Wall-time limit of one remote experiment, in seconds.
-experiment_timeout: float = 600.0
 
-#: Largest number of generation steps a remote experiment may ask for.
-max_new_tokens_limit: int = 1024
+def key(name: str) -> str:
+    """The dask.config key of setting ``name``: ``persist_threshold`` -> ``nnsight-dask.persist-threshold``."""
+    return f"{NAMESPACE}.{name.replace('_', '-')}"
 
-#: Who submits remote experiments (shown on the dashboard's Experiments page).
-user: str = os.environ.get("NNSIGHT_DASK_USER") or getpass.getuser()
 
-#: Longest time (s) a client holds its messages to the scheduler before sending them. Dask batches a
-#: client's messages for 10 ms, so an experiment submitted right after another one (whose futures were
-#: just released) waits up to 10 ms before the scheduler even hears of it; remote traces shorten it
-#: on the client they use. ``None`` leaves Dask's default.
-client_batch_interval: float | None = 0.002
+def get(name: str) -> Any:
+    """The current value of setting ``name`` in this process."""
+    if name not in DEFAULTS:
+        raise AttributeError(f"nnsight_dask.config has no setting {name!r}; settings: {sorted(DEFAULTS)}")
+    value = dask.config.get(key(name), DEFAULTS[name])
+    return Path(value) if name == "cache_dir" else value
 
-#: Most experiments one chain of stage tasks carries. Experiments in flight together from one process
-#: (threads, ``blocking=False`` traces) share stage tasks once every shard of the deployment is busy;
-#: each still runs alone on the shard, with its own state. ``1`` turns sharing off: every experiment
-#: then leaves at once in a chain of its own.
-max_batch_experiments: int = 8
 
-#: Fetch remote results straight from the worker that holds them (one message less for the scheduler,
-#: faster under load). Set ``False`` when clients cannot reach the workers' addresses; Dask also falls
-#: back to fetching through the scheduler when a worker does not answer.
-direct_results: bool = True
+class _Settings(types.ModuleType):
+    """Module attributes that read and write dask.config (see the module docstring)."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name in DEFAULTS:
+            return get(name)
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in DEFAULTS:
+            dask.config.set({key(name): str(value) if isinstance(value, Path) else value})
+        else:
+            super().__setattr__(name, value)
+
+    def __dir__(self) -> list[str]:
+        return sorted({*super().__dir__(), *DEFAULTS})
+
+
+sys.modules[__name__].__class__ = _Settings

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import multiprocessing
 import os
 import signal
@@ -45,8 +46,8 @@ def assert_close(a, b, tol=1e-5):
 # -- deployment -----------------------------------------------------------------------------------
 def test_deployment_is_registered_and_spread(client, remote):
     record = nd.deployments(client)["tiny"]
-    assert [list(s["layers"]) for s in record["shards"]] == [[0, 2], [2, 4]]
-    assert len({s["worker"] for s in record["shards"]}) == 2  # one shard per worker
+    assert [list(s.layers) for s in record.shards] == [[0, 2], [2, 4]]
+    assert len({s.worker for s in record.shards}) == 2  # one shard per worker
     with pytest.raises(DeploymentError, match="already exists"):
         nd.serve(client, "anything", shards=1, name="tiny")
     with pytest.raises(DeploymentError, match="no deployment named 'nope'.*tiny"):
@@ -195,7 +196,7 @@ def test_many_concurrent_users_get_their_own_results(client, remote, local):
             ref = local.output.logits[:, -1].save()
         assert_close(got, ref)
     # the weights exist once per shard: one shard object per worker, however many users
-    held = client.run(lambda: __import__("nnsight_dask.actors.registry", fromlist=["held"]).held())
+    held = client.run(lambda: __import__("nnsight_dask.worker.registry", fromlist=["held"]).held())
     assert sorted(len(v) for v in held.values()) == [1, 1]
 
 
@@ -211,11 +212,11 @@ def _stage_keys(client):
 
 def _in_flight(client, name):
     """Experiments each shard of deployment ``name`` still holds state for."""
-    from nnsight_dask.actors import tasks
+    from nnsight_dask.worker import tasks
 
     record = nd.deployments(client)[name]
-    return [client.submit(tasks.shard_status, name, s["index"], workers=[s["worker"]], pure=False).result()["in_flight"]
-            for s in record["shards"]]
+    return [client.submit(tasks.shard_status, name, s.index, workers=[s.worker], pure=False).result()["in_flight"]
+            for s in record.shards]
 
 
 def _monitor_rows(client):
@@ -328,7 +329,7 @@ def test_killed_shard_worker_recovers_and_retries(model_dir):
     with local_cluster(2) as client:
         nd.serve(client, model_dir, shards=2, name="fragile")
         lm = nd.RemoteModel(client, "fragile")
-        victim = nd.deployments(client)["fragile"]["shards"][1]["worker"]
+        victim = nd.deployments(client)["fragile"].shards[1].worker
         pid = client.run(os.getpid, workers=[victim])[victim]
         with lm.generate(PROMPT, max_new_tokens=40, blocking=False) as tracer:
             ids = tracer.result.save()
@@ -348,17 +349,16 @@ def test_killed_shard_worker_recovers_and_retries(model_dir):
                 ref = local.output.logits[:, -1].save()
             assert_close(next(iter(future.result(timeout=120).values())), ref)
         record = nd.deployments(client)["fragile"]
-        assert record["generation"] == 1 and record["shards"][1]["worker"] != victim
+        assert record.generation == 1 and record.shards[1].worker != victim
         with lm.trace(PROMPT):
             ok = lm.output.logits.save()
         assert ok.shape[0] == 1
         # a second user whose cached placement still names the dead worker: resubmitted, not failed
         stale = nd.RemoteModel(client, "fragile")
-        stale._set_deployment({**record, "generation": 0, "shards": [
-            {**s, "worker": victim} if s["index"] == 1 else s for s in record["shards"]]})
+        stale._set_deployment(dataclasses.replace(record.moved({1: victim}), generation=0))
         with stale.trace(PROMPT):
             again = stale.output.logits.save()
         assert torch.equal(again.value, ok.value)
-        assert stale.deployment["generation"] == 1 and stale.deployment["shards"][1]["worker"] != victim
+        assert stale.deployment.generation == 1 and stale.deployment.shards[1].worker != victim
         statuses = [r["status"] for r in client.sync(client.scheduler.nnsight_experiments)["experiments"]]
         assert statuses[:2] == ["completed", "retried"]  # the stale submission shows as retried

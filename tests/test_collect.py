@@ -6,7 +6,7 @@ import torch
 
 import nnsight_dask as nd
 from nnsight_dask.storage import DatasetWriter
-from nnsight_dask.storage.dataset_format import read_dataset_info
+from nnsight_dask.storage.datasets.format import read_dataset_info
 
 torch.set_num_threads(1)
 

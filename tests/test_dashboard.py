@@ -102,7 +102,7 @@ def test_events_and_cli_status(cluster_with_dashboard, capsys):
     _, client, _, _ = cluster_with_dashboard
     events = client.get_events(monitor.EVENTS)
     assert {"queued", "running", "completed", "failed"} <= {e["status"] for _, e in events}
-    from nnsight_dask.cli import main
+    from nnsight_dask.service.cli import main
 
     assert main(["status", "--scheduler", client.scheduler.address]) == 0
     out = capsys.readouterr().out
@@ -134,7 +134,7 @@ def test_live_status_and_progress_line(cluster_with_dashboard):
 
 
 def test_progress_line_shows_queue_position():
-    from nnsight_dask.scheduler.progress import ExperimentProgress
+    from nnsight_dask.client.progress import ExperimentProgress
 
     stream = Terminal()
     with redirect_stderr(stream):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import nnsight_dask as nd
-from nnsight_dask.errors import ExperimentFailedError, InterventionError
+from nnsight_dask.errors import ExperimentFailedError, GraphValidationError, InterventionError
 from nnsight_dask.storage import LazyTensor, is_complete, list_experiments, open_experiment
 
 
@@ -101,14 +101,39 @@ def test_failed_experiment_leaves_nothing_complete(remote, tmp_path):
     assert len(complete) == 1 and is_complete(store, complete[0])
 
 
-def test_inline_limit_refuses_without_store(remote, monkeypatch):
-    monkeypatch.setattr(nd.config, "max_inline_result_bytes", 1000)
-    with pytest.raises(ExperimentFailedError, match="store="):
-        with remote.trace(PROMPT):
-            remote.model.layers[1].output.save()
-    with remote.trace(PROMPT):  # small results still pass
-        top = remote.output.logits[:, -1].argmax(-1).save()
-    assert top.value.shape == (1,)
+def _set_on_workers(client, name, value):
+    """Set an nnsight-dask setting in every worker process (what an operator's config file does)."""
+    def apply(key, value):
+        import dask
+
+        dask.config.set({key: value})
+    client.run(apply, nd.config.key(name), value)
+
+
+def test_inline_limit_is_the_workers(remote, client, monkeypatch):
+    """The workers' limit holds whatever the client sets for itself."""
+    _set_on_workers(client, "max_inline_result_bytes", 1000)
+    monkeypatch.setattr(nd.config, "max_inline_result_bytes", 1 << 30)  # a client widening its own limit
+    try:
+        with pytest.raises(ExperimentFailedError, match="store="):
+            with remote.trace(PROMPT):
+                remote.model.layers[1].output.save()
+        with remote.trace(PROMPT):  # small results still pass
+            top = remote.output.logits[:, -1].argmax(-1).save()
+        assert top.value.shape == (1,)
+    finally:
+        _set_on_workers(client, "max_inline_result_bytes", nd.config.DEFAULTS["max_inline_result_bytes"])
+
+
+def test_generation_limit_is_checked_on_the_shards(remote, client, monkeypatch):
+    _set_on_workers(client, "max_new_tokens_limit", 2)
+    monkeypatch.setattr(nd.config, "max_new_tokens_limit", 10_000)
+    try:
+        with pytest.raises(GraphValidationError, match="max_new_tokens=5; this server allows at most 2"):
+            with remote.generate(PROMPT, max_new_tokens=5):
+                remote.model.layers[0].output.save()
+    finally:
+        _set_on_workers(client, "max_new_tokens_limit", nd.config.DEFAULTS["max_new_tokens_limit"])
 
 
 def test_local_trace_with_store(local, tmp_path):

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 import nnsight_dask as nd
-from nnsight_dask.actors.shard_actor import describe_model, load_source
+from nnsight_dask.worker.shard_actor import describe_model, load_source, shard_runner
 from nnsight_dask.execution.runner import run_graph
-from nnsight_dask.execution.stage import ShardRunner, run_pipeline
+from nnsight_dask.execution.stage import run_pipeline
 from nnsight_dask.models import load_causal_lm, plan_shards, save_tiny, tiny_llama
 from nnsight_dask.models.shard_loading import (
     ShardLoadError,
@@ -94,7 +94,7 @@ def test_shard_pipeline_gives_the_full_models_logits(checkpoints: dict[str, Path
         lm.output.logits.save()
     graph = tracer.graph
     shards = [load_shard_from_checkpoint(checkpoints[name], k, i) for i in range(k)]
-    runners = [ShardRunner(s.model, s.plan, i, tokenizer.pad_token_id) for i, s in enumerate(shards)]
+    runners = [shard_runner(s.model, s.plan, i, tokenizer.pad_token_id) for i, s in enumerate(shards)]
     saves, _ = run_pipeline(runners, graph)
     (key,) = saves
     expected = run_graph(full, graph, pad_token_id=tokenizer.pad_token_id).saves[key]
@@ -109,7 +109,7 @@ def test_generation_through_loaded_shards_matches(checkpoints: dict[str, Path]) 
     with lm.generate(PROMPT, max_new_tokens=4, execute=False) as tracer:
         tracer.result.save()
     shards = [load_shard_from_checkpoint(path, 3, i) for i in range(3)]
-    runners = [ShardRunner(s.model, s.plan, i, tokenizer.pad_token_id) for i, s in enumerate(shards)]
+    runners = [shard_runner(s.model, s.plan, i, tokenizer.pad_token_id) for i, s in enumerate(shards)]
     saves, _ = run_pipeline(runners, tracer.graph)
     expected = run_graph(full, tracer.graph, pad_token_id=tokenizer.pad_token_id).saves
     assert saves.keys() == expected.keys()
@@ -207,7 +207,7 @@ def test_unreadable_checkpoint_falls_back_to_a_full_load(tmp_path: Path, checkpo
 
 
 def test_shard_actor_loads_only_its_shard(checkpoints: dict[str, Path]) -> None:
-    from nnsight_dask.actors.shard_actor import ShardActor
+    from nnsight_dask.worker.shard_actor import ShardActor
 
     actor = ShardActor("shard-loading-test", 1, 2, str(checkpoints["llama-tied"]))
     try:

@@ -38,7 +38,7 @@ from nnsight_dask.storage import (
     is_complete,
     list_experiments,
     mark_complete,
-    maybe_persist,
+    ZarrSink,
     open_activations,
     open_experiment,
     prompts_digest,
@@ -231,11 +231,23 @@ def test_names_and_ids_are_checked_before_writing(tmp_path: Path) -> None:
     assert not list(tmp_path.iterdir())
 
 
-def test_maybe_persist_uses_the_threshold(tmp_path: Path) -> None:
-    small, big = torch.zeros(4), torch.zeros(1000)
-    assert maybe_persist(small, str(tmp_path), "exp", "s", threshold=1000) is small
-    assert isinstance(maybe_persist(big, str(tmp_path), "exp", "b", threshold=1000), TensorRef)
-    assert maybe_persist(big, None, "exp", "b", threshold=1000) is big  # no store: inline
+def test_sink_persists_above_the_threshold_and_commits(tmp_path: Path) -> None:
+    small, big = torch.zeros(4), torch.arange(1000.0)
+    sink = ZarrSink(tmp_path, "exp", threshold=1000)
+    assert sink.write("s", small) is small
+    ref = sink.write("b", big)
+    assert isinstance(ref, TensorRef)
+    assert ZarrSink.from_options({}, "exp") is None  # no store: every save inline
+    assert not is_complete(tmp_path, "exp")  # written, not yet visible
+    assert sink.commit({"s": small, "b": [ref]}) == big.numel() * 4
+    assert torch.equal(open_experiment(tmp_path, "exp")["b"].torch(), big)
+
+
+def test_sink_abort_leaves_nothing_visible(tmp_path: Path) -> None:
+    sink = ZarrSink(tmp_path, "exp", threshold=0)
+    sink.write("b", torch.ones(10))
+    sink.abort()
+    assert "exp" not in list_experiments(tmp_path)
 
 
 # ===================================== lazy reads ================================================

@@ -1,7 +1,14 @@
-"""Runs intervention graphs on torch modules with hooks (no Dask here)."""
+"""Runs intervention graphs on torch modules with hooks (no Dask, no storage, no model loading here).
+
+``run_graph`` runs a whole graph on one module (the local engine); ``ShardRunner`` runs one shard's
+stages of it (the remote engine). Both get what they need from outside: the shard plan as an
+owner function, and a :class:`~nnsight_dask.backends.base.SaveSink` for large saves.
+"""
 from __future__ import annotations
 
 from .interleaver import Interleaver, StopForward
-from .runner import RunResult, collect_saves, run_graph
+from .runner import collect_saves, persisted_name, run_graph
+from .stage import Carry, ExperimentState, ShardRunner, Stage, plan_stages
 
-__all__ = ["Interleaver", "RunResult", "StopForward", "collect_saves", "run_graph"]
+__all__ = ["Carry", "ExperimentState", "Interleaver", "ShardRunner", "Stage", "StopForward", "collect_saves",
+           "persisted_name", "plan_stages", "run_graph"]

@@ -5,26 +5,19 @@ This is the local backend's engine and the reference every remote result is chec
 from __future__ import annotations
 
 import inspect
+import re
 import weakref
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from ..backends.base import RunResult
 from ..errors import InterventionError, ModuleNotFoundInModelError
 from ..graph.graph import InterventionGraph, Pass
 from ..graph.node import Kind, Node, display_path
 from .batching import batch_module_inputs, batch_token_inputs, position_ids_for
 from .interleaver import SKIPPED, Interleaver, Key, StopForward
-
-
-@dataclass
-class RunResult:
-    """What an experiment returns: saved values by name, and lines logged with ``tracer.log``."""
-
-    saves: dict[str, Any] = field(default_factory=dict)
-    logs: list[str] = field(default_factory=list)
 
 
 def run_graph(model: torch.nn.Module, graph: InterventionGraph, *, pad_token_id: int | None = None,
@@ -132,6 +125,14 @@ def collect_saves(graph: InterventionGraph, values: dict[Key, Any]) -> dict[str,
             saves[node.target] = [values[(node.id, s)] for s in steps  # type: ignore[index]
                                   if values[(node.id, s)] is not SKIPPED]
     return saves
+
+
+def persisted_name(target: str, key: Key) -> str:
+    """The array name of a saved value in its experiment's group (``h``, ``hs[3]``, ``logits.2`` a step)."""
+    name = re.sub(r"[^A-Za-z0-9_.\-\[\]]", "_", target)
+    if not name or not name[0].isalnum():
+        name = "v" + name
+    return f"{name}.{key[1]}" if isinstance(key, tuple) else name
 
 
 _MODULE_CACHE: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, torch.nn.Module]] = weakref.WeakKeyDictionary()

@@ -9,19 +9,20 @@ KV caches, the autograd graph) stays in the shard's :class:`ExperimentState`.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from ..backends.base import SaveSink
 from ..errors import InterventionError
 from ..graph.graph import InterventionGraph
 from ..graph.node import Kind
-from ..models.shards import ShardSpec, owner_of
 from .batching import batch_token_inputs, position_ids_for
 from .interleaver import SKIPPED, Interleaver, Key, StopForward
 from .partition import assign_shards, backward_origins
-from .runner import _check_reached, _modules
+from .runner import _check_reached, _modules, collect_saves, persisted_name
 
 
 @dataclass(frozen=True)
@@ -83,42 +84,47 @@ class ExperimentState:
     exit: torch.Tensor | None = None
     touched: float = field(default_factory=time.monotonic)
     busy_seconds: float = 0.0
-    #: The experiment's id (set by the shard actor); names the store group of persisted saves.
-    experiment: str = ""
+    #: Where this shard writes the experiment's large saves (None: every save travels inline).
+    sink: SaveSink | None = None
     #: This shard's last stage of the experiment: after it the shard forgets the experiment.
     last_stage: Stage | None = None
 
 
 class ShardRunner:
-    """Runs stages on one shard (a model cut by :func:`~nnsight_dask.models.surgery.cut_to_shard`)."""
+    """Runs stages on shard ``index`` of ``n_shards`` (a model cut to its layers, the others passed through).
 
-    def __init__(self, model: torch.nn.Module, plan: list[ShardSpec], index: int, pad_token_id: int) -> None:
+    ``owner(module_path)`` names the shard that owns a module; ``first_layer``/``last_layer`` are
+    where the hidden state enters and leaves this shard. The runner knows nothing of how shards
+    are planned or where saves are stored: both are given to it.
+    """
+
+    def __init__(self, model: torch.nn.Module, index: int, n_shards: int, owner: Callable[[str], int],
+                 first_layer: torch.nn.Module, last_layer: torch.nn.Module, pad_token_id: int) -> None:
         self.model = model
-        self.plan = plan
-        self.spec = plan[index]
         self.index = index
-        self.last = index == len(plan) - 1
+        self.n_shards = n_shards
+        self.owner = owner
+        self.last = index == n_shards - 1
         self.pad_token_id = pad_token_id
-        layers = model.get_submodule(self.spec.layers_path)
-        self.first_layer = layers[self.spec.layer_start]
-        self.last_layer = layers[self.spec.layer_stop - 1]
+        self.first_layer = first_layer
+        self.last_layer = last_layer
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         self.eos = [eos] if isinstance(eos, int) else list(eos or [])
 
-    def owner(self, path: str) -> int:
-        return owner_of(self.plan, path)
-
-    def start(self, graph: InterventionGraph) -> ExperimentState:
-        shards = assign_shards(graph, self.owner, len(self.plan))
+    def start(self, graph: InterventionGraph, sink: SaveSink | None = None) -> ExperimentState:
+        """This shard's state for a new experiment; ``sink`` receives the large saves it produces."""
+        shards = assign_shards(graph, self.owner, self.n_shards)
         owned = {i for i, s in enumerate(shards) if s == self.index}
+        _modules(self.model, graph, {graph.nodes[i].module for i in owned if graph.nodes[i].module is not None})
         exported = {node.id for node in graph.nodes if node.kind == Kind.SAVE and node.id in owned}
         for node in graph.nodes:
             for dep in node.deps():
                 if dep in owned and shards[node.id] != self.index:
                     exported.add(dep)
-        mine = [stage for stage in plan_stages(graph, shards, len(self.plan)) if stage.shard == self.index]
+        mine = [stage for stage in plan_stages(graph, shards, self.n_shards) if stage.shard == self.index]
         return ExperimentState(graph=graph, shards=shards, owned=owned, exported=exported,
-                               backward_from=backward_origins(graph, shards), last_stage=mine[-1] if mine else None)
+                               backward_from=backward_origins(graph, shards), last_stage=mine[-1] if mine else None,
+                               sink=sink)
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, state: ExperimentState, stage: Stage, carry: Carry) -> Carry:
@@ -260,41 +266,24 @@ class ShardRunner:
             carry.grad = state.entry.grad
         elif stage.direction == "backward":
             carry.grad = state.entry.grad if state.entry is not None else None
-        exported = {key: _maybe_persist(state, key, value) for key, value in state.values.items()
+        exported = {key: _through_sink(state, key, value) for key, value in state.values.items()
                     if _node_of(key) in state.exported and key not in carry.values}
         carry.values.update(exported)
         return carry
 
 
-def _maybe_persist(state: ExperimentState, key: Key, value: Any) -> Any:
-    """A saved tensor above the trace's threshold, with a store set, is written to Zarr here, by the
-    shard that produced it; what travels on is its :class:`~nnsight_dask.storage.TensorRef`.
+def _through_sink(state: ExperimentState, key: Key, value: Any) -> Any:
+    """A saved tensor goes through the experiment's sink here, on the shard that produced it; what
+    travels on is what the sink returns (a reference, for a value it wrote).
 
-    Only saves no other node reads are persisted (a node on another shard needs the tensor itself).
+    Only saves no other node reads go to the sink (a node on another shard needs the tensor itself).
     """
-    options = state.graph.options
-    store = options.get("store")
-    if not store or not state.experiment or not isinstance(value, torch.Tensor):
+    if state.sink is None or not isinstance(value, torch.Tensor):
         return value
     node = state.graph.nodes[_node_of(key)]
     if node.kind != Kind.SAVE or node.id not in state.owned or node.id in _read_nodes(state.graph):
         return value
-    from ..storage import maybe_persist
-
-    name = persisted_name(node.target or f"save{node.id}", key)
-    return maybe_persist(value.detach(), store, state.experiment, name,
-                         threshold=options.get("persist_threshold"),
-                         storage_options=options.get("storage_options"))
-
-
-def persisted_name(target: str, key: Key) -> str:
-    """The array name of a saved value in its experiment's group (``h``, ``hs[3]``, ``logits.2`` a step)."""
-    import re
-
-    name = re.sub(r"[^A-Za-z0-9_.\-\[\]]", "_", target)
-    if not name or not name[0].isalnum():
-        name = "v" + name
-    return f"{name}.{key[1]}" if isinstance(key, tuple) else name
+    return state.sink.write(persisted_name(node.target or f"save{node.id}", key), value.detach())
 
 
 def _read_nodes(graph: InterventionGraph) -> set[int]:
@@ -327,13 +316,11 @@ def _exit_hook(store: list[Any]) -> Any:
 
 def collect_results(graph: InterventionGraph, values: dict[Key, Any]) -> dict[str, Any]:
     """Saved values by name from the values that reached the end of the chain."""
-    from .runner import collect_saves
-
     saves = collect_saves(graph, values)
     return {k: (None if v is SKIPPED else v) for k, v in saves.items()}
 
 
-__all__ = ["Carry", "ExperimentState", "ShardRunner", "Stage", "collect_results", "plan_stages", "Kind"]
+__all__ = ["Carry", "ExperimentState", "ShardRunner", "Stage", "collect_results", "plan_stages", "run_pipeline"]
 
 
 def run_pipeline(runners: list[ShardRunner], graph: InterventionGraph, transport: Any = None) -> tuple[dict[str, Any], list[str]]:

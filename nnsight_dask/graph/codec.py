@@ -12,7 +12,7 @@ import torch
 
 from ..errors import GraphValidationError
 from .node import Ref
-from .tensor_codec import dtype_from_name, dtype_name, tensor_from_json, tensor_to_json
+from ..tensors import dtype_from_name, dtype_name, tensor_from_json, tensor_to_json
 
 
 def encode(value: Any) -> Any:

@@ -16,6 +16,17 @@ from .node import Kind, Node
 
 FORMAT_VERSION = 1
 
+#: Runs a graph that a Dask task called (``client.submit(graph)``). Installed by the layer that knows
+#: the cluster (:mod:`nnsight_dask.api` installs :func:`nnsight_dask.client.submit.run_graph_task`),
+#: so this data module stays free of it.
+_task_runner: Callable[[InterventionGraph], Any] | None = None
+
+
+def set_task_runner(runner: Callable[[InterventionGraph], Any]) -> None:
+    """Install what ``InterventionGraph.__call__`` runs (see :data:`_task_runner`)."""
+    global _task_runner
+    _task_runner = runner
+
 
 @dataclass(slots=True)
 class Pass:
@@ -92,17 +103,15 @@ class InterventionGraph:
     def __call__(self) -> Any:
         """Run on the deployment named ``self.model``, so that ``client.submit(graph)`` works.
 
-        This executes inside a Dask task on a worker of the cluster: it submits the experiment's
-        stages from there and returns the saved values by name.
+        This executes inside a Dask task on a worker of the cluster, through the installed task
+        runner, and returns the saved values by name.
         """
-        from distributed import worker_client
-
-        from ..scheduler.experiment import run_experiment
-
         if not self.model:
             raise GraphValidationError("the graph names no deployment; record it on a RemoteModel")
-        with worker_client() as client:
-            return run_experiment(client, self.model, self)
+        if _task_runner is None:
+            raise GraphValidationError("no task runner is installed to run graphs as Dask tasks; "
+                                       "import nnsight_dask (it installs one) before calling a graph")
+        return _task_runner(self)
 
     def __repr__(self) -> str:
         return (f"InterventionGraph({len(self.nodes)} nodes, {len(self.passes)} pass(es), "

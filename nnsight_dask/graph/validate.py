@@ -1,16 +1,16 @@
 """Static checks of a graph before anything runs: structure, whitelist, module paths, limits.
 
-A server runs these on every submitted graph before queueing it, so a malformed or forbidden
-graph is refused with a message naming the node's line, and never reaches a shard.
+The submitting client runs these before queueing a graph (to fail fast), and every shard runs them
+again at the experiment's first stage there, with the worker's own limits (the cluster decides), so a
+malformed or forbidden graph is refused with a message naming the node's line before it touches the model.
 """
 from __future__ import annotations
 
 from collections.abc import Collection
 from typing import Any
 
-import torch
-
 from ..errors import ForbiddenOperationError, GraphValidationError
+from ..tensors import nbytes
 from .graph import InterventionGraph
 from .node import ACCESSES, Kind, Node, Ref, display_path
 from .ops import registry
@@ -78,9 +78,9 @@ def validate_graph(graph: InterventionGraph, *, module_paths: Collection[str] | 
         if node.kind in (Kind.SETTER, Kind.SKIP, Kind.GRAD_SETTER, Kind.SAVE, Kind.GRAD, Kind.BACKWARD) and not node.args:
             raise GraphValidationError(f"{where} needs an argument")
         if max_constant_bytes is not None:
-            constant_bytes += _constant_bytes(node.args) + _constant_bytes(node.kwargs)
+            constant_bytes += nbytes(list(node.args)) + nbytes(node.kwargs)
     if max_constant_bytes is not None:
-        constant_bytes += sum(_constant_bytes(p.invokes) for p in graph.passes)
+        constant_bytes += sum(nbytes(p.invokes) for p in graph.passes)
         if constant_bytes > max_constant_bytes:
             raise GraphValidationError(
                 f"the graph carries {constant_bytes} bytes of tensors; the limit is {max_constant_bytes}. "
@@ -97,13 +97,3 @@ def _check_refs(node: Node, where: str) -> None:
             raise GraphValidationError(f"{where} refers to %{dep}; a node may only use values of earlier nodes")
     if node.kind in (Kind.GRAD, Kind.GRAD_SETTER, Kind.BACKWARD) and not isinstance(node.args[0] if node.args else None, Ref):
         raise GraphValidationError(f"{where} must refer to a traced tensor")
-
-
-def _constant_bytes(obj: Any) -> int:
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, (list, tuple)):
-        return sum(_constant_bytes(o) for o in obj)
-    if isinstance(obj, dict):
-        return sum(_constant_bytes(v) for v in obj.values())
-    return 0

@@ -1,15 +1,9 @@
 """Models: loading (HF directory or id, GGUF), SmolLM2, tiny seeded test models, shard plans.
 
-Importing this package has no side effects and imports neither Dask nor the tracing layer.
+Importing this package has no side effects and imports neither Dask nor the tracing layer; the
+ready-to-trace wrappers (``nd.LanguageModel(path)``, ``nd.smollm2()``) are made in :mod:`nnsight_dask.api`.
 """
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    import torch
-
-    from nnsight_dask.tracing import LanguageModel
 
 from nnsight_dask.models.loading import ModelLoadError, load_causal_lm, prepare_tokenizer
 from nnsight_dask.models.shards import (
@@ -52,7 +46,6 @@ __all__ = [
     "plan_shards",
     "prepare_tokenizer",
     "save_tiny",
-    "smollm2",
     "smollm2_available",
     "smollm2_cache_path",
     "smollm2_gguf_path",
@@ -60,18 +53,3 @@ __all__ = [
     "tiny_llama",
     "tiny_tokenizer",
 ]
-
-
-def smollm2(dtype: torch.dtype | None = None) -> LanguageModel:
-    """SmolLM2-135M-Instruct as a ready :class:`~nnsight_dask.LanguageModel` (converted once, then cached).
-
-    >>> lm = nd.models.smollm2()                                  # doctest: +SKIP
-    >>> with lm.generate("The capital of France is", max_new_tokens=2) as t:   # doctest: +SKIP
-    ...     ids = t.result.save()
-    """
-    import torch
-
-    from nnsight_dask.tracing import LanguageModel
-
-    model, tokenizer = load_smollm2(dtype or torch.float32)
-    return LanguageModel(model, tokenizer=tokenizer, model_id="SmolLM2-135M-Instruct")

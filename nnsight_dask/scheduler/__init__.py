@@ -1,9 +1,2 @@
-"""Deployments and experiments on a Dask cluster (imports distributed)."""
+"""What runs on the scheduler: the experiment monitor (a SchedulerPlugin; imports distributed)."""
 from __future__ import annotations
-
-from .deployment import deployments, get_deployment, recover, serve, undeploy
-from .experiment import ExperimentFuture, run_experiment
-from .remote import RemoteModel
-
-__all__ = ["ExperimentFuture", "RemoteModel", "deployments", "get_deployment", "recover", "run_experiment",
-           "serve", "undeploy"]

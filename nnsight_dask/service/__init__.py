@@ -1,1 +1,1 @@
-"""Operating a deployment: the dashboard preload (``nnsight_dask.service.dashboard``)."""
+"""Operating a deployment: the dashboard's Experiments page (``service.dashboard``) and the CLI (``service.cli``)."""

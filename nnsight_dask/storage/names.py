@@ -9,6 +9,9 @@ import re
 
 from .errors import StorageError
 
+#: Key under which our metadata lives in Zarr attributes (arrays and groups).
+ATTRS_KEY = "nnsight_dask"
+
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 _NAME_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-\[\]]*$")
 

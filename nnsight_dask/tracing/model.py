@@ -1,7 +1,10 @@
-"""Model wrappers: :class:`NNsight` for any ``torch.nn.Module``, :class:`LanguageModel` for causal LMs."""
+"""Model wrappers: :class:`NNsight` for any ``torch.nn.Module``, :class:`LanguageModel` for causal LMs.
+
+They record and hand the graph to a :class:`~nnsight_dask.backends.base.Backend`; which backend runs
+locally is decided by whoever builds the wrapper (:mod:`nnsight_dask.api` for ``nd.LanguageModel``).
+"""
 from __future__ import annotations
 
-import os
 import threading
 from typing import Any
 
@@ -10,7 +13,7 @@ import torch
 from ..errors import TracingError
 from ..graph.graph import InterventionGraph
 from ..graph.node import Kind, Node, Ref
-from .backend import Backend, LocalBackend
+from ..backends.base import Backend
 from .envoy import Envoy
 from .proxy import Proxy
 from .recorder import Recorder, active_recorders
@@ -33,13 +36,14 @@ class NNsight:
     torch.Size([2, 3])
     """
 
-    def __init__(self, module: torch.nn.Module, *, model_id: str | None = None) -> None:
+    def __init__(self, module: torch.nn.Module, *, model_id: str | None = None,
+                 backend: Backend | None = None) -> None:
         object.__setattr__(self, "_module", module)
         object.__setattr__(self, "_envoy", Envoy(module, "", self))
         object.__setattr__(self, "_threads", threading.local())
         object.__setattr__(self, "_edits", None)
         object.__setattr__(self, "_model_id", model_id or _default_id(module))
-        object.__setattr__(self, "_backend", None)
+        object.__setattr__(self, "_backend", backend)
 
     # -- entry points ----------------------------------------------------------------------------
     def trace(self, *inputs: Any, remote: Any = None, execute: bool = True, validate: bool = False,
@@ -86,6 +90,11 @@ class NNsight:
 
     def __repr__(self) -> str:
         return repr(self._module)
+
+    @property
+    def model_id(self) -> str:
+        """The model's name: its hub id or directory, a deployment's name, or the module's class."""
+        return self._model_id
 
     @property
     def output(self) -> Proxy:
@@ -139,8 +148,13 @@ class NNsight:
 
     def _local_backend(self) -> Backend:
         if self._backend is None:
-            object.__setattr__(self, "_backend", LocalBackend(self._module, self._pad_token_id()))
+            object.__setattr__(self, "_backend", self._make_local_backend())
         return self._backend  # type: ignore[return-value]
+
+    def _make_local_backend(self) -> Backend:
+        """The backend of local runs, made on first use (once the tokenizer's pad token is known)."""
+        raise TracingError(f"{type(self).__name__} has no local backend; wrap the model with nd.NNsight or "
+                           "nd.LanguageModel, or pass backend=")
 
     def _pad_token_id(self) -> int | None:
         return None
@@ -153,69 +167,23 @@ class NNsight:
         the run is remote and not blocking."""
         graph = recorder.graph
         remote = getattr(context, "remote", None)
-        local = self._local_backend() if not remote else None
         try:
+            backend = self._remote_backend(remote) if remote else self._local_backend()
             if getattr(context, "validate", False) or getattr(context, "fake", False):
-                backend = local or self._remote_backend(remote)
-                fake_result = _scan(self, graph)
+                fake_result = backend.scan(graph)
                 if getattr(context, "fake", False):
                     recorder.finish(fake_result.saves)
                     return None
-            backend = local if local is not None else self._remote_backend(remote)
             if not getattr(context, "blocking", True):
                 future = backend.submit(graph, deliver=lambda result: _finish(recorder, context, result))
                 future.add_done_callback(lambda f: _close_unless_done(recorder, f))
                 return future
             result = backend.run(graph, **getattr(context, "backend_options", {}))
-            if local is not None and graph.options.get("store"):
-                result = _persist_local(graph, result)
         except BaseException:
             recorder.close()
             raise
         _finish(recorder, context, result)
         return None
-
-
-def _persist_local(graph: InterventionGraph, result: Any) -> Any:
-    """A local trace with ``store=``: large saves are written to Zarr as one experiment and handed
-    back as lazy tensors, exactly like a remote trace's."""
-    import uuid
-
-    from ..execution.stage import persisted_name
-    from ..storage import delete, mark_complete, maybe_persist
-    from ..storage.ref import TensorRef
-
-    options = graph.options
-    store, storage_options = options["store"], options.get("storage_options")
-    experiment = uuid.uuid4().hex[:12]
-    saves: dict[str, Any] = {}
-    try:
-        for name, value in result.saves.items():
-            def persist(v: Any, key: Any) -> Any:
-                if not isinstance(v, torch.Tensor):
-                    return v
-                return maybe_persist(v.detach(), store, experiment, persisted_name(name, key),
-                                     threshold=options.get("persist_threshold"), storage_options=storage_options)
-            if isinstance(value, list):
-                saves[name] = [persist(v, (0, i)) for i, v in enumerate(value)]
-            else:
-                saves[name] = persist(value, 0)
-        refs = [v for value in saves.values() for v in (value if isinstance(value, list) else [value])
-                if isinstance(v, TensorRef)]
-        mark_complete(store, experiment, names=[r.path.split("/", 1)[1] for r in refs],
-                      storage_options=storage_options)
-    except BaseException:
-        delete(store, experiment, storage_options=storage_options)
-        raise
-    opened = {k: ([x.open() if isinstance(x, TensorRef) else x for x in v] if isinstance(v, list)
-                  else v.open() if isinstance(v, TensorRef) else v) for k, v in saves.items()}
-    return type(result)(saves=opened, logs=result.logs)
-
-
-def _scan(model: NNsight, graph: InterventionGraph) -> Any:
-    from ..execution.runner import run_graph
-
-    return run_graph(model._module, graph, pad_token_id=model._pad_token_id(), fake=True)
 
 
 def _finish(recorder: Recorder, context: Any, result: Any) -> None:
@@ -251,11 +219,9 @@ class LanguageModel(NNsight):
     Parameters
     ----------
     model:
-        An HF directory or hub id (loaded with ``AutoModelForCausalLM``), or an already built model.
+        The model (``nd.LanguageModel`` also takes an HF directory or hub id, see :mod:`nnsight_dask.api`).
     tokenizer:
-        The tokenizer (loaded with the model when ``model`` is a path).
-    gguf_file:
-        Load weights from this GGUF file inside the directory ``model``.
+        Its tokenizer, already padding on the left with a pad token (``models.prepare_tokenizer``).
 
     Examples
     --------
@@ -264,22 +230,9 @@ class LanguageModel(NNsight):
     ...     hidden = lm.model.layers[5].output.save()
     """
 
-    def __init__(self, model: torch.nn.Module | str | os.PathLike[str], tokenizer: Any = None, *,
-                 gguf_file: str | None = None, dtype: torch.dtype | None = None, device: Any = None,
-                 model_id: str | None = None) -> None:
-        if isinstance(model, (str, os.PathLike)):
-            from ..models.loading import load_causal_lm
-
-            module, loaded_tokenizer = load_causal_lm(str(model), gguf_file=gguf_file, dtype=dtype, device=device)
-            tokenizer = tokenizer or loaded_tokenizer
-            model_id = model_id or str(model)
-        else:
-            module = model
-            if dtype is not None or device is not None:
-                module = module.to(dtype=dtype, device=device)
-        if tokenizer is not None:
-            _prepare_tokenizer(tokenizer)
-        super().__init__(module, model_id=model_id)
+    def __init__(self, model: torch.nn.Module, tokenizer: Any = None, *, model_id: str | None = None,
+                 backend: Backend | None = None) -> None:
+        super().__init__(model, model_id=model_id, backend=backend)
         object.__setattr__(self, "tokenizer", tokenizer)
 
     def generate(self, *inputs: Any, max_new_tokens: int = 1, remote: Any = None, blocking: bool = True,
@@ -310,6 +263,14 @@ class LanguageModel(NNsight):
             if isinstance(value, int):
                 return value
         return 0
+
+    def encode(self, prompt: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """What one invoke's input becomes: ``input_ids`` and ``attention_mask`` (left-padded, ``[rows, length]``).
+
+        Takes what ``trace``/``invoke`` take: a text, a list of texts, token ids (tensor or lists)
+        or an encoding; ``kwargs`` go to the tokenizer.
+        """
+        return encode_prompt(prompt, self.tokenizer, **kwargs)
 
     def _encode(self, inputs: tuple[Any, ...], **kwargs: Any) -> dict[str, Any]:
         if len(inputs) != 1:
@@ -345,14 +306,6 @@ def encode_prompt(value: Any, tokenizer: Any, **kwargs: Any) -> dict[str, torch.
         return {"input_ids": ids, "attention_mask": mask}
     raise TracingError(f"cannot use {type(value).__name__} as language-model input; pass text, a list of "
                        "texts, token ids (tensor or lists of ints) or a dict with input_ids")
-
-
-def _prepare_tokenizer(tokenizer: Any) -> None:
-    """Left padding keeps [:, -1] the last real token; a pad token must exist to batch invokes."""
-    if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if hasattr(tokenizer, "padding_side"):
-        tokenizer.padding_side = "left"
 
 
 def _verbosity(verbose: bool | None) -> dict[str, Any]:

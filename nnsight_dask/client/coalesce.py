@@ -7,7 +7,7 @@ tasks in flight per shard (every shard has work), experiments that arrive from o
 the same process, or as ``blocking=False`` traces, wait and then leave together as one chain. A
 stage task runs each member's stage in turn, each with its own state on the shard, so every
 experiment computes exactly what it would alone (no padding, no shared batch dimension); one
-member's error fails only that member (see :meth:`~nnsight_dask.actors.shard_actor.ShardActor.run_batch`).
+member's error fails only that member (see :meth:`~nnsight_dask.worker.shard_actor.ShardActor.run_batch`).
 
 An experiment that finds a free slot leaves at once: a lone client never waits for company.
 """
@@ -23,6 +23,7 @@ from distributed import Client, Future
 
 from .. import config
 from ..execution.stage import Stage
+from .record import Deployment
 
 
 @dataclass(eq=False)
@@ -40,7 +41,7 @@ class Member:
 class Batch:
     """Experiments on one deployment placement with the same chain of stages."""
 
-    record: dict[str, Any]
+    record: Deployment
     stages: list[Stage]
     members: list[Member] = field(default_factory=list)
     launched: threading.Event = field(default_factory=threading.Event)
@@ -96,11 +97,11 @@ class Coalescer:
         self.in_flight = 0
         self.pending: deque[Batch] = deque()
 
-    def enqueue(self, member: Member, record: dict[str, Any], stages: list[Stage]) -> Batch:
+    def enqueue(self, member: Member, record: Deployment, stages: list[Stage]) -> Batch:
         """Put ``member`` in a batch: a new one launched now if a slot is free, else a pending one."""
         with self.lock:
             sharing = config.max_batch_experiments > 1
-            if not sharing or self.in_flight < max(1, len(record["shards"])):
+            if not sharing or self.in_flight < max(1, record.n_shards):
                 self.in_flight += 1
                 batch = Batch(record, stages, [member])
             else:
@@ -130,9 +131,9 @@ class Coalescer:
                 ahead += len(other.members)
             return ahead
 
-    def _pending_for(self, record: dict[str, Any], stages: list[Stage]) -> Batch:
+    def _pending_for(self, record: Deployment, stages: list[Stage]) -> Batch:
         for batch in self.pending:
-            if batch.record["generation"] == record["generation"] and batch.stages == stages \
+            if batch.record.generation == record.generation and batch.stages == stages \
                     and len(batch.members) < config.max_batch_experiments:
                 return batch
         batch = Batch(record, stages)

@@ -14,12 +14,12 @@ from typing import Any
 import torch
 from distributed import Client, Lock
 
-from ..actors import tasks
-from ..actors.serialization import register as register_serializers
-from ..actors.shard_actor import ModelSource, ShardActor
 from ..errors import DeploymentError
-from ..models.shards import ShardSpec
-from .monitor import ExperimentMonitor
+from ..scheduler.monitor import ExperimentMonitor
+from ..worker import tasks
+from ..worker.plugin import ShardWorkerPlugin
+from ..worker.shard_actor import ModelSource, ShardActor
+from .record import Deployment, ShardPlacement
 
 _ROOT = "nnsight-dask-deployments"
 #: How long recovery waits for a replacement worker to appear (the Nanny restarts a dead one).
@@ -36,14 +36,13 @@ def _dataset(name: str) -> str:
 
 def serve(client: Client, model: ModelSource, shards: int = 1, name: str | None = None, *,
           workers: list[str] | None = None, dtype: torch.dtype | str | None = None, device: str | None = None,
-          gguf_file: str | None = None) -> dict[str, Any]:
+          gguf_file: str | None = None) -> Deployment:
     """Load ``model`` once, split into ``shards`` shards of consecutive layers, one actor each.
 
     ``model`` is a local HF directory or hub id (read by the workers), ``"smollm2"``, or a
     callable returning ``(model, tokenizer)``. ``workers`` chooses the workers (default: spread
     over the cluster, one shard per worker while there are enough). Returns the deployment record.
     """
-    register_serializers()
     name = name or _default_name(model)
     if client.get_metadata(_key(name), None) is not None:
         raise DeploymentError(
@@ -51,6 +50,7 @@ def serve(client: Client, model: ModelSource, shards: int = 1, name: str | None 
             f"nd.RemoteModel(client, {name!r}), or free it first with nd.undeploy(client, {name!r})", name=name)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     placement = _place(client, shards, workers)
+    client.register_plugin(ShardWorkerPlugin())
     futures = [_start_shard(client, name, i, shards, model, dtype, device, gguf_file, placement[i])
                for i in range(shards)]
     try:
@@ -61,16 +61,13 @@ def serve(client: Client, model: ModelSource, shards: int = 1, name: str | None 
                               name=name) from exc
     client.publish_dataset(**{_dataset(name): futures}, override=True)
     monitored = install_monitor(client)
-    specs = actors[0].plan().result()
-    record = {
-        "name": name, "source": model if isinstance(model, str) else getattr(model, "__qualname__", repr(model)),
-        "n_shards": shards, "generation": 0, "created": time.time(),
-        "shards": [{"index": s.index, "worker": placement[s.index], "layers": [s.layer_start, s.layer_stop],
-                    "prefixes": list(s.module_prefixes), "layers_path": s.layers_path} for s in specs],
-        "options": {"dtype": str(dtype).removeprefix("torch.") if dtype else None, "device": device, "gguf_file": gguf_file},
-        "monitor": monitored,
-    }
-    client.set_metadata(_key(name), record)
+    specs = actors[0].shard_plan().result()
+    record = Deployment(
+        name=name, source=model if isinstance(model, str) else getattr(model, "__qualname__", repr(model)),
+        shards=tuple(ShardPlacement.of(spec, placement[spec.index]) for spec in specs), created=time.time(),
+        options={"dtype": str(dtype).removeprefix("torch.") if dtype else None, "device": device, "gguf_file": gguf_file},
+        monitor=monitored)
+    client.set_metadata(_key(name), record.to_metadata())
     _remember_source(client, name, model)
     return record
 
@@ -116,49 +113,45 @@ def _remember_source(client: Client, name: str, model: ModelSource) -> None:
     client.publish_dataset(**{f"nnsight-dask-source-{name}": model}, override=True)
 
 
-def get_deployment(client: Client, name: str) -> dict[str, Any]:
+def get_deployment(client: Client, name: str) -> Deployment:
     """The deployment record; a clear error listing the deployments when ``name`` is unknown."""
     record = client.get_metadata(_key(name), None)
     if record is None:
         known = sorted(deployments(client))
         raise DeploymentError(f"no deployment named {name!r} on this cluster; deployed: {known or 'none'}. "
                               "Deploy one with nd.serve(client, model, shards=k, name=...)", name=name)
-    return record
+    return Deployment.from_metadata(record)
 
 
-def deployments(client: Client) -> dict[str, dict[str, Any]]:
+def deployments(client: Client) -> dict[str, Deployment]:
     """All deployments on the cluster, by name."""
-    return dict(client.get_metadata(_ROOT, {}) or {})
+    return {name: Deployment.from_metadata(record) for name, record in (client.get_metadata(_ROOT, {}) or {}).items()}
 
 
 def undeploy(client: Client, name: str) -> None:
     """Free a deployment: close its shards, drop its actors and its registry entry."""
     record = get_deployment(client, name)
     alive = set(client.scheduler_info(n_workers=-1)["workers"])
-    closing = [client.submit(tasks.close_shard, name, s["index"], workers=[s["worker"]], pure=False)
-               for s in record["shards"] if s["worker"] in alive]
+    closing = [client.submit(tasks.close_shard, name, s.index, workers=[s.worker], pure=False)
+               for s in record.shards if s.worker in alive]
     client.gather(closing, errors="skip")
     for dataset in (_dataset(name), f"nnsight-dask-source-{name}"):
         try:
             client.unpublish_dataset(dataset)
         except KeyError:
             pass
-    registry = deployments(client)
+    registry = dict(client.get_metadata(_ROOT, {}) or {})
     registry.pop(name, None)
     client.set_metadata(_ROOT, registry)
 
 
-def shard_specs(record: dict[str, Any]) -> list[ShardSpec]:
-    return [ShardSpec(index=s["index"], layer_start=s["layers"][0], layer_stop=s["layers"][1],
-                      module_prefixes=tuple(s["prefixes"]), layers_path=s["layers_path"]) for s in record["shards"]]
-
-
-def dead_shards(client: Client, record: dict[str, Any]) -> list[int]:
+def dead_shards(client: Client, record: Deployment) -> list[int]:
+    """Shards whose worker has left the cluster."""
     alive = set(client.scheduler_info(n_workers=-1)["workers"])
-    return [s["index"] for s in record["shards"] if s["worker"] not in alive]
+    return [s.index for s in record.shards if s.worker not in alive]
 
 
-def recover(client: Client, name: str) -> dict[str, Any]:
+def recover(client: Client, name: str) -> Deployment:
     """Re-create shards whose worker died, on live workers; returns the updated record.
 
     Runs under a cluster-wide lock, so several clients noticing the same loss recover it once.
@@ -178,17 +171,18 @@ def recover(client: Client, name: str) -> dict[str, Any]:
             time.sleep(0.5)
         if not alive:
             raise DeploymentError(f"deployment {name!r} lost shard(s) {lost} and no worker is left to hold them")
-        options = record["options"]
+        options = record.options
         dtype = getattr(torch, options["dtype"]) if options.get("dtype") else None
+        moves: dict[int, str] = {}
         for index in lost:
-            used = {s["worker"] for s in record["shards"] if s["index"] not in lost}
+            used = {s.worker for s in record.shards if s.index not in lost}
             worker = next((w for w in alive if w not in used), alive[index % len(alive)])
-            future = _start_shard(client, name, index, record["n_shards"], source, dtype, options.get("device"),
+            future = _start_shard(client, name, index, record.n_shards, source, dtype, options.get("device"),
                                   options.get("gguf_file"), worker)
             future.result()
             futures[index] = future
-            record["shards"][index]["worker"] = worker
-        record["generation"] += 1
+            moves[index] = worker
+        record = record.moved(moves)
         client.publish_dataset(**{_dataset(name): futures}, override=True)
-        client.set_metadata(_key(name), record)
+        client.set_metadata(_key(name), record.to_metadata())
         return record

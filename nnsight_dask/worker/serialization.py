@@ -2,7 +2,7 @@
 
 Dask's own torch serializer fails on bf16/fp8 and a failed serialization can leave a dependent
 task pending forever. Values that cross workers (carries, results) are pickled with every tensor
-pulled out as a separate zero-copy frame through :mod:`nnsight_dask.graph.tensor_codec`; the
+pulled out as a separate zero-copy frame through :mod:`nnsight_dask.tensors`; the
 pickle keeps shared references intact (a saved list appended to later is still one list).
 """
 from __future__ import annotations
@@ -13,7 +13,9 @@ from typing import Any
 
 import torch
 
-from ..graph.tensor_codec import tensor_from_bytes, tensor_to_bytes
+from ..execution.stage import Carry
+from ..tensors import nbytes, tensor_from_bytes, tensor_to_bytes
+from .results import Results
 
 _REGISTERED = False
 
@@ -77,8 +79,6 @@ def register() -> None:
         return
     from distributed.protocol import dask_deserialize, dask_serialize
 
-    from ..execution.stage import Carry
-
     dask_serialize.register(Carry)(dumps)
     dask_deserialize.register(Carry)(loads)
     _register_sizes()
@@ -91,9 +91,5 @@ def _register_sizes() -> None:
 
     from dask.sizeof import sizeof
 
-    from ..execution.stage import Carry
-    from .results import Results
-    from .shard_actor import inline_bytes
-
-    sizeof.register(Results)(lambda results: inline_bytes(dict(results)))
-    sizeof.register(Carry)(lambda carry: inline_bytes([getattr(carry, f.name) for f in dataclasses.fields(carry)]))
+    sizeof.register(Results)(lambda results: nbytes(dict(results)))
+    sizeof.register(Carry)(lambda carry: nbytes([getattr(carry, f.name) for f in dataclasses.fields(carry)]))

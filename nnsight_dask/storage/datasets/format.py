@@ -33,11 +33,11 @@ import torch
 import zarr
 from zarr.errors import NodeNotFoundError
 
-from .chunking import TARGET_CHUNK_BYTES, token_chunk_length
-from .dtypes import ATTRS_KEY, dtype_from_name, dtype_name
-from .errors import StorageError
-from .location import StoreLocation
-from .names import validate_name
+from ...tensors import dtype_from_name, dtype_name
+from ..chunking import TARGET_CHUNK_BYTES, token_chunk_length
+from ..errors import StorageError
+from ..location import StoreLocation
+from ..names import ATTRS_KEY, validate_name
 
 KIND = "activation_dataset"
 FORMAT_VERSION = 1

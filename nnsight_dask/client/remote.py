@@ -11,30 +11,38 @@ from typing import Any
 import torch
 from distributed import Client
 
-from ..actors import tasks
-from ..actors.results import Results
+from ..backends.base import Backend, RunResult
+from ..backends.local import LocalBackend
 from ..errors import TracingError
-from ..execution.runner import RunResult
 from ..graph.graph import InterventionGraph
-from ..tracing.backend import Backend
+from ..storage.results import open_refs
 from ..tracing.model import LanguageModel
 from ..tracing.tracer import Session, Tracer
+from ..worker import tasks
+from ..worker.results import Results
+from ..worker.serialization import register as register_serializers
 from .deployment import get_deployment
-from .experiment import ExperimentFuture, run_experiment
+from .experiment import run_experiment
+from .futures import ExperimentFuture
 from .progress import ExperimentProgress
+from .record import Deployment
 
 
-class RemoteBackend:
+class RemoteBackend(Backend):
     """Runs graphs on deployment ``name`` through ``client``.
 
     ``model`` (the :class:`RemoteModel`) caches the deployment record, so an experiment needs no
-    scheduler round trip to find its shards; a recovery elsewhere refreshes the cache.
+    scheduler round trip to find its shards; a recovery elsewhere refreshes the cache. Scans run
+    here, on fake tensors over the model's meta-device module tree.
     """
 
     def __init__(self, client: Client, name: str, model: RemoteModel) -> None:
         self.client = client
         self.name = name
         self.model = model
+
+    def scan(self, graph: InterventionGraph) -> RunResult:
+        return LocalBackend(self.model._module, self.model._pad_token_id()).scan(graph)
 
     def _options(self, options: dict[str, Any]) -> dict[str, Any]:
         return {"module_paths": self.model._module_paths, "record": self.model.deployment,
@@ -62,21 +70,6 @@ def as_run_result(results: Results) -> RunResult:
     return RunResult(saves=open_refs(dict(results)), logs=results.logs)
 
 
-def open_refs(value: Any) -> Any:
-    """Persisted saves (:class:`~nnsight_dask.storage.TensorRef`) become lazy tensors for the user."""
-    from ..storage.ref import TensorRef
-
-    if isinstance(value, TensorRef):
-        return value.open()
-    if isinstance(value, dict):
-        return {k: open_refs(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [open_refs(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(open_refs(v) for v in value)
-    return value
-
-
 class RemoteModel(LanguageModel):
     """A deployed model seen from a client: ``with lm.trace(prompt): ...`` runs on the cluster.
 
@@ -89,11 +82,9 @@ class RemoteModel(LanguageModel):
     """
 
     def __init__(self, client: Client, name: str) -> None:
-        from ..actors.serialization import register
-
-        register()
+        register_serializers()
         record = get_deployment(client, name)
-        description = client.submit(tasks.describe, name, workers=[record["shards"][0]["worker"]],
+        description = client.submit(tasks.describe, name, workers=[record.shards[0].worker],
                                     pure=False).result()
         module = _meta_model(description["config"])
         tokenizer = _tokenizer(description["tokenizer"])
@@ -102,7 +93,7 @@ class RemoteModel(LanguageModel):
         object.__setattr__(self, "_module_paths", description["module_paths"])
         object.__setattr__(self, "deployment", record)
 
-    def _set_deployment(self, record: dict[str, Any]) -> None:
+    def _set_deployment(self, record: Deployment) -> None:
         object.__setattr__(self, "deployment", record)
 
     def trace(self, *inputs: Any, remote: Any = True, **kwargs: Any) -> Tracer:
@@ -141,4 +132,5 @@ def _tokenizer(description: dict[str, Any] | None) -> Any:
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(description["json"]), **description["special"])
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(description["json"]),
+                                   padding_side=description["padding_side"], **description["special"])

@@ -19,18 +19,19 @@ from distributed import Client, Future, fire_and_forget
 from distributed.client import FutureCancelledError
 
 from .. import config
-from ..actors import tasks
-from ..actors.results import Results
-from ..actors.shard_actor import check_inline_size, inline_bytes
-from ..errors import ExperimentFailedError, NNsightDaskError
+from ..errors import ExperimentFailedError
 from ..execution.partition import assign_shards
 from ..execution.stage import Stage, plan_stages
 from ..graph.graph import InterventionGraph
-from ..graph.validate import validate_graph
-from ..models.shards import owner_of
-from . import monitor
+from ..scheduler import monitor
+from ..storage.results import ZarrSink
+from ..tensors import nbytes
+from ..worker import tasks
+from ..worker.limits import check_graph
+from ..worker.results import Results
 from .coalesce import Batch, Coalescer, Member, coalescer_for
-from .deployment import dead_shards, get_deployment, recover, shard_specs
+from .deployment import dead_shards, get_deployment, recover
+from .record import Deployment
 
 POLL_SECONDS = 0.2
 #: Re-submissions allowed when only the client's cached deployment record was out of date.
@@ -49,20 +50,10 @@ def new_experiment_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
-def check_graph(graph: InterventionGraph, module_paths: list[str] | None = None) -> None:
-    """Refuse a graph before it is queued: malformed, forbidden op, local-only function, limits."""
-    validate_graph(graph, module_paths=module_paths, remote=True, max_new_tokens=config.max_new_tokens_limit,
-                   max_constant_bytes=config.max_inline_result_bytes)
-    for run in graph.passes:
-        if run.kind == "generate" and run.kwargs.get("do_sample"):
-            raise ExperimentFailedError("remote generation is greedy; do_sample=True runs only locally")
-
-
-def plan_for(record: dict[str, Any], graph: InterventionGraph) -> list[Stage]:
+def plan_for(record: Deployment, graph: InterventionGraph) -> list[Stage]:
     """The experiment's chain of stages on the deployment's current shards."""
-    specs = shard_specs(record)
-    shards = assign_shards(graph, lambda path: owner_of(specs, path), len(specs))
-    return plan_stages(graph, shards, len(specs))
+    shards = assign_shards(graph, record.owner, record.n_shards)
+    return plan_stages(graph, shards, record.n_shards)
 
 
 def launch_batch(client: Client, batch: Batch) -> None:
@@ -78,18 +69,18 @@ def launch_batch(client: Client, batch: Batch) -> None:
     ids = "+".join(member.experiment for member in batch.members)
     keys = [f"nnsight-{ids}-{position:03d}-{stage.label}" for position, stage in enumerate(stages)]
     for member in batch.members:
-        announce(client, record, event="submitted", experiment=member.experiment, deployment=record["name"],
+        announce(client, record, event="submitted", experiment=member.experiment, deployment=record.name,
                  user=member.user or config.user, keys=keys, shards=[stage.shard for stage in stages],
                  retry_of=member.retry_of, reason=member.reason)
     previous: Future | None = None
     seen: set[int] = set()
     for position, stage in enumerate(stages):
-        worker = record["shards"][stage.shard]["worker"]
+        worker = record.shards[stage.shard].worker
         first_on_shard = stage.shard not in seen
         seen.add(stage.shard)
         members = [(member.experiment, member.graph_json if first_on_shard else None) for member in batch.members]
         previous = client.submit(
-            tasks.run_stage, record["name"], stage.shard, members, stage, previous, position == len(stages) - 1,
+            tasks.run_stage, record.name, stage.shard, members, stage, previous, position == len(stages) - 1,
             key=keys[position], workers=[worker], allow_other_workers=False, pure=False)
     assert previous is not None
     batch.last = previous
@@ -106,14 +97,14 @@ def shorten_batching(client: Client) -> None:
         stream.interval = interval
 
 
-def announce(client: Client, record: dict[str, Any], **message: Any) -> None:
+def announce(client: Client, record: Deployment, **message: Any) -> None:
     """Tell the deployment's monitor (a scheduler plugin) about an experiment, fire-and-forget.
 
     Goes on the client's existing batched stream to the scheduler (``Client._send_to_scheduler``,
     the call ``client.submit`` itself uses), so it costs no round trip and arrives before the
     stage tasks submitted after it.
     """
-    if not record.get("monitor"):
+    if not record.monitor:
         return
     try:
         client._send_to_scheduler({"op": monitor.STREAM_OP, **message})
@@ -124,12 +115,13 @@ def announce(client: Client, record: dict[str, Any], **message: Any) -> None:
 def run_experiment(client: Client, name: str, graph: InterventionGraph, *, module_paths: list[str] | None = None,
                    user: str | None = None, cancelled: threading.Event | None = None,
                    on_status: Callable[[str, dict[str, Any]], None] | None = None,
-                   timeout: float | None = None, record: dict[str, Any] | None = None,
-                   on_record: Callable[[dict[str, Any]], None] | None = None) -> Results:
+                   timeout: float | None = None, record: Deployment | None = None,
+                   on_record: Callable[[Deployment], None] | None = None) -> Results:
     """Run ``graph`` on deployment ``name`` and return its results (blocking).
 
     ``record`` is the caller's cached deployment record (saves a scheduler round trip per
     experiment); when the shards have moved since, the fresh record is handed to ``on_record``.
+    The graph is checked here to fail fast, and again by every shard with its worker's limits.
     """
     check_graph(graph, module_paths)
     graph_json = graph.to_json()
@@ -150,7 +142,7 @@ def run_experiment(client: Client, name: str, graph: InterventionGraph, *, modul
         except _WorkerLost:
             _abandon(client, coalescer, batch, member, graph)
             fresh = get_deployment(client, name)
-            if fresh["generation"] != record["generation"] and not dead_shards(client, fresh) \
+            if fresh.generation != record.generation and not dead_shards(client, fresh) \
                     and resubmits < STALE_RECORD_RESUBMITS:
                 reason, resubmits = "the deployment's shards had moved (cached placement was out of date)", resubmits + 1
             elif attempts == 1:
@@ -175,16 +167,18 @@ def run_experiment(client: Client, name: str, graph: InterventionGraph, *, modul
             _abandon(client, coalescer, batch, member, graph)
             _finished(client, record, experiment, "failed", error=f"{type(exc).__name__}: {exc}")
             raise
+        sink = ZarrSink.from_options(graph.options, experiment)
         try:
-            persisted = finish_results(graph, results, experiment)
+            persisted = sink.commit(results) if sink is not None else 0
         except BaseException as exc:
-            _discard(graph, experiment)
+            if sink is not None:
+                sink.abort()
             _finished(client, record, experiment, "failed", error=f"{type(exc).__name__}: {exc}")
             raise
         if persisted or len(batch.members) > 1:
             # the monitor saw the completion itself; news to it are persisted bytes, and this
             # member's share of what a shared last stage returned
-            _finished(client, record, experiment, "completed", bytes_returned=inline_bytes(dict(results)),
+            _finished(client, record, experiment, "completed", bytes_returned=nbytes(dict(results)),
                       bytes_persisted=persisted)
         notify("completed", {"experiment": experiment})
         return results
@@ -198,54 +192,13 @@ def _abandon(client: Client, coalescer: Coalescer, batch: Batch, member: Member,
         if batch.last is not None:
             batch.leave(client, member.experiment)
             _release(client, batch.record, member.experiment)
-    _discard(graph, member.experiment)
+    sink = ZarrSink.from_options(graph.options, member.experiment)
+    if sink is not None:
+        sink.abort()
 
 
-def _finished(client: Client, record: dict[str, Any], experiment: str, status: str, **info: Any) -> None:
+def _finished(client: Client, record: Deployment, experiment: str, status: str, **info: Any) -> None:
     announce(client, record, event="finished", experiment=experiment, status=status, **info)
-
-
-def persisted_refs(value: Any) -> list[Any]:
-    """Every :class:`~nnsight_dask.storage.TensorRef` in a result value (lists/dicts walked)."""
-    from ..storage.ref import TensorRef
-
-    if isinstance(value, TensorRef):
-        return [value]
-    if isinstance(value, dict):
-        return [r for v in value.values() for r in persisted_refs(v)]
-    if isinstance(value, (list, tuple)):
-        return [r for v in value for r in persisted_refs(v)]
-    return []
-
-
-def finish_results(graph: InterventionGraph, results: Results, experiment: str) -> int:
-    """After the last stage: refuse oversized inline results, then make persisted saves visible.
-
-    Returns the bytes of the persisted saves.
-    """
-    check_inline_size(results, graph.options)
-    store = graph.options.get("store")
-    if not store:
-        return 0
-    from ..storage import mark_complete
-
-    refs = persisted_refs(dict(results))
-    names = [ref.path.split("/", 1)[1] for ref in refs]
-    mark_complete(store, experiment, names=names, storage_options=graph.options.get("storage_options"))
-    return sum(ref.nbytes for ref in refs)
-
-
-def _discard(graph: InterventionGraph, experiment: str) -> None:
-    """A failed, cancelled or retried experiment leaves nothing in the store (never anything complete)."""
-    store = graph.options.get("store")
-    if not store:
-        return
-    try:
-        from ..storage import delete
-
-        delete(store, experiment, storage_options=graph.options.get("storage_options"))
-    except Exception:  # best effort: an incomplete group is invisible anyway, and cleanup() removes it
-        pass
 
 
 def _wait(client: Client, coalescer: Coalescer, batch: Batch, member: Member, deadline: float,
@@ -300,11 +253,11 @@ def _check_limits(cancelled: threading.Event | None, deadline: float) -> None:
                                     "(nnsight_dask.config.experiment_timeout)")
 
 
-def _report_progress(client: Client, record: dict[str, Any], experiment: str, n_stages: int,
+def _report_progress(client: Client, record: Deployment, experiment: str, n_stages: int,
                      on_status: Callable[[str, dict[str, Any]], None], shown: tuple[Any, ...]) -> tuple[Any, ...]:
     """Queued with position k, or running stage k of n (from the monitor); tells ``on_status`` of changes."""
     status: dict[str, Any] = {}
-    if record.get("monitor"):
+    if record.monitor:
         try:
             status = client.sync(getattr(client.scheduler, monitor.STATUS_RPC), experiment=experiment)
         except Exception:  # a scheduler that lost its monitor: progress without detail
@@ -319,50 +272,12 @@ def _report_progress(client: Client, record: dict[str, Any], experiment: str, n_
     return now
 
 
-def _release(client: Client, record: dict[str, Any], experiment: str) -> None:
+def _release(client: Client, record: Deployment, experiment: str) -> None:
     alive = set(client.scheduler_info(n_workers=-1)["workers"])
-    for shard in record["shards"]:
-        if shard["worker"] in alive:
-            fire_and_forget(client.submit(tasks.release, record["name"], shard["index"], experiment,
-                                          workers=[shard["worker"]], pure=False))
+    for shard in record.shards:
+        if shard.worker in alive:
+            fire_and_forget(client.submit(tasks.release, record.name, shard.index, experiment,
+                                          workers=[shard.worker], pure=False))
 
 
-class ExperimentFuture(concurrent.futures.Future):  # type: ignore[type-arg]
-    """A remote experiment running in the background; ``result()`` gives its :class:`Results`."""
-
-    def __init__(self, client: Client, name: str, graph: InterventionGraph,
-                 deliver: Callable[[Results], None] | None = None, **options: Any) -> None:
-        super().__init__()
-        self._cancel_event = threading.Event()
-        self.set_running_or_notify_cancel()
-        self._thread = threading.Thread(target=self._drive, args=(client, name, graph, deliver, options),
-                                        name="nnsight-dask-experiment", daemon=True)
-        self._thread.start()
-
-    def _drive(self, client: Client, name: str, graph: InterventionGraph,
-               deliver: Callable[[Results], None] | None, options: dict[str, Any]) -> None:
-        """Run the experiment; ``deliver`` gets the results before anyone waiting wakes up."""
-        try:
-            result = run_experiment(client, name, graph, cancelled=self._cancel_event, **options)
-            if deliver is not None:
-                deliver(result)
-        except concurrent.futures.CancelledError:
-            with self._condition:
-                self._state = "CANCELLED_AND_NOTIFIED"
-                self._condition.notify_all()
-            self._invoke_callbacks()
-        except BaseException as exc:
-            self.set_exception(exc)
-        else:
-            self.set_result(result)
-
-    def cancel(self) -> bool:
-        """Stop the experiment: its queued and running stages are cancelled on the cluster."""
-        if self.done():
-            return False
-        self._cancel_event.set()
-        self._thread.join(timeout=10)
-        return self.cancelled()
-
-
-__all__ = ["ExperimentFuture", "NNsightDaskError", "check_graph", "launch_batch", "run_experiment"]
+__all__ = ["launch_batch", "run_experiment"]

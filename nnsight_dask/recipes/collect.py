@@ -9,10 +9,13 @@ the other) and with a :class:`~nnsight_dask.RemoteModel` (several batches in fli
 deployment at once, as non-blocking traces). Either way the client writes each batch's rows with
 :class:`~.dataset_writer.DatasetWriter` as soon as the batch returns, so an interrupted run resumes
 with exactly the batches it had not finished (``pending_batches``) and never writes one twice.
+
+Written on the public API only: traces, invokes, ``.save()``, ``lm.encode`` and the storage package.
 """
 from __future__ import annotations
 
 import concurrent.futures
+import sys
 from collections.abc import Iterable, Sequence
 from typing import Any, Mapping
 
@@ -20,10 +23,8 @@ import torch
 
 from .. import config
 from ..errors import TracingError
-from .dataset_format import prompts_digest
-from .dataset_reader import ActivationDataset
-from .dataset_writer import DatasetWriter
-from .location import UrlLike
+from ..storage import ActivationDataset, DatasetWriter, prompts_digest
+from ..storage.location import UrlLike
 
 
 def collect(
@@ -81,7 +82,7 @@ def collect(
     specs = {name: (tuple(value.shape[2:]), value.dtype) for name, value in zip(names, probe)}
     tokenizer = getattr(lm, "tokenizer", None)
     metadata = {
-        "model": str(getattr(lm, "_model_id", None) or type(lm).__name__),
+        "model": str(lm.model_id),
         "tokenizer": str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__),
         "prompts_digest": prompts_digest([p if isinstance(p, str) else repr(p) for p in prompts]),
         "n_prompts": len(prompts),
@@ -102,7 +103,7 @@ def collect(
                 bar.update(1)
 
         if _is_remote(lm):
-            in_flight = max_in_flight or 2 * len(getattr(lm, "deployment", {}).get("shards", [None]))
+            in_flight = max_in_flight or 2 * lm.deployment.n_shards
             _run_remote(lm, pending, batches, envoys, write, max(1, in_flight))
         else:
             for b in pending:
@@ -125,7 +126,7 @@ def _envoy(lm: Any, path: str) -> Any:
 
 def _encode(lm: Any, prompt: Any) -> dict[str, torch.Tensor]:
     """One prompt's token ids, unpadded: ``input_ids`` ``[1, length]``."""
-    encoded = lm._encode((prompt if isinstance(prompt, (str, torch.Tensor)) else list(prompt),))
+    encoded = lm.encode(prompt if isinstance(prompt, (str, torch.Tensor)) else list(prompt))
     if encoded["input_ids"].shape[0] != 1:
         raise TracingError("collect: each prompt must be one text or one list of token ids")
     keep = encoded["attention_mask"][0].bool()
@@ -133,7 +134,11 @@ def _encode(lm: Any, prompt: Any) -> dict[str, torch.Tensor]:
 
 
 def _is_remote(lm: Any) -> bool:
-    return hasattr(lm, "_client") and hasattr(lm, "deployment")
+    if "nnsight_dask.client" not in sys.modules:  # no remote model can exist without it
+        return False
+    from ..client import RemoteModel
+
+    return isinstance(lm, RemoteModel)
 
 
 def _record(lm: Any, batch: list[dict[str, torch.Tensor]], envoys: list[Any],
@@ -160,19 +165,19 @@ def _run_remote(lm: Any, pending: list[int], batches: list[list[dict[str, torch.
                 write: Any, in_flight: int) -> None:
     """Keep ``in_flight`` non-blocking traces running; write each batch as it returns."""
     queue = list(pending)
-    running: dict[Any, tuple[int, list[list[str]]]] = {}
+    running: dict[Any, tuple[int, list[list[Any]]]] = {}
     try:
         while queue or running:
             while queue and len(running) < in_flight:
                 b = queue.pop(0)
                 tracer, acts = _record(lm, batches[b], envoys, blocking=False)
-                targets = [[a._recorder.graph.nodes[a._save_node].target for a in prompt] for prompt in acts]
-                running[tracer.future] = (b, targets)
+                running[tracer.future] = (b, acts)
             done, _ = concurrent.futures.wait(list(running), return_when=concurrent.futures.FIRST_COMPLETED)
             for future in done:
-                b, targets = running.pop(future)
-                results = future.result()  # raises the batch's failure; finished batches stay written
-                write(b, [[_materialize(results[t]) for t in prompt] for prompt in targets])
+                b, acts = running.pop(future)
+                future.result()  # raises the batch's failure; finished batches stay written
+                # a non-blocking trace's saved proxies hold their values before its future is done
+                write(b, [[_materialize(_value(a)) for a in prompt] for prompt in acts])
     finally:
         for future in running:
             future.cancel()

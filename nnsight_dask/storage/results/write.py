@@ -1,7 +1,7 @@
 """Persisting one saved tensor: ``<store>/<experiment>/<name>`` as a Zarr v3 array.
 
-This is what a shard calls for a saved value above the persist threshold; it returns the
-:class:`TensorRef` that travels back to the client instead of the tensor. The array is created and
+This is what :class:`~.sink.ZarrSink` calls for a saved value above the persist threshold; it returns
+the :class:`TensorRef` that travels back to the client instead of the tensor. The array is created and
 written in one go, by one writer, so it owns all of its chunks; it becomes *visible* to readers only
 when the experiment is marked complete (see :mod:`.experiments`).
 """
@@ -13,14 +13,13 @@ from typing import Any, Mapping, Sequence
 import torch
 import zarr
 
-from .. import config
+from ...tensors import dtype_name, to_stored
+from ..chunking import CHUNK_KEY_ENCODING, choose_chunks
+from ..errors import StorageError
+from ..location import StoreLocation
+from ..names import ATTRS_KEY, validate_experiment_id, validate_name
 from .chunk_writer import write_whole_chunks
-from .chunking import CHUNK_KEY_ENCODING, choose_chunks
-from .dtypes import ATTRS_KEY, dtype_name, encode
-from .errors import StorageError
-from .experiments import ensure_experiment
-from .location import StoreLocation
-from .names import validate_experiment_id, validate_name
+from .lifecycle import ensure_experiment
 from .ref import TensorRef
 
 def write_tensor(
@@ -63,7 +62,7 @@ def write_tensor(
     validate_experiment_id(experiment_id)
     validate_name(name)
     ensure_experiment(location, experiment_id)
-    data = encode(tensor)
+    data = to_stored(tensor)
     ref = TensorRef.for_tensor(location, f"{experiment_id}/{name}", tensor)
     chosen = tuple(chunks) if chunks is not None else choose_chunks(data.shape, data.itemsize)
     if len(chosen) != data.ndim:
@@ -83,26 +82,4 @@ def write_tensor(
     return ref
 
 
-def should_persist(tensor: torch.Tensor, threshold: int | None = None) -> bool:
-    """True when ``tensor`` is larger than ``threshold`` bytes (default ``config.persist_threshold``)."""
-    limit = config.persist_threshold if threshold is None else threshold
-    return tensor.numel() * tensor.element_size() > limit
-
-
-def maybe_persist(
-    value: Any,
-    store_url: str | None,
-    experiment_id: str,
-    name: str,
-    *,
-    threshold: int | None = None,
-    storage_options: Mapping[str, Any] | None = None,
-) -> Any:
-    """What a shard returns for a saved value: a :class:`TensorRef` if the value is a tensor above the
-    threshold and a store is given, else the value itself (inline)."""
-    if store_url is not None and isinstance(value, torch.Tensor) and should_persist(value, threshold):
-        return write_tensor(store_url, experiment_id, name, value, storage_options=storage_options)
-    return value
-
-
-__all__ = ["maybe_persist", "should_persist", "write_tensor"]
+__all__ = ["write_tensor"]

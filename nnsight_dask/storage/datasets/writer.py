@@ -34,15 +34,16 @@ import torch
 import zarr
 from zarr.errors import NodeNotFoundError
 
-from .chunking import CHUNK_KEY_ENCODING, TARGET_CHUNK_BYTES
-from .dataset_format import (FORMAT_VERSION, KIND, PROMPT_INDEX, DatasetLayout, finished_batches, marker_key,
+from ...tensors import storage_dtype, to_stored
+from ..chunking import CHUNK_KEY_ENCODING, TARGET_CHUNK_BYTES
+from ..errors import CompletedResultError, IncompleteResultError, ResultNotFoundError, StorageError
+from ..location import StoreLocation, UrlLike, as_location
+from ..names import ATTRS_KEY
+from .format import (FORMAT_VERSION, KIND, PROMPT_INDEX, DatasetLayout, finished_batches, marker_key,
                              read_dataset_info)
-from .dtypes import ATTRS_KEY, encode, storage_dtype
-from .errors import CompletedResultError, IncompleteResultError, ResultNotFoundError, StorageError
-from .location import StoreLocation, UrlLike, as_location
 
 if TYPE_CHECKING:
-    from .dataset_reader import ActivationDataset
+    from .reader import ActivationDataset
 
 #: Metadata keys whose change means "a different dataset", refused on resume.
 _IDENTITY_KEYS = ("model", "prompts_digest", "n_prompts")
@@ -217,7 +218,7 @@ class DatasetWriter:
             raise StorageError(f"batch {batch}, module {name!r}: shape {list(tensor.shape)} should be "
                                f"{[n, *spec.feature_shape]} (one row per token of prompt_index)",
                                batch=batch, module=name)
-        return encode(tensor)
+        return to_stored(tensor)
 
     def _write_rows(self, name: str, start: int, data: np.ndarray, chunk_rows: int, fill: int) -> None:
         """Write ``data`` at ``start``, padded to whole chunks so no chunk is read back or shared."""
@@ -253,7 +254,7 @@ class DatasetWriter:
             tokens = [int(markers[b]["n_tokens"]) for b in range(self.layout.n_batches)]
             group.update_attributes({ATTRS_KEY: {**info, "complete": True, "completed_at": _now(),
                                                  "batch_tokens": tokens, "n_tokens": sum(tokens)}})
-        from .dataset_reader import open_activations
+        from .reader import open_activations
 
         return open_activations(self.location)
 

@@ -22,10 +22,10 @@ from typing import Any
 import zarr
 from zarr.errors import NodeNotFoundError
 
-from .dtypes import ATTRS_KEY, dtype_from_name
-from .errors import CompletedResultError, IncompleteResultError, ResultNotFoundError
-from .location import StoreLocation, UrlLike, as_location
-from .names import validate_experiment_id
+from ...tensors import dtype_from_name
+from ..errors import CompletedResultError, IncompleteResultError, ResultNotFoundError
+from ..location import StoreLocation, UrlLike, as_location
+from ..names import ATTRS_KEY, validate_experiment_id
 from .ref import TensorRef
 
 KIND = "experiment"

@@ -4,8 +4,11 @@ The actor reads only its shard's weights (see :mod:`..models.shard_loading`) and
 process registry. Experiments reach it through stage tasks pinned to this worker (see
 :mod:`.tasks`), which run under the shard's lock: its hooks and KV caches belong to one
 experiment at a time, while other shards of the deployment serve other experiments. One stage
-task may carry several experiments submitted together (:mod:`..scheduler.coalesce`); they run one
+task may carry several experiments submitted together (:mod:`..client.coalesce`); they run one
 after the other, each with its own state.
+
+At an experiment's first stage here the shard validates its graph again, with this worker's
+settings (:mod:`.limits`), and gives it a Zarr sink when it asks for a store.
 """
 from __future__ import annotations
 
@@ -16,10 +19,14 @@ from typing import Any
 
 import torch
 
+from ..errors import InterventionError
 from ..execution.stage import Carry, ExperimentState, ShardRunner, Stage, collect_results
 from ..graph.graph import InterventionGraph
+from ..models import ShardSpec, load_causal_lm, load_smollm2, owner_of, prepare_tokenizer
 from ..models.shard_loading import load_shard
+from ..storage.results import ZarrSink
 from . import registry
+from .limits import check_graph, check_inline_size
 from .registry import ShardStateLostError
 from .results import Results
 from .serialization import register as register_serializers
@@ -39,16 +46,13 @@ def load_source(source: ModelSource, dtype: torch.dtype | None = None, gguf_file
     if callable(source):
         return source()
     if source == "smollm2":
-        from ..models import load_smollm2
-
         return load_smollm2(dtype or torch.float32)
-    from ..models import load_causal_lm
-
     return load_causal_lm(str(source), gguf_file=gguf_file, dtype=dtype)
 
 
 def describe_model(model: torch.nn.Module, tokenizer: Any) -> dict[str, Any]:
-    """What a client needs to trace without weights: config, module paths, the tokenizer."""
+    """What a client needs to trace without weights: config, module paths, the tokenizer (prepared
+    here, on the worker, so every client pads the way the deployment does)."""
     config = getattr(model, "config", None)
     description: dict[str, Any] = {
         "config": config.to_dict() if config is not None else None,
@@ -57,47 +61,26 @@ def describe_model(model: torch.nn.Module, tokenizer: Any) -> dict[str, Any]:
     }
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
+        prepare_tokenizer(tokenizer)
         description["tokenizer"] = {
+            "padding_side": tokenizer.padding_side,
             "json": backend.to_str(),
             "special": {k: str(v) for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)},
         }
     return description
 
 
-def inline_bytes(value: Any) -> int:
-    """Bytes of the tensors a result carries inline (persisted values count as nothing)."""
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, dict):
-        return sum(inline_bytes(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return sum(inline_bytes(v) for v in value)
-    return 0
-
-
-def check_inline_size(results: dict[str, Any], options: dict[str, Any], limit: int | None = None) -> None:
-    """Refuse results whose inline tensors exceed ``config.max_inline_result_bytes``."""
-    from .. import config
-    from ..errors import ExperimentFailedError
-
-    limit = config.max_inline_result_bytes if limit is None else limit
-    size = inline_bytes(results)
-    if size <= limit:
-        return
-    hint = ("pass store=<fsspec URL> to the trace so large saves are persisted to Zarr and come back lazy"
-            if not options.get("store") else
-            "lower persist_threshold= so more saves are persisted to the store")
-    raise ExperimentFailedError(
-        f"the experiment's saved values total {size / 2**20:.1f} MiB inline, over the limit of "
-        f"{limit / 2**20:.1f} MiB (nnsight_dask.config.max_inline_result_bytes): {hint}",
-        inline_bytes=size, limit=limit)
+def shard_runner(model: torch.nn.Module, plan: list[ShardSpec], index: int, pad_token_id: int) -> ShardRunner:
+    """The runner of shard ``index`` of ``plan`` over ``model`` (already cut to that shard)."""
+    spec = plan[index]
+    layers = model.get_submodule(spec.layers_path)
+    return ShardRunner(model, index, len(plan), lambda path: owner_of(plan, path),
+                       layers[spec.layer_start], layers[spec.layer_stop - 1], pad_token_id)
 
 
 def portable_error(exc: Exception) -> Exception:
     """``exc`` if it survives pickling (it travels as a value to the client), else its text."""
     import pickle
-
-    from ..errors import InterventionError
 
     try:
         pickle.loads(pickle.dumps(exc))
@@ -111,7 +94,7 @@ class ShardActor:
 
     def __init__(self, deployment: str, index: int, n_shards: int, source: ModelSource,
                  dtype: torch.dtype | None = None, device: str | None = None, gguf_file: str | None = None) -> None:
-        register_serializers()
+        register_serializers()  # also done by ShardWorkerPlugin; here for actors made without serve()
         torch.set_num_threads(int(os.environ.get("NNSIGHT_DASK_TORCH_THREADS", "1")))
         started = time.perf_counter()
         # Only this shard's weights are read when the source is a safetensors checkpoint; otherwise
@@ -124,7 +107,8 @@ class ShardActor:
         pad = getattr(tokenizer, "pad_token_id", None)
         if pad is None:
             pad = getattr(getattr(model, "config", None), "eos_token_id", None) or 0
-        self.runner = ShardRunner(model, plan, index, int(pad))
+        self.plan = plan
+        self.runner = shard_runner(model, plan, index, int(pad))
         self.deployment = deployment
         self.index = index
         self.lock = threading.Lock()
@@ -139,13 +123,14 @@ class ShardActor:
     def describe(self) -> dict[str, Any] | None:
         return self.description
 
-    def plan(self) -> list[Any]:
-        return list(self.runner.plan)
+    def shard_plan(self) -> list[Any]:
+        return list(self.plan)
 
     def status(self) -> dict[str, Any]:
+        spec = self.plan[self.index]
         return {
             "deployment": self.deployment, "shard": self.index,
-            "layers": [self.runner.spec.layer_start, self.runner.spec.layer_stop],
+            "layers": [spec.layer_start, spec.layer_stop],
             "in_flight": len(self.experiments), "busy_seconds": self.busy_seconds,
             "stages_run": self.stages_run, "weight_bytes": self.weight_bytes,
             "load_seconds": self.load_seconds, "pid": os.getpid(),
@@ -170,8 +155,7 @@ class ShardActor:
                             "(it was restarted or the experiment was released); resubmit the experiment",
                             deployment=self.deployment, shard=self.index)
                     self._drop_stale()
-                    state = self.experiments[experiment] = self.runner.start(InterventionGraph.from_json(graph_json))
-                    state.experiment = experiment
+                    state = self.experiments[experiment] = self._start(experiment, graph_json)
                 state.touched = time.monotonic()
                 carry = carry if carry is not None else Carry()
                 if stage.direction == "forward":
@@ -213,6 +197,12 @@ class ShardActor:
                     raise
                 out[experiment] = portable_error(exc)
         return out
+
+    def _start(self, experiment: str, graph_json: str) -> ExperimentState:
+        """A new experiment's state here, after validating its graph with this worker's settings."""
+        graph = InterventionGraph.from_json(graph_json)
+        check_graph(graph)
+        return self.runner.start(graph, ZarrSink.from_options(graph.options, experiment))
 
     def release(self, experiment: str) -> None:
         with self.lock:

@@ -6,7 +6,7 @@ import sys
 import time
 from typing import Any
 
-from .errors import NNsightDaskError
+from ..errors import NNsightDaskError
 
 
 def _client(scheduler: str | None, workers: int = 2) -> Any:
@@ -39,8 +39,8 @@ def demo(args: argparse.Namespace) -> None:
         if "smollm2" not in nd.deployments(client):
             nd.serve(client, "smollm2", shards=2, name="smollm2")
         record = nd.deployments(client)["smollm2"]
-        for shard in record["shards"]:
-            print(f"  shard {shard['index']}: layers {shard['layers'][0]}-{shard['layers'][1] - 1} on {shard['worker']}")
+        for shard in record.shards:
+            print(f"  shard {shard.index}: layers {shard.layers[0]}-{shard.layers[1] - 1} on {shard.worker}")
         print(f"Deployed in {time.perf_counter() - started:.1f} s\n")
         lm = nd.RemoteModel(client, "smollm2")
         tok = lm.tokenizer
@@ -91,9 +91,9 @@ def serve_command(args: argparse.Namespace) -> None:
 
     client, cluster = _client(args.scheduler, args.workers)
     record = nd.serve(client, args.model, shards=args.shards, name=args.name)
-    print(f"deployed {record['name']!r} ({args.model}) in {args.shards} shard(s); scheduler {client.scheduler.address}")
-    for shard in record["shards"]:
-        print(f"  shard {shard['index']}: layers {shard['layers'][0]}-{shard['layers'][1] - 1} on {shard['worker']}")
+    print(f"deployed {record.name!r} ({args.model}) in {args.shards} shard(s); scheduler {client.scheduler.address}")
+    for shard in record.shards:
+        print(f"  shard {shard.index}: layers {shard.layers[0]}-{shard.layers[1] - 1} on {shard.worker}")
     print(f"dashboard: {client.dashboard_link}")
     if cluster is not None:
         print("serving until Ctrl-C")
@@ -115,11 +115,11 @@ def status_command(args: argparse.Namespace) -> None:
             print("no deployments")
         alive = set(client.scheduler_info(n_workers=-1)["workers"])
         for name, record in found.items():
-            print(f"{name}: {record['source']} in {record['n_shards']} shard(s), generation {record['generation']}")
-            for shard in record["shards"]:
-                state = "up" if shard["worker"] in alive else "LOST"
-                print(f"  shard {shard['index']}: layers {shard['layers'][0]}-{shard['layers'][1] - 1} "
-                      f"on {shard['worker']} [{state}]")
+            print(f"{name}: {record.source} in {record.n_shards} shard(s), generation {record.generation}")
+            for shard in record.shards:
+                state = "up" if shard.worker in alive else "LOST"
+                print(f"  shard {shard.index}: layers {shard.layers[0]}-{shard.layers[1] - 1} "
+                      f"on {shard.worker} [{state}]")
         _print_experiments(client)
     finally:
         client.close()
@@ -129,7 +129,7 @@ def status_command(args: argparse.Namespace) -> None:
 
 def _print_experiments(client: Any) -> None:
     """Experiment counts by status and per-shard load, from the scheduler's experiment monitor."""
-    from nnsight_dask.scheduler import monitor
+    from ..scheduler import monitor
 
     try:
         snapshot = client.sync(getattr(client.scheduler, monitor.SNAPSHOT_RPC))

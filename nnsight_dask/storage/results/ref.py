@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
-from .dtypes import dtype_from_name, dtype_name
-from .location import StoreLocation
+from ...tensors import dtype_from_name, dtype_name
+from ..location import StoreLocation
 
 if TYPE_CHECKING:
     from .lazy import LazyTensor

@@ -18,8 +18,8 @@ import torch
 import zarr
 from dask.base import tokenize
 
-from .dtypes import decode, decode_values, dtype_from_name, is_encoded, value_dtype
-from .errors import ResultNotFoundError
+from ...tensors import dtype_from_name, from_stored, is_bit_view, stored_values, value_dtype
+from ..errors import ResultNotFoundError
 from .ref import TensorRef
 
 Dim = int | Sequence[int] | None
@@ -56,7 +56,7 @@ class LazyTensor:
     def __init__(self, array: da.Array, dtype: torch.dtype, *, values: bool = False, source: str = "") -> None:
         self._array = array
         self._dtype = dtype
-        self._values = values or not is_encoded(dtype)
+        self._values = values or not is_bit_view(dtype)
         self._source = source
 
     @classmethod
@@ -168,7 +168,7 @@ class LazyTensor:
         data = np.asarray(self._array.compute())
         if self._values:
             return torch.from_numpy(_writable(data)).to(self._dtype)
-        return decode(data, self._dtype)
+        return from_stored(data, self._dtype)
 
     def numpy(self) -> np.ndarray:
         """Read and return a numpy array (bf16/fp8 as float32, exactly)."""
@@ -182,7 +182,7 @@ class LazyTensor:
     def _value_array(self) -> da.Array:
         if self._values:
             return self._array
-        return self._array.map_blocks(decode_values, self._dtype, dtype=value_dtype(self._dtype))
+        return self._array.map_blocks(stored_values, self._dtype, dtype=value_dtype(self._dtype))
 
     def _compute_array(self) -> da.Array:
         """Values in a dtype numpy reduces accurately: half precision is widened to float32."""

@@ -20,11 +20,11 @@ import numpy as np
 import zarr
 from dask.base import tokenize
 
-from .dataset_format import PROMPT_INDEX, DatasetLayout, finished_batches, read_dataset_info
-from .dtypes import dtype_from_name
-from .errors import IncompleteResultError, ResultNotFoundError
-from .lazy import LazyTensor
-from .location import StoreLocation, UrlLike, as_location
+from .format import PROMPT_INDEX, DatasetLayout, finished_batches, read_dataset_info
+from ...tensors import dtype_from_name
+from ..errors import IncompleteResultError, ResultNotFoundError
+from ..results.lazy import LazyTensor
+from ..location import StoreLocation, UrlLike, as_location
 
 
 class ActivationDataset(Mapping[str, da.Array]):

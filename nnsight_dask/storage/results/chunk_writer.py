@@ -18,7 +18,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BytesCodec
 
-from .location import StoreLocation
+from ..location import StoreLocation
 
 
 def _plain_bytes_layout(z: zarr.Array) -> bool:

@@ -1,0 +1,40 @@
+"""What a graph may ask of a shared deployment, checked with the settings of the process that checks.
+
+The submitting client calls :func:`check_graph` to fail fast; every shard calls it again at an
+experiment's first stage there and :func:`check_inline_size` before returning results, with the
+worker's own ``nnsight-dask.*`` settings, so a limit a client raises for itself widens nothing.
+"""
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from typing import Any
+
+from .. import config
+from ..errors import ExperimentFailedError, GraphValidationError
+from ..graph.graph import InterventionGraph
+from ..graph.validate import validate_graph
+from ..tensors import nbytes
+
+
+def check_graph(graph: InterventionGraph, module_paths: Collection[str] | None = None) -> None:
+    """Refuse a graph before it runs: malformed, forbidden op, local-only function, over a limit."""
+    validate_graph(graph, module_paths=module_paths, remote=True, max_new_tokens=config.max_new_tokens_limit,
+                   max_constant_bytes=config.max_inline_result_bytes)
+    for run in graph.passes:
+        if run.kind == "generate" and run.kwargs.get("do_sample"):
+            raise GraphValidationError("remote generation is greedy; do_sample=True runs only locally")
+
+
+def check_inline_size(results: Mapping[str, Any], options: Mapping[str, Any]) -> None:
+    """Refuse results whose inline tensors exceed ``nnsight-dask.max-inline-result-bytes``."""
+    limit = config.max_inline_result_bytes
+    size = nbytes(dict(results))
+    if size <= limit:
+        return
+    hint = ("pass store=<fsspec URL> to the trace so large saves are persisted to Zarr and come back lazy"
+            if not options.get("store") else
+            "lower persist_threshold= so more saves are persisted to the store")
+    raise ExperimentFailedError(
+        f"the experiment's saved values total {size / 2**20:.1f} MiB inline, over the limit of "
+        f"{limit / 2**20:.1f} MiB (nnsight-dask.max-inline-result-bytes on the workers): {hint}",
+        inline_bytes=size, limit=limit)
