@@ -100,7 +100,9 @@ def open_saves(saves: Any) -> Any:
 
 def run_graph_task(graph: InterventionGraph) -> Any:
     """What ``client.submit(graph)`` runs on a worker (see :func:`nnsight_dask.client.submit.run_graph_task`)."""
-    from .client.submit import run_graph_task as run  # distributed loads only on a cluster
+    from .client.submit import (
+        run_graph_task as run,  # distributed loads only on a cluster
+    )
 
     return run(graph)
 

@@ -146,6 +146,11 @@ def map_leaves(fn: Callable[[Any], Any], value: Any) -> Any:
     return fn(value)
 
 
+def itemsize(dtype: torch.dtype) -> int:
+    """Bytes of one element of ``dtype``."""
+    return torch.empty(0, dtype=dtype).element_size()
+
+
 def nbytes(value: Any) -> int:
     """Bytes of the tensors held in ``value`` (nested containers walked; anything else counts 0)."""
     return sum(leaf.numel() * leaf.element_size() for leaf in leaves(value) if isinstance(leaf, torch.Tensor))

@@ -91,7 +91,8 @@ class Deployment:
             return cls(name=str(data["name"]), source=str(data["source"]), shards=shards,
                        created=float(data["created"]), generation=int(data["generation"]),
                        options=dict(data.get("options") or {}), monitor=bool(data.get("monitor")))
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
-            raise DeploymentError(f"the scheduler's record of deployment {data.get('name')!r} cannot be read "
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+            name = data.get("name") if isinstance(data, Mapping) else None
+            raise DeploymentError(f"the scheduler's record of deployment {name!r} cannot be read "
                                   f"({type(exc).__name__}: {exc}); it was written by another version of "
                                   "nnsight-dask. Undeploy and serve it again.") from exc

@@ -11,8 +11,8 @@ from typing import Any
 import torch
 
 from ..errors import GraphValidationError
-from .node import Ref
 from ..tensors import dtype_from_name, dtype_name, tensor_from_json, tensor_to_json
+from .node import Ref
 
 
 def encode(value: Any) -> Any:

@@ -7,7 +7,6 @@ malformed or forbidden graph is refused with a message naming the node's line be
 from __future__ import annotations
 
 from collections.abc import Collection
-from typing import Any
 
 from ..errors import ForbiddenOperationError, GraphValidationError
 from ..tensors import nbytes

@@ -5,7 +5,18 @@ ready-to-trace wrappers (``nd.LanguageModel(path)``, ``nd.smollm2()``) are made 
 """
 from __future__ import annotations
 
-from nnsight_dask.models.loading import ModelLoadError, load_causal_lm, prepare_tokenizer
+from nnsight_dask.models._smollm2 import (
+    SMOLLM2_INSTALL,
+    load_smollm2,
+    smollm2_available,
+    smollm2_cache_path,
+    smollm2_gguf_path,
+)
+from nnsight_dask.models.loading import (
+    ModelLoadError,
+    load_causal_lm,
+    prepare_tokenizer,
+)
 from nnsight_dask.models.shards import (
     ShardPlanError,
     ShardSpec,
@@ -13,13 +24,6 @@ from nnsight_dask.models.shards import (
     normalize_path,
     owner_of,
     plan_shards,
-)
-from nnsight_dask.models._smollm2 import (
-    SMOLLM2_INSTALL,
-    load_smollm2,
-    smollm2_available,
-    smollm2_cache_path,
-    smollm2_gguf_path,
 )
 from nnsight_dask.models.tiny import (
     TINY_VOCAB,
@@ -29,7 +33,6 @@ from nnsight_dask.models.tiny import (
     tiny_llama,
     tiny_tokenizer,
 )
-
 
 __all__ = [
     "SMOLLM2_INSTALL",

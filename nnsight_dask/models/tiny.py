@@ -10,6 +10,7 @@ shapes and call order are exactly those of the full-size models.
 """
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any, Literal
 
@@ -108,9 +109,17 @@ def tiny_tokenizer() -> Any:
     return tokenizer
 
 
+#: torch has one global generator per process: two threads seeding it at once would mix their draws.
+_SEEDING = threading.Lock()
+
+
 def _seeded(seed: int, build: Any) -> torch.nn.Module:
-    """Build a module with weights drawn from ``seed``, leaving the caller's RNG state untouched."""
-    with torch.random.fork_rng(devices=[]):
+    """Build a module with weights drawn from ``seed``, leaving the caller's RNG state untouched.
+
+    Serialized across threads (e.g. two shards of an in-process cluster building at once), so the
+    weights are the seed's whatever else runs.
+    """
+    with _SEEDING, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build()
     model = model.to(torch.float32)

@@ -14,12 +14,31 @@ from __future__ import annotations
 
 from ..errors import StorageError
 from .chunking import TARGET_CHUNK_BYTES, choose_chunks
-from .datasets import (ActivationDataset, DatasetLayout, DatasetWriter, ModuleSpec, delete_dataset, open_activations,
-                       prompts_digest)
+from .datasets import (
+                       ActivationDataset,
+                       DatasetLayout,
+                       DatasetWriter,
+                       ModuleSpec,
+                       delete_dataset,
+                       open_activations,
+                       prompts_digest,
+)
 from .errors import CompletedResultError, IncompleteResultError, ResultNotFoundError
 from .location import StoreLocation
-from .results import (Experiment, LazyTensor, TensorRef, ZarrSink, cleanup, delete, is_complete, list_experiments,
-                      mark_complete, open_experiment, open_refs, write_tensor)
+from .results import (
+                       Experiment,
+                       LazyTensor,
+                       TensorRef,
+                       ZarrSink,
+                       cleanup,
+                       delete,
+                       is_complete,
+                       list_experiments,
+                       mark_complete,
+                       open_experiment,
+                       open_refs,
+                       write_tensor,
+)
 
 __all__ = [
     "ActivationDataset", "CompletedResultError", "DatasetLayout", "DatasetWriter", "Experiment",

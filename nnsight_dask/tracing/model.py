@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 
+from ..backends.base import Backend
 from ..errors import TracingError
 from ..graph.graph import InterventionGraph
 from ..graph.node import Kind, Node, Ref
-from ..backends.base import Backend
 from .envoy import Envoy
 from .proxy import Proxy
 from .recorder import Recorder, active_recorders

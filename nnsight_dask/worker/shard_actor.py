@@ -20,11 +20,24 @@ from typing import Any
 import torch
 
 from ..errors import InterventionError
-from ..execution.stage import Carry, ExperimentState, ShardRunner, Stage, collect_results
+from ..execution.stage import (
+    Carry,
+    ExperimentState,
+    ShardRunner,
+    Stage,
+    collect_results,
+)
 from ..graph.graph import InterventionGraph
-from ..models import ShardSpec, load_causal_lm, load_smollm2, owner_of, prepare_tokenizer
+from ..models import (
+    ShardSpec,
+    load_causal_lm,
+    load_smollm2,
+    owner_of,
+    prepare_tokenizer,
+)
 from ..models.shard_loading import load_shard
 from ..storage.results import ZarrSink
+from ..tensors import nbytes
 from . import registry
 from .limits import check_graph, check_inline_size
 from .registry import ShardStateLostError
@@ -32,6 +45,11 @@ from .results import Results
 from .serialization import register as register_serializers
 
 ModelSource = Any  # a path or hub id, "smollm2", or a callable returning (model, tokenizer)
+
+#: Shards of one worker process load one at a time: transformers resolves its lazy top-level names
+#: without a lock (two threads importing ``LlamaConfig`` at once can fail), and one load at a time
+#: also bounds the worker's peak memory.
+_LOADING = threading.Lock()
 
 #: An experiment's state is dropped when untouched this long (its client vanished mid-way).
 STALE_SECONDS = 600.0
@@ -99,8 +117,9 @@ class ShardActor:
         started = time.perf_counter()
         # Only this shard's weights are read when the source is a safetensors checkpoint; otherwise
         # the whole model is loaded (load_source) and cut.
-        shard = load_shard(source, n_shards, index, full_loader=load_source, dtype=dtype, gguf_file=gguf_file,
-                           describe=describe_model if index == 0 else None)
+        with _LOADING:
+            shard = load_shard(source, n_shards, index, full_loader=load_source, dtype=dtype, gguf_file=gguf_file,
+                               describe=describe_model if index == 0 else None)
         model, tokenizer, plan, self.description = shard.model, shard.tokenizer, shard.plan, shard.description
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model.to(device)
@@ -116,7 +135,7 @@ class ShardActor:
         self.busy_seconds = 0.0
         self.stages_run = 0
         self.load_seconds = time.perf_counter() - started
-        self.weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+        self.weight_bytes = nbytes(list({id(p): p for p in model.parameters()}.values()))
         registry.register(deployment, index, self)
 
     # -- actor methods (called through the Dask actor handle) -------------------------------------

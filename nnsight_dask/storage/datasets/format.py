@@ -33,7 +33,7 @@ import torch
 import zarr
 from zarr.errors import NodeNotFoundError
 
-from ...tensors import dtype_from_name, dtype_name
+from ...tensors import dtype_from_name, dtype_name, itemsize
 from ..chunking import TARGET_CHUNK_BYTES, token_chunk_length
 from ..errors import StorageError
 from ..location import StoreLocation
@@ -79,7 +79,7 @@ class ModuleSpec:
 
     @property
     def row_bytes(self) -> int:
-        return math.prod(self.feature_shape) * torch.empty(0, dtype=self.torch_dtype).element_size()
+        return math.prod(self.feature_shape) * itemsize(self.torch_dtype)
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ class DatasetLayout:
                 raise StorageError(f"module name {name!r} must not start with '_' (reserved)", name=name)
             shape = (int(features),) if isinstance(features, int) else tuple(int(f) for f in features)
             tdtype = dtype if isinstance(dtype, torch.dtype) else dtype_from_name(dtype)
-            row = math.prod(shape) * torch.empty(0, dtype=tdtype).element_size()
+            row = math.prod(shape) * itemsize(tdtype)
             specs.append(ModuleSpec(name, shape, dtype_name(tdtype), token_chunk_length(row, batch_capacity,
                                                                                        target_chunk_bytes)))
         index_rows = token_chunk_length(8, batch_capacity, target_chunk_bytes)

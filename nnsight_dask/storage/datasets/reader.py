@@ -20,11 +20,11 @@ import numpy as np
 import zarr
 from dask.base import tokenize
 
-from .format import PROMPT_INDEX, DatasetLayout, finished_batches, read_dataset_info
 from ...tensors import dtype_from_name
 from ..errors import IncompleteResultError, ResultNotFoundError
-from ..results.lazy import LazyTensor
 from ..location import StoreLocation, UrlLike, as_location
+from ..results.lazy import LazyTensor
+from .format import PROMPT_INDEX, DatasetLayout, finished_batches, read_dataset_info
 
 
 class ActivationDataset(Mapping[str, da.Array]):

@@ -36,11 +36,23 @@ from zarr.errors import NodeNotFoundError
 
 from ...tensors import storage_dtype, to_stored
 from ..chunking import CHUNK_KEY_ENCODING, TARGET_CHUNK_BYTES
-from ..errors import CompletedResultError, IncompleteResultError, ResultNotFoundError, StorageError
+from ..errors import (
+    CompletedResultError,
+    IncompleteResultError,
+    ResultNotFoundError,
+    StorageError,
+)
 from ..location import StoreLocation, UrlLike, as_location
 from ..names import ATTRS_KEY
-from .format import (FORMAT_VERSION, KIND, PROMPT_INDEX, DatasetLayout, finished_batches, marker_key,
-                             read_dataset_info)
+from .format import (
+    FORMAT_VERSION,
+    KIND,
+    PROMPT_INDEX,
+    DatasetLayout,
+    finished_batches,
+    marker_key,
+    read_dataset_info,
+)
 
 if TYPE_CHECKING:
     from .reader import ActivationDataset

@@ -7,7 +7,15 @@ what a user holds.
 from __future__ import annotations
 
 from .lazy import LazyTensor
-from .lifecycle import Experiment, cleanup, delete, is_complete, list_experiments, mark_complete, open_experiment
+from .lifecycle import (
+           Experiment,
+           cleanup,
+           delete,
+           is_complete,
+           list_experiments,
+           mark_complete,
+           open_experiment,
+)
 from .ref import TensorRef
 from .sink import ZarrSink, open_refs
 from .write import write_tensor

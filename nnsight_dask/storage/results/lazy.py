@@ -18,7 +18,14 @@ import torch
 import zarr
 from dask.base import tokenize
 
-from ...tensors import dtype_from_name, from_stored, is_bit_view, stored_values, value_dtype
+from ...tensors import (
+    dtype_from_name,
+    from_stored,
+    is_bit_view,
+    itemsize,
+    stored_values,
+    value_dtype,
+)
 from ..errors import ResultNotFoundError
 from .ref import TensorRef
 
@@ -101,7 +108,7 @@ class LazyTensor:
     @property
     def nbytes(self) -> int:
         """Size of the materialized tensor in bytes."""
-        return int(np.prod(self._array.shape)) * torch.empty(0, dtype=self._dtype).element_size()
+        return int(np.prod(self._array.shape)) * itemsize(self._dtype)
 
     @property
     def dask(self) -> da.Array:

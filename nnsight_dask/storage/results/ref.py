@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
-from ...tensors import dtype_from_name, dtype_name
+from ...tensors import dtype_from_name, dtype_name, itemsize
 from ..location import StoreLocation
 
 if TYPE_CHECKING:
@@ -67,7 +67,7 @@ class TensorRef:
     @property
     def nbytes(self) -> int:
         """Size of the tensor in bytes."""
-        return math.prod(self.shape) * torch.empty(0, dtype=self.torch_dtype).element_size()
+        return math.prod(self.shape) * itemsize(self.torch_dtype)
 
     @property
     def location(self) -> StoreLocation:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ... import config
-from ...tensors import leaves, map_leaves
+from ...tensors import leaves, map_leaves, nbytes
 from .lifecycle import delete, mark_complete
 from .ref import TensorRef
 from .write import write_tensor
@@ -52,7 +52,7 @@ class ZarrSink:
 
     def write(self, name: str, value: Any) -> Any:
         """Persist ``value`` if it is a tensor above the threshold; returns its ref, else the value."""
-        if isinstance(value, torch.Tensor) and value.numel() * value.element_size() > self.threshold:
+        if isinstance(value, torch.Tensor) and nbytes(value) > self.threshold:
             return write_tensor(self.store, self.experiment, name, value.detach(),
                                 storage_options=self.storage_options)
         return value

@@ -22,6 +22,7 @@ from .chunk_writer import write_whole_chunks
 from .lifecycle import ensure_experiment
 from .ref import TensorRef
 
+
 def write_tensor(
     store_url: str | os.PathLike[str],
     experiment_id: str,
