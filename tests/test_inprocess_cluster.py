@@ -110,6 +110,30 @@ async def test_serve_registers_typed_record_and_undeploy_frees_shards(c, s, a, b
     await async_poll_for(lambda: not a.state.actors and not b.state.actors, timeout=5)  # actors dropped
 
 
+@gen_cluster(client=True, nthreads=TWO_WORKERS, timeout=30)
+async def test_a_second_deployment_leaves_the_first_serving(c, s, a, b, model_dir, local):
+    """Serving registers the worker plugin again; that must not close other deployments' shards."""
+    def body(client):
+        nd.serve(client, model_dir, shards=2, name="first")
+        nd.serve(client, model_dir, shards=1, name="second")
+        values = []
+        for name in ("first", "second"):
+            lm = nd.RemoteModel(client, name)
+            with lm.trace(PROMPT):
+                values.append(lm.output.logits[:, -1].save())
+        held = client.run(registry.held)
+        for name in ("first", "second"):
+            nd.undeploy(client, name)
+        return [v.value for v in values], held
+
+    values, held = await blocking(s, body)
+    with local.trace(PROMPT):
+        expected = local.output.logits[:, -1].save()
+    for value in values:
+        assert_close(value, expected)
+    assert sorted(map(tuple, held[a.address])) == [("first", 0), ("first", 1), ("second", 0)]
+
+
 # -- the coalescer, with a launch function of our own ---------------------------------------------------
 def recording_launch(launched):
     """A ``launch`` that records each batch's members and runs a task answering ``{experiment: i}``."""
