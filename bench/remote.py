@@ -474,7 +474,7 @@ def profile_client(model: Model, shards: int, n: int) -> dict:
         cum = sum(v[3] for (f, _line, name), v in stats.items() if f.endswith(file_suffix) and name == func)
         parts[label] = cum / n
     run_exp = sum(v[3] for (f, _l, name), v in stats.items()
-                  if f.endswith("scheduler/experiment.py") and name == "run_experiment") / n
+                  if f.endswith("client/experiment.py") and name == "run_experiment") / n
     return {"total": total, "run_experiment": run_exp, "parts": parts}
 
 
