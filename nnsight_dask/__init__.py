@@ -11,12 +11,13 @@ from . import config, models
 from .api import LanguageModel, NNsight, smollm2
 from .errors import NNsightDaskError
 from .graph import InterventionGraph
+from .graph.policy import Policy
 from .tracing import Envoy, Proxy, apply
 from .tracing import dict_ as dict
 from .tracing import list_ as list
 
 __all__ = ["Deployment", "Envoy", "ExperimentFuture", "InterventionGraph", "LanguageModel", "NNsight",
-           "NNsightDaskError", "Proxy", "RemoteModel", "apply", "collect", "config", "deployments", "dict", "list",
+           "NNsightDaskError", "Policy", "Proxy", "RemoteModel", "apply", "collect", "config", "deployments", "dict", "list",
            "models", "open_activations", "serve", "smollm2", "undeploy"]
 __version__ = "0.1.0"
 

@@ -49,6 +49,10 @@ class ForbiddenOperationError(GraphValidationError):
     """A graph uses an operation outside the whitelist, or a local-only function, remotely."""
 
 
+class PolicyError(GraphValidationError):
+    """A graph asks for something the deployment's policy does not allow (names the rule and the line)."""
+
+
 class InterventionError(NNsightDaskError, RuntimeError):
     """An intervention failed while the model ran. Names the user's line and the module path."""
 

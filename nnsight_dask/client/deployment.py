@@ -15,6 +15,7 @@ import torch
 from distributed import Client, Lock
 
 from ..errors import DeploymentError
+from ..graph.policy import Policy
 from ..scheduler.monitor import ExperimentMonitor
 from ..worker import tasks
 from ..worker.plugin import ShardWorkerPlugin
@@ -36,12 +37,14 @@ def _dataset(name: str) -> str:
 
 def serve(client: Client, model: ModelSource, shards: int = 1, name: str | None = None, *,
           workers: list[str] | None = None, dtype: torch.dtype | str | None = None, device: str | None = None,
-          gguf_file: str | None = None) -> Deployment:
+          gguf_file: str | None = None, policy: Policy | None = None) -> Deployment:
     """Load ``model`` once, split into ``shards`` shards of consecutive layers, one actor each.
 
     ``model`` is a local HF directory or hub id (read by the workers), ``"smollm2"``, or a
     callable returning ``(model, tokenizer)``. ``workers`` chooses the workers (default: spread
-    over the cluster, one shard per worker while there are enough). Returns the deployment record.
+    over the cluster, one shard per worker while there are enough). ``policy`` (a :class:`Policy`,
+    default ``Policy()``) bounds what experiments may do; it is stored with the deployment and
+    enforced by every shard. Returns the deployment record.
     """
     name = name or _default_name(model)
     if client.get_metadata(_key(name), None) is not None:
@@ -51,7 +54,8 @@ def serve(client: Client, model: ModelSource, shards: int = 1, name: str | None 
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     placement = _place(client, shards, workers)
     client.register_plugin(ShardWorkerPlugin())
-    futures = [_start_shard(client, name, i, shards, model, dtype, device, gguf_file, placement[i])
+    policy = policy or Policy()
+    futures = [_start_shard(client, name, i, shards, model, dtype, device, gguf_file, placement[i], policy)
                for i in range(shards)]
     try:
         actors = [f.result() for f in futures]
@@ -66,7 +70,7 @@ def serve(client: Client, model: ModelSource, shards: int = 1, name: str | None 
         name=name, source=model if isinstance(model, str) else getattr(model, "__qualname__", repr(model)),
         shards=tuple(ShardPlacement.of(spec, placement[spec.index]) for spec in specs), created=time.time(),
         options={"dtype": str(dtype).removeprefix("torch.") if dtype else None, "device": device, "gguf_file": gguf_file},
-        monitor=monitored)
+        monitor=monitored, policy=policy)
     client.set_metadata(_key(name), record.to_metadata())
     _remember_source(client, name, model)
     return record
@@ -85,8 +89,9 @@ def install_monitor(client: Client) -> bool:
 
 
 def _start_shard(client: Client, name: str, index: int, n_shards: int, model: ModelSource, dtype: Any,
-                 device: str | None, gguf_file: str | None, worker: str) -> Any:
-    return client.submit(ShardActor, name, index, n_shards, model, dtype, device, gguf_file, actor=True,
+                 device: str | None, gguf_file: str | None, worker: str, policy: Policy) -> Any:
+    return client.submit(ShardActor, name, index, n_shards, model, dtype, device, gguf_file, policy.to_dict(),
+                         actor=True,
                          workers=[worker], allow_other_workers=False,
                          key=f"nnsight-dask-shard-{name}-{index}-{uuid.uuid4().hex[:8]}")
 
@@ -178,7 +183,7 @@ def recover(client: Client, name: str) -> Deployment:
             used = {s.worker for s in record.shards if s.index not in lost}
             worker = next((w for w in alive if w not in used), alive[index % len(alive)])
             future = _start_shard(client, name, index, record.n_shards, source, dtype, options.get("device"),
-                                  options.get("gguf_file"), worker)
+                                  options.get("gguf_file"), worker, record.policy)
             future.result()
             futures[index] = future
             moves[index] = worker

@@ -123,13 +123,14 @@ def run_experiment(client: Client, name: str, graph: InterventionGraph, *, modul
     experiment); when the shards have moved since, the fresh record is handed to ``on_record``.
     The graph is checked here to fail fast, and again by every shard with its worker's limits.
     """
-    check_graph(graph, module_paths)
-    graph_json = graph.to_json()
-    experiment = new_experiment_id()
-    deadline = time.monotonic() + (timeout if timeout is not None else config.experiment_timeout)
-    notify = on_status or (lambda status, info: None)
     if record is None:
         record = get_deployment(client, name)
+    check_graph(graph, module_paths, policy=record.policy)
+    graph_json = graph.to_json()
+    experiment = new_experiment_id()
+    limit = min(timeout if timeout is not None else config.experiment_timeout, record.policy.timeout)
+    deadline = time.monotonic() + limit
+    notify = on_status or (lambda status, info: None)
     shorten_batching(client)
     coalescer = coalescer_for(client, name, launch_batch)
     retried_from, reason = "", ""

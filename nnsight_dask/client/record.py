@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import DeploymentError
+from ..graph.policy import Policy
 from ..models.shards import ShardSpec, owner_of
 
 
@@ -42,7 +43,8 @@ class Deployment:
     """A model deployed on the cluster under ``name`` (see :func:`nnsight_dask.serve`).
 
     ``options`` are the load options (``dtype``, ``device``, ``gguf_file``); ``monitor`` tells whether
-    the scheduler's experiment monitor is installed.
+    the scheduler's experiment monitor is installed; ``policy`` is what experiments may do (the
+    shards enforce it; a client reads it only to fail fast).
     """
 
     name: str
@@ -52,6 +54,7 @@ class Deployment:
     generation: int = 0
     options: Mapping[str, Any] = field(default_factory=dict)
     monitor: bool = False
+    policy: Policy = field(default_factory=Policy)
 
     @property
     def n_shards(self) -> int:
@@ -78,7 +81,7 @@ class Deployment:
     def to_metadata(self) -> dict[str, Any]:
         """JSON-able form stored on the scheduler."""
         return {"name": self.name, "source": self.source, "generation": self.generation, "created": self.created,
-                "options": dict(self.options), "monitor": self.monitor,
+                "options": dict(self.options), "monitor": self.monitor, "policy": self.policy.to_dict(),
                 "shards": [{"index": s.index, "worker": s.worker, "layers": list(s.layers),
                             "prefixes": list(s.prefixes), "layers_path": s.layers_path} for s in self.shards]}
 
@@ -90,7 +93,8 @@ class Deployment:
                                           tuple(s["prefixes"]), str(s["layers_path"])) for s in data["shards"])
             return cls(name=str(data["name"]), source=str(data["source"]), shards=shards,
                        created=float(data["created"]), generation=int(data["generation"]),
-                       options=dict(data.get("options") or {}), monitor=bool(data.get("monitor")))
+                       options=dict(data.get("options") or {}), monitor=bool(data.get("monitor")),
+                       policy=Policy.from_dict(data.get("policy")))
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
             name = data.get("name") if isinstance(data, Mapping) else None
             raise DeploymentError(f"the scheduler's record of deployment {name!r} cannot be read "

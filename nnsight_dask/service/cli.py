@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from ..errors import NNsightDaskError
+from ..graph.policy import WEIGHT_MODES, Policy
 
 
 def _client(scheduler: str | None, workers: int = 2) -> Any:
@@ -89,8 +90,12 @@ def demo(args: argparse.Namespace) -> None:
 def serve_command(args: argparse.Namespace) -> None:
     import nnsight_dask as nd
 
+    policy = nd.Policy(weights=args.weights, modules=args.modules, gradients=not args.no_gradients,
+                       stores=args.stores, max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
+                       max_result_bytes=args.max_result_bytes, max_tensor_bytes=args.max_tensor_bytes,
+                       timeout=args.timeout)
     client, cluster = _client(args.scheduler, args.workers)
-    record = nd.serve(client, args.model, shards=args.shards, name=args.name)
+    record = nd.serve(client, args.model, shards=args.shards, name=args.name, policy=policy)
     print(f"deployed {record.name!r} ({args.model}) in {args.shards} shard(s); scheduler {client.scheduler.address}")
     for shard in record.shards:
         print(f"  shard {shard.index}: layers {shard.layers[0]}-{shard.layers[1] - 1} on {shard.worker}")
@@ -172,6 +177,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name")
     p.add_argument("--scheduler")
     p.add_argument("--workers", type=int, default=2, help="workers of the LocalCluster started without --scheduler")
+    defaults = Policy()
+    policy = p.add_argument_group("policy", "what experiments on this deployment may do (enforced by the shards)")
+    policy.add_argument("--weights", choices=WEIGHT_MODES, default=defaults.weights,
+                        help="'deny': activations visible, weights never leave the shards")
+    policy.add_argument("--modules", nargs="+", metavar="GLOB", help="module paths open to experiments (default: all)")
+    policy.add_argument("--no-gradients", action="store_true", help="refuse .grad and .backward()")
+    policy.add_argument("--stores", nargs="+", metavar="URL", help="store URL prefixes experiments may write to")
+    policy.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    policy.add_argument("--max-prompt-tokens", type=int, help="default: the model's context length")
+    policy.add_argument("--max-result-bytes", type=int, default=defaults.max_result_bytes)
+    policy.add_argument("--max-tensor-bytes", type=int, default=defaults.max_tensor_bytes)
+    policy.add_argument("--timeout", type=float, default=defaults.timeout, help="seconds per experiment")
     p.set_defaults(func=serve_command)
     p = sub.add_parser("status", help="deployments, shard placement and experiment counts")
     p.add_argument("--scheduler", required=True)

@@ -1,8 +1,9 @@
-"""What a graph may ask of a shared deployment, checked with the settings of the process that checks.
+"""What a graph may ask of a shared deployment: the deployment's policy and the checking process's settings.
 
 The submitting client calls :func:`check_graph` to fail fast; every shard calls it again at an
 experiment's first stage there and :func:`check_inline_size` before returning results, with the
-worker's own ``nnsight-dask.*`` settings, so a limit a client raises for itself widens nothing.
+deployment's :class:`~nnsight_dask.graph.policy.Policy` and the worker's own ``nnsight-dask.*``
+settings (the stricter of the two wins), so a limit a client raises for itself widens nothing.
 """
 from __future__ import annotations
 
@@ -12,22 +13,29 @@ from typing import Any
 from .. import config
 from ..errors import ExperimentFailedError, GraphValidationError
 from ..graph.graph import InterventionGraph
+from ..graph.policy import Policy, check_policy
 from ..graph.validate import validate_graph
 from ..tensors import nbytes
 
 
-def check_graph(graph: InterventionGraph, module_paths: Collection[str] | None = None) -> None:
-    """Refuse a graph before it runs: malformed, forbidden op, local-only function, over a limit."""
-    validate_graph(graph, module_paths=module_paths, remote=True, max_new_tokens=config.max_new_tokens_limit,
+def check_graph(graph: InterventionGraph, module_paths: Collection[str] | None = None, *,
+                policy: Policy | None = None, context_length: int | None = None) -> None:
+    """Refuse a graph before it runs: malformed, forbidden op, local-only function, over a limit or
+    outside the deployment's policy (``context_length``: the model's, bounding prompt + new tokens)."""
+    policy = policy or Policy()
+    validate_graph(graph, module_paths=module_paths, remote=True,
+                   max_new_tokens=config.max_new_tokens_limit,
                    max_constant_bytes=config.max_inline_result_bytes)
+    check_policy(graph, policy, context_length=context_length)
     for run in graph.passes:
         if run.kind == "generate" and run.kwargs.get("do_sample"):
             raise GraphValidationError("remote generation is greedy; do_sample=True runs only locally")
 
 
-def check_inline_size(results: Mapping[str, Any], options: Mapping[str, Any]) -> None:
-    """Refuse results whose inline tensors exceed ``nnsight-dask.max-inline-result-bytes``."""
-    limit = config.max_inline_result_bytes
+def check_inline_size(results: Mapping[str, Any], options: Mapping[str, Any], policy: Policy | None = None) -> None:
+    """Refuse results whose inline tensors exceed ``nnsight-dask.max-inline-result-bytes`` or the
+    policy's ``max_result_bytes``."""
+    limit = min(config.max_inline_result_bytes, (policy or Policy()).max_result_bytes)
     size = nbytes(dict(results))
     if size <= limit:
         return
@@ -36,5 +44,6 @@ def check_inline_size(results: Mapping[str, Any], options: Mapping[str, Any]) ->
             "lower persist_threshold= so more saves are persisted to the store")
     raise ExperimentFailedError(
         f"the experiment's saved values total {size / 2**20:.1f} MiB inline, over the limit of "
-        f"{limit / 2**20:.1f} MiB (nnsight-dask.max-inline-result-bytes on the workers): {hint}",
+        f"{limit / 2**20:.1f} MiB (this deployment's max_result_bytes, or nnsight-dask.max-inline-result-bytes "
+        f"on its workers): {hint}",
         inline_bytes=size, limit=limit)

@@ -28,6 +28,7 @@ from ..execution.stage import (
     collect_results,
 )
 from ..graph.graph import InterventionGraph
+from ..graph.policy import Policy
 from ..models import (
     ShardSpec,
     load_causal_lm,
@@ -111,7 +112,9 @@ class ShardActor:
     """Holds shard ``index`` of ``n_shards`` of a model for deployment ``deployment``."""
 
     def __init__(self, deployment: str, index: int, n_shards: int, source: ModelSource,
-                 dtype: torch.dtype | None = None, device: str | None = None, gguf_file: str | None = None) -> None:
+                 dtype: torch.dtype | None = None, device: str | None = None, gguf_file: str | None = None,
+                 policy: dict[str, Any] | None = None) -> None:
+        self.policy = Policy.from_dict(policy)
         register_serializers()  # also done by ShardWorkerPlugin; here for actors made without serve()
         torch.set_num_threads(int(os.environ.get("NNSIGHT_DASK_TORCH_THREADS", "1")))
         started = time.perf_counter()
@@ -127,6 +130,9 @@ class ShardActor:
         if pad is None:
             pad = getattr(getattr(model, "config", None), "eos_token_id", None) or 0
         self.plan = plan
+        config = getattr(model, "config", None)
+        context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        self.context_length = int(context) if isinstance(context, int) else None
         self.runner = shard_runner(model, plan, index, int(pad))
         self.deployment = deployment
         self.index = index
@@ -192,7 +198,7 @@ class ShardActor:
                 self.experiments.pop(experiment, None)
             if final:
                 results = Results(collect_results(state.graph, carry.values), experiment_id=experiment, logs=carry.logs)
-                check_inline_size(results, state.graph.options)
+                check_inline_size(results, state.graph.options, self.policy)
                 return results
             return carry
 
@@ -220,7 +226,7 @@ class ShardActor:
     def _start(self, experiment: str, graph_json: str) -> ExperimentState:
         """A new experiment's state here, after validating its graph with this worker's settings."""
         graph = InterventionGraph.from_json(graph_json)
-        check_graph(graph)
+        check_graph(graph, policy=self.policy, context_length=self.context_length)
         return self.runner.start(graph, ZarrSink.from_options(graph.options, experiment))
 
     def release(self, experiment: str) -> None:

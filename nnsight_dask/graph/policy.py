@@ -1,0 +1,195 @@
+"""A deployment's policy: what experiments on a shared model may do, set by whoever serves it.
+
+The policy is plain data stored with the deployment record. Every shard checks each graph against it
+(and against its worker's settings) before the experiment touches the model; a client checks too, only
+to fail fast. A refusal is a :class:`~nnsight_dask.errors.PolicyError` naming the rule and the user's line.
+
+>>> Policy(weights="deny", modules=["model.layers.*"], gradients=False).to_dict()["weights"]
+'deny'
+"""
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from ..errors import PolicyError
+from ..tensors import nbytes
+from .graph import InterventionGraph
+from .node import Kind, Node, display_path
+
+WEIGHT_MODES = ("read", "deny")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What experiments on a deployment may do.
+
+    Parameters
+    ----------
+    weights
+        ``"read"``: parameters and buffers may be read (as copies). ``"deny"``: activations are
+        visible but weights never leave the shard: reading a module's parameters or buffers, and
+        calling a module on inputs of the graph's choosing (a direct probe of its weights), are refused.
+    modules
+        Glob patterns of module paths whose inputs and outputs may be read, set or skipped
+        (``"model.layers.*.mlp"``; ``[3]`` and ``.3`` are the same). ``None``: every module.
+    gradients
+        Whether ``.grad`` and ``.backward()`` are allowed.
+    stores
+        URL prefixes (``"s3://bucket/results/"``, ``"/data/nnsight"``) that ``store=`` may name;
+        ``None``: any store the workers can write.
+    max_new_tokens, max_prompt_tokens
+        Generation length and prompt length bounds (``max_prompt_tokens=None``: the model's context
+        length, counting the new tokens too).
+    max_result_bytes, max_tensor_bytes
+        Bytes of saved values returned inline, and of any one tensor an experiment sends in or creates.
+    timeout
+        Wall-time bound of one experiment, in seconds.
+    """
+
+    weights: str = "read"
+    modules: tuple[str, ...] | None = None
+    gradients: bool = True
+    stores: tuple[str, ...] | None = None
+    max_new_tokens: int = 1024
+    max_prompt_tokens: int | None = None
+    max_result_bytes: int = 256 << 20
+    max_tensor_bytes: int = 1 << 30
+    timeout: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.weights not in WEIGHT_MODES:
+            raise ValueError(f"Policy(weights={self.weights!r}): choose one of {WEIGHT_MODES}")
+        for name in ("modules", "stores"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                raise ValueError(f"Policy({name}=...) takes a list of patterns, not one string: [{value!r}]")
+            if value is not None:
+                object.__setattr__(self, name, tuple(str(v) for v in value))
+        for name in ("max_new_tokens", "max_result_bytes", "max_tensor_bytes"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"Policy({name}={getattr(self, name)!r}) must be at least 1")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ValueError(f"Policy(max_prompt_tokens={self.max_prompt_tokens!r}) must be at least 1 or None")
+        if not self.timeout > 0:
+            raise ValueError(f"Policy(timeout={self.timeout!r}) must be positive")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (stored with the deployment record)."""
+        data = asdict(self)
+        for name in ("modules", "stores"):
+            if data[name] is not None:
+                data[name] = list(data[name])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> Policy:
+        """Inverse of :meth:`to_dict`; ``None`` gives the default policy."""
+        if data is None:
+            return cls()
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown policy field(s) {unknown}; known: {sorted(known)}")
+        return cls(**dict(data))
+
+    def allows_module(self, module_path: str) -> bool:
+        """True when ``module_path`` matches one of :attr:`modules` (or no patterns are set)."""
+        if self.modules is None:
+            return True
+        dotted = module_path
+        shown = display_path(module_path)
+        return any(fnmatch.fnmatchcase(dotted, p) or fnmatch.fnmatchcase(shown, p) for p in self.modules)
+
+    def allows_store(self, store: str) -> bool:
+        """True when ``store`` lies under one of :attr:`stores` (or no prefixes are set)."""
+        if self.stores is None:
+            return True
+        target = _canonical(store)
+        return any(target == prefix or target.startswith(prefix.rstrip("/") + "/")
+                   for prefix in (_canonical(p) for p in self.stores))
+
+
+def check_policy(graph: InterventionGraph, policy: Policy, *, context_length: int | None = None) -> None:
+    """Raise :class:`PolicyError` on the first thing ``graph`` asks that ``policy`` does not allow.
+
+    ``context_length`` is the model's (``max_position_embeddings``); it bounds prompt plus new tokens
+    when the policy sets no ``max_prompt_tokens``.
+    """
+    store = graph.options.get("store")
+    if store is not None and not (isinstance(store, str) and policy.allows_store(store)):
+        raise PolicyError(f"this deployment's policy does not let experiments write to store {store!r}; "
+                          f"allowed store prefixes: {list(policy.stores or ())}", rule="stores", store=str(store))
+    for index, run in enumerate(graph.passes):
+        new_tokens = run.steps if run.kind == "generate" else 0
+        if new_tokens > policy.max_new_tokens:
+            raise PolicyError(f"pass {index} asks for max_new_tokens={new_tokens}; this deployment's policy "
+                              f"allows at most {policy.max_new_tokens}", rule="max_new_tokens")
+        prompt = max((_prompt_length(invoke) for invoke in run.invokes), default=0)
+        if policy.max_prompt_tokens is not None and prompt > policy.max_prompt_tokens:
+            raise PolicyError(f"pass {index} has a prompt of {prompt} tokens; this deployment's policy allows at "
+                              f"most {policy.max_prompt_tokens}", rule="max_prompt_tokens")
+        if policy.max_prompt_tokens is None and context_length is not None and prompt + new_tokens > context_length:
+            raise PolicyError(f"pass {index} needs {prompt} prompt + {new_tokens} new tokens, over the model's "
+                              f"context length of {context_length}", rule="max_prompt_tokens")
+        for invoke in run.invokes:
+            _check_tensor_bytes(invoke, policy, f"the inputs of pass {index}", None)
+    for node in graph.nodes:
+        _check_node(node, policy)
+
+
+def _check_node(node: Node, policy: Policy) -> None:
+    where = node.location or "<graph>"
+    what = f"{where}: {node.describe()}"
+    if policy.weights == "deny" and node.kind in (Kind.MODULE_ATTR, Kind.MODULE_CALL):
+        reason = ("reads a module's parameters or buffers" if node.kind == Kind.MODULE_ATTR
+                  else "calls a module on inputs of the experiment's choosing (a probe of its weights)")
+        raise PolicyError(f"{what} {reason}; this deployment's policy keeps weights on the shards "
+                          "(weights='deny')", rule="weights", location=node.location, module=node.module)
+    if node.module is not None and node.kind in Kind.MODULE_BOUND and not policy.allows_module(node.module):
+        raise PolicyError(f"{what}: module {display_path(node.module)!r} is not open to experiments on this "
+                          f"deployment; allowed modules: {list(policy.modules or ())}", rule="modules",
+                          location=node.location, module=node.module)
+    if not policy.gradients and node.kind in (Kind.GRAD, Kind.GRAD_SETTER, Kind.BACKWARD):
+        raise PolicyError(f"{what}: gradients are turned off on this deployment (gradients=False)",
+                          rule="gradients", location=node.location)
+    _check_tensor_bytes([node.args, node.kwargs], policy, what, node.location)
+
+
+def _check_tensor_bytes(value: Any, policy: Policy, what: str, location: str | None) -> None:
+    for leaf in _tensors(value):
+        size = nbytes(leaf)
+        if size > policy.max_tensor_bytes:
+            raise PolicyError(f"{what} sends a tensor of {size} bytes; this deployment allows at most "
+                              f"{policy.max_tensor_bytes} bytes per tensor", rule="max_tensor_bytes",
+                              location=location)
+
+
+def _tensors(value: Any) -> Iterable[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
+
+
+def _prompt_length(invoke: Mapping[str, Any]) -> int:
+    ids = invoke.get("input_ids")
+    shape = getattr(ids, "shape", None)
+    return int(shape[-1]) if shape is not None and len(shape) else 0
+
+
+def _canonical(url: str) -> str:
+    """A store URL compared by prefix: local paths made absolute and resolved (no ``..`` or links)."""
+    if "://" in url and not url.startswith("file://"):
+        return url
+    path = url.removeprefix("file://")
+    return "file://" + os.path.realpath(os.path.expanduser(path))
