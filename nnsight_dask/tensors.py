@@ -11,6 +11,8 @@ bytes are taken through a same-width unsigned-integer view, and the torch dtype 
 from __future__ import annotations
 
 import base64
+import binascii
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -44,7 +46,7 @@ def dtype_from_name(name: str) -> torch.dtype:
     try:
         return _DTYPES[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown tensor dtype {name!r}; known: {list(DTYPE_NAMES)}") from None
+        raise ValueError(f"unknown tensor dtype {_short(name)}; known: {list(DTYPE_NAMES)}") from None
 
 
 # -- raw bytes (Dask frames) and JSON ------------------------------------------------------------
@@ -59,13 +61,15 @@ def tensor_to_bytes(tensor: torch.Tensor) -> tuple[dict[str, Any], memoryview]:
 
 
 def tensor_from_bytes(header: dict[str, Any], data: bytes | bytearray | memoryview) -> torch.Tensor:
-    """Rebuild a tensor from :func:`tensor_to_bytes` output; the result owns writable memory."""
-    dtype = dtype_from_name(header["dtype"])
-    shape = tuple(int(s) for s in header["shape"])
-    raw = torch.frombuffer(bytearray(data), dtype=torch.uint8) if len(data) else torch.empty(0, dtype=torch.uint8)
-    if dtype == torch.bool:
-        return raw.to(torch.bool).reshape(shape)
-    return raw.view(dtype).reshape(shape)
+    """Rebuild a tensor from :func:`tensor_to_bytes` output; the result owns writable memory.
+
+    The header is checked first (:func:`check_header`) and the byte count must match it exactly.
+    """
+    dtype, shape, size = check_header(header)
+    got = memoryview(data).nbytes
+    if got != size:
+        raise ValueError(f"tensor data has {got} bytes; shape {list(shape)} of {dtype_name(dtype)} needs {size}")
+    return _from_raw(dtype, shape, data, size)
 
 
 def tensor_to_json(tensor: torch.Tensor) -> dict[str, Any]:
@@ -74,9 +78,92 @@ def tensor_to_json(tensor: torch.Tensor) -> dict[str, Any]:
     return {**header, "b64": base64.b64encode(data).decode("ascii")}
 
 
-def tensor_from_json(obj: dict[str, Any]) -> torch.Tensor:
-    """Inverse of :func:`tensor_to_json`."""
-    return tensor_from_bytes(obj, base64.b64decode(obj["b64"], validate=True))
+def tensor_from_json(obj: dict[str, Any], *, max_bytes: int | None = None) -> torch.Tensor:
+    """Inverse of :func:`tensor_to_json`, for JSON from anyone: everything is checked before allocating.
+
+    ``obj`` must hold exactly ``dtype`` (a known name), ``shape`` (non-negative integers) and ``b64``
+    (base64 of exactly ``prod(shape) * itemsize`` bytes). ``max_bytes`` bounds that byte count. A
+    :class:`ValueError` names the field at fault.
+
+    >>> tensor_from_json({"dtype": "float32", "shape": [2], "b64": "AACAPwAAAEA="})
+    tensor([1., 2.])
+    >>> tensor_from_json({"dtype": "float32", "shape": [10**12], "b64": ""}, max_bytes=1 << 20)
+    Traceback (most recent call last):
+    ValueError: tensor of shape [1000000000000] and dtype float32 has 4000000000000 bytes; the limit is 1048576
+    """
+    if type(obj) is not dict:
+        raise ValueError(f"a tensor must be an object with dtype, shape and b64, not {type(obj).__name__}")
+    unknown = sorted(str(k) for k in obj if k not in _JSON_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown tensor field(s) {unknown}; a tensor has exactly {list(_JSON_FIELDS)}")
+    dtype, shape, size = check_header(obj, max_bytes=max_bytes)
+    text = obj.get("b64")
+    if type(text) is not str:
+        raise ValueError(f"tensor field 'b64' must be a base64 string, not {type(text).__name__}")
+    chars = 4 * ((size + 2) // 3)
+    if len(text) != chars:
+        raise ValueError(f"tensor field 'b64' has {len(text)} characters; shape {list(shape)} of "
+                         f"{dtype_name(dtype)} needs {size} bytes, {chars} base64 characters")
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"tensor field 'b64' is not valid base64: {exc}") from None
+    if len(data) != size:
+        raise ValueError(f"tensor field 'b64' decodes to {len(data)} bytes; shape {list(shape)} of "
+                         f"{dtype_name(dtype)} needs {size}")
+    return _from_raw(dtype, shape, data, size)
+
+
+_JSON_FIELDS = ("dtype", "shape", "b64")
+
+#: Most dimensions a decoded tensor may have.
+MAX_DIMS = 64
+#: Most elements a decoded tensor's non-zero dimensions may span (keeps strides within int64).
+_MAX_SPAN = 1 << 48
+
+
+def check_header(header: Any, *, max_bytes: int | None = None) -> tuple[torch.dtype, tuple[int, ...], int]:
+    """The dtype, shape and byte count a tensor header describes, or a :class:`ValueError` naming the field.
+
+    The dtype must be a known name, the shape a list of at most :data:`MAX_DIMS` non-negative integers
+    (booleans and floats refused), and ``prod(shape) * itemsize`` at most ``max_bytes`` when given:
+    all this is computed on Python integers, before anything is allocated.
+    """
+    if type(header) is not dict:
+        raise ValueError(f"a tensor header must be an object, not {type(header).__name__}")
+    dtype = dtype_from_name(header.get("dtype"))
+    shape = header.get("shape")
+    if type(shape) not in (list, tuple):
+        raise ValueError(f"tensor field 'shape' must be a list of non-negative integers, not {type(shape).__name__}")
+    if len(shape) > MAX_DIMS:
+        raise ValueError(f"tensor field 'shape' has {len(shape)} dimensions; at most {MAX_DIMS} are allowed")
+    for dim in shape:
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 0:
+            raise ValueError(f"tensor field 'shape' must be a list of non-negative integers, got "
+                             f"{_short(list(shape))}")
+    span = math.prod(d for d in shape if d)
+    if span > _MAX_SPAN:
+        raise ValueError(f"tensor field 'shape' {_short(list(shape))} spans {span} elements; at most "
+                         f"{_MAX_SPAN} are allowed")
+    size = math.prod(shape) * itemsize(dtype)
+    if max_bytes is not None and size > max_bytes:
+        raise ValueError(f"tensor of shape {_short(list(shape))} and dtype {dtype_name(dtype)} has {size} bytes; "
+                         f"the limit is {max_bytes}")
+    return dtype, tuple(int(d) for d in shape), size
+
+
+def _from_raw(dtype: torch.dtype, shape: tuple[int, ...], data: bytes | bytearray | memoryview,
+              size: int) -> torch.Tensor:
+    """The tensor over a writable copy of ``data`` (``size`` bytes, already checked against ``shape``)."""
+    raw = torch.frombuffer(bytearray(data), dtype=torch.uint8) if size else torch.empty(0, dtype=torch.uint8)
+    if dtype == torch.bool:
+        return raw.to(torch.bool).reshape(shape)
+    return raw.view(dtype).reshape(shape)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 # -- Zarr (numpy) storage ------------------------------------------------------------------------
@@ -148,7 +235,7 @@ def map_leaves(fn: Callable[[Any], Any], value: Any) -> Any:
 
 def itemsize(dtype: torch.dtype) -> int:
     """Bytes of one element of ``dtype``."""
-    return torch.empty(0, dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 def nbytes(value: Any) -> int:

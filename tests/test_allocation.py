@@ -26,6 +26,7 @@ H = torch.zeros(1, 8, 64)  # a hidden state: 2 KiB of float32
     ("torch.outer", (torch.zeros(10**5), torch.zeros(10**5)), {}, 4 * 10**10),
     ("operator.mul", ([0], 10**10), {}, 8 * 10**10),
     ("builtins.list", (range(10**10),), {}, 8 * 10**10),
+    ("operator.pow", (2, 10**9), {}, 125_000_001),  # a 125 MB Python integer
 ])
 def test_predicted_bytes(name, args, kwargs, expected):
     assert predicted_bytes(name, args, kwargs) == expected

@@ -111,6 +111,9 @@ def conform(new: Any, old: Any) -> Any:
         return new
     if isinstance(new, (int, float, bool)):
         return torch.full_like(old, new)
+    if not isinstance(new, torch.Tensor):
+        raise TypeError(f"the new value is a {type(new).__name__}, but the value it replaces is a tensor of shape "
+                        f"{tuple(old.shape)}; write a tensor or a number")
     if isinstance(new, torch.Tensor):
         if new.dtype != old.dtype or new.device != old.device:
             new = new.to(dtype=old.dtype, device=old.device)

@@ -14,10 +14,11 @@ from typing import Any
 
 import torch
 
-from ..errors import InterventionError, NNsightDaskError
+from ..errors import ForbiddenOperationError, InterventionError, NNsightDaskError
 from ..graph.graph import InterventionGraph
 from ..graph.node import Kind, Node, Ref, display_path
-from ..graph.ops import registry, safe_call, safe_getattr
+from ..graph.allocation import check_allocation
+from ..graph.ops import MethodRef, check_arguments, check_op_call, check_result, module_attr, registry, safe_call, safe_getattr
 from .batching import Layout, conform, narrow, splice
 
 Key = Any  # int for plain nodes, (node id, step) for nodes of an iteration block
@@ -65,8 +66,10 @@ class Interleaver:
 
     def __init__(self, graph: InterventionGraph, pass_index: int, layout: Layout, values: dict[Key, Any],
                  steps: int, modules: dict[str, torch.nn.Module], logs: list[str] | None = None,
-                 owned: Collection[int] | None = None) -> None:
+                 owned: Collection[int] | None = None, max_tensor_bytes: int | None = None) -> None:
         self.graph = graph
+        #: Largest tensor an op may make (a shared shard's policy); None: no bound (local runs).
+        self.max_tensor_bytes = max_tensor_bytes
         self.pass_index = pass_index
         self.layout = layout
         self.batch = layout[-1][1] if layout else 0
@@ -90,6 +93,7 @@ class Interleaver:
         self.states: dict[str, _ModuleState] = {}
         self.owned = owned
         self.skip_paths: set[str] = set()
+        self._devices: set[torch.device] | None = None
         self._build()
 
     # -- set-up -----------------------------------------------------------------------------
@@ -217,31 +221,56 @@ class Interleaver:
             value = SKIPPED
         except (StopForward, InterventionError):
             raise
+        except ForbiddenOperationError as exc:
+            raise self._forbidden(node, exc) from None
         except Exception as exc:
             raise self._error(node, exc) from exc
         self._set(key, value)
+
+    def _check_allocation(self, node: Node, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Refuse an op whose result would exceed ``max_tensor_bytes``, before it allocates anything."""
+        if self.max_tensor_bytes is None:
+            return
+        if name == "call" and args and isinstance(args[0], MethodRef):
+            name, args = args[0].op_name, (args[0].owner, *args[1:])
+        check_allocation(name, args, kwargs, self.max_tensor_bytes, node.location or f"node %{node.id}")
 
     def _condition(self, node: Node, step: int | None) -> bool:
         value = self._resolve(Ref(node.cond), step)  # type: ignore[arg-type]
         return bool(value)
 
     def _execute(self, node: Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Run one free node. What a shared shard enforces is here: every operation is checked
+        (:func:`~nnsight_dask.graph.ops.check_op_call`) before it runs and its value after (no
+        callables); module attributes are copies, so nothing a graph does reaches the model's weights."""
         kind = node.kind
         if kind == Kind.OP:
-            name = node.target
+            name: str = node.target  # type: ignore[assignment]
+            check_op_call(name, args, kwargs, devices=self.devices())
+            self._check_allocation(node, name, args, kwargs)
             if name == "getattr":
-                return safe_getattr(args[0], args[1])
-            if name == "call":
-                return safe_call(args[0], *args[1:], **kwargs)
-            return self.ops.resolve(name)(*args, **kwargs)  # type: ignore[arg-type]
+                value = safe_getattr(args[0], args[1])
+            elif name == "call":
+                value = safe_call(args[0], *args[1:], **kwargs)
+            else:
+                value = self.ops.resolve(name)(*args, **kwargs)
+            return check_result(value, name)
         if kind == Kind.SAVE:
             return args[0]
         if kind == Kind.MODULE_CALL:
+            check_arguments(f"a call of {display_path(node.module)}", args, kwargs)
             with self.suppress():
-                return self.modules[node.module](*args, **kwargs)  # type: ignore[index]
+                value = self.modules[node.module](*args, **kwargs)  # type: ignore[index]
+            return check_result(value, f"a call of {display_path(node.module)}")
         if kind == Kind.MODULE_ATTR:
-            return safe_getattr(self.modules[node.module], node.target)  # type: ignore[index,arg-type]
+            return module_attr(self.modules[node.module], node.target)  # type: ignore[index,arg-type]
         if kind == Kind.BACKWARD:
+            unknown = sorted(set(kwargs) - _BACKWARD_OPTIONS)
+            if unknown:
+                raise ForbiddenOperationError(
+                    f"backward() takes {', '.join(sorted(_BACKWARD_OPTIONS))} in a graph, not {', '.join(unknown)} "
+                    "(create_graph would tie gradients to the shared weights)", argument=unknown[0])
+            check_arguments("backward", args, kwargs)
             with torch.enable_grad():
                 torch.autograd.backward(args[0], **kwargs)
             return None
@@ -258,6 +287,16 @@ class Interleaver:
                 raise NNsightDaskError(f"local function {node.target!r} is not available here")
             return fn(*args, **kwargs)
         raise NNsightDaskError(f"node kind {kind!r} cannot run as a free node")
+
+    def devices(self) -> set[torch.device]:
+        """Devices the graph's modules hold parameters or buffers on (where its values may go)."""
+        if self._devices is None:
+            found: set[torch.device] = set()
+            for module in self.modules.values():
+                for tensor in (*module.parameters(), *module.buffers()):
+                    found.add(tensor.device)
+            self._devices = found
+        return self._devices
 
     @contextmanager
     def suppress(self) -> Iterator[None]:
@@ -290,6 +329,8 @@ class Interleaver:
                 continue
             except (StopForward, InterventionError):
                 raise
+            except ForbiddenOperationError as exc:
+                raise self._forbidden(node, exc) from None
             except Exception as exc:
                 raise self._error(node, exc) from exc
             self._set(key, None)
@@ -372,6 +413,12 @@ class Interleaver:
 
     def _watch_grad(self, key: Key, value: Any, keys: list[Key]) -> None:
         node = self.graph.nodes[_node_id(key)]
+        if node.kind == Kind.MODULE_ATTR:
+            raise ForbiddenOperationError(
+                f"{node.location or '<graph>'}: cannot read or write .grad of {node.describe()}: parameters "
+                "read in a trace are copies, detached from the shared model, so no gradient reaches them. "
+                "Read the gradient of a module's output or input instead (e.g. lm.lm_head.input.grad)",
+                location=node.location, module=node.module, attribute=node.target, node=node.id)
         if not isinstance(value, torch.Tensor) or not value.requires_grad:
             raise InterventionError(
                 f"{node.location or '<graph>'}: cannot read or write .grad of {node.describe()}: the value "
@@ -416,6 +463,13 @@ class Interleaver:
         return missing
 
     # -- errors -------------------------------------------------------------------------------
+    def _forbidden(self, node: Node, exc: ForbiddenOperationError) -> ForbiddenOperationError:
+        """The refusal with the user's line and the node, keeping its fields (what was refused)."""
+        if getattr(exc, "node", None) is not None:
+            return exc
+        fields = {**exc.fields, "location": node.location, "module": node.module, "node": node.id}
+        return ForbiddenOperationError(f"{node.location or '<graph>'}: {node.describe()}: {exc.message}", **fields)
+
     def _error(self, node: Node, exc: Exception) -> InterventionError:
         where = node.location or "<graph>"
         module = f" on {display_path(node.module)}" if node.module is not None and node.kind == Kind.MODULE_CALL else ""
@@ -445,6 +499,10 @@ class Interleaver:
                     return dep_node
                 stack.append(dep_node)
         return None
+
+
+#: What a graph's backward node may pass to ``torch.autograd.backward``.
+_BACKWARD_OPTIONS = frozenset({"grad_tensors", "retain_graph"})
 
 
 def _node_id(key: Key) -> int:

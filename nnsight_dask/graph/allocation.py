@@ -52,6 +52,9 @@ def predicted_bytes(name: str, args: Sequence[Any], kwargs: dict[str, Any]) -> i
                 * (len(tensors) if short == "cartesian_prod" else 1)
         if short == "matmul" or name == "operator.matmul":
             return _matmul_bytes(args)
+    if name in ("operator.pow", "builtins.pow") and len(args) == 2 and all(type(a) is int for a in args) \
+            and abs(args[0]) > 1 and args[1] > 0:
+        return int(args[1] * math.log2(abs(args[0]))) // 8 + 1  # 2 ** 10**9: a 125 MB integer
     if name in ("operator.mul", "operator.imul") and len(args) == 2 and isinstance(args[0], (list, tuple, str)) \
             and isinstance(args[1], int):
         return len(args[0]) * max(args[1], 0) * _DEFAULT_ITEMSIZE  # [x] * n: n references

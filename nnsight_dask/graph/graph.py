@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ForbiddenOperationError, GraphValidationError
-from .codec import decode, encode
-from .node import Kind, Node
+from .codec import MAX_NESTING, Decoder, encode
+from .node import Kind, Node, check_fields, field_error, short
 
 FORMAT_VERSION = 1
 
@@ -149,36 +149,59 @@ class InterventionGraph:
         return json.dumps(self.to_dict(), separators=(",", ":"))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> InterventionGraph:
-        if not isinstance(data, dict) or data.get("version") != FORMAT_VERSION:
+    def from_dict(cls, data: Any, *, max_depth: int = MAX_NESTING, max_nodes: int | None = None,
+                  max_constant_bytes: int | None = None) -> InterventionGraph:
+        """Decode a graph from JSON-able data sent by anyone.
+
+        Every field's type is checked, nesting is bounded by ``max_depth``, the number of nodes by
+        ``max_nodes`` and the bytes of all tensors by ``max_constant_bytes`` (checked before they
+        are allocated). Anything wrong raises :class:`GraphValidationError` naming the node
+        (``node %3``) or pass and the field; :func:`.validate.validate_graph` then checks meaning.
+        """
+        if not isinstance(data, dict):
+            raise GraphValidationError(f"an intervention graph is a JSON object, not {type(data).__name__}",
+                                       field="graph")
+        version = data.get("version")
+        if type(version) is not int or version != FORMAT_VERSION:
             raise GraphValidationError(
-                f"not an intervention graph of format version {FORMAT_VERSION} "
-                f"(got version {data.get('version') if isinstance(data, dict) else type(data).__name__})")
-        try:
-            options = data.get("options") or {}
-            if not isinstance(options, dict):
-                raise GraphValidationError("graph options must be an object")
-            graph = cls(model=data.get("model"), options=dict(options))
-            graph.passes = [Pass(kind=p["kind"], invokes=[decode(i) for i in p["invokes"]],
-                                 kwargs=decode(p.get("kwargs", {})))
-                            for p in data["passes"]]
-            graph.iterations = [Iteration(*it) for it in data.get("iterations", [])]
-            graph.nodes = [_node_from_dict(i, n) for i, n in enumerate(data["nodes"])]
-        except GraphValidationError:
-            raise
-        except (KeyError, TypeError, ValueError) as exc:
-            raise GraphValidationError(f"malformed intervention graph: {type(exc).__name__}: {exc}") from exc
+                f"not an intervention graph of format version {FORMAT_VERSION} (got version {short(version)})",
+                field="version")
+        _no_unknown(data, GRAPH_FIELDS, "the graph")
+        model = data.get("model")
+        if model is not None and type(model) is not str:
+            raise GraphValidationError(f"graph field 'model': must be a deployment name or null, got {short(model)}",
+                                       field="model")
+        graph = cls(model=model, options=_options(data.get("options", {})))
+        raw_passes = _list(data, "passes", "the graph", required=True)
+        raw_iterations = _list(data, "iterations", "the graph")
+        raw_nodes = _list(data, "nodes", "the graph", required=True)
+        if max_nodes is not None and len(raw_nodes) > max_nodes:
+            raise GraphValidationError(f"the graph has {len(raw_nodes)} nodes; the limit is {max_nodes}",
+                                       field="nodes", nodes=len(raw_nodes), limit=max_nodes)
+        decoder = Decoder(max_depth=max_depth, max_bytes=max_constant_bytes)
+        graph.passes = [_pass_from_dict(i, p, decoder) for i, p in enumerate(raw_passes)]
+        graph.iterations = [_iteration_from_list(i, it) for i, it in enumerate(raw_iterations)]
+        graph.nodes = [_node_from_dict(i, n, decoder) for i, n in enumerate(raw_nodes)]
         return graph
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> InterventionGraph:
+    def from_json(cls, text: str | bytes, **limits: Any) -> InterventionGraph:
+        """Decode a graph from JSON text sent by anyone; ``limits`` as :meth:`from_dict`."""
+        if not isinstance(text, (str, bytes, bytearray)):
+            raise GraphValidationError(f"an intervention graph is JSON text, not {type(text).__name__}")
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise GraphValidationError(f"intervention graph is not valid JSON: {exc}") from exc
-        return cls.from_dict(data)
+        except RecursionError:
+            raise GraphValidationError("intervention graph JSON nests too deeply to read") from None
+        except ValueError as exc:  # JSONDecodeError, bad UTF-8, integers of over 4300 digits
+            raise GraphValidationError(f"intervention graph is not valid JSON: {exc}") from None
+        return cls.from_dict(data, **limits)
 
 
+#: The fields of a graph, of one pass, and the experiment options a graph may carry.
+GRAPH_FIELDS = ("version", "model", "passes", "iterations", "nodes", "options")
+PASS_FIELDS = ("kind", "invokes", "kwargs")
+OPTION_FIELDS = ("store", "persist_threshold", "storage_options")
 _NODE_FIELDS = ("target", "module", "access", "invoke", "iteration", "cond", "location")
 
 
@@ -199,21 +222,126 @@ def _node_to_dict(node: Node) -> dict[str, Any]:
     return out
 
 
-def _node_from_dict(position: int, data: dict[str, Any]) -> Node:
-    if data.get("id") != position:
-        raise GraphValidationError(f"node at position {position} has id {data.get('id')!r}; ids must be 0, 1, 2, ...")
+def _node_from_dict(position: int, data: Any, decoder: Decoder) -> Node:
+    if not isinstance(data, dict):
+        raise field_error(position, "node", f"a node is a JSON object, not {type(data).__name__}")
+    unknown = sorted(str(k) for k in data if k not in _NODE_KEYS)
+    if unknown:
+        raise field_error(position, unknown[0][:60],
+                          f"unknown node field(s) {short(unknown)}; known: {list(_NODE_KEYS)}")
+    node_id = data.get("id")
+    if type(node_id) is not int or node_id != position:
+        raise field_error(position, "id",
+                          f"node at position {position} has id {short(node_id)}; ids must be 0, 1, 2, ...")
     kind = data.get("kind")
-    if kind not in Kind.ALL:
-        raise GraphValidationError(f"node {position} has unknown kind {kind!r}; known: {sorted(Kind.ALL)}")
+    if type(kind) is not str or kind not in Kind.ALL:
+        raise field_error(position, "kind", f"unknown kind {short(kind)}; known: {sorted(Kind.ALL)}")
+    node = Node(id=position, kind=kind, call=data.get("call", 0), pass_index=data.get("pass", 0),
+                **{name: data.get(name) for name in _NODE_FIELDS})
+    check_fields(node)
+    args = data.get("args", [])
+    if type(args) is not list:
+        raise field_error(position, "args", f"expected a list, got {type(args).__name__}")
     kwargs = data.get("kwargs", {})
-    if not isinstance(kwargs, dict):
-        raise GraphValidationError(f"node {position}: kwargs must be an object")
-    return Node(
-        id=position,
-        kind=kind,
-        args=tuple(decode(a) for a in data.get("args", [])),
-        kwargs={str(k): decode(v) for k, v in kwargs.items()},
-        call=int(data.get("call", 0)),
-        pass_index=int(data.get("pass", 0)),
-        **{name: data.get(name) for name in _NODE_FIELDS},
-    )
+    if type(kwargs) is not dict:
+        raise field_error(position, "kwargs", f"expected an object, got {type(kwargs).__name__}")
+    where = f"node %{position}"
+    node.args = tuple(decoder.decode(a, where=where, field=f"args[{i}]", node=position) for i, a in enumerate(args))
+    node.kwargs = {}
+    for key, value in kwargs.items():
+        if type(key) is not str:
+            raise field_error(position, "kwargs", f"keyword names are strings, got {short(key)}")
+        node.kwargs[key] = decoder.decode(value, where=where, field=f"kwargs[{key!r}]", node=position)
+    return node
+
+
+_NODE_KEYS = ("id", "kind", *_NODE_FIELDS, "args", "kwargs", "call", "pass")
+
+
+def _pass_from_dict(index: int, data: Any, decoder: Decoder) -> Pass:
+    where = f"pass {index}"
+    if not isinstance(data, dict):
+        raise GraphValidationError(f"{where} is a JSON object, not {type(data).__name__}", field=f"passes[{index}]")
+    _no_unknown(data, PASS_FIELDS, where)
+    kind = data.get("kind")
+    if type(kind) is not str:
+        raise GraphValidationError(f"{where}, field 'kind': expected a string, got {short(kind)}", field="kind")
+    invokes = []
+    for i, raw in enumerate(_list(data, "invokes", where, required=True)):
+        invoke = decoder.decode(raw, where=where, field=f"invokes[{i}]")
+        if not isinstance(invoke, dict) or not all(type(k) is str for k in invoke):
+            raise GraphValidationError(f"{where}, field 'invokes[{i}]': an invoke's inputs are a dict with string "
+                                       f"keys, got {short(invoke)}", field=f"invokes[{i}]")
+        invokes.append(invoke)
+    kwargs = decoder.decode(data["kwargs"], where=where, field="kwargs") if "kwargs" in data else {}
+    if not isinstance(kwargs, dict) or not all(type(k) is str for k in kwargs):
+        raise GraphValidationError(f"{where}, field 'kwargs': the run's options are a dict with string keys, got "
+                                   f"{short(kwargs)}", field="kwargs")
+    return Pass(kind=kind, invokes=invokes, kwargs=kwargs)
+
+
+def _iteration_from_list(index: int, data: Any) -> Iteration:
+    field = f"iterations[{index}]"
+    if type(data) is not list or len(data) != 5:
+        raise GraphValidationError(f"graph field {field!r}: an iteration is [id, pass, start, stop, step], got "
+                                   f"{short(data)}", field=field)
+    for name, value in zip(("id", "pass", "start", "stop", "step"), data):
+        if type(value) is not int and not (name == "stop" and value is None):
+            raise GraphValidationError(f"graph field {field!r}: {name} must be an integer"
+                                       f"{' or null' if name == 'stop' else ''}, got {short(value)}", field=field)
+    return Iteration(*data)
+
+
+def _options(options: Any) -> dict[str, Any]:
+    if not isinstance(options, dict):
+        raise GraphValidationError(f"graph field 'options' must be an object, got {type(options).__name__}",
+                                   field="options")
+    _no_unknown(options, OPTION_FIELDS, "graph field 'options'")
+    store = options.get("store")
+    if store is not None and type(store) is not str:
+        raise GraphValidationError(f"graph field 'options.store': must be a URL or path string, got {short(store)}",
+                                   field="options.store")
+    threshold = options.get("persist_threshold")
+    if threshold is not None and (type(threshold) is not int or threshold < 0):
+        raise GraphValidationError(f"graph field 'options.persist_threshold': must be an integer >= 0 (bytes), "
+                                   f"got {short(threshold)}", field="options.persist_threshold")
+    storage = options.get("storage_options")
+    if storage is not None:
+        if not isinstance(storage, dict) or not all(type(k) is str for k in storage):
+            raise GraphValidationError(
+                f"graph field 'options.storage_options': must be an object, got {short(storage)}",
+                field="options.storage_options")
+        _check_json(storage, "options.storage_options")
+    return dict(options)
+
+
+def _check_json(value: Any, field: str, max_depth: int = 8) -> None:
+    """Plain JSON (no tags) of bounded depth, walked without recursion."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > max_depth:
+            raise GraphValidationError(f"graph field {field!r}: nests more than {max_depth} levels deep", field=field)
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+        elif not (item is None or type(item) in (bool, int, float, str)):
+            raise GraphValidationError(f"graph field {field!r}: holds a {type(item).__name__}, which is not JSON",
+                                       field=field)
+
+
+def _list(data: dict[str, Any], name: str, where: str, *, required: bool = False) -> list[Any]:
+    if name not in data and not required:
+        return []
+    value = data.get(name)
+    if type(value) is not list:
+        raise GraphValidationError(f"{where}, field {name!r}: expected a list, got {type(value).__name__}", field=name)
+    return value
+
+
+def _no_unknown(data: dict[Any, Any], known: tuple[str, ...], where: str) -> None:
+    unknown = sorted(str(k)[:60] for k in data if k not in known)
+    if unknown:
+        raise GraphValidationError(f"{where}, field {unknown[0]!r}: unknown field; known: {list(known)}",
+                                   field=unknown[0])

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import GraphValidationError
+
 
 class Ref:
     """An argument that stands for the value of node ``id``."""
@@ -97,6 +99,49 @@ class Node:
         if self.kind == Kind.SAVE:
             return f"save {self.target!r}"
         return self.kind
+
+
+#: The scalar fields of a node by wire name (``pass`` is :attr:`Node.pass_index`): optional strings,
+#: optional integers, integers.
+OPTIONAL_STR_FIELDS = ("target", "module", "access", "location")
+OPTIONAL_INT_FIELDS = ("invoke", "iteration", "cond")
+INT_FIELDS = ("call", "pass")
+
+
+def check_fields(node: Node) -> None:
+    """Raise :class:`GraphValidationError` naming the first scalar field of ``node`` of the wrong type.
+
+    Integers are Python ``int`` (``True`` and ``1.0`` are refused); strings are ``str``.
+
+    >>> check_fields(Node(id=3, kind="getter", call=1.0))
+    Traceback (most recent call last):
+    nnsight_dask.errors.GraphValidationError: node %3, field 'call': expected an integer, got 1.0 (float)
+    """
+    for name in OPTIONAL_STR_FIELDS:
+        value = getattr(node, name)
+        if value is not None and type(value) is not str:
+            raise field_error(node.id, name, f"expected a string or null, got {short(value)} ({type(value).__name__})")
+    for name in OPTIONAL_INT_FIELDS:
+        value = getattr(node, name)
+        if value is not None and type(value) is not int:
+            raise field_error(node.id, name,
+                              f"expected an integer or null, got {short(value)} ({type(value).__name__})")
+    for name in INT_FIELDS:
+        value = getattr(node, "pass_index" if name == "pass" else name)
+        if type(value) is not int:
+            raise field_error(node.id, name, f"expected an integer, got {short(value)} ({type(value).__name__})")
+
+
+def field_error(node_id: int, field_name: str, problem: str, cls: type[GraphValidationError] = GraphValidationError,
+                **fields: Any) -> GraphValidationError:
+    """``node %3, field 'call': <problem>``, carrying ``node`` and ``field``."""
+    return cls(f"node %{node_id}, field {field_name!r}: {problem}", node=node_id, field=field_name, **fields)
+
+
+def short(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for error messages about values from anyone."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _collect_refs(obj: Any, out: list[int]) -> None:

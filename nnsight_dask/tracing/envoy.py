@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import ModuleIndexError, ModuleNotFoundInModelError, TracingError
+from ..errors import ForbiddenOperationError, ModuleIndexError, ModuleNotFoundInModelError, TracingError
 from ..graph.node import Kind, display_path
 
 if TYPE_CHECKING:
@@ -147,6 +147,12 @@ class Envoy:
         if name in Envoy.__slots__:
             object.__setattr__(self, name, value)
             return
+        if self._owner._active_recorder() is not None:
+            raise ForbiddenOperationError(
+                f"{display_path(self._path)}.{name} cannot be set inside a trace: a trace may not change the "
+                "model (its weights are shared). Write to .output, .input or .inputs instead, or change a "
+                "weight's copy in place (w = lm.lm_head.weight; w[:] = 0 changes only the copy)",
+                module=self._path, attribute=name)
         setattr(self._module, name, value)
 
     def skip(self, value: Any) -> None:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import operator
 from typing import Any
 
-from ..errors import TracingError, UnsavedValueError
-from ..graph.node import Kind
-from ..graph.ops import registry
+from ..errors import ForbiddenOperationError, TracingError, UnsavedValueError
+from ..graph.node import Kind, Ref
+from ..graph.ops import check_attribute_name, check_op_call, denied_error, denied_family, registry
 from .recorder import Recorder
 
 _MISSING = object()
@@ -67,16 +67,27 @@ class Proxy:
         """The gradient of this value during backward (a proxy inside the trace)."""
         if not self._live():
             return self.value.grad
+        self._check_has_grad()
         return self._recorder.add(Kind.GRAD, (self,))
 
     @grad.setter
     def grad(self, new: Any) -> None:
         if not self._live():
             raise TracingError("gradients can be replaced only inside the trace")
+        self._check_has_grad()
         self._recorder.add(Kind.GRAD_SETTER, (self, new))
+
+    def _check_has_grad(self) -> None:
+        node = self._recorder.node(self._node)
+        if node.kind == Kind.MODULE_ATTR:
+            raise ForbiddenOperationError(
+                f"{node.describe()} has no .grad in a trace: parameters read in a trace are copies, detached "
+                "from the (shared) model, so no gradient reaches them. Read the gradient of a module's output "
+                "or input instead (e.g. lm.lm_head.input.grad)", attribute=node.target, module=node.module)
 
     # -- recording --------------------------------------------------------------------------------
     def _op(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> Proxy:
+        check_op_call(name, _refs(args), _refs(kwargs or {}))  # refuse early what a shard would refuse
         return self._recorder.add(Kind.OP, args, kwargs, target=name)
 
     def __getattr__(self, name: str) -> Any:
@@ -92,6 +103,8 @@ class Proxy:
         if name in Proxy.__slots__ or name == "grad":
             object.__setattr__(self, name, value)
             return
+        if not name.startswith("_"):
+            check_attribute_name(name)  # `w.data = ...`: refused as what it is
         raise TracingError(f"cannot set attribute {name!r} on a traced value; only .grad can be replaced")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -119,9 +132,14 @@ class Proxy:
         name = registry().name_of(func)
         if name is None:
             qualname = f"{getattr(func, '__module__', '') or ''}.{getattr(func, '__qualname__', repr(func))}"
+            short = getattr(func, "__name__", "") or ""
+            family = denied_family(short)
+            if family is not None:
+                raise denied_error(f"Tensor.{short}" if "Tensor" in qualname else f"torch.{short}", family)
             raise TracingError(
                 f"{qualname} is not in the operation whitelist; wrap it in nd.apply(fn, ...) to run it "
                 "locally")
+        check_op_call(name, _refs(args), _refs(kwargs))
         return recorder.add(Kind.OP, args, kwargs, target=name)
 
     # -- plain Python protocols -----------------------------------------------------------------------
@@ -220,6 +238,20 @@ def _unwrap(obj: Any) -> Any:
         return [_unwrap(o) for o in obj]
     if kind is dict:
         return {k: _unwrap(v) for k, v in obj.items()}
+    return obj
+
+
+def _refs(obj: Any) -> Any:
+    """``obj`` with proxies replaced by references, as the recorder will store it (for checks)."""
+    kind = type(obj)
+    if kind is Proxy:
+        return Ref(obj._node)
+    if kind is tuple:
+        return tuple(_refs(o) for o in obj)
+    if kind is list:
+        return [_refs(o) for o in obj]
+    if kind is dict:
+        return {k: _refs(v) for k, v in obj.items()}
     return obj
 
 
