@@ -105,3 +105,34 @@ def test_the_shard_enforces_the_policy_without_the_client(client, strict):
                            pure=False)
     with pytest.raises(PolicyError, match="weights='deny'"):
         answer.result()
+
+
+@pytest.mark.parametrize("body", [
+    lambda lm: lm.model.layers[1].output.repeat(1000, 1, 1).save(),                # 2 KiB -> 2 MB
+    lambda lm: lm.model.layers[1].output.new_ones((1 << 20, 1 << 20)).save(),      # 8 TiB: never allocated
+    lambda lm: (lm.model.layers[1].output.reshape(-1, 1) * lm.model.layers[1].output.reshape(1, -1)).save(),
+])
+def test_ops_that_would_allocate_over_the_bound_are_refused_before_they_run(strict, body):
+    with pytest.raises(PolicyError, match=r"would make a tensor of [\d,]+ bytes; this deployment allows at most") \
+            as info:
+        with strict.trace(PROMPT):
+            body(strict)
+    assert info.value.rule == "max_tensor_bytes"
+    with strict.trace(PROMPT):  # the shards serve on
+        ok = strict.model.layers[1].output.repeat(2, 1, 1).save()
+    assert ok.shape == (2, 8, 64)
+
+
+def test_backward_leaves_no_gradient_on_the_shared_weights(client, open_deployment):
+    with open_deployment.trace(PROMPT):
+        g = open_deployment.model.layers[1].output.grad.save()
+        open_deployment.output.logits[0, -1].max().backward()
+    assert g.value.abs().sum() > 0
+
+    def weight_grads(name):
+        from nnsight_dask.worker import registry
+
+        return sorted({registry.lookup(d, i).runner.model.__class__.__name__: sum(
+            p.grad is not None for p in registry.lookup(d, i).runner.model.parameters())
+            for d, i in registry.held() if d == name}.values())
+    assert all(count == 0 for counts in client.run(weight_grads, "open").values() for count in counts)

@@ -9,7 +9,9 @@ stage task runs each member's stage in turn, each with its own state on the shar
 experiment computes exactly what it would alone (no padding, no shared batch dimension); one
 member's error fails only that member (see :meth:`~nnsight_dask.worker.shard_actor.ShardActor.run_batch`).
 
-An experiment that finds a free slot leaves at once: a lone client never waits for company.
+An experiment that finds a free slot leaves at once: a lone client never waits for company. A
+``solo`` experiment (one retried because a worker died while it computed there) never shares its
+chain, so if it kills the worker again, no other experiment is in the stage task that dies with it.
 """
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ class Member:
     user: str | None = None
     retry_of: str = ""
     reason: str = ""
+    #: Leave in a chain of its own (see the module docstring).
+    solo: bool = False
 
 
 @dataclass(eq=False)
@@ -50,6 +54,8 @@ class Batch:
     #: The last stage's future (resolves to ``{experiment: Results | error}``), once launched.
     last: Future | None = None
     launch_error: BaseException | None = None
+    #: Takes no other member (its one member is ``solo``).
+    solo: bool = False
     _left: set[str] = field(default_factory=set)
     _outcome: dict[str, Any] | None = None
     _failure: BaseException | None = None
@@ -103,7 +109,11 @@ class Coalescer:
             sharing = config.max_batch_experiments > 1
             if not sharing or self.in_flight < max(1, record.n_shards):
                 self.in_flight += 1
-                batch = Batch(record, stages, [member])
+                batch = Batch(record, stages, [member], solo=member.solo)
+            elif member.solo:
+                batch = Batch(record, stages, [member], solo=True)
+                self.pending.append(batch)
+                return batch
             else:
                 batch = self._pending_for(record, stages)
                 batch.members.append(member)
@@ -133,7 +143,7 @@ class Coalescer:
 
     def _pending_for(self, record: Deployment, stages: list[Stage]) -> Batch:
         for batch in self.pending:
-            if batch.record.generation == record.generation and batch.stages == stages \
+            if batch.record.generation == record.generation and batch.stages == stages and not batch.solo \
                     and len(batch.members) < config.max_batch_experiments:
                 return batch
         batch = Batch(record, stages)

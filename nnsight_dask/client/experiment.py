@@ -3,8 +3,19 @@
 Stage k's future is an argument of stage k+1, so Dask moves the carry (hidden states, values)
 straight from one shard's worker to the next. Experiments in flight together from one process
 share a chain (:mod:`.coalesce`). The client only waits for the last stage, watching
-the deployment: if a shard's worker dies, the chain is cancelled, the lost shard re-created, and
-the experiment retried once; every experiment ends completed, failed or cancelled.
+the deployment; every experiment ends completed, failed or cancelled:
+
+- **Cancel and timeout stop the shards too.** The client leaves the chain and tells the shard
+  workers, through a worker handler that does not queue behind the running stage
+  (:data:`~nnsight_dask.worker.plugin.CANCEL_HANDLER`), to stop the experiment: its running stage
+  ends before its next decoder layer, its state is freed at once, the next experiment in line starts.
+- **A shard's worker dies.** The chain is cancelled, the lost shard re-created, and the experiment
+  retried. Only a loss while the experiment was computing on that worker counts against it (the
+  scheduler's monitor knows which experiment was); its second such loss fails it, and its retry
+  leaves in a chain of its own. An experiment only waiting behind it (queued, or in a stage on
+  another shard) is retried without counting.
+- **Undeploy.** An experiment in flight hears of closed shards, finds the deployment gone and ends
+  with a :class:`~nnsight_dask.errors.DeploymentError` saying so.
 """
 from __future__ import annotations
 
@@ -15,11 +26,11 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from distributed import Client, Future, fire_and_forget
+from distributed import Client, Future
 from distributed.client import FutureCancelledError
 
 from .. import config
-from ..errors import ExperimentFailedError
+from ..errors import DeploymentError, ExperimentFailedError
 from ..execution.partition import assign_shards
 from ..execution.stage import Stage, plan_stages
 from ..graph.graph import InterventionGraph
@@ -28,14 +39,29 @@ from ..storage.results import ZarrSink
 from ..tensors import nbytes
 from ..worker import tasks
 from ..worker.limits import check_graph
+from ..worker.plugin import CANCEL_HANDLER
 from ..worker.results import Results
 from .coalesce import Batch, Coalescer, Member, coalescer_for
-from .deployment import dead_shards, get_deployment, recover
+from .deployment import (
+    crowded,
+    dead_shards,
+    get_deployment,
+    recover,
+    undeployed_message,
+)
 from .record import Deployment
 
 POLL_SECONDS = 0.2
 #: Re-submissions allowed when only the client's cached deployment record was out of date.
 STALE_RECORD_RESUBMITS = 3
+#: Retries after losses an experiment did not cause (it was waiting, not computing on the worker).
+FREE_RETRIES = 5
+#: Least time between two checks, per client and deployment, whether shards sharing a worker can
+#: spread again (only while the cached placement shares one).
+REBALANCE_CHECK_SECONDS = 2.0
+#: Errors of a stage task that mean "the shard is not there any more" (lost, moved or closed).
+_SHARD_GONE = ("KilledWorker", "ShardUnavailableError", "ShardStateLostError", "ShardClosedError")
+_spread_checked: dict[tuple[str, str], float] = {}
 
 
 class _WorkerLost(Exception):
@@ -68,10 +94,11 @@ def launch_batch(client: Client, batch: Batch) -> None:
     record, stages = batch.record, batch.stages
     ids = "+".join(member.experiment for member in batch.members)
     keys = [f"nnsight-{ids}-{position:03d}-{stage.label}" for position, stage in enumerate(stages)]
+    workers = sorted(set(record.workers))
     for member in batch.members:
         announce(client, record, event="submitted", experiment=member.experiment, deployment=record.name,
                  user=member.user or config.user, keys=keys, shards=[stage.shard for stage in stages],
-                 retry_of=member.retry_of, reason=member.reason)
+                 workers=workers, retry_of=member.retry_of, reason=member.reason)
     previous: Future | None = None
     seen: set[int] = set()
     for position, stage in enumerate(stages):
@@ -122,6 +149,7 @@ def run_experiment(client: Client, name: str, graph: InterventionGraph, *, modul
     ``record`` is the caller's cached deployment record (saves a scheduler round trip per
     experiment); when the shards have moved since, the fresh record is handed to ``on_record``.
     The graph is checked here to fail fast, and again by every shard with its worker's limits.
+    ``cancelled`` (set by another thread) and ``timeout`` stop the experiment on the shards too.
     """
     if record is None:
         record = get_deployment(client, name)
@@ -133,39 +161,54 @@ def run_experiment(client: Client, name: str, graph: InterventionGraph, *, modul
     notify = on_status or (lambda status, info: None)
     shorten_batching(client)
     coalescer = coalescer_for(client, name, launch_batch)
-    retried_from, reason = "", ""
-    attempts, resubmits = 0, 0
+    record = _spread_if_due(client, name, record, on_record)
+    retried_from, reason, solo = "", "", False
+    counted, free, resubmits = 0, 0, 0
     while True:
-        member = Member(experiment, graph_json, user=user, retry_of=retried_from, reason=reason)
+        member = Member(experiment, graph_json, user=user, retry_of=retried_from, reason=reason, solo=solo)
         batch = coalescer.enqueue(member, record, plan_for(record, graph))
         try:
-            results = _wait(client, coalescer, batch, member, deadline, cancelled, on_status)
+            results = _wait(client, coalescer, batch, member, deadline, limit, cancelled, on_status)
         except _WorkerLost:
-            _abandon(client, coalescer, batch, member, graph)
-            fresh = get_deployment(client, name)
-            if fresh.generation != record.generation and not dead_shards(client, fresh) \
-                    and resubmits < STALE_RECORD_RESUBMITS:
+            lost_on = _lost_on(client, record, experiment)
+            _abandon(client, coalescer, batch, member, graph, "a shard's worker died; it is retried")
+            fresh = _current(client, name, experiment)
+            moved = (fresh.generation, fresh.created) != (record.generation, record.created)
+            if moved and not lost_on and not dead_shards(client, fresh) and resubmits < STALE_RECORD_RESUBMITS:
                 reason, resubmits = "the deployment's shards had moved (cached placement was out of date)", resubmits + 1
-            elif attempts == 1:
-                error = "a shard's worker died during the run and again during the retry"
-                _finished(client, record, experiment, "failed", error=error)
-                raise ExperimentFailedError(f"experiment {experiment} on {name!r} failed: {error}",
-                                            experiment=experiment) from None
             else:
-                reason, attempts = "a shard's worker died", attempts + 1
+                if lost_on is None or lost_on:  # computing on the worker that died (or no monitor to tell)
+                    where = f"worker {lost_on}" if lost_on else "a shard's worker"
+                    if counted == 1:
+                        error = (f"{where} died while this experiment was running on it, and again during its retry; "
+                                 "the experiment may be what kills the worker (e.g. it allocates more memory "
+                                 "than the worker has)")
+                        _finished(client, record, experiment, "failed", error=error)
+                        raise ExperimentFailedError(f"experiment {experiment} on {name!r} failed: {error}",
+                                                    experiment=experiment) from None
+                    reason, counted, solo = f"{where} died while this experiment was running on it", counted + 1, True
+                else:
+                    free += 1
+                    if free > FREE_RETRIES:
+                        error = f"the deployment lost a shard's worker {free} times while this experiment waited"
+                        _finished(client, record, experiment, "failed", error=error)
+                        raise ExperimentFailedError(f"experiment {experiment} on {name!r} failed: {error}",
+                                                    experiment=experiment) from None
+                    reason = ("a shard's worker died while this experiment waited (queued, or on another shard); "
+                              "not counted against its retry")
                 notify("retrying", {"experiment": experiment})
-                fresh = recover(client, name)
+                fresh = _recover(client, name, experiment)
             record = fresh
             if on_record is not None:
                 on_record(fresh)
             retried_from, experiment = experiment, new_experiment_id()
             continue
         except _Cancelled:
-            _abandon(client, coalescer, batch, member, graph)
+            _abandon(client, coalescer, batch, member, graph, "cancelled by its owner")
             _finished(client, record, experiment, "cancelled")
             raise concurrent.futures.CancelledError(f"experiment {experiment} was cancelled") from None
         except BaseException as exc:
-            _abandon(client, coalescer, batch, member, graph)
+            _abandon(client, coalescer, batch, member, graph, f"{type(exc).__name__}: {exc}")
             _finished(client, record, experiment, "failed", error=f"{type(exc).__name__}: {exc}")
             raise
         sink = ZarrSink.from_options(graph.options, experiment)
@@ -185,14 +228,16 @@ def run_experiment(client: Client, name: str, graph: InterventionGraph, *, modul
         return results
 
 
-def _abandon(client: Client, coalescer: Coalescer, batch: Batch, member: Member, graph: InterventionGraph) -> None:
-    """Leave the batch (its chain is cancelled once no member is left), free the experiment's state
-    on the shards and its partial saves."""
+def _abandon(client: Client, coalescer: Coalescer, batch: Batch, member: Member, graph: InterventionGraph,
+             reason: str) -> None:
+    """Stop the experiment on the shards (a running stage ends before its next decoder layer, its
+    state is freed now), leave the batch (its chain is cancelled once no member is left), and drop
+    its partial saves."""
     if not coalescer.withdraw(batch, member):
         batch.launched.wait()  # it was being launched: set within the launching call
         if batch.last is not None:
+            _stop_on_shards(client, batch.record, [member.experiment], reason)
             batch.leave(client, member.experiment)
-            _release(client, batch.record, member.experiment)
     sink = ZarrSink.from_options(graph.options, member.experiment)
     if sink is not None:
         sink.abort()
@@ -202,7 +247,55 @@ def _finished(client: Client, record: Deployment, experiment: str, status: str, 
     announce(client, record, event="finished", experiment=experiment, status=status, **info)
 
 
-def _wait(client: Client, coalescer: Coalescer, batch: Batch, member: Member, deadline: float,
+def _current(client: Client, name: str, experiment: str) -> Deployment:
+    """The deployment's record now; a clear error when it was undeployed meanwhile."""
+    try:
+        return get_deployment(client, name)
+    except DeploymentError:
+        raise DeploymentError(f"experiment {experiment}: {undeployed_message(name)}", name=name,
+                              experiment=experiment) from None
+
+
+def _recover(client: Client, name: str, experiment: str) -> Deployment:
+    try:
+        return recover(client, name)
+    except DeploymentError:
+        _current(client, name, experiment)  # undeployed meanwhile: say so
+        raise
+
+
+def _lost_on(client: Client, record: Deployment, experiment: str) -> str | None:
+    """The worker that died while ``experiment`` computed on it (``""``: it was only waiting), from
+    the scheduler's monitor; ``None`` when there is no monitor to tell."""
+    if not record.monitor:
+        return None
+    try:
+        answer = client.sync(getattr(client.scheduler, monitor.LOST_RPC), experiment=experiment)
+    except Exception:  # a scheduler with an older monitor: no answer, the loss counts
+        return None
+    return str(answer.get("lost_on") or "") if answer.get("known") else None
+
+
+def _spread_if_due(client: Client, name: str, record: Deployment,
+                   on_record: Callable[[Deployment], None] | None) -> Deployment:
+    """While the cached placement has shards sharing a worker, check (at most every
+    ``REBALANCE_CHECK_SECONDS``) whether a worker has joined to spread them (see ``recover``)."""
+    if not crowded(record):
+        return record
+    key, now = (str(client.id), name), time.monotonic()
+    if now - _spread_checked.get(key, -REBALANCE_CHECK_SECONDS) < REBALANCE_CHECK_SECONDS:
+        return record
+    _spread_checked[key] = now
+    try:
+        fresh = recover(client, name)
+    except Exception:  # placement is an optimisation: the experiment runs where the shards are
+        return record
+    if fresh != record and on_record is not None:
+        on_record(fresh)
+    return fresh
+
+
+def _wait(client: Client, coalescer: Coalescer, batch: Batch, member: Member, deadline: float, limit: float,
           cancelled: threading.Event | None, on_status: Callable[[str, dict[str, Any]], None] | None) -> Results:
     """Wait for the batch to leave, then for its last stage. The happy path makes no scheduler call
     besides fetching the result.
@@ -212,7 +305,7 @@ def _wait(client: Client, coalescer: Coalescer, batch: Batch, member: Member, de
     """
     shown: tuple[Any, ...] = ()
     while not batch.launched.wait(POLL_SECONDS):
-        _check_limits(cancelled, deadline)
+        _check_limits(cancelled, deadline, limit)
         if on_status is not None:
             position = coalescer.ahead_of(batch)
             if ("queued", position) != shown:
@@ -236,22 +329,23 @@ def _wait(client: Client, coalescer: Coalescer, batch: Batch, member: Member, de
                 raise _WorkerLost from None
             raise
         except Exception as exc:
-            if type(exc).__name__ in ("KilledWorker", "ShardUnavailableError", "ShardStateLostError") or dead_shards(client, record):
+            if type(exc).__name__ in _SHARD_GONE or dead_shards(client, record):
                 raise _WorkerLost from None
             raise
-        _check_limits(cancelled, deadline)
+        _check_limits(cancelled, deadline, limit)
         if dead_shards(client, record):
             raise _WorkerLost
         if on_status is not None:
             shown = _report_progress(client, record, member.experiment, len(batch.stages), on_status, shown)
 
 
-def _check_limits(cancelled: threading.Event | None, deadline: float) -> None:
+def _check_limits(cancelled: threading.Event | None, deadline: float, limit: float) -> None:
     if cancelled is not None and cancelled.is_set():
         raise _Cancelled
     if time.monotonic() > deadline:
-        raise ExperimentFailedError(f"the experiment did not finish within {config.experiment_timeout:.0f} s "
-                                    "(nnsight_dask.config.experiment_timeout)")
+        raise ExperimentFailedError(f"the experiment did not finish within {limit:g} s (timeout=, "
+                                    "nnsight_dask.config.experiment_timeout or the deployment's policy); "
+                                    "it was stopped on the shards")
 
 
 def _report_progress(client: Client, record: Deployment, experiment: str, n_stages: int,
@@ -273,12 +367,18 @@ def _report_progress(client: Client, record: Deployment, experiment: str, n_stag
     return now
 
 
-def _release(client: Client, record: Deployment, experiment: str) -> None:
-    alive = set(client.scheduler_info(n_workers=-1)["workers"])
-    for shard in record.shards:
-        if shard.worker in alive:
-            fire_and_forget(client.submit(tasks.release, record.name, shard.index, experiment,
-                                          workers=[shard.worker], pure=False))
+def _stop_on_shards(client: Client, record: Deployment, experiments: list[str], reason: str) -> None:
+    """Stop ``experiments`` on the deployment's live shard workers and free their state there, through
+    the worker handler (it runs on the worker's event loop: it does not wait for the running stage)."""
+    try:
+        alive = set(client.scheduler_info(n_workers=-1)["workers"])
+        workers = sorted(set(record.workers) & alive)
+        if workers:
+            client.sync(client.scheduler.broadcast, msg={"op": CANCEL_HANDLER, "experiments": experiments,
+                                                         "reason": reason}, workers=workers, on_error="ignore",
+                        callback_timeout=30)
+    except Exception:  # e.g. the client is closing: the monitor stops a departed client's experiments
+        pass
 
 
 __all__ = ["launch_batch", "run_experiment"]

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ForbiddenOperationError, InterventionError, NNsightDaskError
+from ..errors import ForbiddenOperationError, InterventionError, NNsightDaskError, PolicyError
 from ..graph.graph import InterventionGraph
 from ..graph.node import Kind, Node, Ref, display_path
 from ..graph.allocation import check_allocation
@@ -219,8 +219,8 @@ class Interleaver:
             value = self._execute(node, args, kwargs)
         except _SkipNode:
             value = SKIPPED
-        except (StopForward, InterventionError):
-            raise
+        except (StopForward, InterventionError, PolicyError):
+            raise  # a policy refusal already names the rule and the line
         except ForbiddenOperationError as exc:
             raise self._forbidden(node, exc) from None
         except Exception as exc:

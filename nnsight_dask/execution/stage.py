@@ -5,6 +5,11 @@ layers, receives a :class:`Carry` (the hidden state leaving the previous shard, 
 nodes need, the saves so far) and returns the next one. Gradients come back through the shards
 in reverse order in backward stages. Everything that must outlive a stage (module call counts,
 KV caches, the autograd graph) stays in the shard's :class:`ExperimentState`.
+
+An experiment can be stopped while it runs: the shard gives its state a ``should_stop`` callable,
+checked at the start of every stage and, by a forward pre-hook, before every decoder layer of the
+shard; when it answers an error, :class:`ExperimentStopped` carrying that error leaves the model at
+once (within one layer's compute) and the shard turns it into the experiment's outcome.
 """
 from __future__ import annotations
 
@@ -23,6 +28,15 @@ from .batching import batch_token_inputs, position_ids_for
 from .interleaver import SKIPPED, Interleaver, Key, StopForward
 from .partition import assign_shards, backward_origins
 from .runner import _check_reached, _modules, collect_saves, persisted_name
+
+
+class ExperimentStopped(Exception):
+    """Raised by the stop hook when an experiment must stop mid-stage; ``error`` is why (what the
+    shard raises in its place: cancelled, timed out, undeployed)."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 @dataclass(frozen=True)
@@ -88,6 +102,12 @@ class ExperimentState:
     sink: SaveSink | None = None
     #: This shard's last stage of the experiment: after it the shard forgets the experiment.
     last_stage: Stage | None = None
+    #: Asked before every stage and decoder layer: an error when the experiment must stop, else None.
+    should_stop: Callable[[], BaseException | None] | None = None
+    #: Largest tensor one of the experiment's ops may make (the deployment's policy).
+    max_tensor_bytes: int | None = None
+    #: When this shard first saw the experiment (``time.monotonic()``).
+    started: float = field(default_factory=time.monotonic)
 
 
 class ShardRunner:
@@ -110,9 +130,13 @@ class ShardRunner:
         self.last_layer = last_layer
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         self.eos = [eos] if isinstance(eos, int) else list(eos or [])
+        #: This shard's decoder layers, where the stop hook checks before each one.
+        self.layers = _layers_between(model, first_layer, last_layer)
 
-    def start(self, graph: InterventionGraph, sink: SaveSink | None = None) -> ExperimentState:
-        """This shard's state for a new experiment; ``sink`` receives the large saves it produces."""
+    def start(self, graph: InterventionGraph, sink: SaveSink | None = None, *,
+              max_tensor_bytes: int | None = None) -> ExperimentState:
+        """This shard's state for a new experiment; ``sink`` receives the large saves it produces;
+        ops that would make a tensor over ``max_tensor_bytes`` are refused before they allocate."""
         shards = assign_shards(graph, self.owner, self.n_shards)
         owned = {i for i, s in enumerate(shards) if s == self.index}
         _modules(self.model, graph, {graph.nodes[i].module for i in owned if graph.nodes[i].module is not None})
@@ -124,10 +148,11 @@ class ShardRunner:
         mine = [stage for stage in plan_stages(graph, shards, self.n_shards) if stage.shard == self.index]
         return ExperimentState(graph=graph, shards=shards, owned=owned, exported=exported,
                                backward_from=backward_origins(graph, shards), last_stage=mine[-1] if mine else None,
-                               sink=sink)
+                               sink=sink, max_tensor_bytes=max_tensor_bytes)
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, state: ExperimentState, stage: Stage, carry: Carry) -> Carry:
+        _check_stop(state)
         graph = state.graph
         run = graph.passes[stage.pass_index]
         generate = run.kind == "generate"
@@ -138,7 +163,8 @@ class ShardRunner:
         if inter is None:
             paths = {graph.nodes[i].module for i in state.owned if graph.nodes[i].module is not None}
             inter = Interleaver(graph, stage.pass_index, _layout_of(run), state.values, steps,
-                                _modules(self.model, graph, paths), carry.logs, owned=state.owned)
+                                _modules(self.model, graph, paths), carry.logs, owned=state.owned,
+                                max_tensor_bytes=state.max_tensor_bytes)
             state.interleavers[stage.pass_index] = inter
         inter.logs = carry.logs
         inter.receive(carry.values)
@@ -148,6 +174,9 @@ class ShardRunner:
         handles = []
         exit_value: list[Any] = []
         try:
+            if state.should_stop is not None:
+                stop_hook = _stop_hook(state)
+                handles.extend(layer.register_forward_pre_hook(stop_hook, prepend=True) for layer in self.layers)
             if self.index > 0:
                 handles.append(self.first_layer.register_forward_pre_hook(
                     self._entry_hook(state, carry, needs_grad), with_kwargs=True))
@@ -238,6 +267,7 @@ class ShardRunner:
 
     # -- backward -------------------------------------------------------------------------------
     def backward(self, state: ExperimentState, stage: Stage, carry: Carry) -> Carry:
+        _check_stop(state)
         inter = state.interleavers[stage.pass_index]
         inter.logs = carry.logs
         inter.receive(carry.values)
@@ -248,9 +278,17 @@ class ShardRunner:
         inter.drain()
         return self._export(state, carry, inter, final=True, stage=stage)
 
+    def _drop_weight_grads(self) -> None:
+        """Backward through a shard accumulates ``.grad`` into its (shared) weights: nobody may read
+        it, and kept it would hold a weight-sized buffer summed over every user. Dropped after each stage."""
+        for parameter in self.model.parameters():
+            parameter.grad = None
+
     # -- handing on ---------------------------------------------------------------------------------
     def _export(self, state: ExperimentState, carry: Carry, inter: Interleaver, *, final: bool, stage: Stage,
                 output: Any = None) -> Carry:
+        if state.graph.needs_grad:
+            self._drop_weight_grads()
         if final and stage.direction == "forward":
             if self.last:
                 try:
@@ -307,6 +345,30 @@ def _layout_of(run: Any) -> list[tuple[int, int]]:
     return layout
 
 
+def _check_stop(state: ExperimentState) -> None:
+    error = state.should_stop() if state.should_stop is not None else None
+    if error is not None:
+        raise ExperimentStopped(error)
+
+
+def _stop_hook(state: ExperimentState) -> Any:
+    def hook(_module: torch.nn.Module, _args: Any) -> None:
+        _check_stop(state)
+    return hook
+
+
+def _layers_between(model: torch.nn.Module, first: torch.nn.Module, last: torch.nn.Module) -> list[torch.nn.Module]:
+    """The layers from ``first`` to ``last`` of the module list holding them (just the two if none does)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList):
+            items = list(module)
+            start = next((i for i, m in enumerate(items) if m is first), None)
+            stop = next((i for i, m in enumerate(items) if m is last), None)
+            if start is not None and stop is not None and start <= stop:
+                return items[start:stop + 1]
+    return [first] if first is last else [first, last]
+
+
 def _exit_hook(store: list[Any]) -> Any:
     def hook(_module: torch.nn.Module, _args: Any, output: Any) -> Any:
         store.append(output)
@@ -320,7 +382,8 @@ def collect_results(graph: InterventionGraph, values: dict[Key, Any]) -> dict[st
     return {k: (None if v is SKIPPED else v) for k, v in saves.items()}
 
 
-__all__ = ["Carry", "ExperimentState", "ShardRunner", "Stage", "collect_results", "plan_stages", "run_pipeline"]
+__all__ = ["Carry", "ExperimentState", "ExperimentStopped", "ShardRunner", "Stage", "collect_results", "plan_stages",
+           "run_pipeline"]
 
 
 def run_pipeline(runners: list[ShardRunner], graph: InterventionGraph, transport: Any = None) -> tuple[dict[str, Any], list[str]]:

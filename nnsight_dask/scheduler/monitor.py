@@ -12,9 +12,23 @@ The monitor serves what the dashboard, the CLI and waiting clients read: rows pe
 ``nnsight_experiment_status``), ``/nnsight/experiments.json`` and ``/nnsight/metrics`` on the
 dashboard server, and our series in Dask's own Prometheus ``/metrics`` when ``prometheus_client``
 is installed. Status changes are also logged as scheduler events under :data:`EVENTS`.
+
+Two lifecycle duties ride on what the monitor sees:
+
+- **Who was running when a worker died.** Shards log, before each stage, which experiment computes
+  on their worker (:data:`~nnsight_dask.worker.plugin.RUNNING_TOPIC`). When a worker leaves, the
+  experiment it was computing is marked ``lost_on`` that worker; experiments only queued there, or
+  in a stage elsewhere, are not. A client retries the unmarked ones without counting the loss
+  against them (it asks with the scheduler RPC ``nnsight_experiment_lost_on``). With no such event on record,
+  every experiment with a stage assigned to the worker is marked, as Dask itself suspects them.
+- **Clients that leave.** Each submission arrives on its client's stream, so the monitor knows the
+  client of every experiment; when the scheduler removes a client, its unfinished experiments are
+  stopped on the shard workers (worker handler :data:`~nnsight_dask.worker.plugin.CANCEL_HANDLER`),
+  which frees their state (KV caches) at once instead of after the shards' stale timeout.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections import OrderedDict
@@ -23,12 +37,16 @@ from typing import Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
+from ..worker.plugin import CANCEL_HANDLER, RUNNING_TOPIC
+
 #: Name of the plugin on the scheduler.
 NAME = "nnsight-dask-monitor"
 #: Stream op a client sends (fire-and-forget) when it submits or finishes an experiment.
 STREAM_OP = "nnsight-experiment"
 #: Scheduler RPC a waiting client calls (only when its experiment is slow) for its queue position.
 STATUS_RPC = "nnsight_experiment_status"
+#: Scheduler RPC a client calls after losing a shard's worker: was its experiment computing there?
+LOST_RPC = "nnsight_experiment_lost_on"
 #: Scheduler RPC returning :meth:`ExperimentMonitor.snapshot` (the CLI's ``status``).
 SNAPSHOT_RPC = "nnsight_experiments"
 #: Event topic with one event per experiment status change (``client.get_events(EVENTS)``).
@@ -60,6 +78,11 @@ class ExperimentRecord:
     bytes_returned: int = 0
     bytes_persisted: int = 0
     error: str = ""
+    #: The client that submitted it (its id on the scheduler) and the workers of its shards.
+    client: str = ""
+    workers: list[str] = field(default_factory=list)
+    #: The worker that died while this experiment was computing on it ("" if none did).
+    lost_on: str = ""
 
     @property
     def finished(self) -> bool:
@@ -94,12 +117,16 @@ class ExperimentMonitor(SchedulerPlugin):
         self.latency_sum = 0.0
         self.bytes_returned_total = 0
         self.bytes_persisted_total = 0
+        #: Worker -> the experiment computing there now (from the shards' events).
+        self.executing: dict[str, str] = {}
+        self._background: set[asyncio.Task[Any]] = set()
 
     # -- plugin hooks --------------------------------------------------------------------------
     async def start(self, scheduler: Any) -> None:
         self.scheduler = scheduler
         scheduler.stream_handlers[STREAM_OP] = self.handle_message
         scheduler.handlers[STATUS_RPC] = self.experiment_status
+        scheduler.handlers[LOST_RPC] = self.experiment_lost_on
         scheduler.handlers[SNAPSHOT_RPC] = self.snapshot
         _add_http_routes(scheduler, self)
         _register_prometheus(self)
@@ -108,6 +135,8 @@ class ExperimentMonitor(SchedulerPlugin):
         records = self.by_key.get(key) if isinstance(key, str) else None
         if records is None:
             return
+        if start == "processing":
+            self._left_worker(key, records, finish)
         for record in records:
             self._follow(record, key, start, finish, kwargs, sharing=len(records), first=record is records[0])
         if finish == "forgotten":
@@ -127,14 +156,61 @@ class ExperimentMonitor(SchedulerPlugin):
         elif finish == "forgotten" and key not in record.done and not record.finished:
             self._finish(record, "cancelled")  # released by its client before it ran (a lost worker only re-queues)
 
+    def _left_worker(self, key: str, records: list[ExperimentRecord], finish: str) -> None:
+        """A stage task left ``processing``: if its worker died meanwhile, mark who was computing there."""
+        worker = next((r.processing[key] for r in records if key in r.processing), "")
+        if not worker or self.scheduler is None:
+            return
+        computing = self.executing.get(worker)
+        if worker not in self.scheduler.workers:  # removed: the scheduler releases what it was processing
+            task = self.scheduler.tasks.get(key)
+            if task is not None and not getattr(task, "suspicious", 1):
+                return  # a worker that left on purpose (retired, scaled down): nobody's fault
+            for record in records:
+                if computing is None or computing == record.experiment:
+                    record.lost_on = worker
+        elif finish in ("memory", "erred") and computing is not None and any(
+                r.experiment == computing for r in records):
+            del self.executing[worker]  # that stage ended: nothing of ours computes there now
+
+    def log_event(self, topic: str, msg: Any) -> None:
+        """Events from the workers: a shard starts computing an experiment's stage (see the module docstring)."""
+        if topic == RUNNING_TOPIC and isinstance(msg, dict) and msg.get("worker"):
+            self.executing[msg["worker"]] = str(msg.get("experiment") or "")
+
+    def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
+        self.executing.pop(worker, None)
+
+    def remove_client(self, scheduler: Any, client: str) -> None:
+        """A client left (closed, or its process died): stop its unfinished experiments on their shards."""
+        by_workers: dict[str, list[str]] = {}
+        for record in self.experiments.values():
+            if record.client == client and record.status not in ("completed", "failed"):
+                for worker in record.workers:
+                    by_workers.setdefault(worker, []).append(record.experiment)
+        alive = {w: e for w, e in by_workers.items() if w in scheduler.workers}
+        if not alive:
+            return
+        reason = f"its client {client} left the cluster"
+
+        async def cancel() -> None:
+            await asyncio.gather(*(scheduler.broadcast(
+                msg={"op": CANCEL_HANDLER, "experiments": experiments, "reason": reason},
+                workers=[worker], on_error="ignore") for worker, experiments in alive.items()))
+
+        task = asyncio.ensure_future(cancel())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     # -- messages from clients -----------------------------------------------------------------
     def handle_message(self, client: str = "", event: str = "", **message: Any) -> None:
         """``event="submitted"`` before the stage tasks; ``"finished"`` once the client has the result.
 
-        ``client`` (the sender's id, added by Dask's stream handling) is accepted and not used.
+        ``client`` is the sender's id, added by Dask's stream handling: a client that leaves has its
+        unfinished experiments stopped (:meth:`remove_client`).
         """
         if event == "submitted":
-            self._submitted(message)
+            self._submitted(message, client)
         elif event == "finished":
             record = self.experiments.get(message.get("experiment", ""))
             if record is None:
@@ -148,15 +224,17 @@ class ExperimentMonitor(SchedulerPlugin):
                 record.error = message["error"]  # the client's text reads better than the scheduler's repr()
             elif status in FINISHED and not record.finished:
                 self._finish(record, status, error=message.get("error") or "")
-            elif status == "failed" and record.status == "completed":
-                # the chain completed but the client refused the result (e.g. too large inline)
+            elif status in ("failed", "cancelled") and record.status == "completed":
+                # the chain completed but the client refused the result (e.g. too large inline), or
+                # the experiment was stopped on the shards while the chain it shared went on
                 self._recount(record, status, error=message.get("error") or "")
 
-    def _submitted(self, message: dict[str, Any]) -> None:
+    def _submitted(self, message: dict[str, Any], client: str = "") -> None:
         record = ExperimentRecord(
             experiment=message["experiment"], deployment=message.get("deployment", ""),
             user=message.get("user") or "", keys=list(message.get("keys", [])),
-            shards=list(message.get("shards", [])), submitted=time.time(), retry_of=message.get("retry_of") or "")
+            shards=list(message.get("shards", [])), submitted=time.time(), retry_of=message.get("retry_of") or "",
+            client=client, workers=sorted(set(message.get("workers") or ())))
         self.experiments[record.experiment] = record
         for position, key in enumerate(record.keys):
             self.by_key.setdefault(key, []).append(record)
@@ -263,6 +341,12 @@ class ExperimentMonitor(SchedulerPlugin):
             return {"status": "unknown"}
         return {"status": self.live_status(record), "position": self.queue_position(record),
                 "stages_done": len(record.done), "stages": len(record.keys)}
+
+    def experiment_lost_on(self, experiment: str) -> dict[str, Any]:
+        """``{"known": True, "lost_on": worker or ""}``: the worker that died while ``experiment``
+        computed on it ("" if none did); ``{"known": False}`` for an experiment it never saw."""
+        record = self.experiments.get(experiment)
+        return {"known": False} if record is None else {"known": True, "lost_on": record.lost_on}
 
     def rows(self) -> list[dict[str, Any]]:
         """One row per experiment, newest first."""

@@ -11,7 +11,7 @@ from collections.abc import Collection, Mapping
 from typing import Any
 
 from .. import config
-from ..errors import ExperimentFailedError, GraphValidationError
+from ..errors import ExperimentFailedError
 from ..graph.graph import InterventionGraph
 from ..graph.policy import Policy, check_policy
 from ..graph.validate import validate_graph
@@ -19,17 +19,20 @@ from ..tensors import nbytes
 
 
 def check_graph(graph: InterventionGraph, module_paths: Collection[str] | None = None, *,
-                policy: Policy | None = None, context_length: int | None = None) -> None:
+                policy: Policy | None = None, context_length: int | None = None,
+                vocab_size: int | None = None) -> None:
     """Refuse a graph before it runs: malformed, forbidden op, local-only function, over a limit or
-    outside the deployment's policy (``context_length``: the model's, bounding prompt + new tokens)."""
+    outside the deployment's policy (``context_length``: the model's, bounding prompt + new tokens;
+    ``vocab_size``: token ids must be below it)."""
     policy = policy or Policy()
-    validate_graph(graph, module_paths=module_paths, remote=True,
-                   max_new_tokens=config.max_new_tokens_limit,
-                   max_constant_bytes=config.max_inline_result_bytes)
+    validate_graph(graph, module_paths=module_paths, remote=True, max_new_tokens=config.max_new_tokens_limit,
+                   max_constant_bytes=config.max_inline_result_bytes, vocab_size=vocab_size)
     check_policy(graph, policy, context_length=context_length)
-    for run in graph.passes:
-        if run.kind == "generate" and run.kwargs.get("do_sample"):
-            raise GraphValidationError("remote generation is greedy; do_sample=True runs only locally")
+
+
+def decode_graph(graph_json: str) -> InterventionGraph:
+    """Decode a graph from anyone, refusing oversized constants before they are decoded."""
+    return InterventionGraph.from_json(graph_json, max_constant_bytes=config.max_inline_result_bytes)
 
 
 def check_inline_size(results: Mapping[str, Any], options: Mapping[str, Any], policy: Policy | None = None) -> None:

@@ -5,6 +5,17 @@ registered worker plugins there before it takes tasks, so our carry serializer i
 the first carry reaches it. ``serve`` registers the plugin each time; registering again replaces
 the old instance (Dask tears it down first), so the plugin holds no state and its teardown does
 nothing: the shards of other deployments on the worker must live on.
+
+The plugin also adds two worker handlers, the way to reach the shards without queueing behind the
+running stage task (a worker's handlers run on its event loop, its tasks in its thread pool):
+
+- :data:`CANCEL_HANDLER` (:func:`cancel_experiments`): stop experiments and free their state now;
+  sent by a client that cancels or gives up waiting, and by the scheduler's monitor when a client
+  leaves.
+- :data:`CLOSE_HANDLER` (:func:`close_shards`): close a deployment's shards here (``undeploy``:
+  running experiments end with the reason) or retire one that moved (rebalancing).
+
+Both are reached through ``scheduler.broadcast(msg={"op": <handler>, ...}, workers=[...])``.
 """
 from __future__ import annotations
 
@@ -12,16 +23,65 @@ from typing import Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from . import registry
 from .serialization import register as register_serializers
 
 #: Name of the plugin on the workers (registering again replaces it).
 NAME = "nnsight-dask-shards"
+#: Worker handler: stop experiments on every shard of the worker (``experiments``, ``reason``).
+CANCEL_HANDLER = "nnsight_dask_cancel"
+#: Worker handler: close (``reason``: undeploy) or retire (``retire=True``) shards of ``deployment``.
+CLOSE_HANDLER = "nnsight_dask_close"
+#: Event topic a shard logs, fire-and-forget, before each stage: which experiment computes on this
+#: worker now (the scheduler's monitor reads it to tell, when the worker dies, who was running).
+RUNNING_TOPIC = "nnsight-dask-running"
 
 
 class ShardWorkerPlugin(WorkerPlugin):
-    """Registers our serializers on every worker that joins or restarts."""
+    """Registers our serializers and the shards' handlers on every worker that joins or restarts."""
 
     name = NAME
 
     def setup(self, worker: Any) -> None:
         register_serializers()
+        worker.handlers[CANCEL_HANDLER] = cancel_experiments
+        worker.handlers[CLOSE_HANDLER] = close_shards
+
+
+def cancel_experiments(experiments: list[str], reason: str = "cancelled") -> int:
+    """Stop ``experiments`` on every shard of this worker without waiting for a running stage.
+
+    The stop flag is set even where no shard holds them yet, so a stage still queued here is
+    refused. Returns how many experiment states were freed.
+    """
+    experiments = [str(e) for e in experiments]
+    held = registry.shards()
+    if not held:
+        registry.stop(experiments, registry.ExperimentCancelledError(
+            f"experiment(s) {', '.join(experiments)} stopped: {reason}", experiments=experiments, reason=reason))
+        return 0
+    return sum(shard.cancel(experiments, reason) for shard in held)
+
+
+def close_shards(deployment: str, reason: str = "", retire: bool = False,
+                 shards: list[int] | None = None) -> list[int]:
+    """Close the shards of ``deployment`` held here (``shards``: only those indices).
+
+    ``reason`` (undeploy): the experiments running or queued on them end with it. ``retire``:
+    a shard that moved to another worker finishes what it holds and then leaves. Returns the
+    indices closed or retired.
+    """
+    done = []
+    for shard in registry.shards(deployment):
+        if shards is not None and shard.index not in shards:
+            continue
+        if retire:
+            shard.retire()
+        else:
+            shard.close(reason or None)
+        done.append(shard.index)
+    if reason and not retire:  # tombstones where no shard is held (e.g. already closed), so queued stages hear why
+        for index in shards or ():
+            if index not in done:
+                registry.unregister(deployment, index, reason=reason)
+    return done

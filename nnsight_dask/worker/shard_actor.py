@@ -9,25 +9,34 @@ after the other, each with its own state.
 
 At an experiment's first stage here the shard validates its graph again, with this worker's
 settings (:mod:`.limits`), and gives it a Zarr sink when it asks for a store.
+
+Stopping never waits for the lock: :meth:`ShardActor.cancel`, :meth:`~ShardActor.release`,
+:meth:`~ShardActor.close` and :meth:`~ShardActor.retire` are called from the worker's event loop
+(the handlers of :mod:`.plugin`) while a stage may be running; the running stage sees the stop flag
+(:mod:`.registry`) before its next decoder layer and ends with the reason. Before each stage the shard
+tells the scheduler which experiment it is computing (a fire-and-forget event), so if the worker dies
+the scheduler knows which experiment was running on it and which were only waiting.
 """
 from __future__ import annotations
 
+import copy
 import os
 import threading
 import time
 from typing import Any
 
 import torch
+from distributed import get_worker
 
-from ..errors import InterventionError
+from ..errors import ExperimentFailedError, InterventionError
 from ..execution.stage import (
     Carry,
     ExperimentState,
+    ExperimentStopped,
     ShardRunner,
     Stage,
     collect_results,
 )
-from ..graph.graph import InterventionGraph
 from ..graph.policy import Policy
 from ..models import (
     ShardSpec,
@@ -40,8 +49,14 @@ from ..models.shard_loading import load_shard
 from ..storage.results import ZarrSink
 from ..tensors import nbytes
 from . import registry
-from .limits import check_graph, check_inline_size
-from .registry import ShardStateLostError
+from .limits import check_graph, check_inline_size, decode_graph
+from .plugin import RUNNING_TOPIC
+from .registry import (
+    ExperimentCancelledError,
+    ShardClosedError,
+    ShardStateLostError,
+    ShardUnavailableError,
+)
 from .results import Results
 from .serialization import register as register_serializers
 
@@ -54,6 +69,8 @@ _LOADING = threading.Lock()
 
 #: An experiment's state is dropped when untouched this long (its client vanished mid-way).
 STALE_SECONDS = 600.0
+#: A copy retired by rebalancing closes at the latest this long after, idle or not.
+RETIRE_GRACE_SECONDS = 120.0
 
 
 def load_source(source: ModelSource, dtype: torch.dtype | None = None, gguf_file: str | None = None) -> tuple[Any, Any]:
@@ -111,6 +128,11 @@ def portable_error(exc: Exception) -> Exception:
 class ShardActor:
     """Holds shard ``index`` of ``n_shards`` of a model for deployment ``deployment``."""
 
+    #: Why the shard was closed on purpose (undeploy); its running stage stops with this reason.
+    closed: str = ""
+    #: Replaced by a copy on another worker: finishes the experiments it holds, takes no new one.
+    retiring: bool = False
+
     def __init__(self, deployment: str, index: int, n_shards: int, source: ModelSource,
                  dtype: torch.dtype | None = None, device: str | None = None, gguf_file: str | None = None,
                  policy: dict[str, Any] | None = None) -> None:
@@ -133,6 +155,8 @@ class ShardActor:
         config = getattr(model, "config", None)
         context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
         self.context_length = int(context) if isinstance(context, int) else None
+        vocab = getattr(config, "vocab_size", None)
+        self.vocab_size = int(vocab) if isinstance(vocab, int) else None
         self.runner = shard_runner(model, plan, index, int(pad))
         self.deployment = deployment
         self.index = index
@@ -161,15 +185,53 @@ class ShardActor:
             "load_seconds": self.load_seconds, "pid": os.getpid(),
         }
 
-    def close(self) -> None:
-        registry.unregister(self.deployment, self.index)
+    def close(self, reason: str | None = None) -> None:
+        """Leave the registry and free every experiment's state, without waiting for a running stage.
+
+        With ``reason`` (undeploy), the running stage stops before its next decoder layer and every
+        later stage sent here is refused, both with :class:`~.registry.ShardClosedError` (``reason``).
+        """
+        if reason:
+            self.closed = reason
+        registry.unregister(self.deployment, self.index, self, reason=reason or "")
         self.experiments.clear()
+
+    def retire(self) -> None:
+        """This copy was replaced by one on another worker (rebalancing): the experiments it holds
+        finish here, a new one is refused (its client resubmits to the new copy), and the copy
+        leaves the registry once idle (at the latest after ``RETIRE_GRACE_SECONDS``)."""
+        self.retiring = True
+        if not self.experiments:
+            registry.unregister(self.deployment, self.index, self)
+            return
+        timer = threading.Timer(RETIRE_GRACE_SECONDS, self.close)
+        timer.daemon = True
+        timer.start()
+
+    def cancel(self, experiments: list[str], reason: str = "cancelled") -> int:
+        """Stop ``experiments`` (lock-free): a running stage of theirs ends before its next decoder
+        layer, later ones are refused, their state is freed now. Returns how many were held here."""
+        registry.stop(experiments, ExperimentCancelledError(
+            f"experiment(s) {', '.join(experiments)} stopped on the deployment's shards: {reason}",
+            experiments=list(experiments), reason=reason))
+        return self.release_many(experiments)
+
+    def release_many(self, experiments: list[str]) -> int:
+        """Forget the state of ``experiments`` (lock-free); returns how many were held here."""
+        return sum(self.experiments.pop(experiment, None) is not None for experiment in experiments)
 
     # -- called in-process by stage tasks -----------------------------------------------------------
     def run(self, experiment: str, stage: Stage, graph_json: str | None, carry: Carry | None,
             final: bool) -> Carry | Results:
-        """Run one stage; ``graph_json`` comes with the experiment's first stage on this shard only."""
+        """Run one stage; ``graph_json`` comes with the experiment's first stage on this shard only.
+
+        A stopped experiment (cancelled, timed out, undeployed) raises its reason, before the stage
+        or from within it (see :meth:`_should_stop`).
+        """
+        self._raise_if_stopped(experiment)  # it may have been cancelled while it waited for the lock
         with self.lock:
+            self._raise_if_stopped(experiment)
+            self._announce(experiment)
             started = time.perf_counter()
             try:
                 state = self.experiments.get(experiment)
@@ -179,23 +241,34 @@ class ShardActor:
                             f"shard {self.index} of {self.deployment!r} no longer holds experiment {experiment} "
                             "(it was restarted or the experiment was released); resubmit the experiment",
                             deployment=self.deployment, shard=self.index)
+                    if self.retiring:
+                        raise ShardUnavailableError(
+                            f"shard {self.index} of {self.deployment!r} moved to another worker; resubmit the "
+                            "experiment with the deployment's current record", deployment=self.deployment,
+                            shard=self.index)
                     self._drop_stale()
-                    state = self.experiments[experiment] = self._start(experiment, graph_json)
+                    state = self._start(experiment, graph_json)
+                    state.should_stop = self._should_stop(experiment, state)
+                    self.experiments[experiment] = state
                 state.touched = time.monotonic()
                 carry = carry if carry is not None else Carry()
-                if stage.direction == "forward":
-                    carry = self.runner.forward(state, stage, carry)
-                else:
-                    carry = self.runner.backward(state, stage, carry)
+                try:
+                    if stage.direction == "forward":
+                        carry = self.runner.forward(state, stage, carry)
+                    else:
+                        carry = self.runner.backward(state, stage, carry)
+                except ExperimentStopped as stop:
+                    raise _fresh(stop.error) from None
+                self._raise_if_stopped(experiment)  # stopped during the stage's last layer
             except BaseException:
-                self.experiments.pop(experiment, None)
+                self._forget(experiment)
                 raise
             finally:
                 elapsed = time.perf_counter() - started
                 self.busy_seconds += elapsed
                 self.stages_run += 1
             if final or stage == state.last_stage:  # nothing more of it runs here: free its state now
-                self.experiments.pop(experiment, None)
+                self._forget(experiment)
             if final:
                 results = Results(collect_results(state.graph, carry.values), experiment_id=experiment, logs=carry.logs)
                 check_inline_size(results, state.graph.options, self.policy)
@@ -207,7 +280,8 @@ class ShardActor:
         """Run ``stage`` for each ``(experiment, graph_json)`` of a batch, in turn.
 
         An experiment that fails here, or failed on an earlier shard, is answered with its error so
-        the others carry on. A batch of one raises instead, so its task errs like any failed task.
+        the others carry on. A batch of one raises instead, so its task errs like any failed task;
+        except a cancelled experiment: that is a clean outcome, answered (not raised) in any batch.
         """
         out: dict[str, Any] = {}
         for experiment, graph_json in members:
@@ -217,6 +291,8 @@ class ShardActor:
                 continue
             try:
                 out[experiment] = self.run(experiment, stage, graph_json, carry, final)
+            except ExperimentCancelledError as exc:
+                out[experiment] = exc
             except Exception as exc:
                 if len(members) == 1:
                     raise
@@ -225,15 +301,68 @@ class ShardActor:
 
     def _start(self, experiment: str, graph_json: str) -> ExperimentState:
         """A new experiment's state here, after validating its graph with this worker's settings."""
-        graph = InterventionGraph.from_json(graph_json)
-        check_graph(graph, policy=self.policy, context_length=self.context_length)
-        return self.runner.start(graph, ZarrSink.from_options(graph.options, experiment))
+        graph = decode_graph(graph_json)
+        check_graph(graph, policy=self.policy, context_length=self.context_length, vocab_size=self.vocab_size)
+        return self.runner.start(graph, ZarrSink.from_options(graph.options, experiment),
+                                 max_tensor_bytes=self.policy.max_tensor_bytes)
 
     def release(self, experiment: str) -> None:
-        with self.lock:
-            self.experiments.pop(experiment, None)
+        """Forget an experiment's state (lock-free: never waits for a running stage)."""
+        self.experiments.pop(experiment, None)
+
+    def _forget(self, experiment: str) -> None:
+        """Free an experiment's state; a retiring copy leaves the registry with its last experiment."""
+        self.experiments.pop(experiment, None)
+        if self.retiring and not self.experiments:
+            registry.unregister(self.deployment, self.index, self)
 
     def _drop_stale(self) -> None:
         now = time.monotonic()
-        for key in [k for k, s in self.experiments.items() if now - s.touched > STALE_SECONDS]:
-            del self.experiments[key]
+        for key in [k for k, s in list(self.experiments.items()) if now - s.touched > STALE_SECONDS]:
+            self.experiments.pop(key, None)
+
+    def _should_stop(self, experiment: str, state: ExperimentState) -> Any:
+        """What the runner asks before every stage and decoder layer: the error to stop with, or None.
+
+        Stopped when told to (:func:`.registry.stop`), when the shard was closed (undeploy), or when
+        the experiment has run here longer than the deployment policy's ``timeout``.
+        """
+        timeout = float(getattr(getattr(self, "policy", None), "timeout", 0) or 0)
+        deadline = state.started + timeout if timeout > 0 else None
+
+        def should_stop() -> BaseException | None:
+            error = registry.stopped(experiment)
+            if error is not None:
+                return error
+            if self.closed:
+                return ShardClosedError(self.closed, deployment=self.deployment, shard=self.index)
+            if deadline is not None and time.monotonic() > deadline:
+                return ExperimentFailedError(
+                    f"experiment {experiment} ran longer than deployment {self.deployment!r} allows "
+                    f"(its policy's timeout is {timeout:g} s); shard {self.index} stopped it", experiment=experiment)
+            return None
+        return should_stop
+
+    def _raise_if_stopped(self, experiment: str) -> None:
+        error = registry.stopped(experiment)
+        if error is None and self.closed:
+            error = ShardClosedError(self.closed, deployment=self.deployment, shard=self.index)
+        if error is not None:
+            self.experiments.pop(experiment, None)
+            raise _fresh(error)
+
+    def _announce(self, experiment: str) -> None:
+        """Tell the scheduler (fire-and-forget, on the worker's stream) that ``experiment`` computes here now."""
+        try:
+            worker = get_worker()
+        except ValueError:  # not in a worker (unit tests call the shard directly)
+            return
+        worker.log_event(RUNNING_TOPIC, {"experiment": experiment, "deployment": self.deployment, "shard": self.index})
+
+
+def _fresh(error: BaseException) -> BaseException:
+    """A copy of a stored error to raise (the stored one is shared by every stage that raises it)."""
+    try:
+        return copy.copy(error)
+    except Exception:
+        return error

@@ -20,7 +20,10 @@ def run_stage(deployment: str, index: int, members: list[tuple[str, str | None]]
 
 
 def release(deployment: str, index: int, experiment: str) -> None:
-    """Forget an experiment's state on this shard (after it ended, or was cancelled or failed)."""
+    """Forget an experiment's state on this shard (after it ended, or was cancelled or failed).
+
+    A task waits behind the stage running on the worker; to stop a running experiment at once, use
+    the worker handler ``plugin.CANCEL_HANDLER`` instead (what clients do)."""
     try:
         registry.lookup(deployment, index).release(experiment)
     except registry.ShardUnavailableError:
@@ -39,8 +42,9 @@ def describe(deployment: str) -> dict[str, Any]:
     return registry.lookup(deployment, 0).describe()  # type: ignore[return-value]
 
 
-def close_shard(deployment: str, index: int) -> None:
+def close_shard(deployment: str, index: int, reason: str | None = None) -> None:
+    """Close shard ``index`` here (``reason``: why its experiments in flight end; see ``ShardActor.close``)."""
     try:
-        registry.lookup(deployment, index).close()
+        registry.lookup(deployment, index).close(reason)
     except registry.ShardUnavailableError:
         pass
