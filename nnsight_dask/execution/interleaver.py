@@ -14,11 +14,25 @@ from typing import Any
 
 import torch
 
-from ..errors import ForbiddenOperationError, InterventionError, NNsightDaskError, PolicyError
+from ..errors import (
+    ForbiddenOperationError,
+    InterventionError,
+    NNsightDaskError,
+    PolicyError,
+)
+from ..graph.allocation import check_allocation
 from ..graph.graph import InterventionGraph
 from ..graph.node import Kind, Node, Ref, display_path
-from ..graph.allocation import check_allocation
-from ..graph.ops import MethodRef, check_arguments, check_op_call, check_result, module_attr, registry, safe_call, safe_getattr
+from ..graph.ops import (
+    MethodRef,
+    check_arguments,
+    check_op_call,
+    check_result,
+    module_attr,
+    registry,
+    safe_call,
+    safe_getattr,
+)
 from .batching import Layout, conform, narrow, splice
 
 Key = Any  # int for plain nodes, (node id, step) for nodes of an iteration block

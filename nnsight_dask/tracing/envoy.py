@@ -11,7 +11,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import ForbiddenOperationError, ModuleIndexError, ModuleNotFoundInModelError, TracingError
+from ..errors import (
+    ForbiddenOperationError,
+    ModuleIndexError,
+    ModuleNotFoundInModelError,
+    TracingError,
+)
 from ..graph.node import Kind, display_path
 
 if TYPE_CHECKING:

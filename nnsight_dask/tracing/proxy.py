@@ -11,7 +11,13 @@ from typing import Any
 
 from ..errors import ForbiddenOperationError, TracingError, UnsavedValueError
 from ..graph.node import Kind, Ref
-from ..graph.ops import check_attribute_name, check_op_call, denied_error, denied_family, registry
+from ..graph.ops import (
+    check_attribute_name,
+    check_op_call,
+    denied_error,
+    denied_family,
+    registry,
+)
 from .recorder import Recorder
 
 _MISSING = object()
