@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from ..errors import GraphValidationError
+
 Layout = list[tuple[int, int]]
 
 
@@ -47,6 +49,30 @@ def batch_token_inputs(invokes: Sequence[dict[str, Any]], pad_token_id: int) -> 
 def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip left padding, so a padded row computes what it would alone."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+#: How a batch of token inputs gets its positions (graph option ``positions``):
+#: ``"model"`` (default, nnsight's rule): no position ids are passed, the model computes them as
+#: ``model(**tokenizer(prompts, padding=True))`` does, so on a model with absolute position embeddings
+#: (GPT-2) a left-padded prompt differs from its solo run; ``"solo"``: position ids from the attention
+#: mask (:func:`position_ids_for`), so every prompt computes what it computes alone.
+POSITIONS = ("model", "solo")
+
+
+def positions_option(options: dict[str, Any]) -> str:
+    """The graph's ``positions`` option, checked (default ``"model"``)."""
+    value = options.get("positions", "model")
+    if value not in POSITIONS:
+        raise GraphValidationError(f"graph option 'positions' must be one of {', '.join(map(repr, POSITIONS))}, "
+                                   f"got {value!r}", field="options.positions")
+    return value  # type: ignore[no-any-return]
+
+
+def forward_position_ids(batch: dict[str, torch.Tensor], options: dict[str, Any]) -> torch.Tensor | None:
+    """Position ids to pass to a (non-generating) forward of ``batch``; None: let the model decide."""
+    if positions_option(options) == "solo":
+        return position_ids_for(batch["attention_mask"])
+    return None
 
 
 def batch_module_inputs(invokes: Sequence[dict[str, Any]]) -> tuple[tuple[Any, ...], dict[str, Any], Layout]:

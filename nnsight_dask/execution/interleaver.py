@@ -4,9 +4,14 @@ The interleaver is a small state machine. Each node waits for its arguments; fre
 soon as their arguments exist, in program order; event-bound nodes (reads and writes of module
 inputs/outputs, gradients) run when their module call (or backward) reaches them. A write that
 needs a value the forward pass has not produced yet is a cycle and is reported as such.
+
+A gradient node belongs to the first ``backward()`` after it in program order (nnsight's rule): its
+hook is live only while that backward runs. Backwards run one after another in program order, never
+nested: while one runs, only free nodes before it may run.
 """
 from __future__ import annotations
 
+import bisect
 import heapq
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
@@ -98,6 +103,11 @@ class Interleaver:
         self.dependents: dict[Key, list[Key]] = {}
         self.events: dict[tuple[str, str, int], list[Key]] = {}
         self.grad_events: dict[Key, list[Key]] = {}
+        #: The backward each gradient node belongs to (None: no backward follows it in the pass)
+        self.grad_backward: dict[Key, Key | None] = {}
+        #: The backward node running now; free nodes after it wait until it returns
+        self.backward_key: Key | None = None
+        self._running: Key | None = None
         self.result_keys: list[Key] = []
         self.heap: list[tuple[int, int, Key]] = []
         self.stop_key: Key | None = None
@@ -114,6 +124,7 @@ class Interleaver:
     def _build(self) -> None:
         nodes = self.graph.nodes
         ranges = {it.id: it.steps(self.steps) for it in self.graph.iterations if it.pass_index == self.pass_index}
+        backwards = [n.id for n in nodes if n.kind == Kind.BACKWARD and n.pass_index == self.pass_index]
         owned = self.owned
         for node in nodes:
             if node.pass_index != self.pass_index or (owned is not None and node.id not in owned):
@@ -140,6 +151,7 @@ class Interleaver:
                 elif kind in (Kind.GRAD, Kind.GRAD_SETTER):
                     target = self._dep_key(nodes[node.args[0].id], step)
                     self.grad_events.setdefault(target, []).append(key)
+                    self.grad_backward[key] = _next_backward(nodes, backwards, node.id, step)
                 elif kind == Kind.RESULT:
                     self.result_keys.append(key)
                 elif kind == Kind.STOP:
@@ -215,6 +227,9 @@ class Interleaver:
     def drain(self, before: tuple[int, int] | None = None) -> None:
         """Run ready free nodes in program order (only those before ``before`` when given)."""
         heap = self.heap
+        if self.backward_key is not None:  # inside a backward: nothing after it in program order
+            limit = _order(self.backward_key)
+            before = limit if before is None else min(before, limit)
         while heap and (before is None or (heap[0][0], heap[0][1]) < before):
             key = heapq.heappop(heap)[2]
             self._run_free(key)
@@ -230,6 +245,7 @@ class Interleaver:
                 raise _SkipNode
             args = self._resolve(node.args, step)
             kwargs = self._resolve(node.kwargs, step) if node.kwargs else {}
+            self._running = key
             value = self._execute(node, args, kwargs)
         except _SkipNode:
             value = SKIPPED
@@ -285,8 +301,12 @@ class Interleaver:
                     f"backward() takes {', '.join(sorted(_BACKWARD_OPTIONS))} in a graph, not {', '.join(unknown)} "
                     "(create_graph would tie gradients to the shared weights)", argument=unknown[0])
             check_arguments("backward", args, kwargs)
-            with torch.enable_grad():
-                torch.autograd.backward(args[0], **kwargs)
+            outer, self.backward_key = self.backward_key, self._running
+            try:
+                with torch.enable_grad():
+                    torch.autograd.backward(args[0], **kwargs)
+            finally:
+                self.backward_key = outer
             return None
         if kind == Kind.LOG:
             text = " ".join(str(a) for a in args)
@@ -439,6 +459,22 @@ class Interleaver:
                 "does not require grad. Gradients exist only for values computed from the model's "
                 "parameters while a backward pass runs (call loss.backward() in the trace).",
                 location=node.location, module=node.module)
+        groups: dict[Key | None, list[Key]] = {}
+        for grad_key in keys:
+            groups.setdefault(self.grad_backward.get(grad_key), []).append(grad_key)
+        for backward, group in groups.items():
+            self._grad_hook(node, value, group, backward)
+
+    def _grad_hook(self, node: Node, value: torch.Tensor, keys: list[Key], backward: Key | None) -> None:
+        """Hook ``keys`` on ``value``'s gradient, live only while ``backward`` runs (a backward the
+        graph did not start, e.g. a shard's backward stage, counts as any), and only once."""
+
+        def live() -> bool:
+            running = self.backward_key
+            if running is not None and backward is not None and running != backward:
+                return False
+            return not all(k in self.values for k in keys)
+
         base = value._base
         if self.narrowing and node.invoke is not None and node.kind == Kind.GETTER and base is not None \
                 and base.requires_grad and base.shape[0] == self.batch:
@@ -447,13 +483,19 @@ class Interleaver:
             start, stop = self.layout[node.invoke]
 
             def rows_hook(grad: torch.Tensor) -> Any:
+                if not live():
+                    return None
                 part = grad[start:stop]
                 new = self.fire(keys, part, "grad")
                 return None if new is part else splice(grad, new, start, stop, self.batch)
 
             base.register_hook(rows_hook)
             return
-        value.register_hook(lambda grad: _changed(self.fire(keys, grad, "grad"), grad))
+
+        def hook(grad: torch.Tensor) -> Any:
+            return _changed(self.fire(keys, grad, "grad"), grad) if live() else None
+
+        value.register_hook(hook)
 
     def finish(self, result: Any) -> None:
         """End of the pass: hand out the result and check that nothing was left unreached."""
@@ -526,6 +568,17 @@ def _node_id(key: Key) -> int:
 def _order(key: Key) -> tuple[int, int]:
     """Program order: node id first, then generation step."""
     return key if isinstance(key, tuple) else (key, -1)
+
+
+def _next_backward(nodes: list[Node], backwards: list[int], node_id: int, step: int | None) -> Key | None:
+    """The key of the first backward node after ``node_id`` (program order), None if there is none."""
+    index = bisect.bisect_right(backwards, node_id)
+    if index == len(backwards):
+        return None
+    backward = nodes[backwards[index]]
+    if backward.iteration is None:
+        return backward.id
+    return None if step is None else (backward.id, step)
 
 
 def _changed(new: Any, old: Any) -> Any:

@@ -16,7 +16,7 @@ from ..backends.base import RunResult
 from ..errors import InterventionError, ModuleNotFoundInModelError
 from ..graph.graph import InterventionGraph, Pass
 from ..graph.node import Kind, Node, display_path
-from .batching import batch_module_inputs, batch_token_inputs, position_ids_for
+from .batching import batch_module_inputs, batch_token_inputs, forward_position_ids
 from .interleaver import SKIPPED, Interleaver, Key, StopForward
 
 
@@ -46,8 +46,9 @@ def _run_pass(model: torch.nn.Module, graph: InterventionGraph, index: int, run:
         batch, layout = batch_token_inputs(run.invokes, pad_token_id if pad_token_id is not None else 0)
         args: tuple[Any, ...] = ()
         kwargs: dict[str, Any] = dict(batch)
-        if not generate and len(layout) > 1 and _accepts(model, "position_ids"):
-            kwargs["position_ids"] = position_ids_for(batch["attention_mask"])
+        positions = forward_position_ids(batch, graph.options)  # default None: the model's own rule
+        if not generate and positions is not None and _accepts(model, "position_ids"):
+            kwargs["position_ids"] = positions
     else:
         args, kwargs, layout = batch_module_inputs(run.invokes or [{}])
     inter = Interleaver(graph, index, layout, values, steps, modules, logs)

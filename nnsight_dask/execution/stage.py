@@ -24,7 +24,7 @@ from ..backends.base import SaveSink
 from ..errors import InterventionError
 from ..graph.graph import InterventionGraph
 from ..graph.node import Kind
-from .batching import batch_token_inputs, position_ids_for
+from .batching import batch_token_inputs, forward_position_ids, position_ids_for
 from .interleaver import SKIPPED, Interleaver, Key, StopForward
 from .partition import assign_shards, backward_origins
 from .runner import _check_reached, _modules, collect_saves, persisted_name
@@ -158,7 +158,7 @@ class ShardRunner:
         generate = run.kind == "generate"
         steps = run.steps if generate else 1
         if stage.step == 0 and stage.shard == 0:
-            carry = self._first_inputs(carry, run, generate)
+            carry = self._first_inputs(carry, run, generate, graph.options)
         inter = state.interleavers.get(stage.pass_index)
         if inter is None:
             paths = {graph.nodes[i].module for i in state.owned if graph.nodes[i].module is not None}
@@ -209,17 +209,20 @@ class ShardRunner:
             carry.unfinished is not None and not bool(carry.unfinished.any()))
         return self._export(state, carry, inter, final=final, stage=stage, output=output)
 
-    def _first_inputs(self, carry: Carry, run: Any, generate: bool) -> Carry:
-        batch, layout = batch_token_inputs(run.invokes, self.pad_token_id)
+    def _first_inputs(self, carry: Carry, run: Any, generate: bool, options: dict[str, Any]) -> Carry:
+        batch, _layout = batch_token_inputs(run.invokes, self.pad_token_id)
         carry.inputs = dict(batch)
         if generate:
+            # as transformers' generate: positions from the attention mask (padding is masked out)
             mask = batch["attention_mask"]
             positions = position_ids_for(mask).masked_fill(mask == 0, 1)
             carry.inputs["position_ids"] = positions
             carry.tokens = batch["input_ids"]
             carry.unfinished = torch.ones(batch["input_ids"].shape[0], dtype=torch.bool)
-        elif len(layout) > 1:
-            carry.inputs["position_ids"] = position_ids_for(batch["attention_mask"])
+        else:  # as the local runner: the model's own positions unless the graph asks for solo ones
+            positions = forward_position_ids(batch, options)
+            if positions is not None:
+                carry.inputs["position_ids"] = positions
         carry.stopped = False
         return carry
 

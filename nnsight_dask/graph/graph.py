@@ -201,7 +201,10 @@ class InterventionGraph:
 #: The fields of a graph, of one pass, and the experiment options a graph may carry.
 GRAPH_FIELDS = ("version", "model", "passes", "iterations", "nodes", "options")
 PASS_FIELDS = ("kind", "invokes", "kwargs")
-OPTION_FIELDS = ("store", "persist_threshold", "storage_options")
+OPTION_FIELDS = ("store", "persist_threshold", "storage_options", "positions")
+#: ``positions``: ``"model"`` (the model's own batched forward from left-padded ids and mask, nnsight's
+#: rule) or ``"solo"`` (position ids from the attention mask: each prompt computes what it would alone).
+POSITION_MODES = ("model", "solo")
 _NODE_FIELDS = ("target", "module", "access", "invoke", "iteration", "cond", "location")
 
 
@@ -305,6 +308,10 @@ def _options(options: Any) -> dict[str, Any]:
     if threshold is not None and (type(threshold) is not int or threshold < 0):
         raise GraphValidationError(f"graph field 'options.persist_threshold': must be an integer >= 0 (bytes), "
                                    f"got {short(threshold)}", field="options.persist_threshold")
+    positions = options.get("positions")
+    if positions is not None and positions not in POSITION_MODES:
+        raise GraphValidationError(f"graph field 'options.positions': must be one of {list(POSITION_MODES)}, got "
+                                   f"{short(positions)}", field="options.positions")
     storage = options.get("storage_options")
     if storage is not None:
         if not isinstance(storage, dict) or not all(type(k) is str for k in storage):

@@ -40,7 +40,9 @@ class PassthroughLayer(torch.nn.Module):
         hidden = args[0] if args else kwargs["hidden_states"]
         cache = _find_cache((*args, *kwargs.values()))
         if cache is not None:
-            empty = hidden.new_zeros(hidden.shape[0], 1, hidden.shape[1], 0)
+            # a one-wide zero entry per position, so the cache's length grows as the real layers' do
+            # (transformers reads the sequence length from it to build the next step's mask)
+            empty = hidden.new_zeros(hidden.shape[0], 1, hidden.shape[1], 1)
             cache.update(empty, empty, self.layer_idx)
         return (hidden,) if self.returns_tuple else hidden
 

@@ -28,17 +28,20 @@ _ACCESS = ("output", "input", "inputs")
 
 
 class Envoy:
-    """Proxy for one module. ``_offset`` counts ``.next()`` calls; ``_all`` marks ``.all()``."""
+    """Proxy for one module. ``_steps`` marks a view from ``.all()`` / ``.iter[...]``: the generation
+    steps ``(start, stop, step)`` its reads apply at. ``.next()`` state lives in the active recorder
+    (so it ends with the trace), keyed by module path."""
 
-    __slots__ = ("_module", "_path", "_owner", "_offset", "_all", "_children")
+    __slots__ = ("_block", "_children", "_module", "_owner", "_path", "_steps")
 
-    def __init__(self, module: torch.nn.Module, path: str, owner: NNsight, offset: int = 0, all_steps: bool = False) -> None:
+    def __init__(self, module: torch.nn.Module, path: str, owner: NNsight,
+                 steps: tuple[int, int | None, int] | None = None) -> None:
         object.__setattr__(self, "_module", module)
         object.__setattr__(self, "_path", path)
         object.__setattr__(self, "_owner", owner)
-        object.__setattr__(self, "_offset", offset)
-        object.__setattr__(self, "_all", all_steps)
+        object.__setattr__(self, "_steps", steps)
         object.__setattr__(self, "_children", {})
+        object.__setattr__(self, "_block", None)
 
     # -- tree ---------------------------------------------------------------------------------------
     def _child(self, name: str) -> Envoy:
@@ -108,12 +111,39 @@ class Envoy:
 
     # -- views -----------------------------------------------------------------------------------
     def next(self, step: int = 1) -> Envoy:
-        """This module at its next call (nnsight's ``.next()``; generation: the next step)."""
-        return Envoy(self._module, self._path, self._owner, self._offset + step, self._all)
+        """Move this module (and its submodules) ``step`` calls on, for the rest of the trace; returns
+        the envoy, so ``layer.next().output`` chains (nnsight's ``.next()``; generation: the next step)."""
+        if step < 0:
+            raise TracingError(f"{display_path(self._path)}.next({step}): steps move forward only", module=self._path)
+        self._recorder("next()").advance(self._path, step)
+        return self
 
     def all(self) -> Envoy:
-        """This module at every generation step: reads through it give one value a step."""
-        return Envoy(self._module, self._path, self._owner, self._offset, True)
+        """This module at every generation step: reads through it give one value a step. As
+        ``with envoy.all():`` everything recorded inside applies at every step (like ``tracer.all()``)."""
+        return Envoy(self._module, self._path, self._owner, (0, None, 1))
+
+    @property
+    def iter(self) -> _EnvoyIter:
+        """``with envoy.iter[a:b]:`` applies the block at generation steps a..b-1 (``iter[k]``: step k);
+        ``envoy.iter[a:b].output`` reads the output at each of those steps."""
+        return _EnvoyIter(self)
+
+    def __enter__(self) -> Envoy:
+        if self._steps is None:
+            raise TracingError(
+                f"{display_path(self._path) or 'the model'} is not a context manager; use "
+                f"`with {display_path(self._path) or 'model'}.all():` or `with ....iter[a:b]:`", module=self._path)
+        block = self._recorder("all()" if self._steps == (0, None, 1) else "iter[...]").iteration_block(*self._steps)
+        block.__enter__()
+        object.__setattr__(self, "_block", block)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        block = self._block
+        object.__setattr__(self, "_block", None)
+        if block is not None:
+            block.__exit__(*exc)
 
     # -- access points --------------------------------------------------------------------------
     def _recorder(self, what: str) -> Recorder:
@@ -124,11 +154,17 @@ class Envoy:
                 "(or generate/scan/session)", module=self._path)
         return recorder
 
+    def _iteration(self, recorder: Recorder) -> int | None:
+        """The iteration block of a read through ``.all()`` / ``.iter[...]`` (an open block wins)."""
+        if self._steps is None or recorder.iteration is not None:
+            return None
+        return recorder.steps_iteration(*self._steps)
+
     def _access(self, kind: str, access: str, value: Any = None) -> Proxy:
         recorder = self._recorder(access)
-        iteration = recorder.all_steps_iteration() if self._all else None
         args = () if kind == Kind.GETTER else (value,)
-        return recorder.add(kind, args, module=self._path, access=access, call=self._offset, iteration=iteration)
+        return recorder.add(kind, args, module=self._path, access=access, call=recorder.call_index(self._path),
+                            iteration=self._iteration(recorder))
 
     @property
     def output(self) -> Proxy:
@@ -165,11 +201,34 @@ class Envoy:
         recorder = self._recorder("skip()")
         if recorder.invoke is not None and len(recorder.graph.passes[recorder.pass_index].invokes) > 1:
             raise TracingError("skip() applies to the whole batch; call it outside the invokes")
-        iteration = recorder.all_steps_iteration() if self._all else None
-        recorder.add(Kind.SKIP, (value,), module=self._path, call=self._offset, iteration=iteration)
+        recorder.add(Kind.SKIP, (value,), module=self._path, call=recorder.call_index(self._path),
+                     iteration=self._iteration(recorder))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         recorder = self._owner._active_recorder()
         if recorder is None:
             return self._module(*args, **kwargs)
         return recorder.add(Kind.MODULE_CALL, args, kwargs, module=self._path)
+
+
+class _EnvoyIter:
+    """``envoy.iter[...]``: a view of the envoy at the selected generation steps."""
+
+    __slots__ = ("_envoy",)
+
+    def __init__(self, envoy: Envoy) -> None:
+        self._envoy = envoy
+
+    def __getitem__(self, key: int | slice) -> Envoy:
+        envoy = self._envoy
+        if isinstance(key, bool) or not isinstance(key, (int, slice)):
+            raise TracingError(f"{display_path(envoy._path)}.iter takes an int or a slice, not {type(key).__name__}",
+                               module=envoy._path)
+        if isinstance(key, int):
+            steps: tuple[int, int | None, int] = (key, key + 1, 1)
+        else:
+            steps = (key.start or 0, key.stop, key.step or 1)
+        if steps[0] < 0 or (steps[1] is not None and steps[1] < 0) or steps[2] <= 0:
+            raise TracingError("generation steps are counted from 0 and go forward; negative steps are not "
+                               f"supported (got {display_path(envoy._path)}.iter[{key}])", module=envoy._path)
+        return Envoy(envoy._module, envoy._path, envoy._owner, steps)

@@ -52,6 +52,12 @@ class Proxy:
                 f"{node.describe()} (recorded at {node.location}) has no value yet: the model runs when "
                 "the `with` block exits. Use the proxy in further operations, or .save() it and read it "
                 "after the block.")
+        stop = self._recorder.never_ran.get(self._node)
+        if stop is not None:
+            raise UnsavedValueError(
+                f"{node.describe()} (recorded at {node.location}) was never computed: the run stopped at the "
+                f"stop recorded at {stop.location} before reaching it. Save it before the stop (or move "
+                "the stop later) to get its value", location=node.location, module=node.module)
         raise UnsavedValueError(
             f"{node.describe()} (recorded at {node.location}) was not saved, so its value is gone; call "
             ".save() on it inside the trace", location=node.location, module=node.module)
@@ -60,6 +66,13 @@ class Proxy:
         """Keep this value after the trace. ``name`` names it in remote results (default: the variable)."""
         self._recorder.save(self, name)
         return self
+
+    def stop(self) -> None:
+        """Stop the run as soon as this value exists (and every intervention written before this line
+        has run), like ``tracer.stop()`` written here; saves written after it never run."""
+        if not self._live():
+            raise TracingError("stop() can only be called inside the trace that records this value")
+        self._recorder.add(Kind.STOP)
 
     def backward(self, gradient: Any = None, retain_graph: bool | None = None) -> Proxy:
         """Run backward from this value inside the trace (gradients then flow to ``.grad`` reads)."""

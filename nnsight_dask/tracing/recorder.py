@@ -6,6 +6,8 @@ It knows the current pass, invoke, iteration block and condition, so every node 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from ..errors import TracingError, UnsavedValueError
@@ -38,13 +40,18 @@ class Recorder:
         self.iteration: int | None = None
         self.cond: int | None = None
         self.saved: dict[int, Proxy] = {}
-        self._all_iteration: dict[int, int] = {}
+        self._all_iteration: dict[tuple[int, int, int | None, int], int] = {}
+        #: ``.next()`` calls of the current pass by envoy path; an envoy's call index adds its ancestors'
+        self.envoy_steps: dict[str, int] = {}
+        #: saves recorded after a stop of their pass that therefore never ran (filled by :meth:`finish`)
+        self.never_ran: dict[int, Node] = {}
 
     # -- structure ------------------------------------------------------------------------------
     def new_pass(self, kind: str, kwargs: dict[str, Any]) -> int:
         self.graph.passes.append(Pass(kind=kind, invokes=[], kwargs=dict(kwargs)))
         self.pass_index = len(self.graph.passes) - 1
         self.invoke = None
+        self.envoy_steps = {}  # `.next()` offsets last one trace
         return self.pass_index
 
     def add_invoke(self, encoded: dict[str, Any]) -> int:
@@ -57,11 +64,46 @@ class Recorder:
         self.graph.iterations.append(it)
         return it.id
 
+    @contextmanager
+    def iteration_block(self, start: int, stop: int | None, step: int) -> Iterator[int]:
+        """Nodes recorded inside run once per generation step of ``range(start, stop, step)``
+        (``tracer.iter[...]``, ``tracer.all()``, ``envoy.iter[...]``, ``envoy.all()``)."""
+        if self.iteration is not None:
+            raise TracingError("iteration blocks cannot be nested")
+        self.iteration = self.open_iteration(start, stop, step)
+        try:
+            yield self.iteration
+        finally:
+            self.iteration = None
+
+    # -- `.next()` ---------------------------------------------------------------------------------
+    def advance(self, path: str, steps: int) -> None:
+        """``envoy.next(steps)``: the envoy at ``path`` and its children move ``steps`` calls on."""
+        self.envoy_steps[path] = self.envoy_steps.get(path, 0) + steps
+
+    def call_index(self, path: str) -> int:
+        """Which call of the module at ``path`` an access means: its and its ancestors' ``.next()``s."""
+        steps = self.envoy_steps
+        if not steps:
+            return 0
+        total = steps.get("", 0)
+        prefix = ""
+        for part in path.split(".") if path else ():
+            prefix = f"{prefix}.{part}" if prefix else part
+            total += steps.get(prefix, 0)
+        return total
+
     def all_steps_iteration(self) -> int:
         """The iteration block over every step of the current pass (``envoy.all()``)."""
-        if self.pass_index not in self._all_iteration:
-            self._all_iteration[self.pass_index] = self.open_iteration(0, None, 1)
-        return self._all_iteration[self.pass_index]
+        return self.steps_iteration(0, None, 1)
+
+    def steps_iteration(self, start: int, stop: int | None, step: int) -> int:
+        """The iteration block of the current pass over ``range(start, stop, step)``, shared by every
+        read through ``envoy.all()`` / ``envoy.iter[...]`` with that range (so they combine)."""
+        key = (self.pass_index, start, stop, step)
+        if key not in self._all_iteration:
+            self._all_iteration[key] = self.open_iteration(start, stop, step)
+        return self._all_iteration[key]
 
     # -- nodes ------------------------------------------------------------------------------------
     def add(self, kind: str, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None, *,
@@ -159,12 +201,30 @@ class Recorder:
                     taken.add(name)
 
     def finish(self, saves: dict[str, Any]) -> None:
-        """Stop recording and hand each saved proxy its value."""
+        """Stop recording and hand each saved proxy its value.
+
+        A save recorded after a stop of its pass (``tracer.stop()``, ``proxy.stop()``) never ran; its
+        proxy gets no value and says so when read.
+        """
         self.recording = False
+        stops = self._stops()
         for proxy in self.saved.values():
             node = self.graph.nodes[proxy._save_node]
+            stop = stops.get(node.pass_index)
+            if stop is not None and node.id > stop.id and node.iteration is None \
+                    and saves.get(node.target) is None:
+                self.never_ran[proxy._node] = stop
+                continue
             if node.target in saves:
                 proxy._value = saves[node.target]
+
+    def _stops(self) -> dict[int, Node]:
+        """The first stop node of each pass (where that pass's run ends)."""
+        stops: dict[int, Node] = {}
+        for node in self.graph.nodes:
+            if node.kind == Kind.STOP and node.pass_index not in stops:
+                stops[node.pass_index] = node
+        return stops
 
     def close(self) -> None:
         self.recording = False
