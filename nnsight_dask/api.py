@@ -17,6 +17,7 @@ from .backends.base import Backend, SaveSink
 from .backends.local import LocalBackend
 from .graph.graph import InterventionGraph, set_task_runner
 from .models import load_causal_lm, load_smollm2, prepare_tokenizer
+from .tracing import inject
 from .tracing import model as traced
 
 
@@ -107,4 +108,12 @@ def run_graph_task(graph: InterventionGraph) -> Any:
     return run(graph)
 
 
+def frame_injection_setting() -> bool:
+    """``nnsight-dask.frame-injection``: saved proxies in a trace's caller's locals become their values."""
+    import dask.config
+
+    return bool(dask.config.get("nnsight-dask.frame-injection", False))
+
+
 set_task_runner(run_graph_task)
+inject.set_setting_reader(frame_injection_setting)

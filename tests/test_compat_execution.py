@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import nnsight_dask as nd
-from nnsight_dask.errors import GraphValidationError
+from nnsight_dask.errors import GraphValidationError, TracingError
 from nnsight_dask.models import tiny_gpt2, tiny_llama
 
 torch.set_num_threads(1)
@@ -143,9 +143,8 @@ def test_gpt2_padded_prompt_differs_from_its_solo_run(gpt):
 
 
 def test_solo_positions_switch(gpt):
-    """``positions="solo"`` (graph option): position ids from the attention mask, each prompt as alone."""
-    with gpt.trace() as tracer:
-        tracer._require().graph.options["positions"] = "solo"  # no trace keyword yet (graph.OPTION_FIELDS)
+    """``trace(positions="solo")``: position ids from the attention mask, each prompt as alone."""
+    with gpt.trace(positions="solo") as tracer:
         with tracer.invoke(PROMPT):
             first = gpt.output.logits.save()
         with tracer.invoke(SHORT):
@@ -159,8 +158,10 @@ def test_solo_positions_switch(gpt):
 
 
 def test_unknown_positions_value_is_refused(gpt):
+    with pytest.raises(TracingError, match="'model'.*'solo'"):
+        gpt.trace(PROMPT, positions="absolute")
     with pytest.raises(GraphValidationError, match="'model', 'solo'"), gpt.trace(PROMPT) as tracer:
-        tracer._require().graph.options["positions"] = "absolute"
+        tracer._require().graph.options["positions"] = "absolute"  # a graph that skipped the tracer's check
         gpt.output.logits.save()
 
 

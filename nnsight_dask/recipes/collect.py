@@ -71,8 +71,8 @@ def collect(
     modules = [m[:-len(".output")] if m.endswith(".output") else m for m in modules]
     envoys = [_envoy(lm, m) for m in modules]
     names = [f"{m}.output" for m in modules]
-    # One invoke per prompt: the batch is left-padded and given position ids that skip the padding,
-    # so every prompt's activations are what it computes alone.
+    # One invoke per prompt: the batch is left-padded and traced with positions="solo" (position ids
+    # that skip the padding), so every prompt's activations are what it computes alone.
     encoded = [_encode(lm, p) for p in prompts]
     batches = [encoded[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
     capacity = max(sum(int(e["input_ids"].shape[1]) for e in batch) for batch in batches)
@@ -145,7 +145,7 @@ def _record(lm: Any, batch: list[dict[str, torch.Tensor]], envoys: list[Any],
             **options: Any) -> tuple[Any, list[list[Any]]]:
     """One trace of the batch, one invoke a prompt; ``acts[prompt][module]`` are the saved proxies."""
     acts: list[list[Any]] = []
-    with lm.trace(**options) as tracer:
+    with lm.trace(positions="solo", **options) as tracer:
         for inputs in batch:
             with tracer.invoke(inputs):
                 acts.append([envoy.output.save() for envoy in envoys])

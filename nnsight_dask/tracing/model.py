@@ -17,6 +17,7 @@ from ..graph.node import Kind, Node, Ref
 from .envoy import Envoy
 from .proxy import Proxy
 from .recorder import Recorder, active_recorders
+from .scanning import typed_intervention_error
 from .tracer import Session, Tracer
 
 
@@ -46,24 +47,42 @@ class NNsight:
         object.__setattr__(self, "_backend", backend)
 
     # -- entry points ----------------------------------------------------------------------------
-    def trace(self, *inputs: Any, remote: Any = None, execute: bool = True, validate: bool = False,
-              scan: bool = False, blocking: bool = True, store: Any = None, persist_threshold: int | None = None,
-              storage_options: dict[str, Any] | None = None, verbose: bool | None = None, **kwargs: Any) -> Tracer:
+    def trace(self, *inputs: Any, trace: bool = True, remote: Any = None, execute: bool = True,
+              validate: bool = False, scan: bool = False, blocking: bool = True, store: Any = None,
+              persist_threshold: int | None = None, storage_options: dict[str, Any] | None = None,
+              verbose: bool | None = None, positions: str | None = None, **kwargs: Any) -> Any:
         """Record interventions on one forward pass over ``inputs`` (run when the block exits).
+
+        Several prompts are left-padded and run as the model's own batched forward (nnsight's rule:
+        what ``model(**tokenizer(prompts, padding=True))`` gives). On a model with absolute position
+        embeddings (GPT-2) a padded prompt then differs from its solo run; ``positions="solo"`` passes
+        position ids from the attention mask, so each prompt computes what it would alone.
+
+        ``scan=True`` (or ``validate=True``) first runs the graph on fake tensors, so shape errors
+        surface with their original type and the user's line before the model runs for real;
+        under ``scan=True`` ``x.shape`` is also concrete while recording.
+
+        ``trace=False`` runs the model at once on ``inputs`` and returns its output (no ``with`` block).
 
         ``verbose`` shows a remote experiment's progress (default ``config.verbose``).
 
         ``store=`` (an fsspec URL or local path) persists saved tensors above ``persist_threshold``
         bytes (default ``config.persist_threshold``) to Zarr; they come back as lazy tensors.
         """
-        return Tracer(self, inputs, kind="trace", remote=remote, execute=execute, validate=validate,
-                      fake=scan, blocking=blocking, encode_kwargs=kwargs, store=store,
-                      persist_threshold=persist_threshold, storage_options=storage_options,
-                      backend_options=_verbosity(verbose))
+        tracer = Tracer(self, inputs, kind="trace", remote=remote, execute=execute, validate=validate,
+                        scan=scan, blocking=blocking, encode_kwargs=kwargs, store=store,
+                        persist_threshold=persist_threshold, storage_options=storage_options,
+                        backend_options=_verbosity(verbose), positions=positions)
+        if trace:
+            return tracer
+        return _run_at_once(tracer)
 
     def scan(self, *inputs: Any, **kwargs: Any) -> Tracer:
-        """Like ``trace`` but on fake tensors: shapes are computed, nothing heavy runs, errors surface."""
-        return self.trace(*inputs, scan=True, **kwargs)
+        """Like ``trace`` but on fake tensors only: shapes are computed (and concrete while recording),
+        errors surface, the model never runs; saves come back as fake tensors."""
+        tracer = self.trace(*inputs, **kwargs)
+        tracer.fake = tracer.scan = True
+        return tracer
 
     def session(self, *, remote: Any = None, blocking: bool = True, store: Any = None,
                 persist_threshold: int | None = None, storage_options: dict[str, Any] | None = None) -> Session:
@@ -162,15 +181,25 @@ class NNsight:
     def _remote_backend(self, remote: Any) -> Backend:
         raise TracingError(f"{type(self).__name__} runs locally; use nd.RemoteModel for remote=...")
 
+    def _backend_for(self, remote: Any) -> Backend:
+        """The backend a run with this ``remote=`` argument goes to."""
+        return self._remote_backend(remote) if remote else self._local_backend()
+
     def _run(self, recorder: Recorder, context: Tracer | Session) -> Any:
         """Run a finished recording and hand saved values to their proxies; returns a future when
         the run is remote and not blocking."""
         graph = recorder.graph
         remote = getattr(context, "remote", None)
         try:
-            backend = self._remote_backend(remote) if remote else self._local_backend()
+            backend = self._backend_for(remote)
             if getattr(context, "validate", False) or getattr(context, "fake", False):
-                fake_result = backend.scan(graph)
+                try:
+                    fake_result = backend.scan(graph)
+                except Exception as exc:
+                    typed = typed_intervention_error(exc)
+                    if typed is exc:
+                        raise
+                    raise typed.with_traceback(exc.__traceback__) from None
                 if getattr(context, "fake", False):
                     recorder.finish(fake_result.saves)
                     return None
@@ -184,6 +213,16 @@ class NNsight:
             raise
         _finish(recorder, context, result)
         return None
+
+
+def _run_at_once(tracer: Tracer) -> Any:
+    """``model.trace(inputs, trace=False)``: run the model on the inputs and return its output."""
+    if not tracer._inputs:
+        raise TracingError("trace(trace=False) runs at once, so it needs its inputs: model.trace(inputs, trace=False)")
+    tracer.inject = False
+    with tracer:
+        output = tracer.result.save()
+    return output.value
 
 
 def _finish(recorder: Recorder, context: Any, result: Any) -> None:
@@ -241,7 +280,7 @@ class LanguageModel(NNsight):
                  verbose: bool | None = None, **kwargs: Any) -> Tracer:
         """Record interventions on a generation; they apply to the first step unless inside ``tracer.iter``."""
         return Tracer(self, inputs, kind="generate", remote=remote, execute=execute, validate=validate,
-                      fake=scan, blocking=blocking, run_kwargs={"max_new_tokens": max_new_tokens, **kwargs},
+                      scan=scan, blocking=blocking, run_kwargs={"max_new_tokens": max_new_tokens, **kwargs},
                       store=store, persist_threshold=persist_threshold, storage_options=storage_options,
                       backend_options=_verbosity(verbose))
 

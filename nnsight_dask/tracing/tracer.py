@@ -11,10 +11,13 @@ from typing import TYPE_CHECKING, Any
 from ..errors import TracingError
 from ..graph.graph import InterventionGraph
 from ..graph.node import Kind, Ref
+from .inject import inject_saves
 from .proxy import Proxy
 from .recorder import Recorder, active_recorders
+from .scanning import ScanRecorder
 
 if TYPE_CHECKING:
+    from ..backends.base import Backend
     from .model import NNsight
 
 
@@ -22,17 +25,25 @@ class Tracer:
     """One run of the model (a forward pass or a generation) and the interventions on it."""
 
     def __init__(self, model: NNsight, inputs: tuple[Any, ...], *, kind: str = "trace", remote: Any = None,
-                 execute: bool = True, validate: bool = False, fake: bool = False, blocking: bool = True,
+                 execute: bool = True, validate: bool = False, fake: bool = False, scan: bool = False,
+                 blocking: bool = True,
                  run_kwargs: dict[str, Any] | None = None, encode_kwargs: dict[str, Any] | None = None,
                  backend_options: dict[str, Any] | None = None, store: Any = None,
-                 persist_threshold: int | None = None, storage_options: dict[str, Any] | None = None) -> None:
+                 persist_threshold: int | None = None, storage_options: dict[str, Any] | None = None,
+                 positions: str | None = None) -> None:
         self.model = model
         self.options = experiment_options(store, persist_threshold, storage_options)
+        if positions is not None:
+            if positions not in ("model", "solo"):
+                raise TracingError(f"positions= takes 'model' (the model's own batched forward, nnsight's rule) "
+                                   f"or 'solo' (each prompt's positions as if it ran alone), not {positions!r}")
+            self.options["positions"] = positions
         self.kind = kind
         self.remote = remote
         self.execute = execute
-        self.validate = validate
-        self.fake = fake
+        self.validate = validate or scan
+        self.fake = fake  # scan only (``lm.scan``): saves are fake tensors, the model never runs
+        self.scan = scan or fake  # shape queries are concrete while recording
         self.blocking = blocking
         self.run_kwargs = run_kwargs or {}
         self.encode_kwargs = encode_kwargs or {}
@@ -44,6 +55,8 @@ class Tracer:
         self._invoked = False
         self.future: Any = None
         self.logs: list[str] = []
+        #: Rebind the caller's local names of saved proxies to their values when the block has run.
+        self.inject = True
 
     @property
     def graph(self) -> InterventionGraph:
@@ -60,7 +73,7 @@ class Tracer:
         if self._session is not None:
             self._recorder = self._session.recorder
         else:
-            self._recorder = Recorder()
+            self._recorder = ScanRecorder(self._backend) if self.scan else Recorder()
             self._recorder.graph.model = self.model._model_id
         recorder = self._recorder
         recorder.graph.options.update(self.options)
@@ -83,13 +96,19 @@ class Tracer:
             return
         if not recorder.graph.passes[recorder.pass_index].invokes:
             raise TracingError("the trace has no inputs: pass them to trace(...) or open `with tracer.invoke(...)`")
-        recorder.rename_saves(sys._getframe(1).f_locals)
+        caller = sys._getframe(1)
+        recorder.rename_saves(caller.f_locals)
         if self._session is not None:
             return
         if not self.execute:
             recorder.close()
             return
         self.future = self.model._run(recorder, self)
+        if self.future is None and not self.fake and self.inject:
+            inject_saves(caller, recorder)
+
+    def _backend(self) -> Backend:
+        return self.model._backend_for(self.remote)
 
     # -- sub-contexts ----------------------------------------------------------------------------------
     def invoke(self, *inputs: Any, **encode_kwargs: Any) -> Invoker:
@@ -240,11 +259,14 @@ class Session:
         if exc_type is not None:
             self.recorder.close()
             return
-        self.recorder.rename_saves(sys._getframe(1).f_locals)
+        caller = sys._getframe(1)
+        self.recorder.rename_saves(caller.f_locals)
         if not self.recorder.graph.passes:
             self.recorder.close()
             return
         self.future = self.model._run(self.recorder, self)
+        if self.future is None:
+            inject_saves(caller, self.recorder)
 
 
 def experiment_options(store: Any, persist_threshold: int | None,

@@ -1,0 +1,180 @@
+"""nnsight 0.4 semantics of tracers (issue 14): saved values after the block (item 7), scan/validate
+(item 3), ``trace(inputs, trace=False)`` (item 10). Each is compared with plain PyTorch on the same model."""
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+import nnsight_dask as nd
+from nnsight_dask.errors import InterventionError
+from nnsight_dask.models import tiny_gpt2, tiny_llama
+from nnsight_dask.tracing import inject
+from nnsight_dask.tracing.proxy import Proxy
+
+PROMPT = "The Eiffel Tower is in the city of"
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_tokenizer):
+    return nd.LanguageModel(tiny_llama(n_layer=3), tokenizer=tiny_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def gpt(tiny_tokenizer):
+    return nd.LanguageModel(tiny_gpt2(n_layer=2), tokenizer=tiny_tokenizer)
+
+
+@pytest.fixture
+def injection(monkeypatch):
+    monkeypatch.setattr(inject, "FRAME_INJECTION", True)
+
+
+def hidden_with_hooks(model, inputs, path):
+    """Reference: the output of ``path`` in one plain forward."""
+    seen = {}
+    handle = model.get_submodule(path).register_forward_hook(lambda m, a, out: seen.__setitem__("h", out))
+    try:
+        with torch.no_grad():
+            output = model(**inputs)
+    finally:
+        handle.remove()
+    return seen["h"], output
+
+
+# -- item 7: saved values are the values after the trace -------------------------------------------
+def test_saved_locals_become_tensors_after_trace(lm, injection):
+    with lm.trace(PROMPT):
+        h = lm.model.layers[1].output.save()
+        kept = [lm.model.layers[2].output.save()]
+        by_name = {"h0": lm.model.layers[0].output.save()}
+    ref, _ = hidden_with_hooks(lm._module, lm.encode(PROMPT), "model.layers.1")
+    assert type(h) is torch.Tensor and isinstance(h, torch.Tensor)
+    assert torch.equal(h, ref) and torch.equal(torch.as_tensor(h), ref)
+    assert np.array_equal(h.numpy(), ref.numpy())
+    assert torch.equal(pickle.loads(pickle.dumps(h)), ref)
+    assert type(kept[0]) is Proxy and kept[0].value.shape == ref.shape  # containers keep .value
+    assert type(by_name["h0"]) is Proxy
+
+
+def test_saved_locals_injected_after_generate_and_session(lm, injection):
+    with lm.generate(PROMPT, max_new_tokens=3) as tracer:
+        ids = tracer.result.save()
+    with torch.no_grad():
+        enc = lm.encode(PROMPT)
+        ref = lm._module.generate(**enc, max_new_tokens=3, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
+    assert type(ids) is torch.Tensor and torch.equal(ids, ref)
+    with lm.session():
+        with lm.trace(PROMPT):
+            first = lm.model.layers[0].output.save()
+        with lm.trace(PROMPT):
+            second = lm.model.layers[1].output.save()
+    assert type(first) is torch.Tensor and type(second) is torch.Tensor
+    assert torch.equal(second, hidden_with_hooks(lm._module, lm.encode(PROMPT), "model.layers.1")[0])
+
+
+def test_injection_reaches_closure_cells_and_module_level_code(lm, injection):
+    with lm.trace(PROMPT):
+        h = lm.model.layers[0].output.save()
+
+    def read():
+        return h
+
+    assert type(read()) is torch.Tensor  # a cell variable is rebound too
+    namespace = {"lm": lm, "PROMPT": PROMPT}
+    exec("with lm.trace(PROMPT):\n    g = lm.model.layers[0].output.save()\n", namespace)  # noqa: S102  (globals == locals)
+    assert type(namespace["g"]) is torch.Tensor and torch.equal(namespace["g"], h)
+
+
+def test_no_injection_when_the_trace_did_not_run(lm, injection):
+    with lm.trace(PROMPT, execute=False):
+        unrun = lm.model.layers[0].output.save()
+    assert type(unrun) is Proxy
+    with lm.scan(PROMPT):
+        fake = lm.model.layers[0].output.save()
+    assert type(fake) is Proxy and type(fake.value).__name__ == "FakeTensor"
+    with lm.trace(PROMPT, blocking=False) as tracer:
+        later = lm.model.layers[0].output.save()
+    tracer.future.result()
+    assert type(later) is Proxy and isinstance(later.value, torch.Tensor)
+
+
+def test_injection_can_be_switched_off(lm, monkeypatch):
+    monkeypatch.setattr(inject, "FRAME_INJECTION", False)
+    with lm.trace(PROMPT):
+        h = lm.model.layers[0].output.save()
+    assert type(h) is Proxy and isinstance(h.value, torch.Tensor)
+    monkeypatch.setattr(inject, "FRAME_INJECTION", None)  # follows dask.config
+    import dask.config
+
+    with dask.config.set({"nnsight-dask.frame-injection": True}), lm.trace(PROMPT):
+        h = lm.model.layers[0].output.save()
+    assert type(h) is torch.Tensor
+
+
+# -- item 3: scan=True / validate=True check on fake tensors, then run for real ------------------------
+def test_trace_scan_runs_for_real_after_the_check(lm):
+    with lm.trace(PROMPT, scan=True):
+        width = lm.model.layers[0].output.shape[-1]  # concrete while recording
+        assert width == lm.config.hidden_size and isinstance(width, int)
+        lm.model.layers[0].output[:, :, : width // 2] = 0
+        h = lm.model.layers[1].output.save()
+
+    def zero_half(_m, _a, out):
+        out[:, :, : out.shape[-1] // 2] = 0
+        return out
+
+    handle = lm._module.model.layers[0].register_forward_hook(zero_half)
+    try:
+        ref, _ = hidden_with_hooks(lm._module, lm.encode(PROMPT), "model.layers.1")
+    finally:
+        handle.remove()
+    assert type(h.value) is torch.Tensor and torch.equal(h.value, ref)
+
+
+def test_generate_scan_returns_token_ids(lm):
+    with lm.generate(PROMPT, max_new_tokens=3, scan=True) as tracer:
+        ids = tracer.result.save()
+    with lm.generate(PROMPT, max_new_tokens=3) as tracer:
+        plain = tracer.result.save()
+    assert type(ids.value) is torch.Tensor and torch.equal(ids.value, plain.value)
+    assert ids.value.shape[-1] == lm.encode(PROMPT)["input_ids"].shape[-1] + 3
+
+
+@pytest.mark.parametrize("option", ["validate", "scan"])
+def test_validate_raises_the_original_type_with_the_users_line(lm, option):
+    calls = []
+    handle = lm._module.model.layers[0].register_forward_hook(lambda m, a, out: calls.append(type(out).__name__))
+    try:
+        with pytest.raises(IndexError, match=r"test_compat_tracer.py:\d+: .*index 99 is out of bounds") as info, \
+                lm.trace(PROMPT, **{option: True}):
+            lm.model.layers[1].output[:, 99].save()
+    finally:
+        handle.remove()
+    assert isinstance(info.value, InterventionError)
+    assert calls == ["FakeTensor"]  # only the fake run happened
+    again = pickle.loads(pickle.dumps(info.value))
+    assert type(again) is type(info.value) and str(again) == str(info.value)
+
+
+def test_scan_context_gives_concrete_shapes_while_tracing(gpt):
+    _, ref = hidden_with_hooks(gpt._module, gpt.encode(PROMPT), "transformer.h.0")
+    with gpt.scan(PROMPT):
+        logits_shape = gpt.lm_head.output.shape
+        dims = gpt.transformer.wte.output.dim()
+        assert isinstance(logits_shape, torch.Size) and isinstance(dims, int)  # concrete inside the block
+    assert logits_shape == ref.logits.shape and dims == 3
+
+
+# -- item 10: trace(inputs, trace=False) ------------------------------------------------------------------
+def test_trace_false_returns_the_output_at_once(lm):
+    output = lm.trace(PROMPT, trace=False)
+    with torch.no_grad():
+        ref = lm._module(**lm.encode(PROMPT))
+    assert torch.equal(output.logits, ref.logits)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        assert torch.equal(nd.NNsight(net).trace(x, trace=False), net(x))
