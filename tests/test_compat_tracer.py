@@ -178,3 +178,20 @@ def test_trace_false_returns_the_output_at_once(lm):
     x = torch.randn(2, 4)
     with torch.no_grad():
         assert torch.equal(nd.NNsight(net).trace(x, trace=False), net(x))
+
+
+def test_generator_output_inside_an_invoke_is_that_invokes_rows():
+    """Issue 14 item 5: ``lm.generator.output`` read inside an invoke gives that invoke's rows only."""
+    from nnsight_dask.models import tiny_llama, tiny_tokenizer
+
+    lm = nd.LanguageModel(tiny_llama(), tokenizer=tiny_tokenizer())
+    with lm.generate(max_new_tokens=3) as tracer:
+        with tracer.invoke("The Eiffel Tower is in the city of"):
+            first = lm.generator.output.save()
+        with tracer.invoke(["the cat", "a dog"]):
+            second = lm.generator.output.save()
+        everything = tracer.result.save()
+    whole = getattr(everything, "value", everything)
+    first, second = getattr(first, "value", first), getattr(second, "value", second)
+    assert whole.shape[0] == 3 and first.shape[0] == 1 and second.shape[0] == 2
+    assert torch.equal(first, whole[:1]) and torch.equal(second, whole[1:])

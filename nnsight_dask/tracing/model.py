@@ -239,7 +239,8 @@ def _close_unless_done(recorder: Recorder, future: Any) -> None:
 
 
 class _Generator:
-    """``lm.generator.output``: the generated token ids of a ``generate`` run."""
+    """``lm.generator.output``: the generated token ids of a ``generate`` run (of the current invoke's
+    rows when read inside an invoke)."""
 
     def __init__(self, model: NNsight) -> None:
         self._model = model
@@ -249,7 +250,7 @@ class _Generator:
         recorder = self._model._active_recorder()
         if recorder is None:
             raise TracingError("lm.generator.output can only be used inside `with lm.generate(...)`")
-        return recorder.add(Kind.RESULT, invoke=None)
+        return recorder.add(Kind.RESULT)  # inside an invoke: that invoke's rows only, as in nnsight
 
 
 class LanguageModel(NNsight):
