@@ -116,9 +116,8 @@ def test_code_after_a_backward_sees_its_gradient(lm):
 
 
 # -- item 6: padding and positions -------------------------------------------------------------------
-@pytest.mark.parametrize("which", ["lm", "gpt"])
-def test_both_batch_spellings_equal_the_models_batched_forward(which, lm, gpt):
-    model = {"lm": lm, "gpt": gpt}[which]
+def assert_both_spellings_equal_the_batched_forward(model, reference, atol):
+    """``trace([a, b])`` and two invokes on ``model`` both equal ``reference``'s own padded batched forward."""
     with model.trace([PROMPT, SHORT]):
         together = model.output.logits.save()
     with model.trace() as tracer:
@@ -127,10 +126,16 @@ def test_both_batch_spellings_equal_the_models_batched_forward(which, lm, gpt):
         with tracer.invoke(SHORT):
             second = model.output.logits.save()
     with torch.no_grad():
-        ref = model._module(**encode(model, [PROMPT, SHORT])).logits
-    assert torch.allclose(val(together), ref, atol=1e-5)
-    assert torch.allclose(val(first)[0], ref[0], atol=1e-5)
-    assert torch.allclose(val(second)[-1], ref[1], atol=1e-5)
+        ref = reference._module(**encode(reference, [PROMPT, SHORT])).logits
+    assert torch.allclose(val(together), ref, atol=atol)
+    assert torch.allclose(val(first)[0], ref[0], atol=atol)
+    assert torch.allclose(val(second)[-1], ref[1], atol=atol)
+
+
+@pytest.mark.parametrize("which", ["lm", "gpt"])
+def test_both_batch_spellings_equal_the_models_batched_forward(which, lm, gpt):
+    model = {"lm": lm, "gpt": gpt}[which]
+    assert_both_spellings_equal_the_batched_forward(model, model, atol=1e-5)
 
 
 def test_gpt2_padded_prompt_differs_from_its_solo_run(gpt):
@@ -184,18 +189,7 @@ def remote(client, model_dir):
 
 def test_remote_batch_follows_the_same_rule(remote, local):
     """Shards: both spellings equal the model's own batched forward."""
-    with remote.trace([PROMPT, SHORT]):
-        together = remote.output.logits.save()
-    with remote.trace() as tracer:
-        with tracer.invoke(PROMPT):
-            first = remote.output.logits.save()
-        with tracer.invoke(SHORT):
-            second = remote.output.logits.save()
-    with torch.no_grad():
-        ref = local._module(**encode(local, [PROMPT, SHORT])).logits
-    assert torch.allclose(val(together), ref, atol=1e-4)
-    assert torch.allclose(val(first)[0], ref[0], atol=1e-4)
-    assert torch.allclose(val(second)[-1], ref[1], atol=1e-4)
+    assert_both_spellings_equal_the_batched_forward(remote, local, atol=1e-4)
 
 
 def test_remote_padded_generation_equals_transformers_generate(remote, local):

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
 from ..errors import PolicyError
-from ..tensors import nbytes
+from ..tensors import leaves, nbytes
 from .graph import InterventionGraph
 from .node import Kind, Node, display_path
 
@@ -162,23 +162,14 @@ def _check_node(node: Node, policy: Policy) -> None:
 
 
 def _check_tensor_bytes(value: Any, policy: Policy, what: str, location: str | None) -> None:
-    for leaf in _tensors(value):
+    for leaf in leaves(value):
+        if not isinstance(leaf, torch.Tensor):
+            continue
         size = nbytes(leaf)
         if size > policy.max_tensor_bytes:
             raise PolicyError(f"{what} sends a tensor of {size} bytes; this deployment allows at most "
                               f"{policy.max_tensor_bytes} bytes per tensor", rule="max_tensor_bytes",
                               location=location)
-
-
-def _tensors(value: Any) -> Iterable[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, Mapping):
-        for item in value.values():
-            yield from _tensors(item)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _tensors(item)
 
 
 def _prompt_length(invoke: Mapping[str, Any]) -> int:

@@ -247,31 +247,27 @@ class _Method:
         return self._attribute()[key]
 
 
-def _unwrap(obj: Any) -> Any:
+def _map_proxies(obj: Any, fn: Any) -> Any:
+    """``obj`` with every proxy inside plain tuples, lists and dicts replaced by ``fn(proxy)``."""
     kind = type(obj)
     if kind is Proxy:
-        return obj.value
+        return fn(obj)
     if kind is tuple:
-        return tuple(_unwrap(o) for o in obj)
+        return tuple(_map_proxies(o, fn) for o in obj)
     if kind is list:
-        return [_unwrap(o) for o in obj]
+        return [_map_proxies(o, fn) for o in obj]
     if kind is dict:
-        return {k: _unwrap(v) for k, v in obj.items()}
+        return {k: _map_proxies(v, fn) for k, v in obj.items()}
     return obj
+
+
+def _unwrap(obj: Any) -> Any:
+    return _map_proxies(obj, lambda proxy: proxy.value)
 
 
 def _refs(obj: Any) -> Any:
     """``obj`` with proxies replaced by references, as the recorder will store it (for checks)."""
-    kind = type(obj)
-    if kind is Proxy:
-        return Ref(obj._node)
-    if kind is tuple:
-        return tuple(_refs(o) for o in obj)
-    if kind is list:
-        return [_refs(o) for o in obj]
-    if kind is dict:
-        return {k: _refs(v) for k, v in obj.items()}
-    return obj
+    return _map_proxies(obj, lambda proxy: Ref(proxy._node))
 
 
 def _live_recorder(obj: Any) -> Recorder | None:
