@@ -57,6 +57,24 @@ DEFAULTS: dict[str, Any] = {
     #: deployment is busy; each still runs alone on the shard, with its own state. ``1`` turns sharing
     #: off: every experiment then leaves at once in a chain of its own.
     "max_batch_experiments": 8,
+    #: The HTTP gateway (``nnsight-dask gateway``): where it keeps its sqlite database of statuses and
+    #: the inline results of completed experiments ("": ``<cache_dir>/gateway``).
+    "gateway_state_dir": "",
+    #: Largest request body the gateway reads (a graph with its constants); larger ones answer 413.
+    "gateway_max_body_bytes": 64 << 20,
+    #: Experiments the gateway runs at once on one deployment; the rest wait in its fair queue, so a
+    #: newly arrived user's experiment waits for at most about this many to finish.
+    "gateway_max_in_flight": 8,
+    #: A user's experiments queued or running at once, when keys.toml gives no ``max_concurrent``.
+    "gateway_max_concurrent": 4,
+    #: Shards run the stages waiting for them together, as one forward pass (co-tenant batching). Read
+    #: by each worker when it loads a shard: the cluster decides, not the client. ``False``: every
+    #: experiment runs alone (bit-exact with a solo run; a trace can ask for that with ``batching=False``).
+    "cotenant_batching": True,
+    #: Most experiments in one co-tenant forward pass.
+    "cotenant_max_batch": 16,
+    #: Most padded tokens (rows x longest sequence) in one co-tenant forward pass.
+    "cotenant_max_tokens": 16384,
     #: Fetch remote results straight from the worker that holds them. Set ``False`` when clients
     #: cannot reach the workers' addresses.
     "direct_results": True,

@@ -272,7 +272,8 @@ def test_a_failing_member_is_answered_with_its_error_while_the_others_go_on(acto
             assert (got[key] - expected[key]).abs().max().item() <= 1e-5, (name, key)
         assert abs(got["probs"].sum().item() - 1.0) < 1e-4
     assert all(not actor.experiments for actor in actors)  # failed and finished experiments were freed
-    assert [actor.stages_run for actor in actors] == [4, 3]  # shard 1 never ran the one that failed on shard 0
+    # one forward pass per shard for the whole batch; shard 1 never ran the one that failed on shard 0
+    assert [actor.batch_sizes for actor in actors] == [{4: 1}, {3: 1}]
 
 
 def test_a_batch_of_one_failing_member_raises(actors: list[ShardActor], lm: Any, owner: Any) -> None:

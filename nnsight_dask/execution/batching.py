@@ -156,3 +156,134 @@ def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
     if len(shape) > len(target):
         return False
     return all(s in (1, t) for s, t in zip(reversed(shape), reversed(target)))
+
+
+# -- co-tenant batches: several experiments in one forward pass -------------------------------------
+#
+# Experiments of different users batched on a shard must each see exactly what they would see alone.
+# Their rows are stacked and their sequences padded on the *right*: in a causal model a token attends
+# only to tokens before it, so a member's real tokens never see the padding after them, and each
+# member keeps its own positions (0..T-1) without any position ids. A member's window is its rows and
+# its first ``length`` columns; every value it reads is a view of that window, every value it writes
+# goes back into it.
+
+
+class Window:
+    """Rows ``start:stop`` and the first ``length`` of ``seq`` columns of a batch of ``batch`` rows."""
+
+    __slots__ = ("start", "stop", "length", "batch", "seq")
+
+    def __init__(self, start: int, stop: int, length: int, batch: int, seq: int) -> None:
+        self.start, self.stop, self.length, self.batch, self.seq = start, stop, length, batch, seq
+
+    @property
+    def whole(self) -> bool:
+        """The window is the whole batch (a batch of one): nothing to cut."""
+        return self.start == 0 and self.stop == self.batch and self.length == self.seq
+
+    def __repr__(self) -> str:
+        return f"Window(rows {self.start}:{self.stop} of {self.batch}, columns :{self.length} of {self.seq})"
+
+
+def _in_window(tensor: torch.Tensor, window: Window) -> bool:
+    return tensor.dim() > 0 and tensor.shape[0] == window.batch
+
+
+def _cuts_columns(tensor: torch.Tensor, window: Window) -> bool:
+    return tensor.dim() > 1 and tensor.shape[1] == window.seq and window.length < window.seq
+
+
+def narrow_window(value: Any, window: Window) -> Any:
+    """The member's view of ``value``: its rows of every batch-first tensor and, where the second
+    dimension is the batch's sequence, its own columns. Views, so in-place edits reach the batch."""
+    if isinstance(value, torch.Tensor):
+        if not _in_window(value, window):
+            return value
+        value = value[window.start:window.stop]
+        return value[:, :window.length] if _cuts_columns(value, window) else value
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(narrow_window(v, window) for v in value)
+    if isinstance(value, list):
+        return [narrow_window(v, window) for v in value]
+    if isinstance(value, dict):
+        return _same_mapping(value, {k: narrow_window(v, window) for k, v in value.items()})
+    return value
+
+
+def splice_window(full: Any, part: Any, window: Window) -> Any:
+    """``full`` with the member's window replaced by ``part`` (out of place, so autograd stays right).
+
+    Objects the member got unchanged come back as they are; a replaced tensor must fit the window
+    (:func:`conform` names both shapes when it does not).
+    """
+    if isinstance(full, torch.Tensor):
+        if not _in_window(full, window):
+            return part
+        old = narrow_window(full, window)
+        if part is old:
+            return full
+        part = conform(part, old)
+        rows = full[window.start:window.stop]
+        if _cuts_columns(full, window):
+            part = torch.cat([part, rows[:, window.length:]], dim=1)
+        return torch.cat([full[:window.start], part, full[window.stop:]])
+    if isinstance(full, (tuple, list)) and isinstance(part, (tuple, list)) and not hasattr(full, "_fields"):
+        merged = [splice_window(f, p, window) for f, p in zip(full, part)]
+        return type(full)(merged) if isinstance(full, tuple) else merged
+    if isinstance(full, dict) and isinstance(part, dict):
+        merged_items = {k: splice_window(full[k], v, window) if k in full else v for k, v in part.items()}
+        return _same_mapping(full, merged_items)
+    return part
+
+
+def _same_mapping(like: dict[str, Any], items: dict[str, Any]) -> Any:
+    """``items`` as the mapping type of ``like`` (a transformers ``ModelOutput`` stays one)."""
+    if type(like) is dict:
+        return items
+    try:
+        return type(like)(**items)
+    except TypeError:
+        return items
+
+
+def stack_members(parts: Sequence[dict[str, torch.Tensor]], pad_token_id: int, pasts: Sequence[int] | None = None
+                  ) -> tuple[dict[str, torch.Tensor], list[Window]]:
+    """One batch from several experiments' token inputs: new tokens right-padded to the longest.
+
+    Each part has ``input_ids`` and ``attention_mask`` (its own invokes already batched its own
+    way) and may have ``position_ids``. ``pasts`` gives each member's KV-cache length (generation
+    steps after the first; default none): the batch's cache holds ``max(pasts)`` columns with each
+    member's own keys at the right end (:func:`.cache_rows.merge_caches`), so a member's mask is
+    zeros over the cache columns it lacks, its own mask (``past + new`` columns), zeros over the
+    padding after its new tokens. Pad columns get position 0; position ids are passed for every row
+    as soon as one member has them (the others get ``past..past+T-1``, what the model computes when
+    given none).
+    """
+    pasts = list(pasts) if pasts is not None else [0] * len(parts)
+    longest_past = max(pasts)
+    seq = max(int(p["input_ids"].shape[1]) for p in parts)
+    batch = sum(int(p["input_ids"].shape[0]) for p in parts)
+    with_positions = any("position_ids" in p for p in parts)
+    pad = torch.nn.functional.pad
+    ids, masks, positions, windows, row = [], [], [], [], 0
+    for part, past in zip(parts, pasts):
+        rows, length = part["input_ids"].shape
+        after = seq - length
+        ids.append(pad(part["input_ids"], (0, after), value=pad_token_id))
+        masks.append(pad(part["attention_mask"], (longest_past - past, after), value=0))
+        if with_positions:
+            own = part.get("position_ids")
+            if own is None:
+                own = torch.arange(past, past + length).expand(rows, length)
+            positions.append(pad(own, (0, after), value=0))
+        windows.append(Window(row, row + rows, length, batch, seq))
+        row += rows
+    stacked = {"input_ids": torch.cat(ids), "attention_mask": torch.cat(masks)}
+    if with_positions:
+        stacked["position_ids"] = torch.cat(positions)
+    return stacked, windows
+
+
+def stack_hidden(parts: Sequence[torch.Tensor], seq: int) -> torch.Tensor:
+    """Members' hidden states ``(rows, length, ...)`` right-padded with zeros to ``seq`` and stacked."""
+    return torch.cat([torch.nn.functional.pad(h, (0, 0) * (h.dim() - 2) + (0, seq - h.shape[1])) for h in parts])

@@ -38,7 +38,7 @@ from ..graph.ops import (
     safe_call,
     safe_getattr,
 )
-from .batching import Layout, conform, narrow, splice
+from .batching import Layout, Window, conform, narrow, narrow_window, splice, splice_window
 
 Key = Any  # int for plain nodes, (node id, step) for nodes of an iteration block
 
@@ -59,6 +59,16 @@ class StopForward(Exception):
 
 class _SkipNode(Exception):
     pass
+
+
+class Quiet:
+    """How deep the graph's own module calls are nested. Shared by every member of a co-tenant
+    batch: a module one member's graph calls must not fire another member's hooks."""
+
+    __slots__ = ("depth",)
+
+    def __init__(self) -> None:
+        self.depth = 0
 
 
 class _ModuleState:
@@ -85,7 +95,8 @@ class Interleaver:
 
     def __init__(self, graph: InterventionGraph, pass_index: int, layout: Layout, values: dict[Key, Any],
                  steps: int, modules: dict[str, torch.nn.Module], logs: list[str] | None = None,
-                 owned: Collection[int] | None = None, max_tensor_bytes: int | None = None) -> None:
+                 owned: Collection[int] | None = None, max_tensor_bytes: int | None = None,
+                 quiet: Quiet | None = None) -> None:
         self.graph = graph
         #: Largest tensor an op may make (a shared shard's policy); None: no bound (local runs).
         self.max_tensor_bytes = max_tensor_bytes
@@ -97,7 +108,12 @@ class Interleaver:
         self.steps = steps
         self.modules = modules
         self.logs = logs
-        self.suppressed = 0
+        self.quiet = quiet or Quiet()
+        #: In a co-tenant batch: this experiment's rows and columns of the batch (None: alone).
+        self.window: Window | None = None
+        #: In a co-tenant batch: why this experiment left the pass (its error, or StopForward for its
+        #: ``stop()``); its hooks do nothing from then on and the pass goes on for the others.
+        self.halted: BaseException | None = None
         self.ops = registry()
         self.pending: dict[Key, int] = {}
         self.dependents: dict[Key, list[Key]] = {}
@@ -335,11 +351,11 @@ class Interleaver:
     @contextmanager
     def suppress(self) -> Iterator[None]:
         """Calls of model modules made by the graph itself do not count as model events."""
-        self.suppressed += 1
+        self.quiet.depth += 1
         try:
             yield
         finally:
-            self.suppressed -= 1
+            self.quiet.depth -= 1
 
     # -- events -------------------------------------------------------------------------------
     def fire(self, keys: list[Key], current: Any, phase: str) -> Any:
@@ -413,7 +429,7 @@ class Interleaver:
         events = self.events
 
         def pre_hook(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            if self.suppressed:
+            if self.quiet.depth or self.halted is not None:
                 state.current = None
                 return None
             call = state.calls
@@ -426,17 +442,18 @@ class Interleaver:
             if skip_nodes:
                 state.skip_value = self.fire(skip_nodes, None, "in")
                 keys = [k for k in keys if k not in skip_nodes]
-            new = self.fire(keys, (args, kwargs), "in")
+            current = (args, kwargs)
+            new = self._fire_in_window(keys, current, "in")
             return new if (new[0] is not args or new[1] is not kwargs) else None
 
         def hook(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
             call = state.current
-            if call is None:
+            if call is None or self.halted is not None:
                 return None
             keys = events.get((path, "out", call))
             if keys is None:
                 return None
-            new = self.fire(keys, output, "out")
+            new = self._fire_in_window(keys, output, "out")
             return new if new is not output else None
 
         handles = [module.register_forward_pre_hook(pre_hook, with_kwargs=True),
@@ -444,6 +461,33 @@ class Interleaver:
         if path in self.skip_paths:
             handles.append(_install_skip(module, state))
         return handles
+
+    def _fire_in_window(self, keys: list[Key], current: Any, phase: str) -> Any:
+        """:meth:`fire` on this experiment's window of the batch; alone, on the whole value.
+
+        In a co-tenant batch an error (or ``stop()``) of this experiment halts only this experiment:
+        it is kept in :attr:`halted` and the batch's value goes on unchanged.
+        """
+        window = self.window
+        if window is None:
+            return self.fire(keys, current, phase)
+        view = narrow_window(current, window)
+        try:
+            new = self.fire(keys, view, phase)
+        except Exception as exc:  # StopForward included: this member's stop() ends only its part
+            self.halted = exc
+            return current
+        return current if new is view else splice_window(current, new, window)
+
+    def run_alongside(self, step: Callable[[], Any]) -> None:
+        """Run ``step`` (free nodes before the forward, the result at its end) for a batch member:
+        an error halts this experiment only."""
+        if self.halted is not None:
+            return
+        try:
+            step()
+        except Exception as exc:
+            self.halted = exc
 
     def _watch_grad(self, key: Key, value: Any, keys: list[Key]) -> None:
         node = self.graph.nodes[_node_id(key)]

@@ -132,6 +132,8 @@ class ShardRunner:
         self.eos = [eos] if isinstance(eos, int) else list(eos or [])
         #: This shard's decoder layers, where the stop hook checks before each one.
         self.layers = _layers_between(model, first_layer, last_layer)
+        #: The name the model's forward takes its KV cache by (``cache`` from transformers 5.24 on).
+        self.cache_argument = cache_argument(model)
 
     def start(self, graph: InterventionGraph, sink: SaveSink | None = None, *,
               max_tensor_bytes: int | None = None) -> ExperimentState:
@@ -152,64 +154,78 @@ class ShardRunner:
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, state: ExperimentState, stage: Stage, carry: Carry) -> Carry:
-        _check_stop(state)
-        graph = state.graph
-        run = graph.passes[stage.pass_index]
-        generate = run.kind == "generate"
-        steps = run.steps if generate else 1
-        if stage.step == 0 and stage.shard == 0:
-            carry = self._first_inputs(carry, run, generate, graph.options)
-        inter = state.interleavers.get(stage.pass_index)
-        if inter is None:
-            paths = {graph.nodes[i].module for i in state.owned if graph.nodes[i].module is not None}
-            inter = Interleaver(graph, stage.pass_index, _layout_of(run), state.values, steps,
-                                _modules(self.model, graph, paths), carry.logs, owned=state.owned,
-                                max_tensor_bytes=state.max_tensor_bytes)
-            state.interleavers[stage.pass_index] = inter
-        inter.logs = carry.logs
-        inter.receive(carry.values)
-        if carry.stopped or (carry.unfinished is not None and not bool(carry.unfinished.any())):
-            return self._export(state, carry, inter, final=stage.step == steps - 1 or carry.stopped, stage=stage)
-        needs_grad = graph.needs_grad
-        handles = []
+        inter = self.begin(state, stage, carry)
+        if idle(carry):
+            return self.conclude(state, stage, carry, inter)
+        handles: list[Any] = []
         exit_value: list[Any] = []
+        output = None
         try:
             if state.should_stop is not None:
                 stop_hook = _stop_hook(state)
                 handles.extend(layer.register_forward_pre_hook(stop_hook, prepend=True) for layer in self.layers)
             if self.index > 0:
                 handles.append(self.first_layer.register_forward_pre_hook(
-                    self._entry_hook(state, carry, needs_grad), with_kwargs=True))
+                    self._entry_hook(state, carry.hidden, state.graph.needs_grad), with_kwargs=True))
             for path in inter.module_paths():
                 handles.extend(inter.watch_module(inter.modules[path], path))
-            if not self.last:
-                handles.append(self.last_layer.register_forward_hook(_exit_hook(exit_value)))
-            output = None
-            with torch.enable_grad() if needs_grad else torch.no_grad():
+            handles.extend(self.exit_hooks(exit_value))
+            with torch.enable_grad() if state.graph.needs_grad else torch.no_grad():
                 try:
                     inter.drain()
-                    output = self.model(**self._model_inputs(state, stage, carry, generate))
+                    output = self.model(**self._model_inputs(state, stage, carry))
                 except StopForward:
                     if not exit_value:
                         carry.stopped = True
         finally:
             for handle in handles:
                 handle.remove()
+        return self.conclude(state, stage, carry, inter, exit_value[0] if exit_value else None, output)
+
+    def begin(self, state: ExperimentState, stage: Stage, carry: Carry) -> Interleaver:
+        """Everything before the model runs: the stop check, the first inputs (shard 0, step 0),
+        the pass's interleaver with the values that arrived. The same alone and in a batch."""
+        _check_stop(state)
+        graph = state.graph
+        run = graph.passes[stage.pass_index]
+        generate = run.kind == "generate"
+        if stage.step == 0 and stage.shard == 0:
+            self._first_inputs(carry, run, generate, graph.options)
+        inter = state.interleavers.get(stage.pass_index)
+        if inter is None:
+            paths = {graph.nodes[i].module for i in state.owned if graph.nodes[i].module is not None}
+            inter = Interleaver(graph, stage.pass_index, _layout_of(run), state.values,
+                                run.steps if generate else 1, _modules(self.model, graph, paths), carry.logs,
+                                owned=state.owned, max_tensor_bytes=state.max_tensor_bytes)
+            state.interleavers[stage.pass_index] = inter
+        inter.logs = carry.logs
+        inter.receive(carry.values)
+        return inter
+
+    def exit_hooks(self, store: list[Any]) -> list[Any]:
+        """On a shard before the last: end the forward where the shard's layers end, keeping the
+        hidden state leaving them in ``store``."""
+        return [] if self.last else [self.last_layer.register_forward_hook(_exit_hook(store))]
+
+    def conclude(self, state: ExperimentState, stage: Stage, carry: Carry, inter: Interleaver,
+                 exit_hidden: Any = None, output: Any = None) -> Carry:
+        """Everything after the model ran (``exit_hidden``/``output``: this experiment's part of them):
+        the hidden state to hand on, the next token, the values and saves to export."""
+        run = state.graph.passes[stage.pass_index]
+        steps = run.steps if run.kind == "generate" else 1
         carry.hidden = None
-        if exit_value:
-            hidden = exit_value[0]
-            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        if exit_hidden is not None:
+            hidden = exit_hidden[0] if isinstance(exit_hidden, tuple) else exit_hidden
             state.exit = hidden
             carry.hidden = hidden.detach()
         if self.last and output is not None:
             carry.steps_run = stage.step + 1
-            if generate:
+            if run.kind == "generate":
                 self._next_token(carry, output)
-        final = stage.step == steps - 1 or carry.stopped or (
-            carry.unfinished is not None and not bool(carry.unfinished.any()))
+        final = stage.step == steps - 1 or idle(carry)
         return self._export(state, carry, inter, final=final, stage=stage, output=output)
 
-    def _first_inputs(self, carry: Carry, run: Any, generate: bool, options: dict[str, Any]) -> Carry:
+    def _first_inputs(self, carry: Carry, run: Any, generate: bool, options: dict[str, Any]) -> None:
         batch, _layout = batch_token_inputs(run.invokes, self.pad_token_id)
         carry.inputs = dict(batch)
         if generate:
@@ -224,29 +240,30 @@ class ShardRunner:
             if positions is not None:
                 carry.inputs["position_ids"] = positions
         carry.stopped = False
-        return carry
 
-    def _model_inputs(self, state: ExperimentState, stage: Stage, carry: Carry, generate: bool) -> dict[str, Any]:
+    def _model_inputs(self, state: ExperimentState, stage: Stage, carry: Carry) -> dict[str, Any]:
         inputs = dict(carry.inputs)
-        if generate:
+        if state.graph.passes[stage.pass_index].kind == "generate":
             from transformers import DynamicCache
 
             cache = state.caches.setdefault(stage.pass_index, DynamicCache())
             past = cache.get_seq_length()
             length = inputs["input_ids"].shape[1]
-            inputs.update(past_key_values=cache, use_cache=True,
-                          cache_position=torch.arange(past, past + length))
+            inputs.update({self.cache_argument: cache, "use_cache": True,
+                           "cache_position": torch.arange(past, past + length)})
         else:
             inputs["use_cache"] = False
         return inputs
 
-    def _entry_hook(self, state: ExperimentState, carry: Carry, needs_grad: bool) -> Any:
-        hidden = carry.hidden
+    def _entry_hook(self, state: ExperimentState | None, hidden: torch.Tensor | None, needs_grad: bool) -> Any:
+        """Hand ``hidden`` (from the shard before) to this shard's first layer; ``state`` keeps it
+        as the entry point of gradients going back."""
         if hidden is None:
             raise InterventionError(f"shard {self.index} received no hidden state from shard {self.index - 1}")
         if needs_grad:
             hidden = hidden.detach().requires_grad_(True)
-        state.entry = hidden
+        if state is not None:
+            state.entry = hidden
 
         def hook(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             if args:
@@ -311,6 +328,23 @@ class ShardRunner:
                     if _node_of(key) in state.exported and key not in carry.values}
         carry.values.update(exported)
         return carry
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """``cache`` where the model's forward takes it (transformers >= 5.24 deprecates the old name),
+    else ``past_key_values``."""
+    import inspect
+
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def idle(carry: Carry) -> bool:
+    """Nothing to compute for this experiment here: it stopped, or every sequence it generates ended."""
+    return carry.stopped or (carry.unfinished is not None and not bool(carry.unfinished.any()))
 
 
 def _through_sink(state: ExperimentState, key: Key, value: Any) -> Any:

@@ -201,9 +201,10 @@ class InterventionGraph:
 #: The fields of a graph, of one pass, and the experiment options a graph may carry.
 GRAPH_FIELDS = ("version", "model", "passes", "iterations", "nodes", "options")
 PASS_FIELDS = ("kind", "invokes", "kwargs")
-OPTION_FIELDS = ("store", "persist_threshold", "storage_options", "positions")
+OPTION_FIELDS = ("store", "persist_threshold", "storage_options", "positions", "batching")
 #: ``positions``: ``"model"`` (the model's own batched forward from left-padded ids and mask, nnsight's
 #: rule) or ``"solo"`` (position ids from the attention mask: each prompt computes what it would alone).
+#: ``batching``: ``False`` keeps the experiment out of co-tenant batches on shared shards (bit-exact solo runs).
 POSITION_MODES = ("model", "solo")
 _NODE_FIELDS = ("target", "module", "access", "invoke", "iteration", "cond", "location")
 
@@ -312,6 +313,10 @@ def _options(options: Any) -> dict[str, Any]:
     if positions is not None and positions not in POSITION_MODES:
         raise GraphValidationError(f"graph field 'options.positions': must be one of {list(POSITION_MODES)}, got "
                                    f"{short(positions)}", field="options.positions")
+    batching = options.get("batching")
+    if batching is not None and type(batching) is not bool:
+        raise GraphValidationError(f"graph field 'options.batching': must be true or false, got {short(batching)}",
+                                   field="options.batching")
     storage = options.get("storage_options")
     if storage is not None:
         if not isinstance(storage, dict) or not all(type(k) is str for k in storage):

@@ -37,7 +37,7 @@ from typing import Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from ..worker.plugin import CANCEL_HANDLER, RUNNING_TOPIC
+from ..worker.plugin import BATCH_TOPIC, CANCEL_HANDLER, RUNNING_TOPIC
 
 #: Name of the plugin on the scheduler.
 NAME = "nnsight-dask-monitor"
@@ -83,6 +83,11 @@ class ExperimentRecord:
     workers: list[str] = field(default_factory=list)
     #: The worker that died while this experiment was computing on it ("" if none did).
     lost_on: str = ""
+    #: Who vouches for ``user``: "gateway" (a registered gateway checked it against an API key) or
+    #: "client" (the name a Dask client gave itself, see ``nd.config.user``).
+    via: str = "client"
+    #: Experiments it shared forward passes with on the shards (co-tenant batching).
+    cotenants: set[str] = field(default_factory=set)
 
     @property
     def finished(self) -> bool:
@@ -96,6 +101,8 @@ class ShardRecord:
     worker: str = ""
     stages_run: int = 0
     busy_seconds: float = 0.0
+    #: Shared forward passes by how many experiments they ran (from the shards' batch events).
+    shared_passes: dict[int, int] = field(default_factory=dict)
 
 
 class ExperimentMonitor(SchedulerPlugin):
@@ -180,6 +187,22 @@ class ExperimentMonitor(SchedulerPlugin):
 
     def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
         self.executing.pop(worker, None)
+        elif topic == BATCH_TOPIC and isinstance(msg, dict):
+            self._shared_pass(msg)
+
+    def _shared_pass(self, msg: dict[str, Any]) -> None:
+        """A shard ran several experiments in one forward pass: count its size, note who met whom."""
+        experiments = [str(e) for e in msg.get("experiments") or ()]
+        try:
+            key = (str(msg["deployment"]), int(msg["shard"]))
+        except (KeyError, TypeError, ValueError):
+            return
+        shard = self.shards.setdefault(key, ShardRecord(*key))
+        shard.shared_passes[len(experiments)] = shard.shared_passes.get(len(experiments), 0) + 1
+        for experiment in experiments:
+            record = self.experiments.get(experiment)
+            if record is not None:
+                record.cotenants.update(e for e in experiments if e != experiment)
 
     def remove_client(self, scheduler: Any, client: str) -> None:
         """A client left (closed, or its process died): stop its unfinished experiments on their shards."""
@@ -363,7 +386,8 @@ class ExperimentMonitor(SchedulerPlugin):
                 "stages": f"{len(record.done)}/{len(record.keys)}",
                 "shards": ",".join(str(s) for s in sorted(set(record.shards))),
                 "bytes_returned": record.bytes_returned, "bytes_persisted": record.bytes_persisted,
-                "error": record.error, "retry_of": record.retry_of,
+                "error": record.error, "retry_of": record.retry_of, "via": record.via,
+                "shared_with": len(record.cotenants), "cotenants": sorted(record.cotenants)[:20],
             })
         return out
 
@@ -377,7 +401,9 @@ class ExperimentMonitor(SchedulerPlugin):
                 in_flight[(record.deployment, shard)] = in_flight.get((record.deployment, shard), 0) + 1
                 self.shards.setdefault((record.deployment, shard), ShardRecord(record.deployment, shard))
         return [{"deployment": d, "shard": s, "worker": r.worker, "in_flight": in_flight.get((d, s), 0),
-                 "stages_run": r.stages_run, "busy_seconds": round(r.busy_seconds, 4)}
+                 "stages_run": r.stages_run, "busy_seconds": round(r.busy_seconds, 4),
+                 "shared_passes": " ".join(f"{size}x{count}" for size, count in sorted(r.shared_passes.items())),
+                 "batch_sizes": {str(size): count for size, count in sorted(r.shared_passes.items())}}
                 for (d, s), r in sorted(self.shards.items())]
 
     def snapshot(self) -> dict[str, Any]:
@@ -411,6 +437,11 @@ class ExperimentMonitor(SchedulerPlugin):
 def monitor_of(scheduler: Any) -> ExperimentMonitor | None:
     plugin = scheduler.plugins.get(NAME)
     return plugin if isinstance(plugin, ExperimentMonitor) else None
+        lines += ["# HELP nnsight_dask_shared_passes_total Forward passes shards ran for several experiments at once, "
+                  "by how many (co-tenant batching; passes run alone are not counted).",
+                  "# TYPE nnsight_dask_shared_passes_total counter"]
+        lines += [f'nnsight_dask_shared_passes_total{{deployment="{d}",shard="{s}",size="{size}"}} {count}'
+                  for (d, s), r in sorted(self.shards.items()) for size, count in sorted(r.shared_passes.items())]
 
 
 def install(scheduler: Any) -> ExperimentMonitor:

@@ -50,7 +50,8 @@ class NNsight:
     def trace(self, *inputs: Any, trace: bool = True, remote: Any = None, execute: bool = True,
               validate: bool = False, scan: bool = False, blocking: bool = True, store: Any = None,
               persist_threshold: int | None = None, storage_options: dict[str, Any] | None = None,
-              verbose: bool | None = None, positions: str | None = None, **kwargs: Any) -> Any:
+              verbose: bool | None = None, positions: str | None = None, batching: bool | None = None,
+              **kwargs: Any) -> Any:
         """Record interventions on one forward pass over ``inputs`` (run when the block exits).
 
         Several prompts are left-padded and run as the model's own batched forward (nnsight's rule:
@@ -67,12 +68,15 @@ class NNsight:
         ``verbose`` shows a remote experiment's progress (default ``config.verbose``).
 
         ``store=`` (an fsspec URL or local path) persists saved tensors above ``persist_threshold``
+        ``batching=False`` keeps a remote experiment out of co-tenant batches on the shards: it runs
+        alone, bit-exact with a solo run (batched, values may differ by float rounding, ~1e-5 relative).
+
         bytes (default ``config.persist_threshold``) to Zarr; they come back as lazy tensors.
         """
         tracer = Tracer(self, inputs, kind="trace", remote=remote, execute=execute, validate=validate,
                         scan=scan, blocking=blocking, encode_kwargs=kwargs, store=store,
                         persist_threshold=persist_threshold, storage_options=storage_options,
-                        backend_options=_verbosity(verbose), positions=positions)
+                        backend_options=_verbosity(verbose), positions=positions, batching=batching)
         if trace:
             return tracer
         return _run_at_once(tracer)
@@ -278,12 +282,14 @@ class LanguageModel(NNsight):
     def generate(self, *inputs: Any, max_new_tokens: int = 1, remote: Any = None, blocking: bool = True,
                  scan: bool = False, validate: bool = False, execute: bool = True, store: Any = None,
                  persist_threshold: int | None = None, storage_options: dict[str, Any] | None = None,
-                 verbose: bool | None = None, **kwargs: Any) -> Tracer:
-        """Record interventions on a generation; they apply to the first step unless inside ``tracer.iter``."""
+                 verbose: bool | None = None, batching: bool | None = None, **kwargs: Any) -> Tracer:
+        """Record interventions on a generation; they apply to the first step unless inside ``tracer.iter``.
+
+        ``batching=False``: run alone on shared shards, never in a co-tenant batch (see :meth:`trace`)."""
         return Tracer(self, inputs, kind="generate", remote=remote, execute=execute, validate=validate,
                       scan=scan, blocking=blocking, run_kwargs={"max_new_tokens": max_new_tokens, **kwargs},
                       store=store, persist_threshold=persist_threshold, storage_options=storage_options,
-                      backend_options=_verbosity(verbose))
+                      backend_options=_verbosity(verbose), batching=batching)
 
     @property
     def generator(self) -> _Generator:

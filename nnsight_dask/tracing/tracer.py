@@ -30,12 +30,17 @@ class Tracer:
                  run_kwargs: dict[str, Any] | None = None, encode_kwargs: dict[str, Any] | None = None,
                  backend_options: dict[str, Any] | None = None, store: Any = None,
                  persist_threshold: int | None = None, storage_options: dict[str, Any] | None = None,
-                 positions: str | None = None) -> None:
+                 positions: str | None = None, batching: bool | None = None) -> None:
         self.model = model
         self.options = experiment_options(store, persist_threshold, storage_options)
         if positions is not None:
             if positions not in ("model", "solo"):
                 raise TracingError(f"positions= takes 'model' (the model's own batched forward, nnsight's rule) "
+        if batching is not None:
+            if not isinstance(batching, bool):
+                raise TracingError(f"batching= takes True or False, not {batching!r}")
+            if not batching:
+                self.options["batching"] = False
                                    f"or 'solo' (each prompt's positions as if it ran alone), not {positions!r}")
             self.options["positions"] = positions
         self.kind = kind

@@ -35,6 +35,9 @@ CLOSE_HANDLER = "nnsight_dask_close"
 #: Event topic a shard logs, fire-and-forget, before each stage: which experiment computes on this
 #: worker now (the scheduler's monitor reads it to tell, when the worker dies, who was running).
 RUNNING_TOPIC = "nnsight-dask-running"
+#: Event topic a shard logs, fire-and-forget, when several experiments share one forward pass there:
+#: ``{"deployment", "shard", "experiments"}`` (the scheduler's monitor keeps batch sizes and co-tenants).
+BATCH_TOPIC = "nnsight-dask-batch"
 
 
 class ShardWorkerPlugin(WorkerPlugin):

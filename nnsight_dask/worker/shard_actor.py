@@ -28,7 +28,9 @@ from typing import Any
 import torch
 from distributed import get_worker
 
+from .. import config as settings
 from ..errors import ExperimentFailedError, InterventionError
+from ..execution.cotenancy import Member, can_share, forward_together, tokens_of
 from ..execution.stage import (
     Carry,
     ExperimentState,
@@ -50,7 +52,7 @@ from ..storage.results import ZarrSink
 from ..tensors import nbytes
 from . import registry
 from .limits import check_graph, check_inline_size, decode_graph
-from .plugin import RUNNING_TOPIC
+from .plugin import BATCH_TOPIC, RUNNING_TOPIC
 from .registry import (
     ExperimentCancelledError,
     ShardClosedError,
@@ -59,6 +61,7 @@ from .registry import (
 )
 from .results import Results
 from .serialization import register as register_serializers
+from .stage_queue import StageQueue, StageRequest
 
 ModelSource = Any  # a path or hub id, "smollm2", or a callable returning (model, tokenizer)
 
@@ -163,10 +166,15 @@ class ShardActor:
         self.runner = shard_runner(model, plan, index, int(pad))
         self.deployment = deployment
         self.index = index
-        self.lock = threading.Lock()
         self.experiments: dict[str, ExperimentState] = {}
         self.busy_seconds = 0.0
         self.stages_run = 0
+        #: How many forward passes ran with each number of experiments in them (1: alone).
+        self.batch_sizes: dict[int, int] = {}
+        # co-tenant batching: the worker's settings decide, whatever clients ask
+        self.batching = bool(settings.cotenant_batching)
+        self.max_batch_tokens = int(settings.cotenant_max_tokens)
+        self.queue = StageQueue(self._serve, int(settings.cotenant_max_batch))
         self.load_seconds = time.perf_counter() - started
         self.weight_bytes = nbytes(list({id(p): p for p in model.parameters()}.values()))
         registry.register(deployment, index, self)
@@ -185,6 +193,7 @@ class ShardActor:
             "layers": [spec.layer_start, spec.layer_stop],
             "in_flight": len(self.experiments), "busy_seconds": self.busy_seconds,
             "stages_run": self.stages_run, "weight_bytes": self.weight_bytes,
+            "batch_sizes": dict(self.batch_sizes), "queued": len(self.queue),
             "load_seconds": self.load_seconds, "pid": os.getpid(),
         }
 
@@ -228,80 +237,176 @@ class ShardActor:
             final: bool) -> Carry | Results:
         """Run one stage; ``graph_json`` comes with the experiment's first stage on this shard only.
 
-        A stopped experiment (cancelled, timed out, undeployed) raises its reason, before the stage
-        or from within it (see :meth:`_should_stop`).
+        The stage waits in the shard's queue and may run in one forward pass with other experiments
+        waiting there (:mod:`.stage_queue`). A stopped experiment (cancelled, timed out, undeployed)
+        raises its reason, before the stage or from within it (see :meth:`_should_stop`).
         """
-        self._raise_if_stopped(experiment)  # it may have been cancelled while it waited for the lock
-        with self.lock:
-            self._raise_if_stopped(experiment)
-            announcement = self._announce_if_slow(experiment)
-            started = time.perf_counter()
-            try:
-                state = self.experiments.get(experiment)
-                if state is None:
-                    if graph_json is None:
-                        raise ShardStateLostError(
-                            f"shard {self.index} of {self.deployment!r} no longer holds experiment {experiment} "
-                            "(it was restarted or the experiment was released); resubmit the experiment",
-                            deployment=self.deployment, shard=self.index)
-                    if self.retiring:
-                        raise ShardUnavailableError(
-                            f"shard {self.index} of {self.deployment!r} moved to another worker; resubmit the "
-                            "experiment with the deployment's current record", deployment=self.deployment,
-                            shard=self.index)
-                    self._drop_stale()
-                    state = self._start(experiment, graph_json)
-                    state.should_stop = self._should_stop(experiment, state)
-                    self.experiments[experiment] = state
-                state.touched = time.monotonic()
-                carry = carry if carry is not None else Carry()
-                try:
-                    if stage.direction == "forward":
-                        carry = self.runner.forward(state, stage, carry)
-                    else:
-                        carry = self.runner.backward(state, stage, carry)
-                except ExperimentStopped as stop:
-                    raise _fresh(stop.error) from None
-                self._raise_if_stopped(experiment)  # stopped during the stage's last layer
-            except BaseException:
-                self._forget(experiment)
-                raise
-            finally:
-                announcement.cancel()
-                elapsed = time.perf_counter() - started
-                self.busy_seconds += elapsed
-                self.stages_run += 1
-            if final or stage == state.last_stage:  # nothing more of it runs here: free its state now
-                self._forget(experiment)
-            if final:
-                results = Results(collect_results(state.graph, carry.values), experiment_id=experiment, logs=carry.logs)
-                check_inline_size(results, state.graph.options, self.policy)
-                return results
-            return carry
+        self._raise_if_stopped(experiment)  # it may have been cancelled while its task waited
+        request = StageRequest(experiment, stage, graph_json, carry, final)
+        self.queue.run([request])
+        if isinstance(request.outcome, BaseException):
+            raise request.outcome
+        return request.outcome  # type: ignore[no-any-return]
 
     def run_batch(self, members: list[tuple[str, str | None]], stage: Stage,
                   carries: dict[str, Carry | BaseException] | None, final: bool) -> dict[str, Any]:
-        """Run ``stage`` for each ``(experiment, graph_json)`` of a batch, in turn.
+        """Run ``stage`` for each ``(experiment, graph_json)`` of a stage task carrying several.
 
         An experiment that fails here, or failed on an earlier shard, is answered with its error so
         the others carry on. A batch of one raises instead, so its task errs like any failed task;
         except a cancelled experiment: that is a clean outcome, answered (not raised) in any batch.
         """
-        out: dict[str, Any] = {}
+        requests: dict[str, StageRequest] = {}
         for experiment, graph_json in members:
             carry = carries.get(experiment) if carries is not None else None
-            if isinstance(carry, BaseException):
-                out[experiment] = carry
-                continue
-            try:
-                out[experiment] = self.run(experiment, stage, graph_json, carry, final)
-            except ExperimentCancelledError as exc:
-                out[experiment] = exc
-            except Exception as exc:
+            if not isinstance(carry, BaseException):
+                requests[experiment] = StageRequest(experiment, stage, graph_json, carry, final)
+        self.queue.run(list(requests.values()))
+        out: dict[str, Any] = {}
+        for experiment, _ in members:
+            request = requests.get(experiment)
+            outcome = request.outcome if request is not None else carries[experiment]  # type: ignore[index]
+            if request is not None and isinstance(outcome, BaseException) \
+                    and not isinstance(outcome, ExperimentCancelledError):
                 if len(members) == 1:
-                    raise
-                out[experiment] = portable_error(exc)
+                    raise outcome
+                outcome = portable_error(outcome)  # type: ignore[arg-type]
+            out[experiment] = outcome
         return out
+
+    def _serve(self, requests: list[StageRequest]) -> None:
+        """Serve a group taken from the queue: experiments that may share a pass run in one (within
+        ``max_batch_tokens``), the others alone. Every outcome is set here; nothing raises."""
+        admitted: list[tuple[StageRequest, ExperimentState]] = []
+        for request in requests:
+            try:
+                admitted.append((request, self._admit(request)))
+            except BaseException as exc:
+                self._forget(request.experiment)
+                request.outcome = exc
+        together = [(r, s) for r, s in admitted if self.batching and can_share(s, r.stage)]
+        groups = self._token_groups(together) if len(together) > 1 else []
+        grouped = {id(r) for group in groups for r, _ in group}
+        for request, state in admitted:
+            if id(request) not in grouped:
+                self._serve_alone(request, state)
+        for group in groups:
+            self._serve_together(group)
+
+    def _token_groups(self, together: list[tuple[StageRequest, ExperimentState]]
+                      ) -> list[list[tuple[StageRequest, ExperimentState]]]:
+        """Split shareable requests, in queue order, into passes of at most ``max_batch_tokens``
+        padded tokens; a group of one runs alone."""
+        groups: list[list[tuple[StageRequest, ExperimentState]]] = [[]]
+        rows = length = 0
+        for request, state in together:
+            carry = request.carry or Carry()
+            request.carry = carry
+            size = tokens_of(carry, state, request.stage)
+            ids = carry.inputs.get("input_ids")
+            member_rows = int(ids.shape[0]) if ids is not None else 1
+            new_rows, new_length = rows + member_rows, max(length, size // max(member_rows, 1))
+            if groups[-1] and new_rows * new_length > self.max_batch_tokens:
+                groups.append([])
+                new_rows, new_length = member_rows, size // max(member_rows, 1)
+            groups[-1].append((request, state))
+            rows, length = new_rows, new_length
+        return [group for group in groups if len(group) > 1]
+
+    def _admit(self, request: StageRequest) -> ExperimentState:
+        """The experiment's state for this stage: made (and its graph validated) at its first stage
+        here, refused when the experiment was stopped or the shard moved or lost its state."""
+        experiment = request.experiment
+        self._raise_if_stopped(experiment)
+        state = self.experiments.get(experiment)
+        if state is None:
+            if request.graph_json is None:
+                raise ShardStateLostError(
+                    f"shard {self.index} of {self.deployment!r} no longer holds experiment {experiment} "
+                    "(it was restarted or the experiment was released); resubmit the experiment",
+                    deployment=self.deployment, shard=self.index)
+            if self.retiring:
+                raise ShardUnavailableError(
+                    f"shard {self.index} of {self.deployment!r} moved to another worker; resubmit the "
+                    "experiment with the deployment's current record", deployment=self.deployment,
+                    shard=self.index)
+            self._drop_stale()
+            state = self._start(experiment, request.graph_json)
+            state.should_stop = self._should_stop(experiment, state)
+            self.experiments[experiment] = state
+        state.touched = time.monotonic()
+        return state
+
+    def _serve_alone(self, request: StageRequest, state: ExperimentState) -> None:
+        experiment, stage = request.experiment, request.stage
+        announcement = self._announce_if_slow(experiment)
+        started = time.perf_counter()
+        try:
+            carry = request.carry if request.carry is not None else Carry()
+            if stage.direction == "forward":
+                carry = self.runner.forward(state, stage, carry)
+            else:
+                carry = self.runner.backward(state, stage, carry)
+            self._raise_if_stopped(experiment)  # stopped during the stage's last layer
+            request.outcome = self._after(request, state, carry)
+        except ExperimentStopped as stop:
+            self._forget(experiment)
+            request.outcome = _fresh(stop.error)
+        except BaseException as exc:
+            self._forget(experiment)
+            request.outcome = exc
+        finally:
+            announcement.cancel()
+            self._count(time.perf_counter() - started, 1)
+
+    def _serve_together(self, group: list[tuple[StageRequest, ExperimentState]]) -> None:
+        members = [Member(state, request.stage, request.carry or Carry()) for request, state in group]
+        announcements = [self._announce_if_slow(request.experiment) for request, _ in group]
+        self._tell_batch([request.experiment for request, _ in group])
+        started = time.perf_counter()
+        try:
+            forward_together(self.runner, members)
+        finally:
+            for announcement in announcements:
+                announcement.cancel()
+            self._count(time.perf_counter() - started, len(group))
+        for (request, state), member in zip(group, members):
+            outcome = member.outcome
+            try:
+                if isinstance(outcome, ExperimentStopped):
+                    raise _fresh(outcome.error)
+                if isinstance(outcome, BaseException):
+                    raise outcome
+                self._raise_if_stopped(request.experiment)
+                request.outcome = self._after(request, state, outcome)  # type: ignore[arg-type]
+            except BaseException as exc:
+                self._forget(request.experiment)
+                request.outcome = exc
+
+    def _after(self, request: StageRequest, state: ExperimentState, carry: Carry) -> Carry | Results:
+        """What a stage answers: the next carry, or (last stage) the results, checked for size."""
+        if request.final or request.stage == state.last_stage:  # nothing more of it runs here
+            self._forget(request.experiment)
+        if request.final:
+            results = Results(collect_results(state.graph, carry.values), experiment_id=request.experiment,
+                              logs=carry.logs)
+            check_inline_size(results, state.graph.options, self.policy)
+            return results
+        return carry
+
+    def _tell_batch(self, experiments: list[str]) -> None:
+        """Tell the scheduler's monitor (fire-and-forget) which experiments share a pass here: the
+        Experiments page shows each experiment's co-tenants and every stage's batch size."""
+        try:
+            worker = get_worker()
+        except ValueError:  # not in a worker (unit tests call the shard directly)
+            return
+        worker.log_event(BATCH_TOPIC, {"deployment": self.deployment, "shard": self.index, "experiments": experiments})
+
+    def _count(self, seconds: float, batch_size: int) -> None:
+        self.busy_seconds += seconds
+        self.stages_run += 1
+        self.batch_sizes[batch_size] = self.batch_sizes.get(batch_size, 0) + 1
 
     def _start(self, experiment: str, graph_json: str) -> ExperimentState:
         """A new experiment's state here, after validating its graph with this worker's settings."""
