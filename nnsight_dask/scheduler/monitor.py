@@ -83,9 +83,6 @@ class ExperimentRecord:
     workers: list[str] = field(default_factory=list)
     #: The worker that died while this experiment was computing on it ("" if none did).
     lost_on: str = ""
-    #: Who vouches for ``user``: "gateway" (a registered gateway checked it against an API key) or
-    #: "client" (the name a Dask client gave itself, see ``nd.config.user``).
-    via: str = "client"
     #: Experiments it shared forward passes with on the shards (co-tenant batching).
     cotenants: set[str] = field(default_factory=set)
 
@@ -184,9 +181,6 @@ class ExperimentMonitor(SchedulerPlugin):
         """Events from the workers: a shard starts computing an experiment's stage (see the module docstring)."""
         if topic == RUNNING_TOPIC and isinstance(msg, dict) and msg.get("worker"):
             self.executing[msg["worker"]] = str(msg.get("experiment") or "")
-
-    def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
-        self.executing.pop(worker, None)
         elif topic == BATCH_TOPIC and isinstance(msg, dict):
             self._shared_pass(msg)
 
@@ -203,6 +197,9 @@ class ExperimentMonitor(SchedulerPlugin):
             record = self.experiments.get(experiment)
             if record is not None:
                 record.cotenants.update(e for e in experiments if e != experiment)
+
+    def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
+        self.executing.pop(worker, None)
 
     def remove_client(self, scheduler: Any, client: str) -> None:
         """A client left (closed, or its process died): stop its unfinished experiments on their shards."""
@@ -386,7 +383,7 @@ class ExperimentMonitor(SchedulerPlugin):
                 "stages": f"{len(record.done)}/{len(record.keys)}",
                 "shards": ",".join(str(s) for s in sorted(set(record.shards))),
                 "bytes_returned": record.bytes_returned, "bytes_persisted": record.bytes_persisted,
-                "error": record.error, "retry_of": record.retry_of, "via": record.via,
+                "error": record.error, "retry_of": record.retry_of,
                 "shared_with": len(record.cotenants), "cotenants": sorted(record.cotenants)[:20],
             })
         return out
@@ -428,6 +425,11 @@ class ExperimentMonitor(SchedulerPlugin):
             lines.append(f'nnsight_dask_experiment_seconds_bucket{{le="{bound}"}} {cumulative}')
         lines.append(f"nnsight_dask_experiment_seconds_sum {self.latency_sum}")
         lines.append(f"nnsight_dask_experiment_seconds_count {cumulative}")
+        lines += ["# HELP nnsight_dask_shared_passes_total Forward passes shards ran for several experiments at once, "
+                  "by how many (co-tenant batching; passes run alone are not counted).",
+                  "# TYPE nnsight_dask_shared_passes_total counter"]
+        lines += [f'nnsight_dask_shared_passes_total{{deployment="{d}",shard="{s}",size="{size}"}} {count}'
+                  for (d, s), r in sorted(self.shards.items()) for size, count in sorted(r.shared_passes.items())]
         for name, value in (("returned", self.bytes_returned_total), ("persisted", self.bytes_persisted_total)):
             lines += [f"# HELP nnsight_dask_bytes_{name}_total Bytes of saved values {name} (inline results / Zarr).",
                       f"# TYPE nnsight_dask_bytes_{name}_total counter", f"nnsight_dask_bytes_{name}_total {value}"]
@@ -437,11 +439,6 @@ class ExperimentMonitor(SchedulerPlugin):
 def monitor_of(scheduler: Any) -> ExperimentMonitor | None:
     plugin = scheduler.plugins.get(NAME)
     return plugin if isinstance(plugin, ExperimentMonitor) else None
-        lines += ["# HELP nnsight_dask_shared_passes_total Forward passes shards ran for several experiments at once, "
-                  "by how many (co-tenant batching; passes run alone are not counted).",
-                  "# TYPE nnsight_dask_shared_passes_total counter"]
-        lines += [f'nnsight_dask_shared_passes_total{{deployment="{d}",shard="{s}",size="{size}"}} {count}'
-                  for (d, s), r in sorted(self.shards.items()) for size, count in sorted(r.shared_passes.items())]
 
 
 def install(scheduler: Any) -> ExperimentMonitor:

@@ -36,13 +36,13 @@ class Tracer:
         if positions is not None:
             if positions not in ("model", "solo"):
                 raise TracingError(f"positions= takes 'model' (the model's own batched forward, nnsight's rule) "
+                                   f"or 'solo' (each prompt's positions as if it ran alone), not {positions!r}")
+            self.options["positions"] = positions
         if batching is not None:
             if not isinstance(batching, bool):
                 raise TracingError(f"batching= takes True or False, not {batching!r}")
             if not batching:
                 self.options["batching"] = False
-                                   f"or 'solo' (each prompt's positions as if it ran alone), not {positions!r}")
-            self.options["positions"] = positions
         self.kind = kind
         self.remote = remote
         self.execute = execute
