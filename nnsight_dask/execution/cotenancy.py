@@ -163,8 +163,12 @@ def _conclude(runner: ShardRunner, member: Member, exit_hidden: Any, output: Any
         member.outcome = halted
         return
     try:
+        # the hidden state handed on is the member's own copy, not a view holding the whole batch
+        own_exit = narrow_window(exit_hidden, member.window)
+        if isinstance(own_exit, tuple):
+            own_exit = own_exit[0]
         member.outcome = runner.conclude(member.state, member.stage, member.carry, inter,
-                                         narrow_window(exit_hidden, member.window),
+                                         own_exit.contiguous() if own_exit is not None else None,
                                          narrow_window(output, member.window))
     except Exception as exc:
         member.outcome = exc
