@@ -17,7 +17,7 @@ import torch
 from distributed.protocol import deserialize, serialize
 
 import nnsight_dask as nd
-from nnsight_dask.errors import InterventionError
+from nnsight_dask.errors import GraphValidationError, InterventionError
 from nnsight_dask.execution.partition import assign_shards
 from nnsight_dask.execution.runner import run_graph
 from nnsight_dask.execution.stage import Carry, plan_stages
@@ -363,3 +363,31 @@ def test_generations_share_steps_join_and_leave_with_their_own_caches(shards: li
             else:
                 assert_matches_solo(got[key], value)
     assert all(not actor.experiments for actor in shards)
+
+
+def test_the_workers_setting_turns_batching_off(lm: Any, tiny_tokenizer: Any) -> None:
+    """``nnsight-dask.cotenant-batching`` is read by the worker when it loads a shard: the cluster decides."""
+    import dask
+
+    with dask.config.set({"nnsight-dask.cotenant-batching": False}):
+        actor = ShardActor(deployment="cotenants-off", index=0, n_shards=1,
+                           source=lambda: (tiny_llama(n_layer=4), tiny_tokenizer))
+    try:
+        graphs = {str(i): record(lm, prompt, reads_and_writes) for i, prompt in enumerate(PROMPTS)}
+        answers = run_together([actor], graphs)
+        assert actor.batch_sizes == {1: 3}
+        for name, graph in graphs.items():
+            expected = solo(lm._module, graph, tiny_tokenizer.pad_token_id)
+            for key in expected:
+                assert_matches_solo(answers[name][key], expected[key], exact=True)
+    finally:
+        actor.close()
+
+
+@pytest.mark.parametrize("options, field", [({"batching": "yes"}, "options.batching"),
+                                            ({"batching": 1}, "options.batching")])
+def test_a_malformed_batching_option_is_refused(lm: Any, options: dict[str, Any], field: str) -> None:
+    graph = record(lm, PROMPTS[0], reads_and_writes).to_dict()
+    graph.setdefault("options", {}).update(options)
+    with pytest.raises(GraphValidationError, match=field):
+        InterventionGraph.from_dict(graph)

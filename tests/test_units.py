@@ -159,19 +159,19 @@ def random_tensor(name: str, shape: tuple[int, ...], data: bytes | None = None, 
 def check_carry(name: str, shape: tuple[int, ...], t: torch.Tensor) -> None:
     other = random_tensor(name, shape, seed=1)
     shared = [t, other]
-    carry = Carry(values={0: t, (1, 2): shared, 3: shared, 4: {"nested": [other, 1.5]}}, hidden=t, grad=other,
+    carry = Carry(values={0: t, (1, 2): shared, 3: shared, 4: {"nested": [other, 1.5]}}, hidden=t, grads={(1, 0, 0): other},
                   inputs={"input_ids": t}, tokens=torch.arange(3), steps_run=2, logs=["line"])
     header, frames = serialize(carry)
     assert header["serializer"] == "dask" and len(frames) == 1 + 3  # pickle + one frame per distinct tensor
     direct = serialization.loads(*serialization.dumps(carry))
     for back in (deserialize(header, frames), direct):
         assert isinstance(back, Carry) and (back.steps_run, back.logs) == (2, ["line"])
-        for got, want in [(back.hidden, t), (back.values[0], t), (back.inputs["input_ids"], t), (back.grad, other),
+        for got, want in [(back.hidden, t), (back.values[0], t), (back.inputs["input_ids"], t), (back.grads[(1, 0, 0)], other),
                           (back.values[(1, 2)][1], other), (back.values[4]["nested"][0], other)]:
             assert raw(got) == raw(want)
         assert back.values[0] is back.hidden and back.inputs["input_ids"] is back.hidden
         assert back.values[(1, 2)] is back.values[3] and back.values[3][0] is back.hidden
-        assert back.grad is back.values[4]["nested"][0] and back.values[4]["nested"][1] == 1.5
+        assert back.grads[(1, 0, 0)] is back.values[4]["nested"][0] and back.values[4]["nested"][1] == 1.5
         assert torch.equal(back.tokens, torch.arange(3))
 
 

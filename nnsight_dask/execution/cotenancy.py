@@ -20,9 +20,10 @@ whose sequences all ended leaves the batch, one arriving with its first step joi
 (continuous batching), and each member's interventions fire on its own steps.
 
 What may share a pass is decided by :func:`can_share`: forward stages of experiments whose graph
-needs no autograd and skips no module. Gradients stay solo on purpose: members of one batch
-share one autograd graph, and one member's ``backward()`` without ``retain_graph`` would free the
-buffers another member's backward needs.
+needs no autograd, skips no module and samples no token. Gradients stay solo on purpose: members
+of one batch share one autograd graph, and one member's ``backward()`` without ``retain_graph``
+would free the buffers another member's backward needs. Sampled generations too: their draws must
+see a solo run's logits bit for bit to repeat a local run with the same seed.
 """
 from __future__ import annotations
 
@@ -59,6 +60,8 @@ def can_share(state: ExperimentState, stage: Stage) -> bool:
     graph = state.graph
     if stage.direction != "forward" or graph.options.get("batching") is False or graph.needs_grad:
         return False
+    if graph.passes[stage.pass_index].kwargs.get("do_sample"):
+        return False  # a draw must see the logits of a solo run, bit for bit, to repeat a local one
     return not any(graph.nodes[i].kind == Kind.SKIP for i in state.owned)
 
 
@@ -114,7 +117,7 @@ def forward_together(runner: ShardRunner, members: Sequence[Member]) -> None:
         if runner.index > 0:
             hidden = stack_hidden([m.carry.hidden for m in live], seq)  # type: ignore[misc]
             handles.append(runner.first_layer.register_forward_pre_hook(
-                runner._entry_hook(None, hidden, False), with_kwargs=True))
+                runner._entry_hook(None, None, hidden), with_kwargs=True))
         for member in live:
             inter = member.inter
             assert inter is not None

@@ -4,6 +4,7 @@ This is the local backend's engine and the reference every remote result is chec
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 import weakref
@@ -18,6 +19,7 @@ from ..graph.graph import InterventionGraph, Pass
 from ..graph.node import Kind, Node, display_path
 from .batching import batch_module_inputs, batch_token_inputs, forward_position_ids
 from .interleaver import SKIPPED, Interleaver, Key, StopForward
+from .sampling import SAMPLING_OPTIONS, SeededSampler
 
 
 def run_graph(model: torch.nn.Module, graph: InterventionGraph, *, pad_token_id: int | None = None,
@@ -34,6 +36,28 @@ def run_graph(model: torch.nn.Module, graph: InterventionGraph, *, pad_token_id:
         for index, run in enumerate(graph.passes):
             _run_pass(model, graph, index, run, modules, values, logs, pad_token_id, fake)
     return RunResult(saves=collect_saves(graph, values), logs=logs)
+
+
+def _generator(model: torch.nn.Module, needs_grad: bool) -> Any:
+    """``model.generate``; for a graph that reads gradients, the same function without the
+    ``torch.no_grad()`` transformers decorates it with, so a backward can reach earlier steps
+    through the KV cache (the pass runs under ``torch.enable_grad()``)."""
+    if not needs_grad:
+        return model.generate  # type: ignore[operator]
+    import inspect
+
+    return functools.partial(inspect.unwrap(type(model).generate), model)
+
+
+def generate_options(options: dict[str, Any], pad_token_id: int | None) -> dict[str, Any]:
+    """What ``model.generate`` gets for a generation's options: greedy decoding, with sampling done
+    by a :class:`~.sampling.SeededSampler` logits processor (the draw the shards make too)."""
+    out = {k: v for k, v in options.items() if k not in ("do_sample", *SAMPLING_OPTIONS)}
+    out.update(do_sample=False, pad_token_id=pad_token_id)
+    sampler = SeededSampler.from_options(options)
+    if sampler is not None:
+        out["logits_processor"] = [sampler]
+    return out
 
 
 def _run_pass(model: torch.nn.Module, graph: InterventionGraph, index: int, run: Pass,
@@ -62,8 +86,8 @@ def _run_pass(model: torch.nn.Module, graph: InterventionGraph, index: int, run:
         try:
             inter.drain()
             if generate:
-                options = {"do_sample": False, "pad_token_id": pad_token_id, **run.kwargs}
-                output = model.generate(*args, **kwargs, **options)  # type: ignore[operator]
+                output = _generator(model, graph.needs_grad)(*args, **kwargs,
+                                                             **generate_options(run.kwargs, pad_token_id))
             else:
                 output = model(*args, **kwargs)
         except StopForward:

@@ -28,6 +28,7 @@ from .batching import batch_token_inputs, forward_position_ids, position_ids_for
 from .interleaver import SKIPPED, Interleaver, Key, StopForward
 from .partition import assign_shards, backward_origins
 from .runner import _check_reached, _modules, collect_saves, persisted_name
+from .sampling import SeededSampler
 
 
 class ExperimentStopped(Exception):
@@ -60,7 +61,9 @@ class Carry:
 
     values: dict[Key, Any] = field(default_factory=dict)
     hidden: torch.Tensor | None = None
-    grad: torch.Tensor | None = None
+    #: Gradients going back across shard boundaries: ``(shard, pass, step)`` -> the gradient of the
+    #: hidden state that entered ``shard`` at that pass and step (what the shard before it left).
+    grads: dict[tuple[int, int, int], torch.Tensor] = field(default_factory=dict)
     inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     tokens: torch.Tensor | None = None
     unfinished: torch.Tensor | None = None
@@ -94,8 +97,10 @@ class ExperimentState:
     values: dict[Key, Any] = field(default_factory=dict)
     interleavers: dict[int, Interleaver] = field(default_factory=dict)
     caches: dict[int, Any] = field(default_factory=dict)
-    entry: torch.Tensor | None = None
-    exit: torch.Tensor | None = None
+    #: Per ``(pass, step)``: the hidden state that entered this shard (a leaf gradients reach) and the
+    #: one that left it (where gradients from the next shard enter), kept only when the graph needs grad.
+    entries: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    exits: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     touched: float = field(default_factory=time.monotonic)
     busy_seconds: float = 0.0
     #: Where this shard writes the experiment's large saves (None: every save travels inline).
@@ -108,6 +113,8 @@ class ExperimentState:
     max_tensor_bytes: int | None = None
     #: When this shard first saw the experiment (``time.monotonic()``).
     started: float = field(default_factory=time.monotonic)
+    #: Per generation pass, its seeded sampler (None: greedy), made at its first step on the last shard.
+    samplers: dict[int, SeededSampler | None] = field(default_factory=dict)
 
 
 class ShardRunner:
@@ -166,7 +173,7 @@ class ShardRunner:
                 handles.extend(layer.register_forward_pre_hook(stop_hook, prepend=True) for layer in self.layers)
             if self.index > 0:
                 handles.append(self.first_layer.register_forward_pre_hook(
-                    self._entry_hook(state, carry.hidden, state.graph.needs_grad), with_kwargs=True))
+                    self._entry_hook(state, stage, carry.hidden), with_kwargs=True))
             for path in inter.module_paths():
                 handles.extend(inter.watch_module(inter.modules[path], path))
             handles.extend(self.exit_hooks(exit_value))
@@ -216,12 +223,13 @@ class ShardRunner:
         carry.hidden = None
         if exit_hidden is not None:
             hidden = exit_hidden[0] if isinstance(exit_hidden, tuple) else exit_hidden
-            state.exit = hidden
+            if state.graph.needs_grad:
+                state.exits[(stage.pass_index, stage.step)] = hidden
             carry.hidden = hidden.detach()
         if self.last and output is not None:
             carry.steps_run = stage.step + 1
             if run.kind == "generate":
-                self._next_token(carry, output)
+                self._next_token(state, stage, carry, output)
         final = stage.step == steps - 1 or idle(carry)
         return self._export(state, carry, inter, final=final, stage=stage, output=output)
 
@@ -255,15 +263,14 @@ class ShardRunner:
             inputs["use_cache"] = False
         return inputs
 
-    def _entry_hook(self, state: ExperimentState | None, hidden: torch.Tensor | None, needs_grad: bool) -> Any:
-        """Hand ``hidden`` (from the shard before) to this shard's first layer; ``state`` keeps it
-        as the entry point of gradients going back."""
+    def _entry_hook(self, state: ExperimentState | None, stage: Stage | None, hidden: torch.Tensor | None) -> Any:
+        """Hand ``hidden`` (from the shard before) to this shard's first layer; for a graph that needs
+        grad, ``state`` keeps it as the leaf where gradients going back to that shard arrive."""
         if hidden is None:
             raise InterventionError(f"shard {self.index} received no hidden state from shard {self.index - 1}")
-        if needs_grad:
+        if state is not None and stage is not None and state.graph.needs_grad:
             hidden = hidden.detach().requires_grad_(True)
-        if state is not None:
-            state.entry = hidden
+            state.entries[(stage.pass_index, stage.step)] = hidden
 
         def hook(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             if args:
@@ -271,9 +278,13 @@ class ShardRunner:
             return args, {**kwargs, "hidden_states": hidden}
         return hook
 
-    def _next_token(self, carry: Carry, output: Any) -> None:
+    def _next_token(self, state: ExperimentState, stage: Stage, carry: Carry, output: Any) -> None:
         logits = output.logits if hasattr(output, "logits") else output[0]
-        tokens = logits[:, -1].argmax(-1)
+        sampler = state.samplers.get(stage.pass_index)
+        if sampler is None and stage.pass_index not in state.samplers:
+            sampler = state.samplers[stage.pass_index] = SeededSampler.from_options(
+                state.graph.passes[stage.pass_index].kwargs)
+        tokens = logits[:, -1].argmax(-1) if sampler is None else sampler.pick(logits[:, -1].float())
         unfinished = carry.unfinished if carry.unfinished is not None else torch.ones_like(tokens, dtype=torch.bool)
         tokens = torch.where(unfinished, tokens, torch.full_like(tokens, self.pad_token_id))
         carry.tokens = torch.cat([carry.tokens, tokens[:, None]], dim=1)  # type: ignore[list-item]
@@ -291,10 +302,13 @@ class ShardRunner:
         inter = state.interleavers[stage.pass_index]
         inter.logs = carry.logs
         inter.receive(carry.values)
-        if state.exit is None or carry.grad is None:
+        # every step's hidden state that left this shard and got a gradient from the next shard
+        arriving = [(state.exits[(p, t)], grad) for (shard, p, t), grad in carry.grads.items()
+                    if shard == self.index + 1 and p == stage.pass_index and (p, t) in state.exits]
+        if not arriving:
             raise InterventionError(f"shard {self.index} has no forward activations to run backward through")
         with torch.enable_grad():
-            torch.autograd.backward(state.exit, carry.grad)
+            torch.autograd.backward([exit for exit, _ in arriving], [grad for _, grad in arriving])
         inter.drain()
         return self._export(state, carry, inter, final=True, stage=stage)
 
@@ -320,10 +334,9 @@ class ShardRunner:
                 _check_reached(inter, carry.steps_run or (stage.step + 1))
         elif final and stage.direction == "backward":
             _check_reached(inter, carry.steps_run or 1)
-        if stage.direction == "forward" and state.entry is not None and state.entry.grad is not None:
-            carry.grad = state.entry.grad
-        elif stage.direction == "backward":
-            carry.grad = state.entry.grad if state.entry is not None else None
+        for (pass_index, step), entry in state.entries.items():  # gradients for the shard before
+            if entry.grad is not None:
+                carry.grads[(self.index, pass_index, step)] = entry.grad
         exported = {key: _through_sink(state, key, value) for key, value in state.values.items()
                     if _node_of(key) in state.exported and key not in carry.values}
         carry.values.update(exported)

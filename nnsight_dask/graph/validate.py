@@ -48,11 +48,14 @@ from .node import (
 from .ops import check_attribute_name, check_op_call, registry
 
 PASS_KINDS = ("trace", "generate")
+#: Sampling options: ``do_sample`` with ``temperature``, ``top_k``, ``top_p`` and the ``seed`` of the
+#: draws (see ``execution/sampling.py``: the same seeded draw locally and on the shards).
+SAMPLING_KWARGS = ("do_sample", "temperature", "top_k", "top_p", "seed")
 #: Options a local generation may set (passed to ``model.generate``).
-GENERATION_KWARGS = ("max_new_tokens", "min_new_tokens", "do_sample", "eos_token_id", "pad_token_id")
-#: Options a remote generation may set: the shards decode greedily until ``max_new_tokens`` or the
-#: model's own end-of-sequence token, so nothing else would be honoured.
-REMOTE_GENERATION_KWARGS = ("max_new_tokens", "do_sample")
+GENERATION_KWARGS = ("max_new_tokens", "min_new_tokens", "eos_token_id", "pad_token_id", *SAMPLING_KWARGS)
+#: Options a remote generation may set: the shards decode until ``max_new_tokens`` or the model's own
+#: end-of-sequence token, greedily or with the seeded sampler, so nothing else would be honoured.
+REMOTE_GENERATION_KWARGS = ("max_new_tokens", *SAMPLING_KWARGS)
 TOKEN_INPUTS = ("input_ids", "attention_mask")
 MODULE_INPUTS = ("args", "kwargs")
 #: Default bounds of :func:`validate_graph`.
@@ -187,6 +190,23 @@ def _check_pass(index: int, run: Pass, budget: _Budget, *, remote: bool, max_new
         raise _pass_error(index, "invokes", "the invokes of one pass mix token inputs and module inputs")
 
 
+def check_sampling(kwargs: dict[str, Any], index: int = 0) -> None:
+    """Sampling options of pass ``index``: each of its type and range; a sampling generation carries
+    its seed. Also called by the sampler itself, so a local run refuses what a server would."""
+    checks = {
+        "temperature": (lambda v: type(v) in (int, float) and 0 < v <= 1e4, "a number > 0"),
+        "top_k": (lambda v: type(v) is int and v >= 0, "an integer >= 0 (0: no top-k)"),
+        "top_p": (lambda v: type(v) in (int, float) and 0 < v <= 1, "a number in (0, 1]"),
+        "seed": (lambda v: type(v) is int and 0 <= v < 2**63, "an integer in [0, 2**63)"),
+    }
+    for name, (ok, what) in checks.items():
+        value = kwargs.get(name)
+        if value is not None and not ok(value):
+            raise _pass_error(index, f"kwargs.{name}", f"{name} must be {what}, got {short(value)}")
+    if kwargs.get("do_sample") and kwargs.get("seed") is None:
+        raise _pass_error(index, "kwargs.seed", "a sampling generation carries the seed of its draws (seed=)")
+
+
 def _check_generation(index: int, kwargs: dict[str, Any], *, remote: bool, max_new_tokens: int | None,
                       vocab_size: int | None) -> None:
     allowed = REMOTE_GENERATION_KWARGS if remote else GENERATION_KWARGS
@@ -211,8 +231,7 @@ def _check_generation(index: int, kwargs: dict[str, Any], *, remote: bool, max_n
     sample = kwargs.get("do_sample")
     if sample is not None and type(sample) is not bool:
         raise _pass_error(index, "kwargs.do_sample", f"do_sample must be true or false, got {short(sample)}")
-    if remote and sample:
-        raise _pass_error(index, "kwargs.do_sample", "remote generation is greedy; do_sample=True runs only locally")
+    check_sampling(kwargs, index)
     for name in ("eos_token_id", "pad_token_id"):
         value = kwargs.get(name)
         if value is None:

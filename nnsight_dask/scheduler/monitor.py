@@ -383,8 +383,8 @@ class ExperimentMonitor(SchedulerPlugin):
                 "stages": f"{len(record.done)}/{len(record.keys)}",
                 "shards": ",".join(str(s) for s in sorted(set(record.shards))),
                 "bytes_returned": record.bytes_returned, "bytes_persisted": record.bytes_persisted,
-                "error": record.error, "retry_of": record.retry_of,
-                "shared_with": len(record.cotenants), "cotenants": sorted(record.cotenants)[:20],
+                "error": record.error, "retry_of": record.retry_of, "via": record.via,
+                "shared_with": len(record.cotenants), "cotenants": " ".join(sorted(record.cotenants)[:20]),
             })
         return out
 

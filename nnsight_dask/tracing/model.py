@@ -5,6 +5,7 @@ locally is decided by whoever builds the wrapper (:mod:`nnsight_dask.api` for ``
 """
 from __future__ import annotations
 
+import secrets
 import threading
 from typing import Any
 
@@ -285,7 +286,13 @@ class LanguageModel(NNsight):
                  verbose: bool | None = None, batching: bool | None = None, **kwargs: Any) -> Tracer:
         """Record interventions on a generation; they apply to the first step unless inside ``tracer.iter``.
 
-        ``batching=False``: run alone on shared shards, never in a co-tenant batch (see :meth:`trace`)."""
+        ``batching=False``: run alone on shared shards, never in a co-tenant batch (see :meth:`trace`).
+
+        ``do_sample=True`` samples (with ``temperature``, ``top_k``, ``top_p``) from draws seeded by
+        ``seed=`` (a random one when not given): the same seed gives the same tokens locally and remotely.
+        """
+        if kwargs.get("do_sample") and kwargs.get("seed") is None:
+            kwargs["seed"] = secrets.randbits(62)  # the draws' seed travels with the graph
         return Tracer(self, inputs, kind="generate", remote=remote, execute=execute, validate=validate,
                       scan=scan, blocking=blocking, run_kwargs={"max_new_tokens": max_new_tokens, **kwargs},
                       store=store, persist_threshold=persist_threshold, storage_options=storage_options,
