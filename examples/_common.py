@@ -21,11 +21,6 @@ from typing import Any
 import torch
 
 
-def value(x: Any) -> Any:
-    """The tensor behind a saved proxy (local or remote)."""
-    return getattr(x, "value", x)
-
-
 def token_id(tok: Any, word: str) -> int:
     """The first token id of ``word`` (e.g. ``" Rome"``); word-level tokenizers drop the space."""
     ids = tok(word, add_special_tokens=False)["input_ids"]

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import open_model, parser, token_id, value  # noqa: E402
+from _common import open_model, parser, token_id  # noqa: E402
 
 CLEAN = "The capital of Italy is"
 CORRUPT = "The capital of France is"
@@ -54,10 +54,10 @@ def patch_table(lm: Any, clean: str = CLEAN, corrupt: str = CORRUPT, positions: 
                     probs = lm.output.logits[0, -1].softmax(-1)
                     saved.append((probs[a_id].save(), probs[b_id].save(), probs.argmax(-1).save()))
         for j, (pa, pb, t) in enumerate(saved):
-            p_a[layer, j], p_b[layer, j], top[layer, j] = float(value(pa)), float(value(pb)), int(value(t))
+            p_a[layer, j], p_b[layer, j], top[layer, j] = pa.value, pb.value, t.value  # in a list: proxies
     return {"positions": list(positions), "answers": list(answers), "p_a": p_a, "p_b": p_b, "top": top,
-            "clean": (float(value(clean_p)), int(value(clean_top))),
-            "corrupt": (float(value(base_pa)), float(value(base_pb)), int(value(base_top)))}
+            "clean": (float(clean_p), int(clean_top)),  # saved locals: tensors after the block
+            "corrupt": (float(base_pa), float(base_pb), int(base_top))}
 
 
 def report(lm: Any, result: dict[str, Any]) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import open_model, parser, token_id, value  # noqa: E402
+from _common import open_model, parser, token_id  # noqa: E402
 
 CLEAN = "The capital of Italy is"
 CORRUPT = "The capital of France is"
@@ -42,15 +42,12 @@ def attribution(lm: Any, clean: str = CLEAN, corrupt: str = CORRUPT,
         logits = lm.output.logits[:, -1]
         metrics = (logits[:, b_id] - logits[:, a_id]).save()
         metrics[1].backward()
-    clean_acts = [value(x)[0].detach() for x in acts]
-    corrupt_acts = [value(x)[1].detach() for x in acts]
-    clean_metric, corrupt_metric = value(metrics).detach()[0], value(metrics).detach()[1]
-    clean_t = torch.stack([value(x).float() for x in clean_acts])       # [layers, seq, hidden]
-    corrupt_t = torch.stack([value(x).float() for x in corrupt_acts])
-    grad_t = torch.stack([value(g)[1].detach().float() for g in grads])
-    attr = ((clean_t - corrupt_t) * grad_t).sum(-1)                      # [layers, seq]
-    return {"attribution": attr, "clean_metric": float(value(clean_metric)),
-            "corrupt_metric": float(value(corrupt_metric)), "answers": list(answers),
+    act_t = torch.stack([x.value.detach().float() for x in acts])        # [layers, 2, seq, hidden]
+    grad_t = torch.stack([g.value[1].detach().float() for g in grads])   # proxies in lists keep .value
+    attr = ((act_t[:, 0] - act_t[:, 1]) * grad_t).sum(-1)                # [layers, seq]
+    metrics = metrics.detach()  # a saved local: the tensor itself after the block
+    return {"attribution": attr, "clean_metric": float(metrics[0]),
+            "corrupt_metric": float(metrics[1]), "answers": list(answers),
             "tokens": [tok.decode(t) for t in tok(corrupt, add_special_tokens=False)["input_ids"]]}
 
 
@@ -65,7 +62,7 @@ def patched_metric(lm: Any, layer: int, pos: int, clean: str = CLEAN, corrupt: s
             lm.model.layers[layer].output[:, pos] = source
             logits = lm.output.logits[0, -1]
             m = (logits[b_id] - logits[a_id]).save()
-    return float(value(m))
+    return float(m.detach())
 
 
 def main(model: str = "smollm2", scheduler: Any = None, local: bool = False, top: int = 8,

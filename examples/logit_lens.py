@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import open_model, parser, token_id, value  # noqa: E402
+from _common import open_model, parser, token_id  # noqa: E402
 
 PROMPT = "The capital of France is"
 
@@ -28,7 +28,7 @@ def logit_lens(lm: Any, prompt: str = PROMPT, answer: str = " Paris") -> list[di
             probs = lm.lm_head(lm.model.norm(layer.output))[0, -1].softmax(-1)
             best = probs.max(-1)
             saved.append((best.indices.save(), best.values.save(), probs[answer_id].save()))
-    return [{"layer": i, "token": int(value(t)), "p": float(value(p)), "p_answer": float(value(pa))}
+    return [{"layer": i, "token": int(t.value), "p": float(p.value), "p_answer": float(pa.value)}
             for i, (t, p, pa) in enumerate(saved)]
 
 

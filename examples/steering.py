@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import open_model, parser, value  # noqa: E402
+from _common import open_model, parser  # noqa: E402
 
 POSITIVE = ["I love this movie", "I love the food", "I love my dog", "I love today", "I love the weather",
             "I love this book", "I love cats", "I love the city"]
@@ -34,7 +34,7 @@ def steering_vector(lm: Any, layer: int, positive: list[str] = POSITIVE, negativ
     """mean(layer output at the last token | positive) - mean(... | negative)."""
     with lm.trace(positive + negative):
         hidden = lm.model.layers[layer].output[:, -1].save()   # left padding: -1 is the last real token
-    h = value(hidden).detach().float()
+    h = hidden.detach().float()
     return h[: len(positive)].mean(0) - h[len(positive):].mean(0)
 
 
@@ -44,7 +44,6 @@ def generate(lm: Any, prompt: str, layer: int, vec: torch.Tensor | None, coef: f
             with tracer.all():
                 lm.model.layers[layer].output[:, -1] += coef * vec
         ids = tracer.result.save()
-    ids = value(ids)
     return lm.tokenizer.decode(ids[0, -max_new_tokens:], skip_special_tokens=True)
 
 

@@ -110,9 +110,9 @@ def run_graph_task(graph: InterventionGraph) -> Any:
 
 def frame_injection_setting() -> bool:
     """``nnsight-dask.frame-injection``: saved proxies in a trace's caller's locals become their values."""
-    import dask.config
+    from . import config
 
-    return bool(dask.config.get("nnsight-dask.frame-injection", False))
+    return bool(config.get("frame_injection"))
 
 
 set_task_runner(run_graph_task)

@@ -78,6 +78,10 @@ DEFAULTS: dict[str, Any] = {
     #: Fetch remote results straight from the worker that holds them. Set ``False`` when clients
     #: cannot reach the workers' addresses.
     "direct_results": True,
+    #: After a ``trace``/``generate``/``session`` block has run, the caller's local names bound to saved
+    #: proxies are rebound to the values (nnsight 0.4's frame injection); proxies inside lists and
+    #: dicts keep ``.value``. ``False`` leaves every saved proxy a proxy.
+    "frame_injection": True,
 }
 
 dask.config.update_defaults({NAMESPACE: {_name.replace("_", "-"): _value for _name, _value in DEFAULTS.items()}})

@@ -104,7 +104,7 @@ def test_generation_parity_with_per_step_interventions(remote, local):
             ids = tracer.result.save()
         return [hidden, ids]
     (rh, rids), (lh, lids) = both(remote, local, experiment)
-    assert torch.equal(rids.value, lids.value)
+    assert torch.equal(rids, lids)
     assert_close(rh, lh)
 
 
@@ -171,7 +171,7 @@ def _one_user(model_dir_unused, scheduler, seed):
         lm = nd.RemoteModel(client, "tiny")
         with lm.trace(torch.tensor([[seed % 100 + 4, 5, 6]])):
             out = lm.output.logits[:, -1].save()
-        return out.value
+        return out
 
 
 def test_many_concurrent_users_get_their_own_results(client, remote, local):
@@ -180,7 +180,7 @@ def test_many_concurrent_users_get_their_own_results(client, remote, local):
     def user(ids):
         with remote.trace(ids):
             out = remote.output.logits[:, -1].save()
-        return out.value
+        return out
 
     with concurrent.futures.ThreadPoolExecutor(10) as pool:
         results = list(pool.map(user, prompts))
@@ -274,8 +274,8 @@ def test_error_in_a_shared_chain_fails_only_that_experiment(client, remote, loca
             futures[label] = tracer.future
         with pytest.raises(InterventionError, match=r"test_cluster.py:\d+: operation operator.getitem failed: IndexError"):
             futures["bad"].result(timeout=60)
-        assert_close(next(iter(futures["good1"].result(timeout=60).values())), h.value[:, 0])
-        assert_close(next(iter(futures["good2"].result(timeout=60).values())), h.value[:, -1])
+        assert_close(next(iter(futures["good1"].result(timeout=60).values())), h[:, 0])
+        assert_close(next(iter(futures["good2"].result(timeout=60).values())), h[:, -1])
         for tracer in fillers:
             tracer.future.cancel()
         keys, rows = _stage_keys(client), _monitor_rows(client)
@@ -318,7 +318,7 @@ def test_bf16_values_cross_workers(client, model_dir):
         local = nd.LanguageModel(model_dir, dtype=torch.bfloat16)
         with local.trace(PROMPT):
             ref = local.model.layers[0].output.save()
-        assert torch.equal(h0.value, ref.value)
+        assert torch.equal(h0, ref)
     finally:
         nd.undeploy(client, "tiny-bf16")
     assert "tiny-bf16" not in nd.deployments(client)
@@ -358,7 +358,7 @@ def test_killed_shard_worker_recovers_and_retries(model_dir):
         stale._set_deployment(dataclasses.replace(record.moved({1: victim}), generation=0))
         with stale.trace(PROMPT):
             again = stale.output.logits.save()
-        assert torch.equal(again.value, ok.value)
+        assert torch.equal(again, ok)
         assert stale.deployment.generation == 1 and stale.deployment.shards[1].worker != victim
         statuses = [r["status"] for r in client.sync(client.scheduler.nnsight_experiments)["experiments"]]
         assert statuses[:2] == ["completed", "retried"]  # the stale submission shows as retried

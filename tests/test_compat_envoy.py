@@ -1,9 +1,11 @@
-"""nnsight 0.4's envoy semantics (issue 14, items 4, 8, 9) against plain PyTorch hooks.
+"""nnsight 0.4's envoy semantics (issue 14, items 4, 8, 9, 11) against plain PyTorch hooks.
 
 - item 4: ``envoy.next()`` is stateful: it moves that envoy and its submodules to the next call
   (generation step) for the rest of the trace, and returns the envoy for chaining;
 - item 8: ``with envoy.all():`` / ``with envoy.iter[...]:`` apply the block at every / the selected step;
-- item 9: ``proxy.stop()`` stops the run once that value exists; saves after it raise ``ValueError``.
+- item 9: ``proxy.stop()`` stops the run once that value exists; saves after it raise ``ValueError``;
+- item 11: ``edit()``'s copy shares the envoy tree; ``edit(inputs)`` scans the edit; attached modules
+  are called in traces; ``module(x, hook=True)`` is refused by name.
 """
 from __future__ import annotations
 
@@ -192,10 +194,13 @@ def test_proxy_stop_outside_the_trace_is_refused(lm):
 
 # -- remote ------------------------------------------------------------------------------------------------
 @pytest.mark.cluster
-def test_next_remote_equals_local(client, model_dir, local):
+@pytest.fixture(scope="module")
+def remote(client, model_dir):
     nd.serve(client, model_dir, shards=2, name="compat-envoy")
-    remote = nd.RemoteModel(client, "compat-envoy")
+    return nd.RemoteModel(client, "compat-envoy")
 
+
+def test_next_remote_equals_local(remote, local):
     def run(model):
         with model.generate(PROMPT, max_new_tokens=STEPS) as tracer:
             layer = model.model.layers[-1]
@@ -210,3 +215,88 @@ def test_next_remote_equals_local(client, model_dir, local):
     l_one, l_two, l_ids = run(local)
     assert torch.allclose(r_one, l_one, atol=1e-5) and torch.allclose(r_two, l_two, atol=1e-5)
     assert torch.equal(r_ids, l_ids)
+
+
+# -- item 11: edit() -------------------------------------------------------------------------------------
+def forward_with_hooks(lm, prompt, path, hooks=()):
+    """Reference: ``path``'s output in one plain forward with forward hooks ``(path, fn(output))``."""
+    seen = {}
+    handles = [lm._module.get_submodule(p).register_forward_hook(lambda m, a, o, fn=fn: fn(o)) for p, fn in hooks]
+    handles.append(lm._module.get_submodule(path).register_forward_hook(lambda m, a, o: seen.__setitem__("h", o)))
+    try:
+        with torch.no_grad():
+            lm._module(**lm.encode(prompt))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return _hidden(seen["h"])
+
+
+def test_edited_copy_shares_the_envoy_tree(lm):
+    with lm.edit() as edited:
+        lm.model.layers[0].output = lm.model.layers[0].output * 0.5  # the original's envoys, inside the edit
+    assert edited.model.layers[1] is lm.model.layers[1]
+    with edited.trace(PROMPT):
+        through_original = lm.model.layers[1].output.save()  # the original's envoy, in the edited trace
+        through_copy = edited.model.layers[1].output.save()
+    with lm.trace(PROMPT):
+        unedited = lm.model.layers[1].output.save()
+    halved = forward_with_hooks(lm, PROMPT, "model.layers.1", [("model.layers.0", lambda o: o * 0.5)])
+    assert torch.allclose(through_original, halved, atol=1e-6) and torch.equal(through_original, through_copy)
+    assert torch.equal(unedited, forward_with_hooks(lm, PROMPT, "model.layers.1"))
+
+
+def test_edit_with_inputs_is_scanned(lm):
+    with lm.edit(PROMPT) as edited:
+        width = lm.model.layers[0].output.shape[-1]
+        assert isinstance(width, int)  # concrete inside the block, as under lm.scan(inputs)
+        lm.model.layers[0].output[:, :, : width // 2] = 0
+    with edited.trace("Paris is a city"):
+        h = lm.model.layers[1].output.save()
+
+    def zero_half(out):
+        out[:, :, : out.shape[-1] // 2] = 0
+
+    assert torch.equal(h, forward_with_hooks(lm, "Paris is a city", "model.layers.1", [("model.layers.0", zero_half)]))
+    with pytest.raises(IndexError, match=r"test_compat_envoy.py:\d+: .*index 99 is out of bounds"), lm.edit(PROMPT):
+        lm.model.layers[1].output[:, 99] = 0  # found when the edit ends, not in a later trace
+    with pytest.raises(TracingError, match="edits cannot .save"), lm.edit(PROMPT):
+        lm.model.layers[1].output.save()
+
+
+def test_attached_module_is_called_in_traces(tiny_tokenizer):
+    lm = nd.LanguageModel(tiny_llama(n_layer=2), tokenizer=tiny_tokenizer)  # its own: it gets a new submodule
+    probe = torch.nn.Linear(lm.config.hidden_size, 3)
+    lm.model.layers[0].probe = probe
+    assert lm._module.model.layers[0].probe is probe
+    with lm.trace(PROMPT):
+        scores = lm.model.layers[0].probe(lm.model.layers[0].output).save()
+    with lm.edit() as edited:  # and inside an edit: the probe's scores replace the first 3 features
+        lm.model.layers[0].output[..., :3] = lm.model.layers[0].probe(lm.model.layers[0].output)
+    with edited.trace(PROMPT):
+        h = lm.model.layers[1].output.save()
+    hidden = forward_with_hooks(lm, PROMPT, "model.layers.0")
+    with torch.no_grad():
+        assert torch.allclose(scores, probe(hidden), atol=1e-6)
+
+    def write_scores(out):
+        out[..., :3] = probe(out)
+
+    assert torch.allclose(h, forward_with_hooks(lm, PROMPT, "model.layers.1", [("model.layers.0", write_scores)]),
+                          atol=1e-6)
+
+
+def test_module_call_with_hooks_is_refused_by_name(lm):
+    with pytest.raises(TracingError, match=r"model.layers\[0\].mlp\(..., hook=...\).*not supported"), lm.trace(PROMPT):
+        lm.model.layers[0].mlp(lm.model.layers[0].post_attention_layernorm.output, hook=True)
+
+
+def test_remote_edit_equals_local(remote, local):
+    def run(model):
+        with model.edit(PROMPT) as edited:
+            model.model.layers[1].output = model.model.layers[1].output * 0.5
+        with edited.trace(PROMPT):
+            h = model.model.layers[3].output.save()  # shard 1, after the edit on shard 0
+        return h
+
+    assert torch.allclose(run(remote), run(local), atol=1e-5)

@@ -29,11 +29,6 @@ def gpt(tiny_tokenizer):
     return nd.LanguageModel(tiny_gpt2(n_layer=3), tokenizer=tiny_tokenizer)
 
 
-def val(x):
-    """A saved value (a tensor after the trace; a proxy's ``.value`` where it stays a proxy)."""
-    return getattr(x, "value", x)
-
-
 def encode(lm, texts):
     return dict(lm.tokenizer(texts, return_tensors="pt", padding=True))
 
@@ -69,10 +64,10 @@ def test_each_grad_read_gets_the_next_backward(lm):
         second = h.grad.save()
         (2 * loss).backward()
     ref = two_backwards_reference(lm, "model.layers.1", retain=False)
-    assert torch.allclose(val(first), ref[0], atol=1e-6)
-    assert torch.allclose(val(second), ref[1], atol=1e-6)
-    assert torch.allclose(val(second), 2 * val(first), atol=1e-6)
-    assert val(first).abs().sum() > 0
+    assert torch.allclose(first, ref[0], atol=1e-6)
+    assert torch.allclose(second, ref[1], atol=1e-6)
+    assert torch.allclose(second, 2 * first, atol=1e-6)
+    assert first.abs().sum() > 0
 
 
 def test_grad_setter_applies_only_to_its_backward(lm):
@@ -84,8 +79,8 @@ def test_grad_setter_applies_only_to_its_backward(lm):
         lm.model.layers[2].output.grad = torch.zeros_like(lm.model.layers[2].output)
         g0_second = lm.model.layers[0].output.grad.save()
         loss.backward()
-    assert val(g0_first).abs().sum() > 0
-    assert torch.all(val(g0_second) == 0)  # zeroed at layer 2 in the second backward only
+    assert g0_first.abs().sum() > 0
+    assert torch.all(g0_second == 0)  # zeroed at layer 2 in the second backward only
 
 
 def test_backwards_run_in_order_not_nested(lm):
@@ -112,7 +107,7 @@ def test_code_after_a_backward_sees_its_gradient(lm):
         g2 = h.grad.save()
         (3 * loss).backward()
         ratio = (g2.norm() / norm).save()
-    assert torch.allclose(val(ratio), torch.tensor(3.0), atol=1e-5)
+    assert torch.allclose(ratio, torch.tensor(3.0), atol=1e-5)
 
 
 # -- item 6: padding and positions -------------------------------------------------------------------
@@ -127,9 +122,9 @@ def assert_both_spellings_equal_the_batched_forward(model, reference, atol):
             second = model.output.logits.save()
     with torch.no_grad():
         ref = reference._module(**encode(reference, [PROMPT, SHORT])).logits
-    assert torch.allclose(val(together), ref, atol=atol)
-    assert torch.allclose(val(first)[0], ref[0], atol=atol)
-    assert torch.allclose(val(second)[-1], ref[1], atol=atol)
+    assert torch.allclose(together, ref, atol=atol)
+    assert torch.allclose(first[0], ref[0], atol=atol)
+    assert torch.allclose(second[-1], ref[1], atol=atol)
 
 
 @pytest.mark.parametrize("which", ["lm", "gpt"])
@@ -144,7 +139,7 @@ def test_gpt2_padded_prompt_differs_from_its_solo_run(gpt):
         batched = gpt.output.logits.save()
     with gpt.trace(SHORT):
         alone = gpt.output.logits.save()
-    assert not torch.allclose(val(batched)[1, -1], val(alone)[0, -1], atol=1e-3)
+    assert not torch.allclose(batched[1, -1], alone[0, -1], atol=1e-3)
 
 
 def test_solo_positions_switch(gpt):
@@ -158,8 +153,8 @@ def test_solo_positions_switch(gpt):
         alone = gpt.output.logits.save()
     with gpt.trace(PROMPT):
         alone_long = gpt.output.logits.save()
-    assert torch.allclose(val(second)[0, -1], val(alone)[0, -1], atol=1e-5)
-    assert torch.allclose(val(first), val(alone_long), atol=1e-5)
+    assert torch.allclose(second[0, -1], alone[0, -1], atol=1e-5)
+    assert torch.allclose(first, alone_long, atol=1e-5)
 
 
 def test_unknown_positions_value_is_refused(gpt):
@@ -178,7 +173,7 @@ def test_generate_equals_transformers_generate(which, lm, gpt):
     tok = model.tokenizer
     ref = model._module.generate(**encode(model, [PROMPT, SHORT]), max_new_tokens=4, do_sample=False,
                                  pad_token_id=tok.pad_token_id)
-    assert torch.equal(val(out), ref)
+    assert torch.equal(out, ref)
 
 
 @pytest.fixture(scope="module")
@@ -197,4 +192,62 @@ def test_remote_padded_generation_equals_transformers_generate(remote, local):
         out = remote.generator.output.save()
     want = local._module.generate(**encode(local, [PROMPT, SHORT]), max_new_tokens=4, do_sample=False,
                                   pad_token_id=local.tokenizer.pad_token_id)
-    assert torch.equal(val(out), want)
+    assert torch.equal(out, want)
+
+
+# -- items 7 and 13 remotely: saved locals are values; session-level values, session.iter/cond ---------
+def test_remote_saved_locals_are_values_after_trace_generate_and_session(remote, local):
+    def run(model):
+        with model.trace(PROMPT):
+            h = model.model.layers[3].output.save()
+            kept = [model.model.layers[0].output.save()]
+        with model.generate(PROMPT, max_new_tokens=2) as tracer:
+            ids = tracer.result.save()
+        with model.session():
+            with model.trace(PROMPT):
+                first = model.model.layers[1].output.save()
+        return h, kept, ids, first
+
+    (h, kept, ids, first), (lh, lkept, lids, lfirst) = run(remote), run(local)
+    assert type(h) is torch.Tensor and type(ids) is torch.Tensor and type(first) is torch.Tensor
+    assert type(kept[0]) is nd.Proxy  # in a list: still a proxy, read with .value
+    assert torch.allclose(h, lh, atol=1e-5) and torch.allclose(kept[0].value, lkept[0].value, atol=1e-5)
+    assert torch.equal(ids, lids) and torch.allclose(first, lfirst, atol=1e-5)
+
+
+def test_remote_session_blocks_equal_local(remote, local):
+    def run(model):
+        with model.session() as session:
+            with session.iter([SHORT, PROMPT]) as prompt:
+                with model.trace(prompt):
+                    early = model.model.layers[0].output[:, -1]  # shard 0
+                    gap = (model.model.layers[3].output[:, -1] - early).save()  # shard 1; the last item's
+            with model.trace(PROMPT):
+                top = model.output.logits[0, -1].argmax()
+            with session.cond(top >= 0), model.trace(SHORT):
+                model.model.layers[1].output = model.model.layers[1].output * 0.5
+                taken = model.output.logits[:, -1]
+            pair = nd.list(gap, taken).save()  # at session level, after the traces
+        return gap, pair
+
+    (gap, pair), (lgap, lpair) = run(remote), run(local)
+    assert torch.allclose(gap, lgap, atol=1e-5) and len(pair) == len(lpair) == 2
+    assert torch.allclose(pair[0], lpair[0], atol=1e-5) and torch.allclose(pair[1], lpair[1], atol=1e-4)
+
+
+def test_remote_session_refuses_changing_an_earlier_traces_value(remote, local):
+    """Each shard keeps its own copy of earlier traces' values: an append from a later trace would be lost."""
+    with local.session():
+        kept = nd.list().save()
+        with local.trace(PROMPT):
+            kept.append(local.model.layers[3].output[:, -1])
+        with local.trace(SHORT):
+            kept.append(local.model.layers[3].output[:, -1])
+    assert len(kept) == 2  # locally the list is one object
+    with pytest.raises(GraphValidationError, match=r"test_compat_execution.py:\d+.*changes in place operation "
+                                                   r"builtins.list .*earlier trace"), remote.session():
+        kept = nd.list().save()
+        with remote.trace(PROMPT):
+            kept.append(remote.model.layers[3].output[:, -1])
+        with remote.trace(SHORT):
+            kept.append(remote.model.layers[3].output[:, -1])

@@ -392,6 +392,38 @@ def test_hand_built_graphs_are_checked_too(lm: Any) -> None:
         validate_graph(graph, **limits(lm))
 
 
+CHANGES_OF_AN_EARLIER_PASS: list[tuple[str, Callable[[Any, Any, Any], None]]] = [
+    ("list.append", lambda lm, kept, h: kept.append(lm.model.layers[1].output)),
+    ("list.extend", lambda lm, kept, h: kept.extend([lm.model.layers[1].output])),
+    ("setitem", lambda lm, kept, h: h.__setitem__(slice(None), lm.model.layers[1].output)),
+    ("iadd", lambda lm, kept, h: h.__iadd__(lm.model.layers[1].output)),
+    ("Tensor.mul_", lambda lm, kept, h: h.mul_(2)),
+]
+
+
+@pytest.mark.parametrize("change", [c[1] for c in CHANGES_OF_AN_EARLIER_PASS],
+                         ids=[c[0] for c in CHANGES_OF_AN_EARLIER_PASS])
+def test_changing_a_value_of_an_earlier_pass_is_refused_remotely(lm: Any, change: Callable[[Any, Any, Any], None]) -> None:
+    """A later trace of a session may read an earlier trace's values but not change them in place: each
+    shard keeps its own copy of them, so the change would be lost. Locally the same graph is fine."""
+    with lm.session() as session:
+        kept = nd.list()
+        with lm.trace(PROMPT):
+            h = lm.model.layers[0].output * 1
+        with lm.trace(PROMPT):
+            change(lm, kept, h)
+    validate_graph(session.graph, **{**limits(lm), "remote": False})
+    with pytest.raises(GraphValidationError, match=r"changes in place .* a value of an earlier trace \(pass 0\)"):
+        validate_graph(session.graph, **limits(lm))
+    data = session.graph.to_dict()
+    changer = next(n for n in reversed(data["nodes"]) if n["kind"] == "op" and n.get("pass") == 1)
+    changer["pass"] = 0  # the same change inside the trace that made the value: allowed
+    for node in data["nodes"]:
+        node.pop("pass", None)
+    data["passes"] = data["passes"][:1]
+    validate_graph(InterventionGraph.from_dict(data), **limits(lm))
+
+
 def test_node_and_constant_caps(lm: Any, recorded: dict[str, dict[str, Any]]) -> None:
     graph = InterventionGraph.from_json(json.dumps(recorded["trace"]))
     with pytest.raises(GraphValidationError, match="nodes; the limit is 5"):

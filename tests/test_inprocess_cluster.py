@@ -239,7 +239,7 @@ async def test_monitor_shows_completed_and_failed_experiments(c, s, a, b, model_
                 logits = lm.output.logits.save()
             with pytest.raises(InterventionError, match="operator.getitem failed: IndexError"), lm.trace(PROMPT):
                 lm.model.layers[3].output[:, 99].save()
-        return logits.value
+        return logits
 
     logits = await blocking(s, body)
     plugin = s.plugins[monitor.NAME]

@@ -86,7 +86,7 @@ def assert_equals_local(remote, local, ids=PROMPT):
         got = remote.output.logits[:, -1].save()
     with local.trace(ids):
         ref = local.output.logits[:, -1].save()
-    assert (got.value - ref.value).abs().max().item() <= 1e-5
+    assert (got - ref).abs().max().item() <= 1e-5
 
 
 def stopped_computing(client, name="life", quiet_for=0.5):
@@ -334,7 +334,7 @@ def test_a_worker_death_counts_only_against_the_experiment_running_there(client,
         with local.trace(torch.tensor([[i + 4, 5, 6]])):
             ref = local.output.logits[:, -1].save()
         got = next(iter(future.result(timeout=120).values()))
-        assert (got - ref.value).abs().max().item() <= 1e-5
+        assert (got - ref).abs().max().item() <= 1e-5
     ended = time.monotonic() - killed
     seen = rows()
     assert "died while this experiment was running on it" in seen[first]["error"]

@@ -31,7 +31,7 @@ def reference(local):
         h1 = local.model.layers[1].output.save()
         h3 = local.model.layers[3].output.save()
         logits = local.output.logits.save()
-    return h1.value, h3.value, logits.value
+    return h1, h3, logits
 
 
 def test_large_saves_come_back_lazy_and_equal(remote, local, tmp_path):
@@ -43,18 +43,20 @@ def test_large_saves_come_back_lazy_and_equal(remote, local, tmp_path):
         top = remote.output.logits[:, -1].argmax(-1).save()  # small: inline
         hs = [remote.model.layers[i].output.save() for i in range(4)]
     ref_h1, ref_h3, ref_logits = reference(local)
-    for proxy in (h1, h3, logits, *hs):
+    for value in (h1, h3, logits):  # saved locals are the lazy tensors themselves
+        assert isinstance(value, LazyTensor), value
+    for proxy in hs:  # proxies in a list keep .value
         assert isinstance(proxy.value, LazyTensor), proxy
-    assert isinstance(top.value, torch.Tensor)
-    assert torch.allclose(h1.value.torch(), ref_h1, atol=1e-5)
-    assert torch.allclose(h3.value.torch(), ref_h3, atol=1e-5)
-    assert torch.allclose(logits.value.torch(), ref_logits, atol=1e-4)
-    assert torch.equal(top.value, ref_logits[:, -1].argmax(-1))
+    assert isinstance(top, torch.Tensor)
+    assert torch.allclose(h1.torch(), ref_h1, atol=1e-5)
+    assert torch.allclose(h3.torch(), ref_h3, atol=1e-5)
+    assert torch.allclose(logits.torch(), ref_logits, atol=1e-4)
+    assert torch.equal(top, ref_logits[:, -1].argmax(-1))
     # slicing stays lazy and reads the right values
-    last = h3.value[:, -1]
+    last = h3[:, -1]
     assert isinstance(last, LazyTensor) and tuple(last.shape) == (1, 64)
     assert torch.allclose(last.torch(), ref_h3[:, -1], atol=1e-5)
-    assert torch.allclose(torch.as_tensor(h1.value[0, 2:4].numpy()), ref_h1[0, 2:4], atol=1e-5)
+    assert torch.allclose(torch.as_tensor(h1[0, 2:4].numpy()), ref_h1[0, 2:4], atol=1e-5)
     # the experiment is complete, and holds exactly the persisted saves
     experiments = list_experiments(store)
     assert len(experiments) == 1
@@ -62,7 +64,7 @@ def test_large_saves_come_back_lazy_and_equal(remote, local, tmp_path):
     assert info["complete"]
     assert sorted(open_experiment(store, experiment_id)) == sorted(
         ["h1", "h3", "logits", "hs[0]", "hs[1]", "hs[2]", "hs[3]"])
-    assert h1.value.shape == ref_h1.shape
+    assert h1.shape == ref_h1.shape
 
 
 def test_bf16_persisted_exactly(remote, local, tmp_path):
@@ -71,9 +73,9 @@ def test_bf16_persisted_exactly(remote, local, tmp_path):
         h = remote.model.layers[2].output.to(torch.bfloat16).save()
     with local.trace(PROMPT):
         ref = local.model.layers[2].output.to(torch.bfloat16).save()
-    assert isinstance(h.value, LazyTensor) and h.value.dtype == torch.bfloat16
-    got = h.value.torch()
-    assert got.dtype == torch.bfloat16 and torch.equal(got, ref.value)
+    assert isinstance(h, LazyTensor) and h.dtype == torch.bfloat16
+    got = h.torch()
+    assert got.dtype == torch.bfloat16 and torch.equal(got, ref)
 
 
 def test_non_blocking_trace_persists_too(remote, local, tmp_path):
@@ -96,7 +98,7 @@ def test_failed_experiment_leaves_nothing_complete(remote, tmp_path):
     # the same deployment keeps working with the same store
     with remote.trace(PROMPT, store=store, persist_threshold=THRESHOLD):
         ok = remote.model.layers[1].output.save()
-    assert isinstance(ok.value, LazyTensor)
+    assert isinstance(ok, LazyTensor)
     complete = [e for e, info in list_experiments(store).items() if info.get("complete")]
     assert len(complete) == 1 and is_complete(store, complete[0])
 
@@ -120,7 +122,7 @@ def test_inline_limit_is_the_workers(remote, client, monkeypatch):
                 remote.model.layers[1].output.save()
         with remote.trace(PROMPT):  # small results still pass
             top = remote.output.logits[:, -1].argmax(-1).save()
-        assert top.value.shape == (1,)
+        assert top.shape == (1,)
     finally:
         _set_on_workers(client, "max_inline_result_bytes", nd.config.DEFAULTS["max_inline_result_bytes"])
 
@@ -142,8 +144,8 @@ def test_local_trace_with_store(local, tmp_path):
         h1 = local.model.layers[1].output.save()
         small = local.model.layers[1].output[0, -1, 0].save()
     ref_h1, _, _ = reference(local)
-    assert isinstance(h1.value, LazyTensor) and isinstance(small.value, torch.Tensor)
-    assert torch.equal(h1.value.torch(), ref_h1)
+    assert isinstance(h1, LazyTensor) and isinstance(small, torch.Tensor)
+    assert torch.equal(h1.torch(), ref_h1)
     (experiment_id, info), = list_experiments(store).items()
     assert info["complete"] and list(open_experiment(store, experiment_id)) == ["h1"]
 

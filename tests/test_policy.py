@@ -46,7 +46,7 @@ def test_allowed_experiment_runs_and_equals_local(strict, local):
         remote = strict.model.layers[2].output.save()
     with local.trace(PROMPT):
         expected = local.model.layers[2].output.save()
-    assert (remote.value - expected.value).abs().max().item() <= 1e-5
+    assert (remote - expected).abs().max().item() <= 1e-5
 
 
 @pytest.mark.parametrize("rule, body", [
@@ -89,7 +89,7 @@ def test_stores_outside_the_allowed_prefixes_are_refused(strict, strict_policy, 
                 strict.model.layers[1].output.save()
     with strict.trace(PROMPT, store=f"{allowed}/run1", persist_threshold=0):
         h = strict.model.layers[1].output.save()
-    assert h.value.torch().shape[-1] == 64
+    assert h.torch().shape[-1] == 64
 
 
 def test_the_shard_enforces_the_policy_without_the_client(client, strict):
@@ -127,7 +127,7 @@ def test_backward_leaves_no_gradient_on_the_shared_weights(client, open_deployme
     with open_deployment.trace(PROMPT):
         g = open_deployment.model.layers[1].output.grad.save()
         open_deployment.output.logits[0, -1].max().backward()
-    assert g.value.abs().sum() > 0
+    assert g.abs().sum() > 0
 
     def weight_grads(name):
         from nnsight_dask.worker import registry

@@ -60,9 +60,8 @@ def test_issue_example_matches_hooks(lm):
                          hooks=[("model.layers.1", lambda m, a, o: seen.__setitem__("h", o.clone())),
                                 ("model.layers.3", lambda m, a, o: o * 0.5)],
                          pre_hooks=[("model.layers.2.mlp.down_proj", pre)])
-    assert torch.equal(h.value, seen["h"])
-    assert torch.equal(top.value, ref.logits[:, -1].argmax(-1))
-    # a saved proxy is usable as its value
+    assert torch.equal(h, seen["h"])  # a saved local is its value after the block
+    assert torch.equal(top, ref.logits[:, -1].argmax(-1))
     assert h.shape == seen["h"].shape
     assert torch.allclose(h.mean(), seen["h"].mean())
     assert "tensor" in str(h)
@@ -133,7 +132,7 @@ def test_input_inputs_output(lm):
     run_with_hooks(lm._module, encode(lm, PROMPT),
                    hooks=[("model.layers.1.mlp", lambda m, a, o: seen.update(x=a[0].clone(), out=o.clone()))])
     assert torch.equal(x, seen["x"]) and torch.equal(out, seen["out"])
-    args, kwargs = args_kwargs.value
+    args, kwargs = args_kwargs
     assert isinstance(kwargs, dict) and args[0].shape == seen["x"].shape
 
 
@@ -145,6 +144,7 @@ def test_proxy_operations(lm):
         b = torch.stack([h[:, 0], h[:, -1]]).save()
         c = h.mean(dim=-1).softmax(-1).save()
         d = torch.nn.functional.relu(-h).sum().save()
+        held = [d]  # a proxy in a list stays a proxy after the block
         shape = h.shape.save()
         e = (1 - h).abs().max().save()
     seen = {}
@@ -154,10 +154,10 @@ def test_proxy_operations(lm):
     assert torch.allclose(b, torch.stack([ref[:, 0], ref[:, -1]]))
     assert torch.allclose(c, ref.mean(-1).softmax(-1))
     assert torch.allclose(d, torch.relu(-ref).sum())
-    assert shape.value == ref.shape
+    assert shape == ref.shape
     assert torch.allclose(e, (1 - ref).abs().max())
-    assert torch.allclose(torch.stack([d, d]), torch.stack([d.value, d.value]))
-    assert f"{float(d):.3f}" == f"{float(d.value):.3f}"
+    assert torch.allclose(torch.stack([held[0], held[0]]), torch.stack([d, d]))  # ... usable as its value
+    assert f"{float(held[0]):.3f}" == f"{float(d):.3f}"
 
 
 def test_unsaved_proxy_after_trace(lm):
@@ -328,7 +328,7 @@ def test_generation_step_intervention_changes_only_that_step(lm):
                     lm.model.layers[0].output[:] = 0
             with tracer.all():
                 hs = lm.model.layers[0].output[:, -1].save()
-        return hs.value
+        return hs
 
     base, changed = hidden_per_step(), hidden_per_step(step=1)
     assert torch.equal(base[0], changed[0])
@@ -341,7 +341,7 @@ def test_scan_gives_shapes_without_compute(lm):
     with lm.scan(PROMPT):
         h = lm.model.layers[1].output.save()
     assert tuple(h.shape) == (1, len(lm.tokenizer(PROMPT)["input_ids"]), lm.config.hidden_size)
-    assert type(h.value).__name__ == "FakeTensor"
+    assert type(h.value).__name__ == "FakeTensor"  # scans hand out fake tensors, kept behind their proxies
 
 
 def test_scan_reports_setter_shape_mismatch_with_line(lm):
@@ -426,14 +426,10 @@ def test_apply_cond_log_and_list(lm, capsys):
         kept.append(total)
         tracer.log("total", total)
         h1 = lm.model.layers[1].output.save()
-    assert torch.allclose(doubled, total_value(kept) * 2)
+    assert torch.allclose(doubled, kept[0] * 2)
     assert not torch.all(h1 == 0)
     assert "total tensor(" in capsys.readouterr().out
     assert tracer.graph.local_only
-
-
-def total_value(kept):
-    return kept.value[0]
 
 
 # -- 11. errors ----------------------------------------------------------------------------------------

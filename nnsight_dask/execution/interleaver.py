@@ -38,7 +38,15 @@ from ..graph.ops import (
     safe_call,
     safe_getattr,
 )
-from .batching import Layout, Window, conform, narrow, narrow_window, splice, splice_window
+from .batching import (
+    Layout,
+    Window,
+    conform,
+    narrow,
+    narrow_window,
+    splice,
+    splice_window,
+)
 
 Key = Any  # int for plain nodes, (node id, step) for nodes of an iteration block
 
@@ -474,10 +482,10 @@ class Interleaver:
         view = narrow_window(current, window)
         try:
             new = self.fire(keys, view, phase)
+            return current if new is view else splice_window(current, new, window)
         except Exception as exc:  # StopForward included: this member's stop() ends only its part
             self.halted = exc
             return current
-        return current if new is view else splice_window(current, new, window)
 
     def run_alongside(self, step: Callable[[], Any]) -> None:
         """Run ``step`` (free nodes before the forward, the result at its end) for a batch member:

@@ -23,6 +23,9 @@ The rules, in the order they are checked:
   ops in the whitelist, ``getattr`` and ``module_attr`` names public identifiers, no ``key=``
   callables; local functions only locally; a written value a reference, tensor or number.
 - **Totals.** Tensors sent along at most ``max_constant_bytes``; save names unique.
+- **Changes in place (remote).** No node changes in place a value of an earlier pass (``x[i] = v``,
+  ``x += v``, ``x.add_(v)``, ``l.append(v)`` on a value of an earlier trace of a session): each shard
+  keeps its own copy of earlier passes' values, so such a change would reach only one of them.
 """
 from __future__ import annotations
 
@@ -73,6 +76,14 @@ TARGETED = frozenset({Kind.OP, Kind.MODULE_ATTR, Kind.SAVE, Kind.APPLY})
 VALUELESS = frozenset({Kind.SETTER, Kind.GRAD_SETTER, Kind.SKIP, Kind.BACKWARD, Kind.LOG, Kind.STOP})
 #: Builtins that would call a ``key=`` function.
 KEYED_BUILTINS = frozenset({"builtins.sorted", "builtins.min", "builtins.max"})
+#: Operators that change their first argument in place.
+CHANGING_OPERATORS = frozenset({"operator.setitem", "operator.delitem", "operator.iadd", "operator.isub",
+                                "operator.imul", "operator.itruediv", "operator.ifloordiv", "operator.imod",
+                                "operator.ipow", "operator.imatmul", "operator.iand", "operator.ior",
+                                "operator.ixor", "operator.ilshift", "operator.irshift", "operator.iconcat"})
+#: List and dict methods that change their object in place (called as ``call(getattr(x, name), ...)``).
+CHANGING_METHODS = frozenset({"append", "extend", "insert", "pop", "remove", "clear", "sort", "reverse",
+                              "update", "setdefault", "popitem"})
 
 _SEGMENT = r"[A-Za-z0-9][A-Za-z0-9_]*"
 _MODULE_PATH = re.compile(rf"{_SEGMENT}(?:\.{_SEGMENT})*")
@@ -129,6 +140,8 @@ def validate_graph(graph: InterventionGraph, *, module_paths: Collection[str] | 
             raise field_error(node.id, "target", f"the save name {short(node.target)} is already used by node "
                               f"%{seen[node.target]}; save names must be unique")
         seen[node.target] = node.id  # type: ignore[index]
+    if remote:
+        _check_changes_stay_in_their_pass(graph)
 
 
 # -- passes ---------------------------------------------------------------------------------------
@@ -442,6 +455,38 @@ def _check_kind(graph: InterventionGraph, node: Node, ops: Any, where: str, remo
             node.id, "kind", f"{where} calls the local Python function {short(node.target)} through nd.apply; graphs "
             "with local functions run only locally. Rewrite it with torch operations to run it remotely.",
             ForbiddenOperationError, function=node.target, location=node.location)
+
+
+def _changed_value(graph: InterventionGraph, node: Node) -> int | None:
+    """The id of the node whose value ``node`` changes in place, or None."""
+    if node.kind != Kind.OP or not node.args or not isinstance(node.args[0], Ref):
+        return None
+    target, first = node.target or "", node.args[0].id
+    if target in CHANGING_OPERATORS or (target.startswith("Tensor.") and target.endswith("_")
+                                        and not target.endswith("__")):
+        return first
+    if target == "call":
+        method = graph.nodes[first]
+        if (method.kind == Kind.OP and method.target == "getattr" and len(method.args) == 2
+                and isinstance(method.args[0], Ref) and method.args[1] in CHANGING_METHODS):
+            return method.args[0].id
+    return None
+
+
+def _check_changes_stay_in_their_pass(graph: InterventionGraph) -> None:
+    """Remotely a value of an earlier pass is only read: each shard holds its own copy of it (values
+    travel between shards as copies), so a later pass changing it in place would change one copy."""
+    for node in graph.nodes:
+        changed = _changed_value(graph, node)
+        if changed is None or graph.nodes[changed].pass_index >= node.pass_index:
+            continue
+        source = graph.nodes[changed]
+        at = f" at {short(source.location, 120)[1:-1]}" if source.location else ""
+        raise field_error(
+            node.id, "args", f"{_where(node)} changes in place {short(source.describe(), 120)[1:-1]} (%{source.id}{at}), "
+            f"a value of an earlier trace (pass {source.pass_index}); remotely each shard keeps its own copy of "
+            "earlier traces' values, so the change would be lost. Make a new value instead, or save a value "
+            "in each trace and combine them after the session", location=node.location)
 
 
 def _check_written_value(node: Node, value: Any, where: str) -> None:

@@ -76,7 +76,7 @@ def demo(args: argparse.Namespace) -> None:
                     probs = lm.output.logits[0, -1].softmax(-1)
                     p_paris, p_rome = probs[paris].save(), probs[rome].save()
                     top = probs.argmax(-1).save()
-            print(f"   patch at layer {layer:>2}: answer {tok.decode(top.value)!r:>8}   "
+            print(f"   patch at layer {layer:>2}: answer {tok.decode(top)!r:>8}   "
                   f"p(' Paris')={float(p_paris):.2f}  p(' Rome')={float(p_rome):.2f}")
         print("\nAll three ran on the cluster; hidden states moved shard to shard, never through this client.")
         if args.keep:

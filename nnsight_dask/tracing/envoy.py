@@ -205,9 +205,20 @@ class Envoy:
                      iteration=self._iteration(recorder))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the module on traced values (e.g. the logit lens, ``lm.lm_head(lm.model.norm(h))``).
+
+        The call runs without the trace's hooks: interventions on its submodules do not apply to it,
+        and it does not count as a call of them. nnsight's ``hook=True`` (run it with hooks live) is
+        not supported and is refused by name, rather than passed on to the module's ``forward``.
+        """
         recorder = self._owner._active_recorder()
         if recorder is None:
             return self._module(*args, **kwargs)
+        if "hook" in kwargs:
+            raise TracingError(
+                f"{display_path(self._path)}(..., hook=...): calling a module with the trace's hooks live is "
+                "not supported; a module called in a trace runs without them (interventions on its submodules "
+                "do not apply to that call)", module=self._path)
         return recorder.add(Kind.MODULE_CALL, args, kwargs, module=self._path)
 
 

@@ -5,9 +5,10 @@ As in nnsight 0.4, ``h = lm.model.layers[0].output.save()`` is a plain tensor af
 the ``with`` block are replaced; proxies inside lists or dicts stay proxies (read them with ``.value``).
 
 Whether it happens is a process setting, ``nnsight-dask.frame-injection`` in dask.config (default
-off for now; ``dask.config.set({"nnsight-dask.frame-injection": True})`` or the environment variable
-``DASK_NNSIGHT_DASK__FRAME_INJECTION=True``), read through the reader :mod:`nnsight_dask.api` installs.
-``FRAME_INJECTION = True``/``False`` here forces it either way (nnsight's ``CONFIG.APP.FRAME_INJECTION``).
+on; ``dask.config.set({"nnsight-dask.frame-injection": False})`` or the environment variable
+``DASK_NNSIGHT_DASK__FRAME_INJECTION=False`` keep saved proxies as proxies), read through the reader
+:mod:`nnsight_dask.api` installs (tracing itself never imports Dask). ``FRAME_INJECTION =
+True``/``False`` here forces it either way (nnsight's ``CONFIG.APP.FRAME_INJECTION``).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 #: ``None`` follows the process setting, ``True``/``False`` force it.
 FRAME_INJECTION: bool | None = None
 
-_setting: Callable[[], bool] = lambda: False
+_setting: Callable[[], bool] = lambda: True  # the setting's default, until api installs its reader
 
 
 def set_setting_reader(reader: Callable[[], bool]) -> None:

@@ -14,12 +14,13 @@ import torch
 from ..backends.base import Backend
 from ..errors import TracingError
 from ..graph.graph import InterventionGraph
-from ..graph.node import Kind, Node, Ref
+from ..graph.node import Kind, Node
 from .envoy import Envoy
 from .proxy import Proxy
 from .recorder import Recorder, active_recorders
 from .scanning import typed_intervention_error
 from .tracer import Session, Tracer
+from .unroll import remap
 
 
 class NNsight:
@@ -68,10 +69,10 @@ class NNsight:
 
         ``verbose`` shows a remote experiment's progress (default ``config.verbose``).
 
-        ``store=`` (an fsspec URL or local path) persists saved tensors above ``persist_threshold``
         ``batching=False`` keeps a remote experiment out of co-tenant batches on the shards: it runs
         alone, bit-exact with a solo run (batched, values may differ by float rounding, ~1e-5 relative).
 
+        ``store=`` (an fsspec URL or local path) persists saved tensors above ``persist_threshold``
         bytes (default ``config.persist_threshold``) to Zarr; they come back as lazy tensors.
         """
         tracer = Tracer(self, inputs, kind="trace", remote=remote, execute=execute, validate=validate,
@@ -95,9 +96,16 @@ class NNsight:
         return Session(self, remote=remote, blocking=blocking, store=store, persist_threshold=persist_threshold,
                        storage_options=storage_options)
 
-    def edit(self, *, inplace: bool = False) -> _EditContext:
-        """Record interventions applied to every later trace (of a copy, or of this model if inplace)."""
-        return _EditContext(self, inplace)
+    def edit(self, *inputs: Any, inplace: bool = False, **kwargs: Any) -> _EditContext:
+        """Record interventions applied to every later trace (of a copy, or of this model if inplace).
+
+        ``with lm.edit() as edited:`` gives a copy sharing this model's module tree: ``lm.*`` and
+        ``edited.*`` name the same modules, inside the edit and in ``edited.trace(...)`` alike.
+        With ``inputs`` (and tokenizer ``kwargs``) the edit is recorded as ``lm.scan(inputs)`` records:
+        shapes are concrete inside the block, and the edit (on top of earlier ones) is checked on fake
+        tensors when the block ends, so its errors surface there with their type and the user's line.
+        """
+        return _EditContext(self, inplace, inputs, kwargs)
 
     def clear_edits(self) -> None:
         object.__setattr__(self, "_edits", None)
@@ -374,71 +382,71 @@ def _default_id(module: torch.nn.Module) -> str:
 class _EditContext:
     """``with model.edit() as edited:`` interventions recorded once, applied to every later trace."""
 
-    def __init__(self, model: NNsight, inplace: bool) -> None:
+    def __init__(self, model: NNsight, inplace: bool, inputs: tuple[Any, ...] = (),
+                 encode_kwargs: dict[str, Any] | None = None) -> None:
         self.model = model
         self.inplace = inplace
+        self.inputs = inputs
+        self.encode_kwargs = encode_kwargs or {}
         self.recorder = Recorder()
         self.target: NNsight = model
+        self._scan: Tracer | None = None
+        self._first = 0  # the edit's own nodes start here (a scan first applies the earlier edits)
 
     def __enter__(self) -> NNsight:
-        if self.inplace:
-            self.target = self.model
+        self.target = self.model if self.inplace else _copy_wrapper(self.model)
+        if self.inputs:
+            self._scan = self.target.scan(*self.inputs, **self.encode_kwargs)
+            self._scan.__enter__()
+            self.recorder = self._scan._require()
+            self._first = len(self.recorder.graph.nodes)
         else:
-            self.target = _copy_wrapper(self.model)
-        self.recorder.new_pass("trace", {})
-        self.model._push(self.recorder)
-        if self.target is not self.model:
-            self.target._push(self.recorder)
+            self.recorder.new_pass("trace", {})
+            self.model._push(self.recorder)  # the copy shares the model's recording stack
         return self.target
 
-    def __exit__(self, exc_type: Any, *exc: Any) -> None:
-        self.model._pop(self.recorder)
-        if self.target is not self.model:
-            self.target._pop(self.recorder)
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        graph = self.recorder.graph
+        refused = None
+        if exc_type is None and any(n.kind == Kind.SAVE for n in graph.nodes[self._first:]):
+            refused = TracingError("edits cannot .save() values; save them in the traces that use the edit")
+            exc_type, exc = TracingError, refused
+        if self._scan is not None:
+            self._scan.__exit__(exc_type, exc, tb)  # without an error: the fake run, raising what the edit would
+        else:
+            self.model._pop(self.recorder)
         self.recorder.close()
+        if refused is not None:
+            raise refused
         if exc_type is not None:
             return
-        if any(n.kind == Kind.SAVE for n in self.recorder.graph.nodes):
-            raise TracingError("edits cannot .save() values; save them in the traces that use the edit")
         merged = InterventionGraph()
         if self.target._edits is not None:
             copy_nodes(self.target._edits, merged, 0)
-        copy_nodes(self.recorder.graph, merged, 0)
+        copy_nodes(graph, merged, 0, first=self._first)
         object.__setattr__(self.target, "_edits", merged)
 
 
 def _copy_wrapper(model: NNsight) -> NNsight:
+    """A wrapper of the same module with its own edits, sharing the envoy tree and the recording
+    stack (so ``lm.layer`` and ``edited.layer`` record into whichever of the two is tracing)."""
     clone = object.__new__(type(model))
     for name, value in model.__dict__.items():
         object.__setattr__(clone, name, value)
-    object.__setattr__(clone, "_envoy", Envoy(model._module, "", clone))
-    object.__setattr__(clone, "_threads", threading.local())
     return clone
 
 
-def copy_nodes(source: InterventionGraph, target: InterventionGraph, pass_index: int) -> None:
-    """Append ``source``'s nodes to ``target`` in pass ``pass_index``, renumbering references."""
-    offset = len(target.nodes)
-    mapping = {node.id: node.id + offset for node in source.nodes}
-    for node in source.nodes:
+def copy_nodes(source: InterventionGraph, target: InterventionGraph, pass_index: int, *, first: int = 0) -> None:
+    """Append ``source``'s nodes from id ``first`` on to ``target`` in pass ``pass_index``, renumbering
+    references (the copied nodes refer only to each other)."""
+    offset = len(target.nodes) - first
+    mapping = {node.id: node.id + offset for node in source.nodes[first:]}
+    for node in source.nodes[first:]:
         target.nodes.append(Node(
-            id=node.id + offset, kind=node.kind, target=node.target, args=_remap(node.args, mapping),
-            kwargs=_remap(node.kwargs, mapping), module=node.module, access=node.access, invoke=None,
+            id=node.id + offset, kind=node.kind, target=node.target, args=remap(node.args, mapping),
+            kwargs=remap(node.kwargs, mapping), module=node.module, access=node.access, invoke=None,
             call=node.call, pass_index=pass_index, iteration=None, cond=mapping.get(node.cond) if node.cond is not None else None,
             location=node.location))
         if node.id in source.local_functions:
             target.local_functions[node.id + offset] = source.local_functions[node.id]
 
-
-def _remap(obj: Any, mapping: dict[int, int]) -> Any:
-    if isinstance(obj, Ref):
-        return Ref(mapping[obj.id])
-    if isinstance(obj, tuple):
-        return tuple(_remap(o, mapping) for o in obj)
-    if isinstance(obj, list):
-        return [_remap(o, mapping) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _remap(v, mapping) for k, v in obj.items()}
-    if isinstance(obj, slice):
-        return slice(_remap(obj.start, mapping), _remap(obj.stop, mapping), _remap(obj.step, mapping))
-    return obj

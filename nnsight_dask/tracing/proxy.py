@@ -1,8 +1,9 @@
 """Proxy: stands for a value inside a trace, and is that value once the trace has run.
 
-Inside a trace every operation on a proxy records a node. After the trace, a saved proxy
-forwards everything (operators, tensor methods, ``torch.*`` functions, printing) to its value;
-an unsaved one explains that it was not saved.
+Inside a trace every operation on a proxy records a node. After the trace, a saved proxy held in
+a local variable is replaced by its value (:mod:`.inject`); one kept elsewhere (a list, a dict) has
+``.value`` and forwards everything (operators, tensor methods, ``torch.*`` functions, printing) to
+it; an unsaved one explains that it was not saved.
 """
 from __future__ import annotations
 
@@ -176,8 +177,12 @@ class Proxy:
 
     def __bool__(self) -> bool:
         if self._live():
-            raise TracingError("a traced value has no truth value while recording; use `with tracer.cond(x):` "
-                               "for conditional interventions")
+            raise TracingError(
+                "a traced value has no truth value while recording (it exists only when the model runs), so "
+                "Python's `if`, `while`, `and`, `or` and `not` cannot decide on it; they are not turned into "
+                "conditionals. Write `with tracer.cond(x):` for the if branch and `with tracer.cond(~x):` for "
+                "the else branch (elif: `tracer.cond(~x & y)`); around whole traces of a session, "
+                "`with session.cond(x):`")
         return bool(self.value)
 
     def __len__(self) -> int:
@@ -187,8 +192,10 @@ class Proxy:
 
     def __iter__(self) -> Any:
         if self._live():
-            raise TracingError("a traced value cannot be unpacked or iterated while recording; index it "
-                               "instead, e.g. out[0]")
+            raise TracingError(
+                "a traced value cannot be unpacked or iterated while recording (its length is known only when "
+                "the model runs); index it instead, e.g. out[0]. To run whole traces once per item of a Python "
+                "list, write `with session.iter(items) as item:` in a session")
         return iter(self.value)
 
     def __contains__(self, item: Any) -> bool:

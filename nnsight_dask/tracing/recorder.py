@@ -6,6 +6,7 @@ It knows the current pass, invoke, iteration block and condition, so every node 
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -45,6 +46,14 @@ class Recorder:
         self.envoy_steps: dict[str, int] = {}
         #: saves recorded after a stop of their pass that therefore never ran (filled by :meth:`finish`)
         self.never_ran: dict[int, Node] = {}
+        #: Whether a trace is open. A session's recorder also records between its traces (``nd.list()``,
+        #: operations on earlier traces' values); those nodes are listed in ``session_level`` and get
+        #: their pass when the session ends (:meth:`place_session_nodes`).
+        self.in_trace = False
+        self.session_level: list[int] = []
+        #: One list per open ``session.iter`` block: the proxies recorded inside it, renumbered when the
+        #: block is unrolled (see :mod:`.unroll`).
+        self.block_proxies: list[list[weakref.ref[Proxy]]] = []
 
     # -- structure ------------------------------------------------------------------------------
     def new_pass(self, kind: str, kwargs: dict[str, Any]) -> int:
@@ -52,7 +61,25 @@ class Recorder:
         self.pass_index = len(self.graph.passes) - 1
         self.invoke = None
         self.envoy_steps = {}  # `.next()` offsets last one trace
+        self.in_trace = True
         return self.pass_index
+
+    def end_pass(self) -> None:
+        """A trace of a session has closed: what is recorded next is at session level."""
+        self.in_trace = False
+        self.invoke = None
+
+    def place_session_nodes(self) -> None:
+        """Give each node recorded between a session's traces the pass of the first trace recorded after
+        it, so it runs once every earlier trace has run (program order across traces); nodes after the
+        last trace join the last pass. Call when the session ends, with at least one pass recorded."""
+        level = set(self.session_level)
+        following = len(self.graph.passes) - 1
+        for node in reversed(self.graph.nodes):
+            if node.id in level:
+                node.pass_index = following
+            else:
+                following = node.pass_index
 
     def add_invoke(self, encoded: dict[str, Any]) -> int:
         invokes = self.graph.passes[self.pass_index].invokes
@@ -93,10 +120,6 @@ class Recorder:
             total += steps.get(prefix, 0)
         return total
 
-    def all_steps_iteration(self) -> int:
-        """The iteration block over every step of the current pass (``envoy.all()``)."""
-        return self.steps_iteration(0, None, 1)
-
     def steps_iteration(self, start: int, stop: int | None, step: int) -> int:
         """The iteration block of the current pass over ``range(start, stop, step)``, shared by every
         read through ``envoy.all()`` / ``envoy.iter[...]`` with that range (so they combine)."""
@@ -104,6 +127,10 @@ class Recorder:
         if key not in self._all_iteration:
             self._all_iteration[key] = self.open_iteration(start, stop, step)
         return self._all_iteration[key]
+
+    def forget_passes_from(self, first: int) -> None:
+        """Drop what is cached about passes ``first`` and later (renumbered by an unrolled block)."""
+        self._all_iteration = {key: it for key, it in self._all_iteration.items() if key[0] < first}
 
     # -- nodes ------------------------------------------------------------------------------------
     def add(self, kind: str, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None, *,
@@ -123,7 +150,12 @@ class Recorder:
         fields.setdefault("invoke", self.invoke)
         node = self.graph.add(kind, args=args, kwargs=kwargs, pass_index=self.pass_index,
                               iteration=iteration, cond=self.cond, location=user_location(), **fields)
-        return Proxy(self, node.id)
+        if not self.in_trace:
+            self.session_level.append(node.id)
+        proxy = Proxy(self, node.id)
+        for block in self.block_proxies:
+            block.append(weakref.ref(proxy))
+        return proxy
 
     def _inherited_iteration(self, refs: list[int]) -> int | None:
         nodes = self.graph.nodes

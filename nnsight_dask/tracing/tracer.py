@@ -6,15 +6,18 @@ backend (local, or remote later) and hands saved values to their proxies.
 from __future__ import annotations
 
 import sys
+import weakref
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from ..errors import TracingError
 from ..graph.graph import InterventionGraph
 from ..graph.node import Kind, Ref
 from .inject import inject_saves
-from .proxy import Proxy
+from .proxy import Proxy, _map_proxies
 from .recorder import Recorder, active_recorders
 from .scanning import ScanRecorder
+from .unroll import DeferredInput, SessionBlock, sequence_of, unroll
 
 if TYPE_CHECKING:
     from ..backends.base import Backend
@@ -33,16 +36,16 @@ class Tracer:
                  positions: str | None = None, batching: bool | None = None) -> None:
         self.model = model
         self.options = experiment_options(store, persist_threshold, storage_options)
-        if positions is not None:
-            if positions not in ("model", "solo"):
-                raise TracingError(f"positions= takes 'model' (the model's own batched forward, nnsight's rule) "
-                                   f"or 'solo' (each prompt's positions as if it ran alone), not {positions!r}")
-            self.options["positions"] = positions
         if batching is not None:
             if not isinstance(batching, bool):
                 raise TracingError(f"batching= takes True or False, not {batching!r}")
             if not batching:
                 self.options["batching"] = False
+        if positions is not None:
+            if positions not in ("model", "solo"):
+                raise TracingError(f"positions= takes 'model' (the model's own batched forward, nnsight's rule) "
+                                   f"or 'solo' (each prompt's positions as if it ran alone), not {positions!r}")
+            self.options["positions"] = positions
         self.kind = kind
         self.remote = remote
         self.execute = execute
@@ -95,6 +98,8 @@ class Tracer:
         if self._implicit is not None:
             self._implicit.__exit__(None, None, None)
         self.model._pop(recorder)
+        if self._session is not None:
+            recorder.end_pass()
         if exc_type is not None:
             if self._session is None:
                 recorder.close()
@@ -133,7 +138,7 @@ class Tracer:
 
     def cond(self, condition: Any) -> CondBlock:
         """``with tracer.cond(x):`` runs the block's interventions only where ``x`` is true."""
-        return CondBlock(self, condition)
+        return CondBlock(self._require, condition)
 
     def stop(self) -> None:
         """Stop the forward pass as soon as every intervention written so far has run."""
@@ -169,8 +174,20 @@ class Invoker:
         recorder = self.tracer._require()
         if recorder.invoke is not None:
             raise TracingError("invokes cannot be nested")
-        encoded = self.tracer.model._encode(self.inputs, **self.encode_kwargs)
-        self.index = recorder.add_invoke(encoded)
+        session = self.tracer._session
+        proxies: list[Proxy] = []
+        _map_proxies(self.inputs, proxies.append)
+        if not proxies:
+            self.index = recorder.add_invoke(self.tracer.model._encode(self.inputs, **self.encode_kwargs))
+        elif session is not None and all(session._is_item(proxy) for proxy in proxies):
+            self.index = recorder.add_invoke({})  # filled in per item when the session.iter block closes
+            session._deferred[(recorder.pass_index, self.index)] = DeferredInput(
+                self.inputs, self.encode_kwargs, self.tracer.model._encode)
+        else:
+            raise TracingError(
+                "a trace's input cannot be a value of another trace: inputs are encoded while recording, "
+                "before anything runs (only the item of an enclosing `with session.iter(items) as item:` "
+                "can be one). Run the earlier trace on its own, then pass its saved tensor")
         recorder.invoke = self.index
         return self
 
@@ -212,15 +229,16 @@ class IterationBlock:
 
 
 class CondBlock:
-    """Nodes recorded inside run only when the condition's value is true."""
+    """Nodes recorded inside run only when the condition's value is true (``tracer.cond``, and
+    ``session.cond`` around whole traces)."""
 
-    def __init__(self, tracer: Tracer, condition: Any) -> None:
-        self.tracer = tracer
+    def __init__(self, recorder: Callable[[], Recorder], condition: Any) -> None:
+        self._recorder = recorder
         self.condition = condition
         self._previous: int | None = None
 
     def __enter__(self) -> CondBlock:
-        recorder = self.tracer._require()
+        recorder = self._recorder()
         self._previous = recorder.cond
         condition = self.condition
         if self._previous is not None:
@@ -231,7 +249,7 @@ class CondBlock:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.tracer._require().cond = self._previous
+        self._recorder().cond = self._previous
 
 
 class Session:
@@ -248,19 +266,47 @@ class Session:
         self.recorder.graph.options.update(experiment_options(store, persist_threshold, storage_options))
         self.future: Any = None
         self.logs: list[str] = []
+        self._active = False
+        self._blocks: list[SessionBlock] = []
+        #: Invoke inputs waiting for a ``session.iter`` item, by ``(pass, invoke)``.
+        self._deferred: dict[tuple[int, int], DeferredInput] = {}
 
     @property
     def graph(self) -> InterventionGraph:
         return self.recorder.graph
 
+    def _require(self) -> Recorder:
+        if not self._active:
+            raise TracingError("the session is not active; use it as `with model.session() as session:`")
+        return self.recorder
+
+    def iter(self, items: Iterable[Any]) -> SessionIteration:
+        """``with session.iter(items) as item:`` runs the block (whole traces) once per item; ``item``
+        stands for the current one (also as a trace's input). Unrolled when the block closes."""
+        return SessionIteration(self, items)
+
+    def cond(self, condition: Any) -> CondBlock:
+        """``with session.cond(x):`` around whole traces: their interventions and saves apply only when
+        ``x`` (a value of an earlier trace) is true. The traces' forward passes still run."""
+        return CondBlock(self._require, condition)
+
+    def _is_item(self, proxy: Proxy) -> bool:
+        return any(proxy is block.item for block in self._blocks)
+
     def __enter__(self) -> Session:
         if self.model._session is not None:
             raise TracingError("sessions cannot be nested")
         self.model._set_session(self)
+        self._active = True
+        active_recorders().append(self.recorder)  # nd.list(), nd.apply() between traces record here
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         self.model._set_session(None)
+        self._active = False
+        stack = active_recorders()
+        if stack and stack[-1] is self.recorder:
+            stack.pop()
         if exc_type is not None:
             self.recorder.close()
             return
@@ -269,9 +315,45 @@ class Session:
         if not self.recorder.graph.passes:
             self.recorder.close()
             return
+        self.recorder.place_session_nodes()
         self.future = self.model._run(self.recorder, self)
         if self.future is None:
             inject_saves(caller, self.recorder)
+
+
+class SessionIteration:
+    """``with session.iter(items) as item:`` whole traces recorded once, run once per item (see :mod:`.unroll`)."""
+
+    def __init__(self, session: Session, items: Iterable[Any]) -> None:
+        self.session = session
+        self.items = sequence_of(items)
+        self._block: SessionBlock | None = None
+
+    def __enter__(self) -> Proxy:
+        recorder = self.session._require()
+        if recorder.in_trace:
+            raise TracingError("session.iter repeats whole traces, so it goes outside them; inside a trace, "
+                               "tracer.iter[...] / tracer.all() repeat interventions over generation steps")
+        graph = recorder.graph
+        items = recorder.add(Kind.OP, (self.items,), target="builtins.list")
+        first = (len(graph.nodes), len(graph.passes), len(graph.iterations))
+        proxies: list[weakref.ref[Proxy]] = []
+        recorder.block_proxies.append(proxies)
+        item = recorder.add(Kind.OP, (items, 0), target="operator.getitem")  # each copy reads its own index
+        self._block = SessionBlock(self.items, item, *first, items_node=items._node, proxies=proxies)
+        self.session._blocks.append(self._block)
+        return item
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        block = self._block
+        if block is None:
+            return
+        recorder = self.session.recorder
+        recorder.block_proxies.pop()  # blocks nest, so the innermost open one is this one
+        self.session._blocks.pop()
+        self._block = None
+        if exc_type is None:
+            unroll(recorder, block, self.session._deferred)
 
 
 def experiment_options(store: Any, persist_threshold: int | None,
