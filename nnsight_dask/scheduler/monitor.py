@@ -83,6 +83,9 @@ class ExperimentRecord:
     workers: list[str] = field(default_factory=list)
     #: The worker that died while this experiment was computing on it ("" if none did).
     lost_on: str = ""
+    #: Who vouches for ``user``: "gateway" (a registered gateway checked it against an API key) or
+    #: "client" (the name a Dask client gave itself, see ``nd.config.user``).
+    via: str = "client"
     #: Experiments it shared forward passes with on the shards (co-tenant batching).
     cotenants: set[str] = field(default_factory=set)
 
