@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 import torch
 from distributed.protocol import deserialize, serialize
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import nnsight_dask as nd
 from nnsight_dask.errors import GraphValidationError, InterventionError
@@ -391,3 +393,48 @@ def test_a_malformed_batching_option_is_refused(lm: Any, options: dict[str, Any]
     graph.setdefault("options", {}).update(options)
     with pytest.raises(GraphValidationError, match=field):
         InterventionGraph.from_dict(graph)
+
+
+WORDS = "The Eiffel Tower is in the city of capital Italy France Hello world Once upon a time".split()
+#: Interventions a member may make: (label, body) with ``body(lm, layer, scale)``.
+MENU = {
+    "scale last token": lambda lm, k, s: lm.model.layers[k].output[:, -1].mul_(s),
+    "replace output": lambda lm, k, s: setattr(lm.model.layers[k], "output", lm.model.layers[k].output * s),
+    "zero first token": lambda lm, k, s: lm.model.layers[k].output[:, 0].zero_(),
+    "write mlp input": lambda lm, k, s: lm.model.layers[k].mlp.down_proj.input[:, -1, :3].fill_(s),
+    "read only": lambda lm, k, s: None,
+    "bad row": lambda lm, k, s: lm.model.layers[k].output[5].save(name="never"),
+}
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.lists(st.sampled_from(WORDS), min_size=1, max_size=12),
+                          st.sampled_from(sorted(MENU)), st.integers(0, 3), st.floats(-3, 3, allow_nan=False),
+                          st.booleans()),
+                min_size=2, max_size=5))
+def test_any_batch_of_members_gets_each_members_solo_values(shards: list[ShardActor], lm: Any, tiny_tokenizer: Any,
+                                                           members: list[Any]) -> None:
+    """Property: whatever members meet (lengths, rows, interventions, one failing), each gets what it
+    gets alone, or fails alone with the error it has alone."""
+    graphs = {}
+    for index, (words, label, layer, scale, two_rows) in enumerate(members):
+        prompt = " ".join(words)
+        prompts = [prompt, " ".join(reversed(words))] if two_rows else prompt
+
+        def body(lm: Any, tracer: Any, label: str = label, layer: int = layer, scale: float = scale) -> None:
+            MENU[label](lm, layer, scale)
+            lm.model.layers[layer].output.save(name="h")
+            lm.output.logits.save(name="logits")
+
+        graphs[f"m{index}"] = record(lm, prompts, body)
+    answers = run_together(shards, graphs)
+    for name, graph in graphs.items():
+        try:
+            expected = solo(lm._module, graph, tiny_tokenizer.pad_token_id)
+        except InterventionError as alone:
+            assert isinstance(answers[name], InterventionError), (name, answers[name])
+            assert str(answers[name]).split(": ", 1)[1] == str(alone).split(": ", 1)[1]
+            continue
+        assert isinstance(answers[name], Results), (name, answers[name])
+        for key in expected:
+            assert_matches_solo(answers[name][key], expected[key])
