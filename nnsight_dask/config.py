@@ -65,6 +65,9 @@ DEFAULTS: dict[str, Any] = {
     #: Experiments the gateway runs at once on one deployment; the rest wait in its fair queue, so a
     #: newly arrived user's experiment waits for at most about this many to finish.
     "gateway_max_in_flight": 8,
+    #: Of those, the most one user's experiments may hold: a user alone never fills the deployment, so
+    #: another user's experiment usually starts at once instead of after a batch.
+    "gateway_max_in_flight_per_user": 2,
     #: A user's experiments queued or running at once, when keys.toml gives no ``max_concurrent``.
     "gateway_max_concurrent": 4,
     #: Shards run the stages waiting for them together, as one forward pass (co-tenant batching). Read

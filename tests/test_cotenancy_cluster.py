@@ -235,3 +235,14 @@ def test_gradients_through_a_remote_generation_equal_the_local_ones(cluster: Cli
     assert torch.equal(got["ids"], expected["ids"])
     assert expected["first"].abs().sum() > 0
     assert torch.allclose(got["first"], expected["first"], atol=1e-6)
+
+
+def test_serve_mounts_the_experiments_page_on_a_plain_cluster(cluster: Client) -> None:
+    """This cluster was started without the dashboard preload: nd.serve added the page and its data."""
+    import urllib.request
+
+    base = cluster.dashboard_link.rsplit("/", 1)[0]
+    with urllib.request.urlopen(f"{base}/experiments", timeout=30) as page:
+        assert page.status == 200 and b"bokeh" in page.read().lower()
+    with urllib.request.urlopen(f"{base}/nnsight/experiments.json", timeout=30) as rows:
+        assert rows.status == 200

@@ -14,7 +14,7 @@ import nnsight_dask as nd
 from nnsight_dask.errors import InterventionError
 from nnsight_dask.models import save_tiny
 from nnsight_dask.scheduler import monitor
-from nnsight_dask.service.dashboard import ExperimentsPanel
+from nnsight_dask.scheduler.experiments_page import ExperimentsPanel
 
 pytestmark = pytest.mark.cluster
 PROMPT = "The Eiffel Tower is"

@@ -144,3 +144,14 @@ def test_local_tracing_loads_neither_distributed_nor_zarr() -> None:
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_the_gateway_records_and_runs_no_graph_itself() -> None:
+    """The HTTP gateway decodes, validates and forwards graphs to the cluster; its own modules never
+    record (``tracing``) or run (``execution``, ``models``, ``backends.local``, ``api``) one, so nothing
+    an HTTP user sends is executed in the gateway's process."""
+    runs = {"tracing", "execution", "models", "backends.local", "api"}
+    bad = sorted(f"{module} imports {target}" for module, targets in imports().items()
+                 if module.startswith("nnsight_dask.service.gateway")
+                 for target in targets if target.startswith("nnsight_dask.") and unit(target) in runs)
+    assert not bad, bad

@@ -125,15 +125,25 @@ def serve(client: Client, model: ModelSource, shards: int = 1, name: str | None 
 
 
 def install_monitor(client: Client) -> bool:
-    """Register the experiment monitor on the scheduler (idempotent); False if the scheduler can't load it."""
+    """Register the experiment monitor on the scheduler and mount the dashboard's Experiments page
+    there if the scheduler was started without our preload (both idempotent); False if the scheduler
+    can't load them."""
     try:
         client.register_plugin(ExperimentMonitor())
+        client.run_on_scheduler(_mount_experiments_page)
     except Exception as exc:  # e.g. nnsight_dask is not installed where the scheduler runs
         warnings.warn(f"the nnsight-dask experiment monitor could not be installed on the scheduler "
                       f"({type(exc).__name__}: {exc}); experiments run, but the dashboard page stays empty",
                       RuntimeWarning, stacklevel=3)
         return False
     return True
+
+
+def _mount_experiments_page(dask_scheduler: Any) -> bool:
+    """Run on the scheduler (Dask passes it by this parameter's name)."""
+    from ..scheduler.experiments_page import add_page
+
+    return add_page(dask_scheduler)
 
 
 def _start_shard(client: Client, name: str, index: int, n_shards: int, model: ModelSource, dtype: Any,

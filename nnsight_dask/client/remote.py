@@ -79,7 +79,17 @@ class RemoteModel(LanguageModel):
     >>> lm = nd.RemoteModel(client, "smol")                              # doctest: +SKIP
     >>> with lm.trace("The capital of France is", remote=True):          # doctest: +SKIP
     ...     out = lm.output.logits[:, -1].argmax(-1).save()
+    >>> lm = nd.RemoteModel("http://head:8000", "smol", api_key=key)    # doctest: +SKIP  (through the gateway)
     """
+
+    def __new__(cls, client: Client | str | None = None, name: str | None = None, **kwargs: Any) -> RemoteModel:
+        """A URL (or none: ``NNSIGHT_DASK_URL``) instead of a Client reaches the deployment through
+        the HTTP gateway: ``nd.RemoteModel("http://head:8000", "smol", api_key=...)``."""
+        if cls is RemoteModel and (client is None or isinstance(client, str)):
+            from .http_remote import HttpRemoteModel
+
+            return super().__new__(HttpRemoteModel)
+        return super().__new__(cls)
 
     def __init__(self, client: Client, name: str) -> None:
         register_serializers()

@@ -126,6 +126,9 @@ class ExperimentMonitor(SchedulerPlugin):
         self.bytes_persisted_total = 0
         #: Worker -> the experiment computing there now (from the shards' events).
         self.executing: dict[str, str] = {}
+        #: Dask clients of registered HTTP gateways (:meth:`trust_gateway`): the users they stamp were
+        #: authenticated. Registering takes a Dask client, which is trusted with everything anyway.
+        self.gateways: set[str] = set()
         self._background: set[asyncio.Task[Any]] = set()
 
     # -- plugin hooks --------------------------------------------------------------------------
@@ -206,6 +209,7 @@ class ExperimentMonitor(SchedulerPlugin):
 
     def remove_client(self, scheduler: Any, client: str) -> None:
         """A client left (closed, or its process died): stop its unfinished experiments on their shards."""
+        self.gateways.discard(client)
         by_workers: dict[str, list[str]] = {}
         for record in self.experiments.values():
             if record.client == client and record.status not in ("completed", "failed"):
@@ -224,6 +228,10 @@ class ExperimentMonitor(SchedulerPlugin):
         task = asyncio.ensure_future(cancel())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    def trust_gateway(self, client: str) -> None:
+        """Mark experiments of Dask client ``client`` (an HTTP gateway) as stamped with authenticated users."""
+        self.gateways.add(client)
 
     # -- messages from clients -----------------------------------------------------------------
     def handle_message(self, client: str = "", event: str = "", **message: Any) -> None:
@@ -257,7 +265,8 @@ class ExperimentMonitor(SchedulerPlugin):
             experiment=message["experiment"], deployment=message.get("deployment", ""),
             user=message.get("user") or "", keys=list(message.get("keys", [])),
             shards=list(message.get("shards", [])), submitted=time.time(), retry_of=message.get("retry_of") or "",
-            client=client, workers=sorted(set(message.get("workers") or ())))
+            client=client, workers=sorted(set(message.get("workers") or ())),
+            via="gateway" if client in self.gateways else "client")
         self.experiments[record.experiment] = record
         for position, key in enumerate(record.keys):
             self.by_key.setdefault(key, []).append(record)

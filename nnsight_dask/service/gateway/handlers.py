@@ -1,0 +1,400 @@
+"""The gateway's HTTP API under ``/v1`` (documented in docs/gateway.md).
+
+Every route but ``/v1/health`` needs ``Authorization: Bearer <key>``. A user sees only their own
+experiments: another user's id answers 404, exactly like an id that does not exist, so ids leak
+nothing. Errors are JSON: ``{"error": {"type", "message", "fields"}}``. Blocking work (decoding and
+validating a graph, asking the scheduler) runs in a thread pool, never on the event loop, so a slow
+or hostile request does not hold up anyone else's.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import posixpath
+import re
+import uuid
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any
+
+from tornado import web, websocket
+
+from ... import config
+from ...client.http_wire import API, FINAL, error_to_json
+from ...errors import DeploymentError, GraphValidationError, PolicyError
+from ...graph.graph import InterventionGraph
+from ...storage.location import StoreLocation
+from ...worker.limits import check_graph
+from .dispatch import Job, QuotaExceeded
+from .keys import User
+
+if TYPE_CHECKING:
+    from .server import Gateway
+
+#: Longest ``?wait=`` a status request may block, in seconds.
+MAX_WAIT = 60.0
+_EXPERIMENT = r"([0-9a-f]{32})"
+
+
+class ApiError(web.HTTPError):
+    """An answer other than success, with a JSON body naming what went wrong."""
+
+    def __init__(self, code: int, kind: str, message: str, **fields: Any) -> None:
+        super().__init__(code)
+        self.body = {"type": kind, "message": message, "fields": fields}
+
+
+@web.stream_request_body
+class ApiHandler(web.RequestHandler):
+    """Authentication, body size limit and JSON answers, for every route."""
+
+    core: Gateway
+    user: User
+
+    def initialize(self, core: Gateway) -> None:
+        self.core = core
+        self._body = bytearray()
+        self._overflow = False
+
+    #: Whether the route needs an API key (all but the health check).
+    requires_user = True
+
+    def prepare(self) -> None:
+        declared = self.request.headers.get("Content-Length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.core.max_body_bytes):
+            raise self._too_large()
+        if self.requires_user:
+            user = self.core.keys.authenticate(self.request.headers.get("Authorization"))
+            if user is None:
+                raise ApiError(401, "Unauthorized", "a valid API key is needed: send 'Authorization: Bearer <key>'")
+            self.user = user
+
+    def data_received(self, chunk: bytes) -> None:
+        """Keep the body up to the limit; past it (a chunked body, no declared length) drain and drop
+        the rest, so the 413 reaches a client still sending (tornado cuts off past 4x the limit)."""
+        if self._finished or self._overflow:
+            return
+        self._body += chunk
+        if len(self._body) > self.core.max_body_bytes:
+            self._overflow = True
+            self._body.clear()
+
+    def _too_large(self) -> ApiError:
+        limit = self.core.max_body_bytes
+        return ApiError(413, "PayloadTooLarge", f"the request body is over the gateway's limit of {limit} bytes "
+                        "(nnsight-dask.gateway-max-body-bytes)", limit=limit)
+
+    def json_body(self) -> dict[str, Any]:
+        if self._overflow:
+            raise self._too_large()
+        try:
+            data = json.loads(bytes(self._body))
+        except (ValueError, RecursionError) as exc:
+            raise ApiError(400, "MalformedRequest", f"the request body is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "MalformedRequest", f"the request body must be a JSON object, not {type(data).__name__}")
+        return data
+
+    def answer(self, data: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(data))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        error = kwargs.get("exc_info", (None, None))[1]
+        if isinstance(error, ApiError):
+            body = error.body
+        else:
+            body = {"type": "HTTPError", "message": self._reason, "fields": {}}
+        if status_code == 401:
+            self.set_header("WWW-Authenticate", 'Bearer realm="nnsight-dask"')
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"error": body}))
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        if not isinstance(value, ApiError):  # refusals are answers, not server errors
+            super().log_exception(typ, value, tb)
+
+    def blocking(self, fn: Any, *args: Any) -> Awaitable[Any]:
+        """Run ``fn(*args)`` in the gateway's thread pool."""
+        return asyncio.get_running_loop().run_in_executor(self.core.executor, fn, *args)
+
+    def own_row(self, experiment: str) -> dict[str, Any]:
+        """The user's experiment ``experiment``; 404 when it is not theirs or does not exist."""
+        row = self.core.state.get(experiment)
+        if row is None or row["user"] != self.user.name:
+            raise ApiError(404, "NotFound", f"no experiment {experiment} of user {self.user.name!r}")
+        job = self.core.dispatcher.jobs.get(experiment)
+        if job is not None:
+            job.seen()
+        return row
+
+    def status_of(self, row: dict[str, Any]) -> dict[str, Any]:
+        job = self.core.dispatcher.jobs.get(row["id"])
+        live = {k: v for k, v in (job.event if job is not None else {}).items()
+                if k in ("position", "stage", "stages")}
+        status = {"experiment": row["id"], "deployment": row["deployment"], "status": row["status"],
+                  "submitted": row["submitted"], "started": row["started"], "ended": row["ended"], **live}
+        if row["error"]:
+            status["error"] = row["error"]
+        return status
+
+
+class Health(ApiHandler):
+    requires_user = False
+
+    def get(self) -> None:
+        self.answer({"status": "ok"})
+
+
+class NotFound(ApiHandler):
+    """Any other path: a JSON 404 (before authentication: it names no resource)."""
+
+    requires_user = False
+
+    def prepare(self) -> None:
+        raise ApiError(404, "NotFound", f"no route {self.request.path!r}; the API is under {API}/ (docs/gateway.md)")
+
+
+class Deployments(ApiHandler):
+    async def get(self) -> None:
+        found = await self.blocking(self.core.deployments.all)
+        self.answer({"deployments": [
+            {"name": name, "source": record.source, "shards": record.n_shards, "policy": record.policy.to_dict()}
+            for name, record in sorted(found.items()) if self.user.may_use(name)]})
+
+
+class DeploymentInfo(ApiHandler):
+    """What a client needs to trace the deployment without its weights (config, modules, tokenizer)."""
+
+    async def get(self, name: str) -> None:
+        served = await self.blocking(served_or_404, self.core, self.user, name)
+        self.answer({"name": name, "policy": served.record.policy.to_dict(), **served.description})
+
+
+class Experiments(ApiHandler):
+    async def post(self) -> None:
+        body = self.json_body()
+        deployment, graph = body.get("deployment"), body.get("graph")
+        keepalive = body.get("keepalive")
+        if not isinstance(deployment, str) or not deployment:
+            raise ApiError(400, "MalformedRequest", "field 'deployment' (the deployment's name) is required")
+        if not isinstance(graph, (str, dict)):
+            raise ApiError(400, "MalformedRequest", "field 'graph' (the intervention graph, as JSON text or an "
+                           "object) is required")
+        if keepalive is not None and (isinstance(keepalive, bool) or not isinstance(keepalive, (int, float))
+                                      or not 0 < keepalive <= 86400):
+            raise ApiError(400, "MalformedRequest", "field 'keepalive' is a number of seconds in (0, 86400]")
+        decoded = await self.blocking(validate, self.core, self.user, deployment, graph)
+        job = Job(uuid.uuid4().hex, self.user, deployment, decoded,
+                  keepalive=float(keepalive) if keepalive is not None else None)
+        try:
+            self.core.dispatcher.admit(job)
+        except QuotaExceeded as exc:
+            raise ApiError(429, "QuotaExceeded", str(exc), **error_to_json(exc)["fields"]) from None
+        self.answer({"experiment": job.id, **{k: v for k, v in job.event.items() if k != "experiment"}}, 202)
+
+    def get(self) -> None:
+        rows = self.core.state.of_user(self.user.name)
+        self.answer({"experiments": [self.status_of(row) for row in rows]})
+
+
+class Experiment(ApiHandler):
+    async def get(self, experiment: str) -> None:
+        row = self.own_row(experiment)
+        wait = self.get_query_argument("wait", None)
+        if wait is not None and row["status"] not in FINAL:
+            try:
+                seconds = min(max(float(wait), 0.0), MAX_WAIT)
+            except ValueError:
+                raise ApiError(400, "MalformedRequest", f"?wait= takes seconds, not {wait!r}") from None
+            job = self.core.dispatcher.jobs.get(experiment)
+            if job is not None:
+                job.watchers += 1  # a client waiting on its status is watching (keepalive)
+            try:
+                await self.core.wait_final(experiment, seconds)
+            finally:
+                if job is not None:
+                    job.watchers -= 1
+            row = self.own_row(experiment)
+        self.answer(self.status_of(row))
+
+    def delete(self, experiment: str) -> None:
+        self.cancel(experiment)
+
+    def cancel(self, experiment: str) -> None:
+        row = self.own_row(experiment)
+        job = self.core.dispatcher.jobs.get(experiment)
+        if job is not None:
+            self.core.dispatcher.cancel(job)
+            row = self.core.state.get(experiment) or row
+        self.answer(self.status_of(row), 202 if row["status"] not in FINAL else 200)
+
+
+class Cancel(Experiment):
+    def post(self, experiment: str) -> None:  # type: ignore[override]
+        self.cancel(experiment)
+
+
+class Result(ApiHandler):
+    async def get(self, experiment: str) -> None:
+        row = self.own_row(experiment)
+        if row["status"] != "COMPLETED":
+            error = row["error"] or {}
+            raise ApiError(409, "NotCompleted", f"experiment {experiment} is {row['status']}; results exist once it is "
+                           "COMPLETED" + (f" ({error.get('message')})" if error else ""), status=row["status"])
+        document = await self.blocking(self.core.state.load_result, experiment)
+        if document is None:
+            raise ApiError(410, "Gone", f"the result of experiment {experiment} is no longer kept by the gateway")
+        self.set_header("Content-Type", "application/json")
+        self.finish(document)
+
+
+class StoreObject(ApiHandler):
+    """Objects of an experiment's persisted saves, for clients with no access to the store: the
+    client opens the Zarr arrays over HTTP, so a lazy slice fetches only the chunks it needs."""
+
+    async def get(self, experiment: str, key: str) -> None:
+        row = self.own_row(experiment)
+        prefix = row["store_prefix"]
+        parts = key.split("/")
+        if (row["status"] != "COMPLETED" or not prefix or parts[0] != prefix
+                or any(part in ("", ".", "..") for part in parts) or posixpath.normpath(key) != key):
+            raise ApiError(404, "NotFound", f"experiment {experiment} has no persisted object {key!r}")
+        data = await self.blocking(_read, row["store_url"], key, self.request.headers.get("Range"))
+        if data is None:
+            raise ApiError(404, "NotFound", f"experiment {experiment} has no persisted object {key!r}")
+        content, span = data
+        self.set_header("Content-Type", "application/octet-stream")
+        if span is not None:
+            self.set_status(206)
+            self.set_header("Content-Range", span)
+        self.finish(content)
+
+
+class Events(websocket.WebSocketHandler):
+    """``/v1/experiments/<id>/events``: the experiment's status events so far, then live ones, one JSON
+    message each; closed after the final one. An open stream keeps the experiment's keepalive."""
+
+    def initialize(self, core: Gateway) -> None:
+        self.core = core
+        self._stop: Any = None
+        self._sent = -1
+        self._job: Job | None = None
+
+    def check_origin(self, origin: str) -> bool:
+        return True  # a key, not a cookie, authenticates: another site's page cannot borrow it
+
+    async def get(self, *args: Any, **kwargs: Any) -> None:
+        user = self.core.keys.authenticate(self.request.headers.get("Authorization"))
+        row = self.core.state.get(args[0])
+        if user is None:
+            self.set_status(401)
+            self.finish(json.dumps({"error": {"type": "Unauthorized", "message": "a valid API key is needed"}}))
+            return
+        if row is None or row["user"] != user.name:
+            self.set_status(404)
+            self.finish(json.dumps({"error": {"type": "NotFound", "message": f"no experiment {args[0]}"}}))
+            return
+        await super().get(*args, **kwargs)
+
+    def open(self, experiment: str) -> None:  # type: ignore[override]
+        self._job = self.core.dispatcher.jobs.get(experiment)
+        if self._job is None:  # already final
+            row = self.core.state.get(experiment) or {}
+            self._send({"experiment": experiment, "status": row.get("status"),
+                        **({"error": row["error"]} if row.get("error") else {})})
+            return
+        self._job.watchers += 1
+        self._stop = self.core.events.listen(experiment, self._send)
+        for event in self.core.events.history(experiment):
+            self._send(event)
+
+    def _send(self, event: dict[str, Any]) -> None:
+        seq = event.get("seq", self._sent + 1)
+        if seq <= self._sent or self.ws_connection is None:
+            return
+        self._sent = seq
+        self.write_message(json.dumps(event))
+        if event.get("status") in FINAL:
+            self.close()
+
+    def on_close(self) -> None:
+        if self._stop is not None:
+            self._stop()
+        if self._job is not None:
+            self._job.watchers -= 1
+            self._job.seen()
+            self._job = None
+
+
+_RANGE = re.compile(r"bytes=(\d+)-(\d*)$")
+
+
+def _read(url: str, key: str, byte_range: str | None) -> tuple[bytes, str | None] | None:
+    """``key`` of the store at ``url`` (a ``Range: bytes=a-b`` part of it), or None if it is missing."""
+    fs, root = StoreLocation(url).filesystem()
+    path = posixpath.join(root, key)
+    try:
+        match = _RANGE.match(byte_range or "")
+        if match is None:
+            return fs.cat_file(path), None
+        size = fs.size(path)
+        start, stop = int(match.group(1)), min(int(match.group(2)) + 1 if match.group(2) else size, size)
+        return fs.cat_file(path, start, stop), f"bytes {start}-{max(start, stop - 1)}/{size}"
+    except FileNotFoundError:
+        return None
+
+
+def routes(core: Gateway) -> list[tuple[str, type, dict[str, Any]]]:
+    args = {"core": core}
+    return [
+        (f"{API}/health", Health, args),
+        (f"{API}/deployments", Deployments, args),
+        (f"{API}/deployments/([^/]+)", DeploymentInfo, args),
+        (f"{API}/experiments", Experiments, args),
+        (f"{API}/experiments/{_EXPERIMENT}", Experiment, args),
+        (f"{API}/experiments/{_EXPERIMENT}/cancel", Cancel, args),
+        (f"{API}/experiments/{_EXPERIMENT}/result", Result, args),
+        (f"{API}/experiments/{_EXPERIMENT}/events", Events, args),
+        (f"{API}/experiments/{_EXPERIMENT}/store/(.+)", StoreObject, args),
+    ]
+
+
+def validation_error(exc: Exception) -> ApiError:
+    """The answer to a graph the gateway refuses: 403 for the deployment's policy, 422 for the rest."""
+    status = 403 if isinstance(exc, PolicyError) else 422
+    wire = error_to_json(exc)
+    return ApiError(status, wire["type"], wire["message"], **wire["fields"])
+
+
+def decode(graph: str | dict[str, Any]) -> InterventionGraph:
+    """A graph from anyone, with constants bounded before they are decoded."""
+    limit = config.max_inline_result_bytes
+    if isinstance(graph, str):
+        return InterventionGraph.from_json(graph, max_constant_bytes=limit)
+    return InterventionGraph.from_dict(graph, max_constant_bytes=limit)
+
+
+def validate(core: Gateway, user: User, deployment: str, graph: str | dict[str, Any]) -> InterventionGraph:
+    """Decode and check a graph for ``deployment`` the way its shards will (they check again)."""
+    served = served_or_404(core, user, deployment)
+    try:
+        decoded = decode(graph)
+        check_graph(decoded, served.module_paths, policy=served.record.policy,
+                    context_length=served.context_length, vocab_size=served.vocab_size)
+    except GraphValidationError as exc:
+        raise validation_error(exc) from None
+    decoded.model = deployment
+    return decoded
+
+
+def served_or_404(core: Gateway, user: User, name: str) -> Any:
+    if not user.may_use(name):
+        raise ApiError(404, "NotFound", f"no deployment {name!r} is open to user {user.name!r}")
+    try:
+        return core.deployments.get(name)
+    except DeploymentError as exc:
+        raise ApiError(404, "NotFound", str(exc)) from None
+
+
+__all__ = ["ApiError", "routes", "validate"]

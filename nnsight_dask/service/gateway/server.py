@@ -1,0 +1,196 @@
+"""``Gateway``: the authenticated HTTP front door of a Dask cluster's deployments.
+
+The gateway is the one Dask client of the shared service: it holds the cluster connection, and users
+hold only API keys. It runs a tornado HTTP server on an event loop of its own thread, so it starts
+the same way from the CLI (``nnsight-dask gateway``), a test or a notebook::
+
+    with Gateway("tcp://head:8786", "keys.toml", port=8000) as gateway:
+        ...                                   # http://127.0.0.1:8000/v1/...
+
+Slow clients are bounded by tornado: a request body must arrive within ``body_timeout`` seconds and
+an idle connection is closed after ``idle_timeout``; neither blocks anyone else, since every
+request waits asynchronously.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from pathlib import Path
+from typing import Any
+
+from distributed import Client
+from tornado import httpserver, netutil, web
+from tornado.ioloop import PeriodicCallback
+
+from ... import config
+from ...client.deployment import install_monitor
+from ...scheduler import monitor
+from .deployments import DeploymentCache
+from .dispatch import Dispatcher
+from .events import EventHub
+from .handlers import NotFound, routes
+from .keys import KeyRing
+from .state import FINAL, StateStore
+
+#: How often (ms) lapsed keepalives are looked for.
+EXPIRE_EVERY_MS = 500
+
+
+class Gateway:
+    """The HTTP gateway (see the module docstring and docs/gateway.md).
+
+    Parameters
+    ----------
+    scheduler
+        The cluster: a scheduler address (the gateway opens its own client) or a ``Client``.
+    keys
+        The users: a path to ``keys.toml`` or a :class:`~.keys.KeyRing`.
+    host, port
+        Where to listen (``port=0``: any free port; see :attr:`url`).
+    state_dir
+        Where statuses (sqlite) and inline results live (default ``nnsight-dask.gateway-state-dir``).
+    max_in_flight, max_in_flight_per_user, max_body_bytes
+        Default to the ``nnsight-dask.gateway-*`` settings.
+    body_timeout, idle_timeout
+        Seconds a request body may take to arrive, and an idle connection may stay open (slow clients).
+
+    Attributes
+    ----------
+    interrupted
+        Experiments a previous run left unfinished (a crash), marked FAILED when this one started.
+    """
+
+    def __init__(self, scheduler: str | Client, keys: KeyRing | str | Path, *, host: str = "127.0.0.1",
+                 port: int = 8000, state_dir: str | Path | None = None, max_in_flight: int | None = None,
+                 max_in_flight_per_user: int | None = None, max_body_bytes: int | None = None,
+                 body_timeout: float = 60.0, idle_timeout: float = 300.0) -> None:
+        self.scheduler = scheduler
+        self.keys = keys if isinstance(keys, KeyRing) else KeyRing.from_toml(keys)
+        self.host, self.port = host, port
+        self.state_dir = Path(state_dir or config.gateway_state_dir or config.cache_dir / "gateway")
+        self.max_in_flight = max_in_flight or config.gateway_max_in_flight
+        self.max_in_flight_per_user = max_in_flight_per_user or config.gateway_max_in_flight_per_user
+        self.max_body_bytes = max_body_bytes or config.gateway_max_body_bytes
+        self.body_timeout, self.idle_timeout = body_timeout, idle_timeout
+        self.client: Client | None = None
+        self._own_client = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: httpserver.HTTPServer | None = None
+        self.interrupted = 0
+
+    @property
+    def url(self) -> str:
+        """The gateway's base URL (``http://host:port``)."""
+        return f"http://{self.host}:{self.port}"
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> Gateway:
+        """Connect to the cluster, recover the state directory and listen; returns once serving."""
+        if isinstance(self.scheduler, Client):
+            self.client = self.scheduler
+        else:
+            self.client = Client(self.scheduler, set_as_default=False)
+            self._own_client = True
+        self.state = StateStore(self.state_dir)
+        self.interrupted = self.state.fail_unfinished(
+            "the gateway restarted before the experiment finished; submit it again")
+        self.deployments = DeploymentCache(self.client)
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="nnsight-gateway-io")
+        self._loop = asyncio.new_event_loop()
+        self.events = EventHub(self._loop)
+        self.dispatcher = Dispatcher(self.client, self.deployments, self.state, self.events.publish,
+                                     self.max_in_flight, self.max_in_flight_per_user)
+        install_monitor(self.client)  # before the first experiment, so that its users show as checked
+        self.client.run_on_scheduler(_on_scheduler, gateway=self.client.id)
+        ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._serve, args=(ready,), name="nnsight-gateway", daemon=True)
+        self._thread.start()
+        try:
+            ready.result(timeout=30)
+        except BaseException:  # e.g. the port is taken: release what was opened
+            self._thread.join(timeout=30)
+            self._thread = None
+            self._release()
+            raise
+        return self
+
+    def _serve(self, ready: concurrent.futures.Future[None]) -> None:
+        loop = self._loop
+        assert loop is not None
+        asyncio.set_event_loop(loop)
+        try:
+            application = web.Application(routes(self), default_handler_class=NotFound,
+                                          default_handler_args={"core": self}, websocket_max_message_size=1 << 16)
+            # the handlers answer 413 past max_body_bytes; tornado itself drops connections past 4x
+            self._server = httpserver.HTTPServer(application, max_body_size=4 * self.max_body_bytes,
+                                                 body_timeout=self.body_timeout,
+                                                 idle_connection_timeout=self.idle_timeout)
+            sockets = netutil.bind_sockets(self.port, self.host)
+            self._server.add_sockets(sockets)
+            self.port = sockets[0].getsockname()[1]  # the one chosen when port=0
+            expire = PeriodicCallback(self.dispatcher.expire, EXPIRE_EVERY_MS)
+            expire.start()
+        except BaseException as exc:
+            ready.set_exception(exc)
+            loop.close()
+            return
+        ready.set_result(None)
+        loop.run_forever()
+        expire.stop()
+        loop.run_until_complete(self._server.close_all_connections())
+        loop.close()
+
+    def stop(self) -> None:
+        """Stop serving; experiments not finished end FAILED with the reason (shards freed)."""
+        if self._thread is None:
+            return
+        self.dispatcher.stop()
+        loop = self._loop
+        assert loop is not None and self._server is not None
+        loop.call_soon_threadsafe(self._server.stop)
+        loop.call_soon_threadsafe(loop.stop)
+        self._thread.join(timeout=30)
+        self._thread = None
+        self._release()
+
+    def _release(self) -> None:
+        self.executor.shutdown(wait=True)
+        self.state.close()
+        if self._own_client and self.client is not None:
+            self.client.close()
+        self.client = None
+
+    def __enter__(self) -> Gateway:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- used by the handlers --------------------------------------------------------------------
+    async def wait_final(self, experiment: str, seconds: float) -> None:
+        """Return when ``experiment`` ends, or after ``seconds``."""
+        done = asyncio.get_running_loop().create_future()
+
+        def on_event(event: dict[str, Any]) -> None:
+            if event.get("status") in FINAL and not done.done():
+                done.set_result(None)
+        stop = self.events.listen(experiment, on_event)
+        try:
+            row = self.state.get(experiment)
+            if row is not None and row["status"] not in FINAL:  # it may have ended before we listened
+                await asyncio.wait_for(done, seconds)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            stop()
+
+
+def _on_scheduler(dask_scheduler: Any, gateway: str) -> None:
+    """Run on the scheduler (Dask passes it by this parameter's name): tell the experiment monitor
+    that Dask client ``gateway`` stamps authenticated users (the monitor, registered by then, has
+    mounted the Experiments page)."""
+    found = monitor.monitor_of(dask_scheduler)
+    if found is not None:
+        found.trust_gateway(gateway)
