@@ -1,7 +1,8 @@
 """Co-tenant batching: many users' experiments on one deployment cost little more than one's.
 
-One run, on a LocalCluster of 2 worker processes x 4 Dask threads (stages wait in the shards' queues;
-one torch thread per shard), each model deployed in 2 shards, prints:
+One run, on a LocalCluster of 2 worker processes x ``--threads`` Dask threads (default 16: a stage
+can only wait in a shard's queue while it holds a worker thread, so a worker with k threads batches
+at most k experiments; one torch thread per shard), each model deployed in 2 shards, prints:
 
 1. **Throughput, separate client processes.** Experiments/s of 1 and of 10 client processes (one
    ``Client`` each, one experiment in flight each), in alternating windows. Every result is checked
@@ -160,6 +161,7 @@ def shard_batches(client, model: Model) -> list[dict[int, int]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny GPT-2 only, shorter windows")
+    parser.add_argument("--threads", type=int, default=16, help="Dask threads per worker (default 16)")
     args = parser.parse_args()
 
     from distributed import Client, LocalCluster
@@ -175,8 +177,8 @@ def main() -> None:
         models.append(Model("SmolLM2-135M", "smollm2", "model.layers", returns_tuple=False))
     windows, seconds = (2, 2.0) if args.quick else (4, 4.0)
 
-    log("starting LocalCluster(2 workers x 4 threads, processes)")
-    cluster = LocalCluster(n_workers=2, threads_per_worker=4, processes=True, dashboard_address=":0",
+    log(f"starting LocalCluster(2 workers x {args.threads} threads, processes)")
+    cluster = LocalCluster(n_workers=2, threads_per_worker=args.threads, processes=True, dashboard_address=":0",
                            env={"OMP_NUM_THREADS": "1", "NNSIGHT_DASK_TORCH_THREADS": "1"})
     client = Client(cluster)
     results = {}
@@ -207,7 +209,7 @@ def main() -> None:
     out(f"## Co-tenant batching (bench/cotenancy.py{' --quick' if args.quick else ''})")
     out("")
     out(f"{today()} · git {git_rev()} · {machine()}")
-    out(f"LocalCluster: 2 worker processes x 4 Dask threads, 1 torch thread per shard, torch {torch.__version__}; "
+    out(f"LocalCluster: 2 worker processes x {args.threads} Dask threads, 1 torch thread per shard, torch {torch.__version__}; "
         f"each model in 2 shards; {N_PROCESSES} client processes with a Client each. Every result checked "
         "against its solo run (max|batched - solo| <= 1e-4 * max(1, max|solo|), same next token).")
     out("")

@@ -53,7 +53,7 @@ def open_model(model: str = "smollm2", scheduler: Any = None, local: bool = Fals
 
     cluster = None
     if scheduler is None:
-        cluster = LocalCluster(n_workers=2, threads_per_worker=4, processes=True, dashboard_address=":0",
+        cluster = LocalCluster(n_workers=2, threads_per_worker=16, processes=True, dashboard_address=":0",
                                env={"OMP_NUM_THREADS": "1", "NNSIGHT_DASK_TORCH_THREADS": "1"})
         client = Client(cluster)
     elif isinstance(scheduler, str):

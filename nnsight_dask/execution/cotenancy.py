@@ -28,7 +28,7 @@ see a solo run's logits bit for bit to repeat a local run with the same seed.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -51,8 +51,6 @@ class Member:
     window: Window | None = None
     #: The member's outcome: its next carry, or why it failed or stopped.
     outcome: Carry | BaseException | None = None
-    #: The other members it shared the pass with (indices into the batch), for the dashboard.
-    peers: list[int] = field(default_factory=list)
 
 
 def can_share(state: ExperimentState, stage: Stage) -> bool:
@@ -98,9 +96,8 @@ def forward_together(runner: ShardRunner, members: Sequence[Member]) -> None:
     caches = [_cache_of(m) for m in live]
     pasts = [cache_length(c) for c in caches]
     inputs, windows = stack_members([m.carry.inputs for m in live], runner.pad_token_id, pasts)
-    for index, (member, window) in enumerate(zip(live, windows)):
+    for member, window in zip(live, windows):
         member.window = member.inter.window = window  # type: ignore[union-attr]
-        member.peers = [i for i in range(len(live)) if i != index]
     longest_past, seq = max(pasts), windows[0].seq
     merged = None
     if any(_generates(m) for m in live):

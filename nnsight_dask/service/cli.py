@@ -18,7 +18,7 @@ def _client(scheduler: str | None, workers: int = 2) -> Any:
         return Client(scheduler), None
     # several Dask threads per worker: stages of concurrent experiments wait in a shard's queue and run
     # as one forward pass (co-tenant batching); the shard's torch threads are set apart
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=4, processes=True, dashboard_address=":8787",
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=16, processes=True, dashboard_address=":8787",
                            env={"OMP_NUM_THREADS": "1", "NNSIGHT_DASK_TORCH_THREADS": "1"},
                            scheduler_kwargs={"preload": ["nnsight_dask.service.dashboard"]})
     return Client(cluster), cluster
@@ -101,6 +101,7 @@ def _demo_gateway(client: Any, name: str) -> tuple[Any, Any]:
     import tempfile
 
     import nnsight_dask as nd
+
     from .gateway import Gateway, KeyRing, hash_key, new_key
 
     key = new_key()

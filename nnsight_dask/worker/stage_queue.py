@@ -9,7 +9,8 @@ runs at once, as it always did.
 Why a queue in the shard, not a batching window in the scheduler: Dask runs a task on a worker
 thread even when it is ``async`` (measured: ten 0.5 s async tasks on a one-thread worker take 5 s),
 so stages can only meet if the worker has several threads and they wait *here*. Workers holding
-shards therefore run with a few threads each (``--nthreads 4``); the shard's torch threads are set
+shards therefore run with as many threads as experiments may share a pass (``--nthreads 16``, the
+default ``cotenant_max_batch``; with 4 threads a batch holds at most 4); the shard's torch threads are set
 apart (``NNSIGHT_DASK_TORCH_THREADS``), so the extra Dask threads only wait.
 """
 from __future__ import annotations
