@@ -16,11 +16,6 @@ torch.set_num_threads(1)
 PROMPT = "The Eiffel Tower is in the city of"
 
 
-def value_of(saved: Any) -> Any:
-    """A saved value, whether frame injection already replaced the proxy or not."""
-    return saved.value if isinstance(saved, nd.Proxy) else saved
-
-
 @pytest.fixture(scope="module")
 def lm(tiny_tokenizer: Any) -> Any:
     return nd.LanguageModel(tiny_llama(n_layer=4), tokenizer=tiny_tokenizer)
@@ -62,8 +57,8 @@ def test_a_backward_at_a_later_step_reaches_the_first_steps_activations(lm: Any)
             lm.output.logits[0, -1].max().backward()
         ids = lm.generator.output.save()
     expected_first, expected_last, expected_ids = by_hand(lm, 3)
-    assert torch.equal(value_of(ids), expected_ids)
-    assert torch.allclose(value_of(first), expected_first, atol=1e-6)
-    assert value_of(first).abs().sum() > 0
-    last = value_of(last)  # saved inside tracer.iter[2]: one value per step it ran
+    assert torch.equal(ids, expected_ids)
+    assert torch.allclose(first, expected_first, atol=1e-6)
+    assert first.abs().sum() > 0
+    last = last  # saved inside tracer.iter[2]: one value per step it ran
     assert torch.allclose(last[0] if isinstance(last, list) else last, expected_last, atol=1e-6)

@@ -16,11 +16,6 @@ torch.set_num_threads(1)
 PROMPT = "The Eiffel Tower is in the city of"
 
 
-def value_of(saved: Any) -> Any:
-    """A saved value, whether frame injection already replaced the proxy or not."""
-    return saved.value if isinstance(saved, nd.Proxy) else saved
-
-
 @pytest.fixture(scope="module")
 def lm(tiny_tokenizer: Any) -> Any:
     return nd.LanguageModel(tiny_llama(n_layer=2), tokenizer=tiny_tokenizer)
@@ -48,7 +43,7 @@ def test_local_sampling_repeats_with_its_seed_and_varies_without(lm: Any) -> Non
     def sample(**options: Any) -> torch.Tensor:
         with lm.generate([PROMPT, "Hello world"], max_new_tokens=6, do_sample=True, **options):
             ids = lm.generator.output.save()
-        return value_of(ids)
+        return ids
 
     first = sample(seed=3, temperature=1.5, top_k=40, top_p=0.95)
     assert torch.equal(first, sample(seed=3, temperature=1.5, top_k=40, top_p=0.95))
@@ -57,7 +52,7 @@ def test_local_sampling_repeats_with_its_seed_and_varies_without(lm: Any) -> Non
     assert len(unseeded) > 1  # each generation drew its own seed
     with lm.generate(PROMPT, max_new_tokens=6):
         greedy = lm.generator.output.save()
-    assert torch.equal(value_of(greedy), sample(seed=1, top_k=1)[:1])  # top-1 sampling is greedy
+    assert torch.equal(greedy, sample(seed=1, top_k=1)[:1])  # top-1 sampling is greedy
 
 
 @pytest.mark.parametrize("options, field", [

@@ -6,30 +6,28 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from distributed import Client
-
-from ..graph.graph import InterventionGraph
-from ..worker.results import Results
-from .experiment import run_experiment
-
 
 class ExperimentFuture(concurrent.futures.Future):  # type: ignore[type-arg]
-    """A remote experiment running in the background; ``result()`` gives its :class:`Results`."""
+    """A remote experiment running in the background; ``result()`` gives its results.
 
-    def __init__(self, client: Client, name: str, graph: InterventionGraph,
-                 deliver: Callable[[Results], None] | None = None, **options: Any) -> None:
+    ``run(cancelled)`` runs the experiment to its end, whichever way it reaches the cluster (a Dask
+    client, or the HTTP gateway), and raises ``CancelledError`` soon after the ``cancelled`` event is
+    set; ``deliver`` gets the results before anyone waiting on the future wakes up.
+    """
+
+    def __init__(self, run: Callable[[threading.Event], Any], deliver: Callable[[Any], None] | None = None, *,
+                 cancel_wait: float = 10.0) -> None:
         super().__init__()
         self._cancel_event = threading.Event()
+        self._cancel_wait = cancel_wait
         self.set_running_or_notify_cancel()
-        self._thread = threading.Thread(target=self._drive, args=(client, name, graph, deliver, options),
-                                        name="nnsight-dask-experiment", daemon=True)
+        self._thread = threading.Thread(target=self._drive, args=(run, deliver), name="nnsight-dask-experiment",
+                                        daemon=True)
         self._thread.start()
 
-    def _drive(self, client: Client, name: str, graph: InterventionGraph,
-               deliver: Callable[[Results], None] | None, options: dict[str, Any]) -> None:
-        """Run the experiment; ``deliver`` gets the results before anyone waiting wakes up."""
+    def _drive(self, run: Callable[[threading.Event], Any], deliver: Callable[[Any], None] | None) -> None:
         try:
-            result = run_experiment(client, name, graph, cancelled=self._cancel_event, **options)
+            result = run(self._cancel_event)
             if deliver is not None:
                 deliver(result)
         except concurrent.futures.CancelledError:
@@ -43,9 +41,10 @@ class ExperimentFuture(concurrent.futures.Future):  # type: ignore[type-arg]
             self.set_result(result)
 
     def cancel(self) -> bool:
-        """Stop the experiment: its queued and running stages are cancelled on the cluster."""
+        """Stop the experiment: its queued and running stages are cancelled on the cluster (waits up
+        to ``cancel_wait`` seconds for that to be confirmed)."""
         if self.done():
             return False
         self._cancel_event.set()
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=self._cancel_wait)
         return self.cancelled()

@@ -23,6 +23,7 @@ from ..backends.local import LocalBackend
 from ..errors import TracingError
 from ..graph.graph import InterventionGraph
 from ..storage.results import TensorRef
+from .futures import ExperimentFuture
 from .http_api import GatewayError, GatewaySession
 from .http_wire import FINAL, decode_results, error_from_json
 from .progress import ExperimentProgress
@@ -57,9 +58,10 @@ class HttpBackend(Backend):
             progress.close()
 
     def submit(self, graph: InterventionGraph, deliver: Callable[[RunResult], None] | None = None,
-               **options: Any) -> HttpExperimentFuture:
+               **options: Any) -> ExperimentFuture:
         """The experiment running in the background; ``result()`` is its :class:`RunResult`."""
-        return HttpExperimentFuture(self, graph, deliver)
+        return ExperimentFuture(lambda cancelled: self._run(graph, cancelled, None, CANCEL_POLL_SECONDS), deliver,
+                                cancel_wait=30.0)
 
     def _run(self, graph: InterventionGraph, cancelled: threading.Event,
              on_status: Callable[[str, dict[str, Any]], None] | None, poll: float) -> RunResult:
@@ -103,43 +105,6 @@ class HttpBackend(Backend):
             return TensorRef(str(ref["url"]), str(ref["path"]), shape, dtype).open()
         return TensorRef(self.session.store_url(experiment), str(ref["path"]), shape, dtype,
                          {"headers": dict(self.session.headers)}).open()
-
-
-class HttpExperimentFuture(concurrent.futures.Future):  # type: ignore[type-arg]
-    """A gateway experiment running in the background (``blocking=False`` traces)."""
-
-    def __init__(self, backend: HttpBackend, graph: InterventionGraph,
-                 deliver: Callable[[RunResult], None] | None) -> None:
-        super().__init__()
-        self._cancel_event = threading.Event()
-        self.set_running_or_notify_cancel()
-        self._thread = threading.Thread(target=self._drive, args=(backend, graph, deliver),
-                                        name="nnsight-dask-http-experiment", daemon=True)
-        self._thread.start()
-
-    def _drive(self, backend: HttpBackend, graph: InterventionGraph,
-               deliver: Callable[[RunResult], None] | None) -> None:
-        try:
-            result = backend._run(graph, self._cancel_event, None, CANCEL_POLL_SECONDS)
-            if deliver is not None:
-                deliver(result)
-        except concurrent.futures.CancelledError:
-            with self._condition:
-                self._state = "CANCELLED_AND_NOTIFIED"
-                self._condition.notify_all()
-            self._invoke_callbacks()
-        except BaseException as exc:
-            self.set_exception(exc)
-        else:
-            self.set_result(result)
-
-    def cancel(self) -> bool:
-        """Cancel the experiment on the gateway (and so on the shards)."""
-        if self.done():
-            return False
-        self._cancel_event.set()
-        self._thread.join(timeout=30)
-        return self.cancelled()
 
 
 class HttpRemoteModel(RemoteModel):

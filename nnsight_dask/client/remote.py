@@ -62,7 +62,10 @@ class RemoteBackend(Backend):
         """The running experiment; its ``result()`` is the :class:`Results` (saved values by name)."""
         options.pop("verbose", None)
         hand_out = None if deliver is None else (lambda results: deliver(as_run_result(results)))
-        return ExperimentFuture(self.client, self.name, graph, deliver=hand_out, **self._options(options))
+        settings = self._options(options)
+        return ExperimentFuture(
+            lambda cancelled: run_experiment(self.client, self.name, graph, cancelled=cancelled, **settings),
+            deliver=hand_out)
 
 
 def as_run_result(results: Results) -> RunResult:
