@@ -286,9 +286,28 @@ def test_attached_module_is_called_in_traces(tiny_tokenizer):
                           atol=1e-6)
 
 
-def test_module_call_with_hooks_is_refused_by_name(lm):
-    with pytest.raises(TracingError, match=r"model.layers\[0\].mlp\(..., hook=...\).*not supported"), lm.trace(PROMPT):
-        lm.model.layers[0].mlp(lm.model.layers[0].post_attention_layernorm.output, hook=True)
+def test_module_call_with_hooks_live_applies_interventions_inside_it(tiny_tokenizer):
+    """An SAE attached under a layer, called with ``hook=True``: an ablation of its features applies to
+    that call (and its features can be read); called without hooks, it runs untouched."""
+    lm = nd.LanguageModel(tiny_llama(n_layer=2), tokenizer=tiny_tokenizer)
+    torch.manual_seed(0)
+    sae = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 64))
+    lm.model.layers[0].sae = sae
+    with lm.trace(PROMPT):
+        h = lm.model.layers[0].output
+        features = lm.model.layers[0].sae[1].output.save()
+        lm.model.layers[0].sae[1].output[..., :4] = 0
+        ablated = lm.model.layers[0].sae(h, hook=True).save()
+        untouched = lm.model.layers[0].sae(h).save()
+    hidden = forward_with_hooks(lm, PROMPT, "model.layers.0")
+    with torch.no_grad():
+        code = torch.relu(sae[0](hidden))
+        expected_features = torch.cat([torch.zeros_like(code[..., :4]), code[..., 4:]], dim=-1)
+        assert torch.allclose(features, expected_features, atol=1e-6)
+        assert torch.allclose(ablated, sae[2](expected_features), atol=1e-6)
+        assert torch.allclose(untouched, sae(hidden), atol=1e-6)
+    with pytest.raises(TracingError, match=r"hook=\.\.\.\) takes True or False"), lm.trace(PROMPT):
+        lm.model.layers[0].sae(lm.model.layers[0].output, hook="yes")
 
 
 def test_remote_edit_equals_local(remote, local):
@@ -300,3 +319,26 @@ def test_remote_edit_equals_local(remote, local):
         return h
 
     assert torch.allclose(run(remote), run(local), atol=1e-5)
+
+
+def test_remote_hooked_module_call_equals_local(remote, local):
+    """``model.norm(h, hook=True)`` runs before the model's own norm call (as soon as ``h`` exists),
+    so it is call 0 of norm: the write to ``norm.output`` applies to it, not to the model's final norm."""
+    def run(model):
+        with model.trace(PROMPT):
+            h = model.model.layers[1].output
+            model.model.norm.output[..., 0] = 0
+            lens = model.lm_head(model.model.norm(h, hook=True)).save()
+            logits = model.output.logits.save()
+        return lens, logits
+
+    (lens, logits), (local_lens, local_logits) = run(remote), run(local)
+    assert torch.allclose(lens, local_lens, atol=1e-5) and torch.allclose(logits, local_logits, atol=1e-5)
+    with local.trace(PROMPT):
+        plain_logits = local.output.logits.save()
+        h = local.model.layers[1].output.save()
+    with torch.no_grad():
+        normed = local._module.model.norm(h)
+        normed[..., 0] = 0
+        assert torch.allclose(local_lens, local._module.lm_head(normed), atol=1e-5)
+    assert torch.equal(local_logits, plain_logits)  # the model's own norm call was left alone

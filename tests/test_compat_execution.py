@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import nnsight_dask as nd
-from nnsight_dask.errors import GraphValidationError, TracingError
+from nnsight_dask.errors import GraphValidationError, InterventionError, TracingError
 from nnsight_dask.models import tiny_gpt2, tiny_llama
 
 torch.set_num_threads(1)
@@ -251,3 +251,37 @@ def test_remote_session_refuses_changing_an_earlier_traces_value(remote, local):
             kept.append(remote.model.layers[3].output[:, -1])
         with remote.trace(SHORT):
             kept.append(remote.model.layers[3].output[:, -1])
+
+
+def generate_then_read(model, prompt):
+    """A session whose second trace runs on the tokens the first one generated."""
+    with model.session():
+        with model.generate(prompt, max_new_tokens=3):
+            ids = model.generator.output.save()
+        with model.trace(ids):
+            hidden = model.model.layers[2].output.save()
+            logits = model.output.logits.save()
+    return ids, hidden, logits
+
+
+def test_a_traces_input_can_be_an_earlier_traces_tokens(lm):
+    ids, hidden, logits = generate_then_read(lm, "The Eiffel Tower is in the city of")
+    seen = []
+    handle = lm._module.model.layers[2].register_forward_hook(lambda _m, _a, out: seen.append(out))
+    try:
+        with torch.no_grad():
+            expected = lm._module(input_ids=ids).logits
+    finally:
+        handle.remove()
+    assert ids.shape == (1, 11) and torch.equal(hidden, seen[0]) and torch.equal(logits, expected)
+    with pytest.raises(InterventionError, match=r"must be integer token ids, got a torch.float32 tensor"):
+        with lm.session():
+            with lm.trace("Hello world"):
+                floats = lm.output.logits[:, -1].save()
+            with lm.trace(floats):
+                lm.output.logits.save()
+
+
+def test_remote_traces_input_from_an_earlier_trace_equals_local(remote, local):
+    for got, expected in zip(generate_then_read(remote, "Hello world"), generate_then_read(local, "Hello world")):
+        assert torch.allclose(torch.as_tensor(got).float(), torch.as_tensor(expected).float(), atol=1e-5)

@@ -580,3 +580,47 @@ def test_mutations_reach_every_outcome(lm: Any, recorded: dict[str, dict[str, An
     data["nodes"][0]["call"] = 1.5
     outcomes.add(run_mutated(lm, data))
     assert outcomes == {"ran", "failed", "refused"}
+
+
+def earlier_input_graph(lm: Any) -> dict[str, Any]:
+    """A valid session: a generation, then a trace whose input is the generated token ids."""
+    with lm.session() as session:
+        with lm.generate("The Eiffel Tower is in", max_new_tokens=2):
+            ids = lm.generator.output.save()
+        with lm.trace(ids):
+            lm.output.logits.save()
+    return session.graph.to_dict()
+
+
+def set_input_ref(data: dict[str, Any], value: Any) -> None:
+    data["passes"][1]["invokes"][0] = {"dict": [["input_ids", value]]}
+
+
+def add_mask(data: dict[str, Any]) -> None:
+    mask = data["passes"][0]["invokes"][0]["dict"][1]
+    data["passes"][1]["invokes"][0]["dict"].append(mask)
+
+
+@pytest.mark.parametrize("name, mutate, message", [
+    ("a later pass's value", lambda d: set_input_ref(d, {"ref": len(d["nodes"]) - 1}), "must be a value of an earlier"),
+    ("a node that does not exist", lambda d: set_input_ref(d, {"ref": 10_000}), "does not exist"),
+    ("extra keys beside the reference", add_mask, "input_ids alone"),
+])
+def test_inputs_from_earlier_traces_are_checked(lm: Any, name: str, mutate: Callable[[dict[str, Any]], None],
+                                                message: str) -> None:
+    data = earlier_input_graph(lm)
+    validate_graph(InterventionGraph.from_dict(copy.deepcopy(data)), **limits(lm))  # the valid form passes
+    mutate(data)
+    with pytest.raises(GraphValidationError, match=message):
+        validate_graph(InterventionGraph.from_dict(data), **limits(lm))
+
+
+def test_a_module_call_takes_only_the_hooked_access(lm: Any) -> None:
+    with lm.trace("The Eiffel Tower is in", execute=False) as tracer:
+        lm.lm_head(lm.model.norm(lm.model.layers[0].output, hook=True)).save()
+    data = tracer.graph.to_dict()
+    validate_graph(InterventionGraph.from_dict(copy.deepcopy(data)), **limits(lm))  # hook=True is valid
+    call = next(n for n in data["nodes"] if n["kind"] == "module_call" and n.get("access"))
+    call["access"] = "output"
+    with pytest.raises(GraphValidationError, match="a module call's access is 'hooks'"):
+        validate_graph(InterventionGraph.from_dict(data), **limits(lm))

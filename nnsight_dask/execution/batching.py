@@ -5,12 +5,13 @@ those rows (so in-place edits reach the model); a setter of invoke ``i`` replace
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-from ..errors import GraphValidationError
+from ..errors import GraphValidationError, InterventionError, PolicyError
+from ..graph.node import Ref
 
 Layout = list[tuple[int, int]]
 
@@ -44,6 +45,41 @@ def batch_token_inputs(invokes: Sequence[dict[str, Any]], pad_token_id: int) -> 
         layout.append((row, row + ids.shape[0]))
         row += ids.shape[0]
     return {"input_ids": torch.cat(ids_parts), "attention_mask": torch.cat(mask_parts)}, layout
+
+
+def resolve_inputs(invokes: Sequence[dict[str, Any]], values: Mapping[Any, Any], pass_index: int, *,
+                   vocab_size: int | None = None, max_prompt_tokens: int | None = None) -> list[dict[str, Any]]:
+    """The pass's invokes with inputs taken from earlier traces of the session (``{"input_ids": ref}``)
+    replaced by those values, checked now that they exist: integer token ids, 1-d or ``[rows, tokens]``,
+    inside the vocabulary and the prompt bound (what a graph's own token inputs are checked for before
+    it runs). Their attention mask is all ones."""
+    if not any(isinstance(invoke.get("input_ids"), Ref) for invoke in invokes):
+        return list(invokes)
+    out = []
+    for position, invoke in enumerate(invokes):
+        ref = invoke.get("input_ids")
+        if not isinstance(ref, Ref):
+            out.append(invoke)
+            continue
+        where = f"pass {pass_index}, invoke {position}: the input taken from %{ref.id} (an earlier trace)"
+        ids = values.get(ref.id)
+        if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            got = f"a {ids.dtype} tensor" if isinstance(ids, torch.Tensor) else type(ids).__name__
+            raise InterventionError(f"{where} must be integer token ids, got {got}")
+        ids = ids.detach().long()
+        ids = ids[None] if ids.dim() == 1 else ids
+        if ids.dim() != 2 or ids.numel() == 0:
+            raise InterventionError(f"{where} must be token ids of shape [tokens] or [rows, tokens], "
+                                    f"got shape {list(ids.shape)}")
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or (vocab_size is not None and high >= vocab_size):
+            raise InterventionError(f"{where} holds token id {low if low < 0 else high}, outside the vocabulary "
+                                    f"[0, {vocab_size if vocab_size is not None else 'inf'})")
+        if max_prompt_tokens is not None and ids.shape[1] > max_prompt_tokens:
+            raise PolicyError(f"{where} is a prompt of {ids.shape[1]} tokens; this deployment allows at most "
+                              f"{max_prompt_tokens}", rule="max_prompt_tokens")
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    return out
 
 
 def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:

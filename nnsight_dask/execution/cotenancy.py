@@ -68,7 +68,8 @@ def tokens_of(carry: Carry, state: ExperimentState, stage: Stage) -> int:
     ids = carry.inputs.get("input_ids")
     if ids is None and stage.shard == 0:
         invokes = state.graph.passes[stage.pass_index].invokes
-        return sum(int(inv["input_ids"].numel()) for inv in invokes if "input_ids" in inv)
+        # an input taken from an earlier trace is not known yet: it counts once its pass has begun
+        return sum(int(inv["input_ids"].numel()) for inv in invokes if isinstance(inv.get("input_ids"), torch.Tensor))
     return int(ids.numel()) if ids is not None else 0
 
 

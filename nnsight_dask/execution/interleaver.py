@@ -27,7 +27,7 @@ from ..errors import (
 )
 from ..graph.allocation import check_allocation
 from ..graph.graph import InterventionGraph
-from ..graph.node import Kind, Node, Ref, display_path
+from ..graph.node import HOOKED_CALL, Kind, Node, Ref, display_path
 from ..graph.ops import (
     MethodRef,
     check_arguments,
@@ -313,8 +313,12 @@ class Interleaver:
             return args[0]
         if kind == Kind.MODULE_CALL:
             check_arguments(f"a call of {display_path(node.module)}", args, kwargs)
-            with self.suppress():
-                value = self.modules[node.module](*args, **kwargs)  # type: ignore[index]
+            module = self.modules[node.module]  # type: ignore[index]
+            if node.access == HOOKED_CALL:  # hooks live: interventions on it and its submodules apply
+                value = module(*args, **kwargs)
+            else:
+                with self.suppress():
+                    value = module(*args, **kwargs)
             return check_result(value, f"a call of {display_path(node.module)}")
         if kind == Kind.MODULE_ATTR:
             return module_attr(self.modules[node.module], node.target)  # type: ignore[index,arg-type]

@@ -17,7 +17,12 @@ from ..backends.base import RunResult
 from ..errors import InterventionError, ModuleNotFoundInModelError
 from ..graph.graph import InterventionGraph, Pass
 from ..graph.node import Kind, Node, display_path
-from .batching import batch_module_inputs, batch_token_inputs, forward_position_ids
+from .batching import (
+    batch_module_inputs,
+    batch_token_inputs,
+    forward_position_ids,
+    resolve_inputs,
+)
 from .interleaver import SKIPPED, Interleaver, Key, StopForward
 from .sampling import SAMPLING_OPTIONS, SeededSampler
 
@@ -67,7 +72,9 @@ def _run_pass(model: torch.nn.Module, graph: InterventionGraph, index: int, run:
     steps = run.steps if generate else 1
     token_inputs = bool(run.invokes) and "input_ids" in run.invokes[0]
     if token_inputs:
-        batch, layout = batch_token_inputs(run.invokes, pad_token_id if pad_token_id is not None else 0)
+        invokes = resolve_inputs(run.invokes, values, index, vocab_size=getattr(getattr(model, "config", None),
+                                                                                  "vocab_size", None))
+        batch, layout = batch_token_inputs(invokes, pad_token_id if pad_token_id is not None else 0)
         args: tuple[Any, ...] = ()
         kwargs: dict[str, Any] = dict(batch)
         positions = forward_position_ids(batch, graph.options)  # default None: the model's own rule

@@ -23,8 +23,13 @@ import torch
 from ..backends.base import SaveSink
 from ..errors import InterventionError
 from ..graph.graph import InterventionGraph
-from ..graph.node import Kind
-from .batching import batch_token_inputs, forward_position_ids, position_ids_for
+from ..graph.node import Kind, Ref
+from .batching import (
+    batch_token_inputs,
+    forward_position_ids,
+    position_ids_for,
+    resolve_inputs,
+)
 from .interleaver import SKIPPED, Interleaver, Key, StopForward
 from .partition import assign_shards, backward_origins
 from .runner import _check_reached, _modules, collect_saves, persisted_name
@@ -70,6 +75,8 @@ class Carry:
     stopped: bool = False
     steps_run: int = 0
     logs: list[str] = field(default_factory=list)
+    #: Each invoke's rows of the pass's batch (set by the first shard, which resolves the inputs).
+    layout: list[tuple[int, int]] = field(default_factory=list)
 
 
 def plan_stages(graph: InterventionGraph, shards: list[int], n_shards: int) -> list[Stage]:
@@ -111,6 +118,10 @@ class ExperimentState:
     should_stop: Callable[[], BaseException | None] | None = None
     #: Largest tensor one of the experiment's ops may make (the deployment's policy).
     max_tensor_bytes: int | None = None
+    #: Bounds on inputs taken from earlier traces, checked when their pass starts: the model's
+    #: vocabulary and the deployment's prompt length.
+    vocab_size: int | None = None
+    max_prompt_tokens: int | None = None
     #: When this shard first saw the experiment (``time.monotonic()``).
     started: float = field(default_factory=time.monotonic)
     #: Per generation pass, its seeded sampler (None: greedy), made at its first step on the last shard.
@@ -142,10 +153,11 @@ class ShardRunner:
         #: The name the model's forward takes its KV cache by (``cache`` from transformers 5.24 on).
         self.cache_argument = cache_argument(model)
 
-    def start(self, graph: InterventionGraph, sink: SaveSink | None = None, *,
-              max_tensor_bytes: int | None = None) -> ExperimentState:
+    def start(self, graph: InterventionGraph, sink: SaveSink | None = None, *, max_tensor_bytes: int | None = None,
+              vocab_size: int | None = None, max_prompt_tokens: int | None = None) -> ExperimentState:
         """This shard's state for a new experiment; ``sink`` receives the large saves it produces;
-        ops that would make a tensor over ``max_tensor_bytes`` are refused before they allocate."""
+        ops that would make a tensor over ``max_tensor_bytes`` are refused before they allocate; an
+        input taken from an earlier trace must fit ``vocab_size`` and ``max_prompt_tokens``."""
         shards = assign_shards(graph, self.owner, self.n_shards)
         owned = {i for i, s in enumerate(shards) if s == self.index}
         _modules(self.model, graph, {graph.nodes[i].module for i in owned if graph.nodes[i].module is not None})
@@ -154,10 +166,16 @@ class ShardRunner:
             for dep in node.deps():
                 if dep in owned and shards[node.id] != self.index:
                     exported.add(dep)
+        for run in graph.passes:  # inputs taken from earlier traces travel to the first shard
+            for invoke in run.invokes:
+                ref = invoke.get("input_ids")
+                if isinstance(ref, Ref) and ref.id in owned and self.index != 0:
+                    exported.add(ref.id)
         mine = [stage for stage in plan_stages(graph, shards, self.n_shards) if stage.shard == self.index]
         return ExperimentState(graph=graph, shards=shards, owned=owned, exported=exported,
                                backward_from=backward_origins(graph, shards), last_stage=mine[-1] if mine else None,
-                               sink=sink, max_tensor_bytes=max_tensor_bytes)
+                               sink=sink, max_tensor_bytes=max_tensor_bytes, vocab_size=vocab_size,
+                               max_prompt_tokens=max_prompt_tokens)
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, state: ExperimentState, stage: Stage, carry: Carry) -> Carry:
@@ -197,11 +215,11 @@ class ShardRunner:
         run = graph.passes[stage.pass_index]
         generate = run.kind == "generate"
         if stage.step == 0 and stage.shard == 0:
-            self._first_inputs(carry, run, generate, graph.options)
+            self._first_inputs(state, carry, stage.pass_index, generate)
         inter = state.interleavers.get(stage.pass_index)
         if inter is None:
             paths = {graph.nodes[i].module for i in state.owned if graph.nodes[i].module is not None}
-            inter = Interleaver(graph, stage.pass_index, _layout_of(run), state.values,
+            inter = Interleaver(graph, stage.pass_index, carry.layout, state.values,
                                 run.steps if generate else 1, _modules(self.model, graph, paths), carry.logs,
                                 owned=state.owned, max_tensor_bytes=state.max_tensor_bytes)
             state.interleavers[stage.pass_index] = inter
@@ -233,8 +251,11 @@ class ShardRunner:
         final = stage.step == steps - 1 or idle(carry)
         return self._export(state, carry, inter, final=final, stage=stage, output=output)
 
-    def _first_inputs(self, carry: Carry, run: Any, generate: bool, options: dict[str, Any]) -> None:
-        batch, _layout = batch_token_inputs(run.invokes, self.pad_token_id)
+    def _first_inputs(self, state: ExperimentState, carry: Carry, pass_index: int, generate: bool) -> None:
+        run = state.graph.passes[pass_index]
+        invokes = resolve_inputs(run.invokes, {**state.values, **carry.values}, pass_index,
+                                 vocab_size=state.vocab_size, max_prompt_tokens=state.max_prompt_tokens)
+        batch, carry.layout = batch_token_inputs(invokes, self.pad_token_id)
         carry.inputs = dict(batch)
         if generate:
             # as transformers' generate: positions from the attention mask (padding is masked out)
@@ -244,7 +265,7 @@ class ShardRunner:
             carry.tokens = batch["input_ids"]
             carry.unfinished = torch.ones(batch["input_ids"].shape[0], dtype=torch.bool)
         else:  # as the local runner: the model's own positions unless the graph asks for solo ones
-            positions = forward_position_ids(batch, options)
+            positions = forward_position_ids(batch, state.graph.options)
             if positions is not None:
                 carry.inputs["position_ids"] = positions
         carry.stopped = False
@@ -384,15 +405,6 @@ def _read_nodes(graph: InterventionGraph) -> set[int]:
 
 def _node_of(key: Key) -> Any:
     return key[0] if isinstance(key, tuple) else key
-
-
-def _layout_of(run: Any) -> list[tuple[int, int]]:
-    layout, row = [], 0
-    for invoke in run.invokes:
-        rows = int(invoke["input_ids"].shape[0])
-        layout.append((row, row + rows))
-        row += rows
-    return layout
 
 
 def _check_stop(state: ExperimentState) -> None:

@@ -51,6 +51,9 @@ class Kind:
 
 #: What a getter or setter touches on a module call.
 ACCESSES = ("output", "input", "inputs")
+#: The access of a module call made with the trace's hooks live (nnsight's ``module(x, hook=True)``):
+#: interventions on the module and its submodules apply to that call, which counts as one of theirs.
+HOOKED_CALL = "hooks"
 
 
 @dataclass(slots=True)

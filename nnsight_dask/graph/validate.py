@@ -40,6 +40,7 @@ from .codec import MAX_NESTING
 from .graph import InterventionGraph, Pass
 from .node import (
     ACCESSES,
+    HOOKED_CALL,
     Kind,
     Node,
     Ref,
@@ -125,7 +126,7 @@ def validate_graph(graph: InterventionGraph, *, module_paths: Collection[str] | 
         raise GraphValidationError("the graph has no passes (no inputs to run the model on)", field="passes")
     budget = _Budget(max_constant_bytes)
     for index, run in enumerate(graph.passes):
-        _check_pass(index, run, budget, remote=remote, max_new_tokens=max_new_tokens, vocab_size=vocab_size,
+        _check_pass(graph, index, run, budget, remote=remote, max_new_tokens=max_new_tokens, vocab_size=vocab_size,
                     max_nesting=max_nesting)
     _check_iterations(graph)
     ops = registry()
@@ -160,7 +161,7 @@ class _Budget:
                 f"{self.limit}. Send smaller inputs or constants.", field=field, limit=self.limit, **fields)
 
 
-def _check_pass(index: int, run: Pass, budget: _Budget, *, remote: bool, max_new_tokens: int | None,
+def _check_pass(graph: InterventionGraph, index: int, run: Pass, budget: _Budget, *, remote: bool, max_new_tokens: int | None,
                 vocab_size: int | None, max_nesting: int) -> None:
     """Check one pass and count the bytes of its input tensors."""
     where = f"pass {index}"
@@ -183,7 +184,10 @@ def _check_pass(index: int, run: Pass, budget: _Budget, *, remote: bool, max_new
         budget.add(_scan_value(invoke, max_nesting, where, field, None)[0], where, field, pass_index=index)
         if "input_ids" in invoke:
             forms.add("tokens")
-            _check_tokens(index, i, invoke, vocab_size)
+            if isinstance(invoke["input_ids"], Ref):
+                _check_earlier_input(graph, index, i, invoke)
+            else:
+                _check_tokens(index, i, invoke, vocab_size)
             continue
         forms.add("module")
         if remote or run.kind == "generate":
@@ -255,6 +259,28 @@ def _check_generation(index: int, kwargs: dict[str, Any], *, remote: bool, max_n
                 span = f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
                 kind = "a token id or a non-empty list of token ids" if name == "eos_token_id" else "a token id"
                 raise _pass_error(index, f"kwargs.{name}", f"{name} must be {kind} {span}, got {short(value)}")
+
+
+def _check_earlier_input(graph: InterventionGraph, index: int, position: int, invoke: dict[str, Any]) -> None:
+    """A trace's input that is a value of an earlier trace of the session (``{"input_ids": ref}``):
+    the reference must name a valued node of an earlier pass, outside any iteration block. What the
+    value is (integer token ids, within the vocabulary and the prompt bound) is checked when the pass
+    starts, by whoever runs it (:func:`nnsight_dask.execution.batching.resolve_inputs`)."""
+    field = f"invokes[{position}].input_ids"
+    if set(invoke) != {"input_ids"}:
+        raise _pass_error(index, f"invokes[{position}]", "an input taken from an earlier trace is input_ids alone "
+                          f"(the attention mask is all ones), got keys {short(sorted(invoke))}")
+    ref = invoke["input_ids"].id
+    if type(ref) is not int or not 0 <= ref < len(graph.nodes):
+        raise _pass_error(index, field, f"refers to {short(ref)}, a node that does not exist")
+    source = graph.nodes[ref]
+    if source.pass_index >= index:
+        raise _pass_error(index, field, f"refers to %{ref} of pass {source.pass_index}: a trace's input must be a "
+                          "value of an earlier trace")
+    if source.kind in VALUELESS or source.iteration is not None:
+        what = f"a {source.kind} node, which has no value" if source.kind in VALUELESS else \
+            "a value of an iteration block (one per step)"
+        raise _pass_error(index, field, f"refers to %{ref}, {what}")
 
 
 def _check_tokens(index: int, position: int, invoke: dict[str, Any], vocab_size: int | None) -> None:
@@ -381,6 +407,10 @@ def _check_names(node: Node, module_paths: Collection[str] | None) -> None:
     if kind in (Kind.GETTER, Kind.SETTER):
         if node.access not in ACCESSES:
             raise field_error(node.id, "access", f"unknown access {short(node.access)}; known: {list(ACCESSES)}")
+    elif kind == Kind.MODULE_CALL:
+        if node.access not in (None, HOOKED_CALL):
+            raise field_error(node.id, "access", f"a module call's access is {HOOKED_CALL!r} (hooks live) or none, "
+                              f"got {short(node.access)}")
     elif node.access is not None:
         raise field_error(node.id, "access", f"a {kind} node has no access, got {short(node.access)}")
     if kind in TARGETED:

@@ -17,7 +17,7 @@ from ..errors import (
     ModuleNotFoundInModelError,
     TracingError,
 )
-from ..graph.node import Kind, display_path
+from ..graph.node import HOOKED_CALL, Kind, display_path
 
 if TYPE_CHECKING:
     from .model import NNsight
@@ -207,19 +207,20 @@ class Envoy:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Call the module on traced values (e.g. the logit lens, ``lm.lm_head(lm.model.norm(h))``).
 
-        The call runs without the trace's hooks: interventions on its submodules do not apply to it,
-        and it does not count as a call of them. nnsight's ``hook=True`` (run it with hooks live) is
-        not supported and is refused by name, rather than passed on to the module's ``forward``.
+        By default the call runs without the trace's hooks: interventions on the module and its
+        submodules do not apply to it, and it does not count as a call of them. ``hook=True``
+        (nnsight's spelling) runs it with the hooks live: it counts as the next call of the module and
+        its submodules (call 0 for a module the model itself never calls, such as one attached under
+        an envoy; else reach it with ``.next()``), and their interventions apply to it.
         """
+        hook = kwargs.pop("hook", False)
         recorder = self._owner._active_recorder()
         if recorder is None:
             return self._module(*args, **kwargs)
-        if "hook" in kwargs:
-            raise TracingError(
-                f"{display_path(self._path)}(..., hook=...): calling a module with the trace's hooks live is "
-                "not supported; a module called in a trace runs without them (interventions on its submodules "
-                "do not apply to that call)", module=self._path)
-        return recorder.add(Kind.MODULE_CALL, args, kwargs, module=self._path)
+        if not isinstance(hook, bool):
+            raise TracingError(f"{display_path(self._path)}(..., hook=...) takes True or False, not {hook!r}",
+                               module=self._path)
+        return recorder.add(Kind.MODULE_CALL, args, kwargs, module=self._path, access=HOOKED_CALL if hook else None)
 
 
 class _EnvoyIter:

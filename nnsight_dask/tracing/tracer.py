@@ -183,16 +183,30 @@ class Invoker:
             self.index = recorder.add_invoke({})  # filled in per item when the session.iter block closes
             session._deferred[(recorder.pass_index, self.index)] = DeferredInput(
                 self.inputs, self.encode_kwargs, self.tracer.model._encode)
+        elif session is not None and len(self.inputs) == 1 and self.inputs[0] is proxies[0] and len(proxies) == 1 \
+                and self._from_an_earlier_trace(recorder, proxies[0]):
+            # token ids computed by an earlier trace (e.g. its generated tokens): resolved when this pass starts
+            self.index = recorder.add_invoke({"input_ids": Ref(proxies[0]._node)})
         else:
             raise TracingError(
-                "a trace's input cannot be a value of another trace: inputs are encoded while recording, "
-                "before anything runs (only the item of an enclosing `with session.iter(items) as item:` "
-                "can be one). Run the earlier trace on its own, then pass its saved tensor")
+                "a trace's input can be a value of another trace only in a session, and only as the token ids "
+                "alone (`with lm.trace(ids):` where `ids` comes from an earlier trace of the session, e.g. "
+                "`lm.generator.output`); text, several values or a value of this same trace are encoded "
+                "while recording, before anything runs")
         recorder.invoke = self.index
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.tracer._require().invoke = None
+
+    @staticmethod
+    def _from_an_earlier_trace(recorder: Recorder, proxy: Proxy) -> bool:
+        """Whether ``proxy`` is a value recorded in an earlier trace of this session (not in an
+        iteration block, whose values are one per step)."""
+        if proxy._recorder is not recorder:
+            return False
+        node = recorder.node(proxy._node)
+        return node.pass_index < recorder.pass_index and node.iteration is None
 
 
 class _IterSelector:

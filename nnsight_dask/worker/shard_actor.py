@@ -413,7 +413,8 @@ class ShardActor:
         graph = decode_graph(graph_json)
         check_graph(graph, policy=self.policy, context_length=self.context_length, vocab_size=self.vocab_size)
         return self.runner.start(graph, ZarrSink.from_options(graph.options, experiment),
-                                 max_tensor_bytes=self.policy.max_tensor_bytes)
+                                 max_tensor_bytes=self.policy.max_tensor_bytes, vocab_size=self.vocab_size,
+                                 max_prompt_tokens=self.policy.max_prompt_tokens or self.context_length)
 
     def release(self, experiment: str) -> None:
         """Forget an experiment's state (lock-free: never waits for a running stage)."""
