@@ -438,3 +438,25 @@ def test_any_batch_of_members_gets_each_members_solo_values(shards: list[ShardAc
         assert isinstance(answers[name], Results), (name, answers[name])
         for key in expected:
             assert_matches_solo(answers[name][key], expected[key])
+
+
+def test_the_token_bound_splits_a_batch_into_passes(lm: Any, tiny_tokenizer: Any) -> None:
+    """``cotenant-max-tokens`` bounds rows x longest length of one pass: 8- and 5-token prompts fit 20
+    (2 x 8); with the 2-token one it would be 3 x 8 = 24, so that one runs in a pass of its own."""
+    import dask
+
+    with dask.config.set({"nnsight-dask.cotenant-max-tokens": 20}):
+        actor = ShardActor(deployment="cotenants-tokens", index=0, n_shards=1,
+                           source=lambda: (tiny_llama(n_layer=4), tiny_tokenizer))
+    try:
+        lengths = [len(tiny_tokenizer(p)["input_ids"]) for p in PROMPTS]
+        assert lengths == [8, 5, 2]
+        graphs = {str(i): record(lm, prompt, reads_and_writes) for i, prompt in enumerate(PROMPTS)}
+        answers = run_together([actor], graphs)
+        assert actor.batch_sizes == {2: 1, 1: 1}
+        for name, graph in graphs.items():
+            expected = solo(lm._module, graph, tiny_tokenizer.pad_token_id)
+            for key in expected:
+                assert_matches_solo(answers[name][key], expected[key])
+    finally:
+        actor.close()

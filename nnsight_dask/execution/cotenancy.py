@@ -63,14 +63,16 @@ def can_share(state: ExperimentState, stage: Stage) -> bool:
     return not any(graph.nodes[i].kind == Kind.SKIP for i in state.owned)
 
 
-def tokens_of(carry: Carry, state: ExperimentState, stage: Stage) -> int:
-    """Rows x length this member adds to a batch (what ``max_batch_tokens`` bounds)."""
-    ids = carry.inputs.get("input_ids")
-    if ids is None and stage.shard == 0:
-        invokes = state.graph.passes[stage.pass_index].invokes
+def footprint(carry: Carry, state: ExperimentState, stage: Stage) -> tuple[int, int]:
+    """The rows and the longest length this member brings to a batch (``max_batch_tokens`` bounds
+    rows x longest length over the batch)."""
+    if stage.shard == 0 and stage.step == 0:  # the pass begins here: its inputs are the graph's
         # an input taken from an earlier trace is not known yet: it counts once its pass has begun
-        return sum(int(inv["input_ids"].numel()) for inv in invokes if isinstance(inv.get("input_ids"), torch.Tensor))
-    return int(ids.numel()) if ids is not None else 0
+        shapes = [inv["input_ids"].shape for inv in state.graph.passes[stage.pass_index].invokes
+                  if isinstance(inv.get("input_ids"), torch.Tensor)]
+        return sum(int(s[0]) for s in shapes) or 1, max((int(s[-1]) for s in shapes), default=1)
+    ids = carry.inputs.get("input_ids")
+    return (int(ids.shape[0]), int(ids.shape[-1])) if ids is not None else (1, 1)
 
 
 def forward_together(runner: ShardRunner, members: Sequence[Member]) -> None:

@@ -30,7 +30,7 @@ from distributed import get_worker
 
 from .. import config as settings
 from ..errors import ExperimentFailedError, InterventionError
-from ..execution.cotenancy import Member, can_share, forward_together, tokens_of
+from ..execution.cotenancy import Member, can_share, footprint, forward_together
 from ..execution.stage import (
     Carry,
     ExperimentState,
@@ -300,15 +300,12 @@ class ShardActor:
         groups: list[list[tuple[StageRequest, ExperimentState]]] = [[]]
         rows = length = 0
         for request, state in together:
-            carry = request.carry or Carry()
-            request.carry = carry
-            size = tokens_of(carry, state, request.stage)
-            ids = carry.inputs.get("input_ids")
-            member_rows = int(ids.shape[0]) if ids is not None else 1
-            new_rows, new_length = rows + member_rows, max(length, size // max(member_rows, 1))
+            request.carry = request.carry or Carry()
+            member_rows, member_length = footprint(request.carry, state, request.stage)
+            new_rows, new_length = rows + member_rows, max(length, member_length)
             if groups[-1] and new_rows * new_length > self.max_batch_tokens:
                 groups.append([])
-                new_rows, new_length = member_rows, size // max(member_rows, 1)
+                new_rows, new_length = member_rows, member_length
             groups[-1].append((request, state))
             rows, length = new_rows, new_length
         return [group for group in groups if len(group) > 1]
