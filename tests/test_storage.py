@@ -293,6 +293,19 @@ def test_reductions_match_torch(tmp_path: Path, dtype: torch.dtype) -> None:
     assert torch.equal(x.min().compute(), t.min())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_functions_read_a_lazy_tensor_whole(tmp_path: Path, dtype: torch.dtype) -> None:
+    """A persisted save handed to torch (``as_tensor``, ``tensor``, any torch function) is read whole,
+    in its own dtype: code written for saved tensors runs unchanged on lazy ones."""
+    t = torch.randn(3, 4, 5).to(dtype)
+    x = write_tensor(tmp_path, "exp", "x", t).open()
+    for got in (torch.as_tensor(x), torch.tensor(x)):
+        assert got.dtype == dtype and torch.equal(got, t)
+    assert torch.equal(torch.softmax(x, -1), torch.softmax(t, -1))
+    assert torch.equal(torch.cat([x, x[:1]]), torch.cat([t, t[:1]]))
+    assert torch.equal(torch.as_tensor(x[1, -1]), t[1, -1])
+
+
 def test_lazy_indexing_like_torch(tmp_path: Path) -> None:
     t = torch.arange(60, dtype=torch.float32).reshape(3, 4, 5)
     x = write_tensor(tmp_path, "exp", "x", t).open()

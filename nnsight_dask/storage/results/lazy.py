@@ -23,6 +23,7 @@ from ...tensors import (
     from_stored,
     is_bit_view,
     itemsize,
+    map_leaves,
     stored_values,
     value_dtype,
 )
@@ -184,6 +185,23 @@ class LazyTensor:
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
         out = self.numpy()
         return out if dtype is None else out.astype(dtype)
+
+    def __dlpack__(self, **kwargs: Any) -> Any:
+        """``torch.as_tensor(x)``/``torch.tensor(x)`` read the whole array (torch asks its data
+        this way before treating an object as a sequence of rows)."""
+        return self.torch().__dlpack__(**kwargs)
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        """Read arrays live on the CPU (DLPack's device type 1, ``kDLCPU``)."""
+        return (1, 0)
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
+        """A torch function given a lazy tensor reads it whole first, in its own dtype:
+        ``torch.as_tensor(x)``, ``torch.softmax(x, -1)``, ``torch.cat([x, y])`` work on a persisted save.
+        Slice first (``x[0, -1]``) to read only what is needed."""
+        read = lambda value: value.torch() if isinstance(value, LazyTensor) else value  # noqa: E731
+        return func(*map_leaves(read, tuple(args)), **map_leaves(read, dict(kwargs or {})))
 
     # -- internals -----------------------------------------------------------------------------
     def _value_array(self) -> da.Array:
