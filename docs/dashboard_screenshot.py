@@ -11,8 +11,8 @@ Chromium or Chrome.
 
 What it does: starts a ``LocalCluster`` (2 worker processes, 1 thread each, the dashboard on a free
 port, the scheduler preload ``nnsight_dask.service.dashboard``), deploys a tiny 2-layer GPT-2 in
-2 shards, runs 7 experiments from 3 client threads (5 traces and a short generation that complete,
-one that fails with an out-of-range index so the error column has something to show), waits until
+2 shards, runs 7 experiments (a short generation and 5 traces in flight together, which share
+forward passes on the shards, then one that fails with an out-of-range index so the error column has something to show), waits until
 ``/nnsight/experiments.json`` lists them all as finished, then opens ``/experiments`` in headless
 Chromium and screenshots it once a table there has drawn one row per experiment.
 
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import concurrent.futures
 import json
 import logging
 import os
@@ -65,35 +64,30 @@ def find_chromium() -> str:
 
 
 def run_experiments(client, name: str) -> int:
-    """A few experiments from 3 client threads; returns how many were started."""
+    """A generation and five traces in flight together (they share stage tasks, and the traces share
+    forward passes on the shards), then one that fails; returns how many were started."""
     import nnsight_dask as nd
     from nnsight_dask.errors import InterventionError
 
     lm = nd.RemoteModel(client, name)
     prompts = ["The Eiffel Tower is", "The capital of France is", "Once upon a time",
                "The cat sat on the", "Paris is a city in"]
-
-    def trace(prompt: str) -> None:
-        with lm.trace(prompt):
+    with lm.generate("The Eiffel Tower is", max_new_tokens=3, blocking=False) as tracer:
+        lm.generator.output.save()
+    in_flight = [tracer]
+    for prompt in prompts:
+        with lm.trace(prompt, blocking=False) as tracer:
             lm.transformer.h[0].output[:, -1] = 0
             lm.output.logits[:, -1].argmax(-1).save()
-
-    def generate(prompt: str) -> None:
-        with lm.generate(prompt, max_new_tokens=3):
-            lm.generator.output.save()
-
-    def bad_index(prompt: str) -> None:
-        try:
-            with lm.trace(prompt):
-                lm.transformer.h[1].output[:, 50].save()   # the prompt has 4 tokens, not 51
-        except InterventionError:
-            pass
-
-    jobs = [(trace, p) for p in prompts] + [(generate, "The Eiffel Tower is"), (bad_index, "The Eiffel Tower is")]
-    with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        for future in [pool.submit(fn, p) for fn, p in jobs]:
-            future.result()
-    return len(jobs)
+        in_flight.append(tracer)
+    for tracer in in_flight:
+        tracer.future.result(timeout=60)
+    try:
+        with lm.trace("The Eiffel Tower is"):
+            lm.transformer.h[1].output[:, 50].save()   # the prompt has 4 tokens, not 51
+    except InterventionError:
+        pass
+    return len(in_flight) + 1
 
 
 def wait_for_rows(base: str, count: int, timeout: float = 20.0) -> list[dict]:
