@@ -10,10 +10,27 @@ import datetime
 import gc
 import os
 import platform
+import sys
+import warnings
 import statistics
 import subprocess
 import time
 from collections.abc import Callable
+
+
+def use_this_checkout() -> str:
+    """Set up a benchmark process; call it before importing torch. Libraries' logs and progress bars
+    stay quiet, each process keeps to one OpenMP thread, and the package of this checkout is the one
+    imported, here and in every process started from here (Dask workers, client processes), not
+    whatever copy is pip-installed. Returns the checkout's root."""
+    for name, value in (("TOKENIZERS_PARALLELISM", "false"), ("TRANSFORMERS_VERBOSITY", "error"),
+                        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("OMP_NUM_THREADS", "1")):
+        os.environ.setdefault(name, value)
+    warnings.simplefilter("ignore")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, repo)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)
+    return repo
 
 
 def interleaved(variants: dict[str, Callable[[], object]], *, budget_s: float, min_rounds: int = 5,

@@ -26,27 +26,20 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import multiprocessing
-import os
 import statistics
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-warnings.simplefilter("ignore")
+from _common import use_this_checkout  # bench/ is on sys.path: it is the script's folder
+
+use_this_checkout()
 
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(BENCH_DIR)
-sys.path[:0] = [BENCH_DIR, REPO]
-os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
 from _common import git_rev, interleaved, machine, median_ms, paired_diff_ms, table, today  # noqa: E402
 
 PROMPTS = ["The Eiffel Tower is in the city of", "The capital of France is", "Once upon a time",

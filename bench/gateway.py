@@ -26,25 +26,19 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import tempfile
 import threading
 import time
-import warnings
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-warnings.simplefilter("ignore")
+from _common import use_this_checkout  # bench/ is on sys.path: it is the script's folder
+
+use_this_checkout()
 
 import requests  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
-BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [BENCH_DIR, os.path.dirname(BENCH_DIR)]
 
 from _common import machine, today  # noqa: E402
 

@@ -40,25 +40,18 @@ import sys
 import tempfile
 import threading
 import time
-import warnings
 from pathlib import Path
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-warnings.simplefilter("ignore")
+from _common import use_this_checkout  # bench/ is on sys.path: it is the script's folder
+
+# Measure the package of this checkout (also in the worker processes and the private-copy probe), not
+# whatever copy happens to be pip-installed.
+REPO = use_this_checkout()
 
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(BENCH_DIR)
-# Measure the package of this checkout (also in the worker processes and the private-copy probe), not
-# whatever copy happens to be pip-installed.
-sys.path[:0] = [BENCH_DIR, REPO]
-os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
 from _common import git_rev, interleaved, machine, median_ms, paired_diff_ms, table, today  # noqa: E402
 
 PROMPT = "The Eiffel Tower is in the city of"

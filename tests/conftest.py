@@ -47,6 +47,23 @@ def tiny_llama() -> Any:
     return _tiny_llama()
 
 
+@pytest.fixture(scope="module")
+def lm(tiny_tokenizer: Any) -> Any:
+    """A 4-layer tiny Llama wrapped for tracing, one per test module (tests may edit or attach to it);
+    in two shards, layers 0-1 are shard 0 and layers 2-3 (with norm and lm_head) shard 1."""
+    import nnsight_dask as nd
+
+    return nd.LanguageModel(_tiny_llama(n_layer=4), tokenizer=tiny_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def gpt(tiny_tokenizer: Any) -> Any:
+    """A 3-layer tiny GPT-2 wrapped for tracing, one per test module."""
+    import nnsight_dask as nd
+
+    return nd.LanguageModel(_tiny_gpt2(n_layer=3), tokenizer=tiny_tokenizer)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer() -> Any:
     """The word-level tokenizer matching the tiny models' vocabulary (left padding)."""

@@ -11,22 +11,11 @@ import torch
 
 import nnsight_dask as nd
 from nnsight_dask.errors import GraphValidationError, InterventionError, TracingError
-from nnsight_dask.models import tiny_gpt2, tiny_llama
 
 torch.set_num_threads(1)
 
 PROMPT = "The Eiffel Tower is in the city of"
 SHORT = "Paris"
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_tokenizer):
-    return nd.LanguageModel(tiny_llama(n_layer=4), tokenizer=tiny_tokenizer)
-
-
-@pytest.fixture(scope="module")
-def gpt(tiny_tokenizer):
-    return nd.LanguageModel(tiny_gpt2(n_layer=3), tokenizer=tiny_tokenizer)
 
 
 def encode(lm, texts):

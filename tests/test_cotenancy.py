@@ -37,11 +37,6 @@ PROMPTS = ["The Eiffel Tower is in the city of", "The capital of Italy is", "Hel
 
 
 @pytest.fixture(scope="module")
-def lm(tiny_tokenizer: Any) -> Any:
-    return nd.LanguageModel(tiny_llama(n_layer=4), tokenizer=tiny_tokenizer)
-
-
-@pytest.fixture(scope="module")
 def shards(tiny_tokenizer: Any) -> Any:
     """Two in-process shards of the same 4-layer tiny Llama (layers 0-1 and 2-3)."""
     source = lambda: (tiny_llama(n_layer=4), tiny_tokenizer)

@@ -4,21 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
 import torch
 from transformers import DynamicCache
-
-import nnsight_dask as nd
-from nnsight_dask.models import tiny_llama
 
 torch.set_num_threads(1)
 
 PROMPT = "The Eiffel Tower is in the city of"
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_tokenizer: Any) -> Any:
-    return nd.LanguageModel(tiny_llama(n_layer=4), tokenizer=tiny_tokenizer)
 
 
 def by_hand(lm: Any, steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

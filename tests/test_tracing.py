@@ -12,19 +12,9 @@ from nnsight_dask.errors import (
     TracingError,
     UnsavedValueError,
 )
-from nnsight_dask.models import save_tiny, tiny_gpt2, tiny_llama
+from nnsight_dask.models import save_tiny
 
 PROMPT = "The Eiffel Tower is in the city of"
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_tokenizer):
-    return nd.LanguageModel(tiny_llama(n_layer=4), tokenizer=tiny_tokenizer)
-
-
-@pytest.fixture(scope="module")
-def gpt(tiny_tokenizer):
-    return nd.LanguageModel(tiny_gpt2(n_layer=3), tokenizer=tiny_tokenizer)
 
 
 def run_with_hooks(model, inputs, hooks=(), pre_hooks=()):

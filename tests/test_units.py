@@ -12,7 +12,6 @@ from distributed.protocol import deserialize, serialize
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import nnsight_dask as nd
 from nnsight_dask.execution.partition import assign_shards, backward_origins
 from nnsight_dask.execution.runner import run_graph
 from nnsight_dask.execution.stage import Carry, Stage, plan_stages
@@ -33,12 +32,6 @@ from nnsight_dask.worker.shard_actor import ShardActor
 torch.set_num_threads(1)
 
 PROMPT = "The Eiffel Tower is in the city of"
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_tokenizer: Any) -> Any:
-    """A 4-layer tiny Llama: layers 0-1 on shard 0, layers 2-3 (with norm and lm_head) on shard 1."""
-    return nd.LanguageModel(tiny_llama(n_layer=4), tokenizer=tiny_tokenizer)
 
 
 @pytest.fixture(scope="module")

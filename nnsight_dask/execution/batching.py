@@ -1,7 +1,8 @@
 """Putting several invokes into one batch, and giving each invoke back only its rows.
 
-Every invoke owns a contiguous row range of the batch. A getter of invoke ``i`` sees a view of
-those rows (so in-place edits reach the model); a setter of invoke ``i`` replaces only those rows.
+Every invoke owns a contiguous row range of the batch (a :class:`Window`). A getter of invoke ``i``
+sees a view of those rows (so in-place edits reach the model); a setter of invoke ``i`` replaces only
+those rows. Co-tenant batches (several experiments in one pass) use the same windows, with columns.
 """
 from __future__ import annotations
 
@@ -136,36 +137,6 @@ def _rows(args: Sequence[Any], kwargs: dict[str, Any]) -> int:
     return 1
 
 
-def narrow(value: Any, start: int, stop: int, batch: int) -> Any:
-    """The rows ``start:stop`` of every tensor in ``value`` whose first dimension is the batch."""
-    if isinstance(value, torch.Tensor):
-        return value[start:stop] if value.dim() and value.shape[0] == batch else value
-    if isinstance(value, tuple) and not hasattr(value, "_fields"):
-        return tuple(narrow(v, start, stop, batch) for v in value)
-    if isinstance(value, list):
-        return [narrow(v, start, stop, batch) for v in value]
-    if isinstance(value, dict):
-        items = {k: narrow(v, start, stop, batch) for k, v in value.items()}
-        try:
-            return type(value)(**items)
-        except TypeError:
-            return items
-    return value
-
-
-def splice(full: Any, part: Any, start: int, stop: int, batch: int) -> Any:
-    """``full`` with rows ``start:stop`` replaced by ``part`` (autograd-friendly, no in-place)."""
-    if isinstance(full, torch.Tensor):
-        if not (full.dim() and full.shape[0] == batch):
-            return part
-        part = conform(part, full[start:stop])
-        return torch.cat([full[:start], part, full[stop:]])
-    if isinstance(full, (tuple, list)) and isinstance(part, (tuple, list)):
-        merged = [splice(f, p, start, stop, batch) for f, p in zip(full, part)]
-        return type(full)(merged) if isinstance(full, tuple) else merged
-    return part
-
-
 def conform(new: Any, old: Any) -> Any:
     """Make a replacement fit the value it replaces: numbers fill, broadcastable tensors expand,
     dtype and device follow the model; any other shape is an error naming both shapes."""
@@ -194,31 +165,28 @@ def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
     return all(s in (1, t) for s, t in zip(reversed(shape), reversed(target)))
 
 
-# -- co-tenant batches: several experiments in one forward pass -------------------------------------
+# -- windows: an invoke's (or a co-tenant's) part of every value of the batch -------------------------
 #
-# Experiments of different users batched on a shard must each see exactly what they would see alone.
-# Their rows are stacked and their sequences padded on the *right*: in a causal model a token attends
-# only to tokens before it, so a member's real tokens never see the padding after them, and each
-# member keeps its own positions (0..T-1) without any position ids. A member's window is its rows and
-# its first ``length`` columns; every value it reads is a view of that window, every value it writes
-# goes back into it.
+# An invoke's window is its rows. Experiments of different users batched on a shard (co-tenants) must
+# each see exactly what they would see alone: their rows are stacked and their sequences padded on the
+# *right* (in a causal model a token attends only to tokens before it, so a member's real tokens never
+# see the padding after them, and each member keeps its own positions 0..T-1 without any position
+# ids), so a member's window is its rows and its first ``length`` columns. Every value read through a
+# window is a view of it; every value written through it goes back into it.
 
 
 class Window:
-    """Rows ``start:stop`` and the first ``length`` of ``seq`` columns of a batch of ``batch`` rows."""
+    """Rows ``start:stop`` of a batch of ``batch`` rows and, when ``length`` is given, the first
+    ``length`` of its ``seq`` columns."""
 
-    __slots__ = ("start", "stop", "length", "batch", "seq")
+    __slots__ = ("start", "stop", "batch", "length", "seq")
 
-    def __init__(self, start: int, stop: int, length: int, batch: int, seq: int) -> None:
-        self.start, self.stop, self.length, self.batch, self.seq = start, stop, length, batch, seq
-
-    @property
-    def whole(self) -> bool:
-        """The window is the whole batch (a batch of one): nothing to cut."""
-        return self.start == 0 and self.stop == self.batch and self.length == self.seq
+    def __init__(self, start: int, stop: int, batch: int, length: int | None = None, seq: int | None = None) -> None:
+        self.start, self.stop, self.batch, self.length, self.seq = start, stop, batch, length, seq
 
     def __repr__(self) -> str:
-        return f"Window(rows {self.start}:{self.stop} of {self.batch}, columns :{self.length} of {self.seq})"
+        columns = f", columns :{self.length} of {self.seq}" if self.length is not None else ""
+        return f"Window(rows {self.start}:{self.stop} of {self.batch}{columns})"
 
 
 def _in_window(tensor: torch.Tensor, window: Window) -> bool:
@@ -226,11 +194,12 @@ def _in_window(tensor: torch.Tensor, window: Window) -> bool:
 
 
 def _cuts_columns(tensor: torch.Tensor, window: Window) -> bool:
-    return tensor.dim() > 1 and tensor.shape[1] == window.seq and window.length < window.seq
+    return (window.length is not None and window.seq is not None and window.length < window.seq
+            and tensor.dim() > 1 and tensor.shape[1] == window.seq)
 
 
 def narrow_window(value: Any, window: Window) -> Any:
-    """The member's view of ``value``: its rows of every batch-first tensor and, where the second
+    """The window's view of ``value``: its rows of every batch-first tensor and, where the second
     dimension is the batch's sequence, its own columns. Views, so in-place edits reach the batch."""
     if isinstance(value, torch.Tensor):
         if not _in_window(value, window):
@@ -312,7 +281,7 @@ def stack_members(parts: Sequence[dict[str, torch.Tensor]], pad_token_id: int, p
             if own is None:
                 own = torch.arange(past, past + length).expand(rows, length)
             positions.append(pad(own, (0, after), value=0))
-        windows.append(Window(row, row + rows, length, batch, seq))
+        windows.append(Window(row, row + rows, batch, length, seq))
         row += rows
     stacked = {"input_ids": torch.cat(ids), "attention_mask": torch.cat(masks)}
     if with_positions:

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from ..graph.node import Kind
-from .batching import Window, narrow_window, stack_hidden, stack_members
+from .batching import narrow_window, stack_hidden, stack_members
 from .cache_rows import cache_length, merge_caches, split_cache
 from .interleaver import Interleaver, Quiet, StopForward
 from .stage import Carry, ExperimentState, ExperimentStopped, ShardRunner, Stage, idle
@@ -48,7 +48,6 @@ class Member:
     stage: Stage
     carry: Carry
     inter: Interleaver | None = None
-    window: Window | None = None
     #: The member's outcome: its next carry, or why it failed or stopped.
     outcome: Carry | BaseException | None = None
 
@@ -100,7 +99,7 @@ def forward_together(runner: ShardRunner, members: Sequence[Member]) -> None:
     pasts = [cache_length(c) for c in caches]
     inputs, windows = stack_members([m.carry.inputs for m in live], runner.pad_token_id, pasts)
     for member, window in zip(live, windows):
-        member.window = member.inter.window = window  # type: ignore[union-attr]
+        member.inter.window = window  # type: ignore[union-attr]
     longest_past, seq = max(pasts), windows[0].seq
     merged = None
     if any(_generates(m) for m in live):
@@ -140,8 +139,8 @@ def forward_together(runner: ShardRunner, members: Sequence[Member]) -> None:
     if merged is not None:
         for member, past in zip(live, pasts):
             if _generates(member) and member.inter.halted is None:  # type: ignore[union-attr]
-                member.state.caches[member.stage.pass_index] = split_cache(merged, member.window, past,  # type: ignore[arg-type]
-                                                                           longest_past)
+                member.state.caches[member.stage.pass_index] = split_cache(
+                    merged, member.inter.window, past, longest_past)  # type: ignore[union-attr,arg-type]
     for member in live:
         _conclude(runner, member, exit_value[0] if exit_value else None, output)
 
@@ -157,7 +156,8 @@ def _cache_of(member: Member) -> Any:
 
 def _conclude(runner: ShardRunner, member: Member, exit_hidden: Any, output: Any) -> None:
     inter = member.inter
-    assert inter is not None and member.window is not None
+    assert inter is not None and inter.window is not None
+    window = inter.window
     halted = inter.halted
     if isinstance(halted, StopForward):  # the member's own stop(): as alone, the run ends here
         member.carry.stopped = True
@@ -167,12 +167,12 @@ def _conclude(runner: ShardRunner, member: Member, exit_hidden: Any, output: Any
         return
     try:
         # the hidden state handed on is the member's own copy, not a view holding the whole batch
-        own_exit = narrow_window(exit_hidden, member.window)
+        own_exit = narrow_window(exit_hidden, window)
         if isinstance(own_exit, tuple):
             own_exit = own_exit[0]
         member.outcome = runner.conclude(member.state, member.stage, member.carry, inter,
                                          own_exit.contiguous() if own_exit is not None else None,
-                                         narrow_window(output, member.window))
+                                         narrow_window(output, window))
     except Exception as exc:
         member.outcome = exc
 

@@ -38,15 +38,7 @@ from ..graph.ops import (
     safe_call,
     safe_getattr,
 )
-from .batching import (
-    Layout,
-    Window,
-    conform,
-    narrow,
-    narrow_window,
-    splice,
-    splice_window,
-)
+from .batching import Layout, Window, conform, narrow_window, splice_window
 
 Key = Any  # int for plain nodes, (node id, step) for nodes of an iteration block
 
@@ -111,6 +103,8 @@ class Interleaver:
         self.pass_index = pass_index
         self.layout = layout
         self.batch = layout[-1][1] if layout else 0
+        #: Each invoke's rows of the batch.
+        self.invoke_windows = [Window(start, stop, self.batch) for start, stop in layout]
         self.narrowing = len(layout) > 1
         self.values = values
         self.steps = steps
@@ -409,8 +403,7 @@ class Interleaver:
         else:
             value = current
         if self.narrowing and node.invoke is not None and phase != "grad":
-            start, stop = self.layout[node.invoke]
-            value = narrow(value, start, stop, self.batch)
+            value = narrow_window(value, self.invoke_windows[node.invoke])
         return value
 
     def _replace(self, node: Node, current: Any, new: Any, phase: str) -> Any:
@@ -429,8 +422,7 @@ class Interleaver:
 
     def _fit(self, node: Node, old: Any, new: Any) -> Any:
         if self.narrowing and node.invoke is not None:
-            start, stop = self.layout[node.invoke]
-            return splice(old, new, start, stop, self.batch)
+            return splice_window(old, new, self.invoke_windows[node.invoke])
         return conform(new, old)
 
     def watch_module(self, module: torch.nn.Module, path: str) -> list[Any]:
@@ -536,14 +528,14 @@ class Interleaver:
                 and base.requires_grad and base.shape[0] == self.batch:
             # an invoke's rows are a view the model never uses: watch the whole batch's tensor and
             # hand the invoke its rows of the gradient (and splice a replacement back in)
-            start, stop = self.layout[node.invoke]
+            window = self.invoke_windows[node.invoke]
 
             def rows_hook(grad: torch.Tensor) -> Any:
                 if not live():
                     return None
-                part = grad[start:stop]
+                part = narrow_window(grad, window)
                 new = self.fire(keys, part, "grad")
-                return None if new is part else splice(grad, new, start, stop, self.batch)
+                return None if new is part else splice_window(grad, new, window)
 
             base.register_hook(rows_hook)
             return

@@ -30,9 +30,13 @@ def check_graph(graph: InterventionGraph, module_paths: Collection[str] | None =
     check_policy(graph, policy, context_length=context_length)
 
 
-def decode_graph(graph_json: str) -> InterventionGraph:
-    """Decode a graph from anyone, refusing oversized constants before they are decoded."""
-    return InterventionGraph.from_json(graph_json, max_constant_bytes=config.max_inline_result_bytes)
+def decode_graph(graph: str | Mapping[str, Any]) -> InterventionGraph:
+    """Decode a graph from anyone (its JSON text, or that text already parsed), refusing oversized
+    constants before they are decoded."""
+    limit = config.max_inline_result_bytes
+    if isinstance(graph, str):
+        return InterventionGraph.from_json(graph, max_constant_bytes=limit)
+    return InterventionGraph.from_dict(dict(graph), max_constant_bytes=limit)
 
 
 def check_inline_size(results: Mapping[str, Any], options: Mapping[str, Any], policy: Policy | None = None) -> None:

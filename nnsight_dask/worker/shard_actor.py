@@ -284,7 +284,9 @@ class ShardActor:
             except BaseException as exc:
                 self._forget(request.experiment)
                 request.outcome = exc
-        together = [(r, s) for r, s in admitted if self.batching and can_share(s, r.stage)]
+        # a lone stage (the common case with one user) goes straight to its solo run
+        together = [(r, s) for r, s in admitted if can_share(s, r.stage)] \
+            if self.batching and len(admitted) > 1 else []
         groups = self._token_groups(together) if len(together) > 1 else []
         grouped = {id(r) for group in groups for r, _ in group}
         for request, state in admitted:

@@ -18,12 +18,11 @@ from typing import TYPE_CHECKING, Any
 
 from tornado import web, websocket
 
-from ... import config
 from ...client.http_wire import API, FINAL, error_to_json
 from ...errors import DeploymentError, GraphValidationError, PolicyError
 from ...graph.graph import InterventionGraph
 from ...storage.location import StoreLocation
-from ...worker.limits import check_graph
+from ...worker.limits import check_graph, decode_graph
 from .dispatch import Job, QuotaExceeded
 from .keys import User
 
@@ -367,19 +366,11 @@ def validation_error(exc: Exception) -> ApiError:
     return ApiError(status, wire["type"], wire["message"], **wire["fields"])
 
 
-def decode(graph: str | dict[str, Any]) -> InterventionGraph:
-    """A graph from anyone, with constants bounded before they are decoded."""
-    limit = config.max_inline_result_bytes
-    if isinstance(graph, str):
-        return InterventionGraph.from_json(graph, max_constant_bytes=limit)
-    return InterventionGraph.from_dict(graph, max_constant_bytes=limit)
-
-
 def validate(core: Gateway, user: User, deployment: str, graph: str | dict[str, Any]) -> InterventionGraph:
     """Decode and check a graph for ``deployment`` the way its shards will (they check again)."""
     served = served_or_404(core, user, deployment)
     try:
-        decoded = decode(graph)
+        decoded = decode_graph(graph)
         check_graph(decoded, served.module_paths, policy=served.record.policy,
                     context_length=served.context_length, vocab_size=served.vocab_size)
     except GraphValidationError as exc:
