@@ -42,7 +42,11 @@ LONG = 200
 
 @pytest.fixture(scope="module", autouse=True)
 def quiet():
-    with dask.config.set({"nnsight-dask.verbose": False}):
+    # The tests below kill worker processes and count on their Nannies to restart them. A LocalCluster
+    # also closes the Nanny of a worker that has not re-registered ``lost-worker-timeout`` (15 s) after
+    # it left; a worker killed twice about 15 s apart is caught restarting by the first death's timer,
+    # and its Nanny closed for good (seen as "its worker died meanwhile"). Nannies stay here.
+    with dask.config.set({"nnsight-dask.verbose": False, "distributed.deploy.lost-worker-timeout": "1h"}):
         yield
 
 
