@@ -274,3 +274,22 @@ def test_a_traces_input_can_be_an_earlier_traces_tokens(lm):
 def test_remote_traces_input_from_an_earlier_trace_equals_local(remote, local):
     for got, expected in zip(generate_then_read(remote, "Hello world"), generate_then_read(local, "Hello world")):
         assert torch.allclose(torch.as_tensor(got).float(), torch.as_tensor(expected).float(), atol=1e-5)
+
+
+def test_remote_python_if_equals_local(remote, local):
+    """An `if`/`else` on a traced value is an ordinary conditional in the graph: shards run it as locally."""
+    def run(model, threshold):
+        with model.trace(PROMPT):
+            total = model.model.layers[0].output.sum()  # shard 0
+            if total > threshold:
+                model.model.layers[3].output = model.model.layers[3].output * 2  # shard 1
+            else:
+                model.model.layers[3].output = model.model.layers[3].output * 0
+            logits = model.output.logits.save()
+        return logits
+
+    with local.trace(PROMPT):
+        total = local.model.layers[0].output.sum().save()
+    for threshold in (float(total) - 1, float(total) + 1):
+        assert torch.allclose(run(remote, threshold), run(local, threshold), atol=1e-4)
+    assert not torch.allclose(run(local, float(total) - 1), run(local, float(total) + 1))

@@ -310,16 +310,16 @@ def test_session_blocks_refuse_what_they_cannot_record(lm):
             pass
 
 
-# -- item 12: Python `if` / `for` on traced values are refused with the spelling that works ----------------
-def test_python_if_on_a_traced_value_is_refused_with_the_cond_spelling(lm):
-    with pytest.raises(TracingError, match=r"Python's `if`.*tracer.cond\(x\).*tracer.cond\(~x\).*session.cond"), \
+# -- item 12: Python `if` / `for` on traced values (tests/test_control_flow.py); what stays refused ----------
+def test_truth_and_iteration_that_cannot_be_recorded_are_refused_with_the_spelling_that_works(lm):
+    with pytest.raises(TracingError, match=r"`while`.*tracer.cond\(x\).*tracer.cond\(~x\).*session.cond"), \
             lm.trace(PROMPT):
-        if lm.model.layers[0].output.sum() > 0:
+        while lm.model.layers[0].output.sum() > 0:
             lm.model.layers[1].output[:] = 0
     with pytest.raises(TracingError, match=r"session.iter\(items\)"), lm.session():
         with lm.trace(PROMPT):
             ids = lm.output.logits[0].argmax(-1)
-        for _token in ids:
+        for _token in ids:  # a tensor's length is known only when the model runs
             pass
 
 

@@ -8,6 +8,7 @@ it; an unsaved one explains that it was not saved.
 from __future__ import annotations
 
 import operator
+import sys
 from typing import Any
 
 from ..errors import ForbiddenOperationError, TracingError, UnsavedValueError
@@ -177,25 +178,40 @@ class Proxy:
 
     def __bool__(self) -> bool:
         if self._live():
+            from .control_flow import branch
+
+            entered = branch(self, sys._getframe(1))  # `if x:` records both branches as conditionals
+            if entered is not None:
+                return entered
             raise TracingError(
-                "a traced value has no truth value while recording (it exists only when the model runs), so "
-                "Python's `if`, `while`, `and`, `or` and `not` cannot decide on it; they are not turned into "
-                "conditionals. Write `with tracer.cond(x):` for the if branch and `with tracer.cond(~x):` for "
-                "the else branch (elif: `tracer.cond(~x & y)`); around whole traces of a session, "
-                "`with session.cond(x):`")
+                "a traced value has no truth value while recording (it exists only when the model runs); an "
+                "`if` statement on it is recorded as a conditional, but `while`, `x if c else y`, `assert` and "
+                "truth tests inside other calls are not (nor an `if` whose source cannot be read). Write "
+                "`with tracer.cond(x):` for the if branch and `with tracer.cond(~x):` for the else branch "
+                "(elif: `tracer.cond(~x & y)`); around whole traces of a session, `with session.cond(x):`")
         return bool(self.value)
 
     def __len__(self) -> int:
         if self._live():
-            raise TracingError("the length of a traced value is unknown while recording; use .shape[0] or .size(0)")
+            length = self._recorder.lengths.get(self._node)
+            if length is None:
+                raise TracingError("the length of a traced value is unknown while recording; use .shape[0] or "
+                                   ".size(0) (a traced list made with nd.list() and changed only by unconditional "
+                                   "append/insert/pop/remove/extend/clear calls has a known length)")
+            return length
         return len(self.value)
 
     def __iter__(self) -> Any:
         if self._live():
-            raise TracingError(
-                "a traced value cannot be unpacked or iterated while recording (its length is known only when "
-                "the model runs); index it instead, e.g. out[0]. To run whole traces once per item of a Python "
-                "list, write `with session.iter(items) as item:` in a session")
+            length = self._recorder.lengths.get(self._node)
+            if length is None:
+                raise TracingError(
+                    "a traced value cannot be unpacked or iterated while recording (its length is known only "
+                    "when the model runs); index it instead, e.g. out[0]. A traced list whose length is known "
+                    "while recording (nd.list() changed only by unconditional append/insert/pop/remove/extend/"
+                    "clear calls) can be iterated, and so can a Python list (`for x in items:` or, around "
+                    "whole traces, `with session.iter(items) as item:`)")
+            return (self[k] for k in range(length))  # each item read where the loop body reads it
         return iter(self.value)
 
     def __contains__(self, item: Any) -> bool:

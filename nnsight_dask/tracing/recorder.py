@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import TracingError, UnsavedValueError
 from ..graph.graph import InterventionGraph, Iteration, Pass
 from ..graph.node import Kind, Node, Ref
+from .lengths import KnownLengths
 from .location import user_location
 
 if TYPE_CHECKING:
@@ -54,6 +55,8 @@ class Recorder:
         #: One list per open ``session.iter`` block: the proxies recorded inside it, renumbered when the
         #: block is unrolled (see :mod:`.unroll`).
         self.block_proxies: list[list[weakref.ref[Proxy]]] = []
+        #: lengths of traced lists known while recording (``for x in l``, ``len(l)``)
+        self.lengths = KnownLengths()
 
     # -- structure ------------------------------------------------------------------------------
     def new_pass(self, kind: str, kwargs: dict[str, Any]) -> int:
@@ -152,6 +155,7 @@ class Recorder:
                               iteration=iteration, cond=self.cond, location=user_location(), **fields)
         if not self.in_trace:
             self.session_level.append(node.id)
+        self.lengths.note(self, node)
         proxy = Proxy(self, node.id)
         for block in self.block_proxies:
             block.append(weakref.ref(proxy))

@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING, Any
 from ..errors import TracingError
 from ..graph.graph import InterventionGraph
 from ..graph.node import Kind, Ref
+from . import control_flow
 from .inject import inject_saves
 from .proxy import Proxy, _map_proxies
 from .recorder import Recorder, active_recorders
 from .scanning import ScanRecorder
-from .unroll import DeferredInput, SessionBlock, sequence_of, unroll
+from .unroll import DeferredInput, SessionBlock, TracedItem, sequence_of, unroll
 
 if TYPE_CHECKING:
     from ..backends.base import Backend
@@ -61,6 +62,7 @@ class Tracer:
         self._recorder: Recorder | None = None
         self._session = model._session
         self._invoked = False
+        self._branches = 0  # `if`s on traced values open when the block opened (see control_flow)
         self.future: Any = None
         self.logs: list[str] = []
         #: Rebind the caller's local names of saved proxies to their values when the block has run.
@@ -84,6 +86,7 @@ class Tracer:
             self._recorder = ScanRecorder(self._backend) if self.scan else Recorder()
             self._recorder.graph.model = self.model._model_id
         recorder = self._recorder
+        self._branches = control_flow.depth()
         recorder.graph.options.update(self.options)
         recorder.new_pass(self.kind, self.run_kwargs)
         self.model._push(recorder)
@@ -95,6 +98,7 @@ class Tracer:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         recorder = self._require()
+        control_flow.close_from(self._branches, finished=exc_type is None)
         if self._implicit is not None:
             self._implicit.__exit__(None, None, None)
         self.model._pop(recorder)
@@ -179,6 +183,10 @@ class Invoker:
         _map_proxies(self.inputs, proxies.append)
         if not proxies:
             self.index = recorder.add_invoke(self.tracer.model._encode(self.inputs, **self.encode_kwargs))
+        elif session is not None and any(session._is_traced_item(proxy) for proxy in proxies):
+            raise TracingError(
+                "an item of a traced list cannot be a trace's input: inputs are encoded while recording and the "
+                "item exists only when the session runs; iterate a Python list of inputs instead")
         elif session is not None and all(session._is_item(proxy) for proxy in proxies):
             self.index = recorder.add_invoke({})  # filled in per item when the session.iter block closes
             session._deferred[(recorder.pass_index, self.index)] = DeferredInput(
@@ -281,6 +289,7 @@ class Session:
         self.future: Any = None
         self.logs: list[str] = []
         self._active = False
+        self._branches = 0  # `if`s on traced values open when the block opened (see control_flow)
         self._blocks: list[SessionBlock] = []
         #: Invoke inputs waiting for a ``session.iter`` item, by ``(pass, invoke)``.
         self._deferred: dict[tuple[int, int], DeferredInput] = {}
@@ -307,15 +316,20 @@ class Session:
     def _is_item(self, proxy: Proxy) -> bool:
         return any(proxy is block.item for block in self._blocks)
 
+    def _is_traced_item(self, proxy: Proxy) -> bool:
+        return any(proxy is block.item and isinstance(block.items[0], TracedItem) for block in self._blocks)
+
     def __enter__(self) -> Session:
         if self.model._session is not None:
             raise TracingError("sessions cannot be nested")
         self.model._set_session(self)
         self._active = True
+        self._branches = control_flow.depth()
         active_recorders().append(self.recorder)  # nd.list(), nd.apply() between traces record here
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        control_flow.close_from(self._branches, finished=exc_type is None)
         self.model._set_session(None)
         self._active = False
         stack = active_recorders()
@@ -341,6 +355,8 @@ class SessionIteration:
     def __init__(self, session: Session, items: Iterable[Any]) -> None:
         self.session = session
         self.items = sequence_of(items)
+        #: a traced list with a known length: the block reads its items at run time
+        self._traced = items if isinstance(items, Proxy) else None
         self._block: SessionBlock | None = None
 
     def __enter__(self) -> Proxy:
@@ -349,7 +365,8 @@ class SessionIteration:
             raise TracingError("session.iter repeats whole traces, so it goes outside them; inside a trace, "
                                "tracer.iter[...] / tracer.all() repeat interventions over generation steps")
         graph = recorder.graph
-        items = recorder.add(Kind.OP, (self.items,), target="builtins.list")
+        items = recorder.add(Kind.OP, (self._traced if self._traced is not None else self.items,),
+                             target="builtins.list")
         first = (len(graph.nodes), len(graph.passes), len(graph.iterations))
         proxies: list[weakref.ref[Proxy]] = []
         recorder.block_proxies.append(proxies)

@@ -5,7 +5,8 @@ for the current item: a node reading ``items[k]`` from one constant list node. W
 it is unrolled: its nodes, passes and iteration blocks are copied once per item, every reference
 renumbered, and each copy's ``item`` node reads its own index. The graph stays the plain graph any
 session makes (no new node kinds; shards see ordinary passes), and its size grows with the number of
-items, which therefore must be known while recording (a Python sequence, not a traced value).
+items, which therefore must be known while recording (a Python sequence, or a traced list whose
+length is known while recording).
 
 As after a Python ``for`` loop, every proxy recorded inside the block stands afterwards for its value
 in the last iteration; saves inside the block are kept for the last iteration only. A trace whose
@@ -141,16 +142,30 @@ def remap(obj: Any, ids: dict[int, int]) -> Any:
     return obj
 
 
+class TracedItem:
+    """Stands for an item of a traced list in :attr:`SessionBlock.items`: its value exists only at run time."""
+
+    def __repr__(self) -> str:
+        return "<item of a traced list>"
+
+
 def sequence_of(items: Any) -> list[Any]:
-    """``session.iter``'s items as a list; its length must be known while recording."""
+    """``session.iter``'s items as a list; its length must be known while recording (a traced list's
+    may be, see :mod:`.lengths`: its items are then :class:`TracedItem` placeholders)."""
     if isinstance(items, Proxy):
-        raise TracingError(
-            "session.iter needs a Python sequence (list, tuple, range): the traces inside are recorded once "
-            "per item, so the number of items must be known while recording, and a traced value's is not")
-    try:
-        values = list(items)
-    except TypeError:
-        raise TracingError(f"session.iter takes a sequence of items, not {type(items).__name__}") from None
+        length = items._recorder.lengths.get(items._node) if items._live() else None
+        if length is None:
+            raise TracingError(
+                "session.iter needs a Python sequence (list, tuple, range) or a traced list whose length is "
+                "known while recording (nd.list() changed only by unconditional append/insert/pop/remove/"
+                "extend/clear calls): the traces inside are recorded once per item, so the number of items "
+                "must be known while recording")
+        values: list[Any] = [TracedItem() for _ in range(length)]
+    else:
+        try:
+            values = list(items)
+        except TypeError:
+            raise TracingError(f"session.iter takes a sequence of items, not {type(items).__name__}") from None
     if not values:
         raise TracingError("session.iter got no items: the block inside would never run")
     return values
