@@ -319,3 +319,18 @@ def test_smollm2_reload_from_cache_is_fast(smollm2: tuple[Any, Any], monkeypatch
     assert elapsed < 10.0, f"cached SmolLM2 load took {elapsed:.1f}s"
     assert not model.training
     torch.testing.assert_close(model.lm_head.weight, smollm2[0].lm_head.weight)
+
+
+def test_plan_balances_compute_when_the_head_weighs_several_layers() -> None:
+    """The last shard also runs lm_head; when its matmul weighs like several layers, layers move to
+    the earlier shards so the heaviest shard (which bounds a pipeline's throughput) is lighter."""
+    from nnsight_dask.models.shards import matmul_weights
+
+    model = tiny_llama(n_layer=6, hidden=16, vocab_size=288)  # lm_head: 288 x 16 = 2 layers' weights
+    layer = matmul_weights(model.model.layers[0])
+    assert matmul_weights(model.lm_head) == 2 * layer
+    plan = plan_shards(model, 2)
+    assert [s.n_layers for s in plan] == [4, 2]  # 4 layers | 2 layers + head, instead of 3 | 3 + head
+    assert plan[-1].module_prefixes[-2:] == ("model.norm", "lm_head")
+    small_head = tiny_llama(n_layer=6, hidden=16, vocab_size=40)  # a tenth of a layer: the even split
+    assert [s.n_layers for s in plan_shards(small_head, 2)] == [3, 3]

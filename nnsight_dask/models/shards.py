@@ -126,12 +126,23 @@ def find_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
     return best[2], best[3]
 
 
-def plan_shards(model: torch.nn.Module, k: int) -> list[ShardSpec]:
-    """Split ``model``'s decoder layers into ``k`` consecutive, near-equal shards.
+#: A plan other than the even split is used only when it lowers the heaviest shard's compute by this
+#: fraction: below it the simple rule (and where each module lives) is worth more than the balance.
+BALANCE_GAIN = 0.10
 
-    Shards differ in size by at most one layer; the earlier shards get the extra layers (10
-    layers in 3 shards: 4, 3, 3). Embeddings and everything before the layers go with shard 0;
-    the final norm, ``lm_head`` and everything after go with the last shard.
+
+def plan_shards(model: torch.nn.Module, k: int) -> list[ShardSpec]:
+    """Split ``model``'s decoder layers into ``k`` consecutive shards of near-equal compute.
+
+    Layers are split evenly, shards differing by at most one layer with the extra layers on the
+    earlier shards (10 layers in 3 shards: 4, 3, 3), unless the modules outside the layers weigh
+    enough to unbalance that: the last shard also runs the final norm and ``lm_head``, whose matmul
+    costs as much as 8 of SmolLM2-135M's 30 layers (a 49152-word vocabulary). When another split
+    lowers the heaviest shard's per-token matmul work by more than :data:`BALANCE_GAIN`, that split is
+    used (SmolLM2 in 2 shards: 19 and 11 layers instead of 15 and 15). Shards of a pipeline run
+    concurrently for different experiments, so the heaviest one bounds a shared deployment's
+    throughput. Embeddings and everything before the layers go with shard 0; the final norm,
+    ``lm_head`` and everything after go with the last shard.
 
     Raises
     ------
@@ -157,12 +168,18 @@ def plan_shards(model: torch.nn.Module, k: int) -> list[ShardSpec]:
             n_layers=n,
         )
     before, after = _outside_layers(model, layers_path)
+    costs = [matmul_weights(layer) for layer in layers]
+    costs[0] += sum(matmul_weights(model.get_submodule(path)) for path in before)
+    costs[-1] += sum(matmul_weights(model.get_submodule(path)) for path in after)
+    sizes = _even_sizes(n, k)
+    balanced = _balanced_sizes(costs, k)
+    if _heaviest(costs, balanced) < (1 - BALANCE_GAIN) * _heaviest(costs, sizes):
+        sizes = balanced
 
-    base, extra = divmod(n, k)
     plan: list[ShardSpec] = []
     start = 0
-    for index in range(k):
-        stop = start + base + (1 if index < extra else 0)
+    for index, size in enumerate(sizes):
+        stop = start + size
         prefixes: list[str] = []
         if index == 0:
             prefixes.extend(before)
@@ -172,6 +189,66 @@ def plan_shards(model: torch.nn.Module, k: int) -> list[ShardSpec]:
         plan.append(ShardSpec(index, start, stop, tuple(prefixes), layers_path))
         start = stop
     return plan
+
+
+def matmul_weights(module: torch.nn.Module) -> int:
+    """Weights a token meets in matrix products inside ``module`` (a per-token compute estimate):
+    every parameter of two or more dimensions except embedding tables, which are looked up. A tied
+    ``lm_head`` counts, though its weight is the embedding's."""
+    return sum(parameter.numel() for sub in module.modules() if not isinstance(sub, torch.nn.Embedding)
+               for parameter in sub.parameters(recurse=False) if parameter.dim() >= 2)
+
+
+def _even_sizes(n: int, k: int) -> list[int]:
+    base, extra = divmod(n, k)
+    return [base + (1 if index < extra else 0) for index in range(k)]
+
+
+def _heaviest(costs: Sequence[int], sizes: Sequence[int]) -> int:
+    start, heaviest = 0, 0
+    for size in sizes:
+        heaviest = max(heaviest, sum(costs[start:start + size]))
+        start += size
+    return heaviest
+
+
+def _balanced_sizes(costs: Sequence[int], k: int) -> list[int]:
+    """Consecutive sizes (each at least 1) minimising the heaviest shard's cost; among equal plans
+    the earlier shards take more layers."""
+    n = len(costs)
+
+    def shards_needed(limit: int, first: int) -> int | None:
+        needed, load = 1, 0
+        for cost in costs[first:]:
+            if cost > limit:
+                return None
+            if load + cost > limit:
+                needed, load = needed + 1, 0
+            load += cost
+        return needed
+
+    candidates = sorted({sum(costs[i:j]) for i in range(n) for j in range(i + 1, n + 1)})
+    lo, hi = 0, len(candidates) - 1
+    while lo < hi:  # the smallest limit that k shards can keep
+        mid = (lo + hi) // 2
+        needed = shards_needed(candidates[mid], 0)
+        if needed is not None and needed <= k:
+            hi = mid
+        else:
+            lo = mid + 1
+    limit = candidates[lo]
+    sizes: list[int] = []
+    first = 0
+    for index in range(k - 1):
+        left = k - index - 1  # shards still to fill after this one, a layer each at least
+        size, load = 0, 0
+        while first + size < n - left and load + costs[first + size] <= limit:
+            load += costs[first + size]
+            size += 1
+        sizes.append(max(size, 1))
+        first += max(size, 1)
+    sizes.append(n - first)
+    return sizes
 
 
 def owner_of(plan: Sequence[ShardSpec], module_path: str) -> int:
