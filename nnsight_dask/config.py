@@ -78,6 +78,11 @@ DEFAULTS: dict[str, Any] = {
     "cotenant_max_batch": 16,
     #: Most padded tokens (rows x longest sequence) in one co-tenant forward pass.
     "cotenant_max_tokens": 16384,
+    #: Under load, how long (ms) a shard that has just become free may wait for as many stages as its
+    #: previous pass held before starting the next one: stages of a group return to clients together
+    #: and come back a few ms apart, and starting on the first alone splits the group for good. Only
+    #: after a shared pass (within the last second); a lone experiment never waits. ``0``: never wait.
+    "cotenant_gather_ms": 20,
     #: Fetch remote results straight from the worker that holds them. Set ``False`` when clients
     #: cannot reach the workers' addresses.
     "direct_results": True,

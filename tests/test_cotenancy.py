@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pickle
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -289,6 +290,41 @@ def test_the_queue_serves_waiting_stages_together_and_a_lone_one_at_once() -> No
         thread.join(10)
     assert groups[1:] == [["first"], ["a", "b", "c"], ["d"]]
     assert all(r.done and r.outcome == name.upper() for name, r in requests.items())
+
+
+def test_under_load_a_free_shard_waits_briefly_for_the_group_to_come_back() -> None:
+    """After a shared pass of 3, stages arriving a few ms apart are served as one pass again (not as
+    a pass of the first one alone and one of the rest); a lone stage never waits; nor does anyone
+    past ``gather_s``."""
+    groups: list[list[str]] = []
+
+    def serve(requests: list[StageRequest]) -> None:
+        groups.append([r.experiment for r in requests])
+        for request in requests:
+            request.outcome = request.experiment
+
+    def request(name: str) -> StageRequest:
+        return StageRequest(name, None, None, None, False)  # type: ignore[arg-type]
+
+    queue = StageQueue(serve, max_batch=8, gather_s=0.5)
+    started = time.monotonic()
+    queue.run([request("lone")])
+    assert time.monotonic() - started < 0.25  # no recent shared pass: served at once
+    queue.run([request("a"), request("b"), request("c")])  # one task with three members: a shared pass
+    threads = []
+    for name in ("x", "y", "z"):  # the group's next stages, 20 ms apart
+        threads.append(threading.Thread(target=queue.run, args=([request(name)],)))
+        threads[-1].start()
+        time.sleep(0.02)
+    for thread in threads:
+        thread.join(10)
+    assert groups == [["lone"], ["a", "b", "c"], ["x", "y", "z"]]
+    started = time.monotonic()
+    queue.run([request("late")])  # one of three comes back: served once gather_s has passed
+    assert 0.4 < time.monotonic() - started < 2 and groups[-1] == ["late"]
+    started = time.monotonic()
+    queue.run([request("alone again")])  # its previous pass held one: no waiting
+    assert time.monotonic() - started < 0.25
 
 
 def drive(actors: list[ShardActor], graphs: dict[str, InterventionGraph], joins: dict[str, int]) -> dict[str, Any]:

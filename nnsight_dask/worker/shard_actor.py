@@ -174,7 +174,8 @@ class ShardActor:
         # co-tenant batching: the worker's settings decide, whatever clients ask
         self.batching = bool(settings.cotenant_batching)
         self.max_batch_tokens = int(settings.cotenant_max_tokens)
-        self.queue = StageQueue(self._serve, int(settings.cotenant_max_batch))
+        self.queue = StageQueue(self._serve, int(settings.cotenant_max_batch),
+                                float(settings.cotenant_gather_ms) / 1000)
         self.load_seconds = time.perf_counter() - started
         self.weight_bytes = nbytes(list({id(p): p for p in model.parameters()}.values()))
         registry.register(deployment, index, self)

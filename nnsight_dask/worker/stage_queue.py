@@ -6,6 +6,14 @@ everything waiting (up to ``max_batch``) and serves it as one group, then hands 
 next waiting thread (group commit). A lone stage never waits for company: with nothing queued it
 runs at once, as it always did.
 
+Under load the group is also kept together (``gather_s``): stages served in one pass answer their
+clients together, and their clients' next stages come back a few milliseconds apart. A shard that
+took the first of them alone at once would split the group into a pass of one and a pass of the
+rest, and such splits accumulate. So after a shared pass of k stages (within the last second), a
+shard that finds fewer than k waiting waits up to ``gather_s`` for k before it starts; a stage
+with no recent company (a lone user's) never waits. Measured on SmolLM2 with 10 client processes
+(bench/cotenancy.py): throughput 13 -> 17-19 experiments/s with 20 ms.
+
 Why a queue in the shard, not a batching window in the scheduler: Dask runs a task on a worker
 thread even when it is ``async`` (measured: ten 0.5 s async tasks on a one-thread worker take 5 s),
 so stages can only meet if the worker has several threads and they wait *here*. Workers holding
@@ -16,12 +24,17 @@ apart (``NNSIGHT_DASK_TORCH_THREADS``), so the extra Dask threads only wait.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ..execution.stage import Carry, Stage
+
+
+#: How recent a shared pass must be for a free shard to wait for company.
+_RECENT_S = 1.0
 
 
 @dataclass(eq=False)
@@ -41,12 +54,16 @@ class StageRequest:
 class StageQueue:
     """A FIFO of stage requests served in groups by whichever waiting thread finds the shard free."""
 
-    def __init__(self, serve: Callable[[list[StageRequest]], None], max_batch: int) -> None:
+    def __init__(self, serve: Callable[[list[StageRequest]], None], max_batch: int, gather_s: float = 0.0) -> None:
         self._serve = serve
         self.max_batch = max(1, int(max_batch))
+        self.gather_s = max(0.0, float(gather_s))
         self._cond = threading.Condition()
         self._waiting: deque[StageRequest] = deque()
         self._busy = False
+        self._gathering = False
+        self._last_size = 0  # stages in the previous pass ...
+        self._last_end = 0.0  # ... and when it ended (time.monotonic)
 
     def __len__(self) -> int:
         return len(self._waiting)
@@ -56,12 +73,17 @@ class StageQueue:
         cond = self._cond
         with cond:
             self._waiting.extend(requests)
+            if self._gathering:
+                cond.notify_all()  # the thread gathering counts the arrivals
             while not all(request.done for request in requests):
-                if self._busy:
+                if self._busy or self._gathering:
                     cond.wait()
                     continue
+                if self._expects_company():
+                    self._gather()
                 self._busy = True
                 group = [self._waiting.popleft() for _ in range(min(self.max_batch, len(self._waiting)))]
+                self._last_size = len(group)
                 cond.release()
                 try:
                     self._serve(group)
@@ -75,4 +97,26 @@ class StageQueue:
                     for request in group:
                         request.done = True
                     self._busy = False
+                    self._last_end = time.monotonic()
                     cond.notify_all()
+
+    def _expects_company(self) -> bool:
+        """The previous pass was shared and recent, and fewer stages than it held are waiting."""
+        expected = min(self._last_size, self.max_batch)
+        return (self.gather_s > 0 and expected > 1 and len(self._waiting) < expected
+                and time.monotonic() - self._last_end <= _RECENT_S)
+
+    def _gather(self) -> None:
+        """Wait (the lock released meanwhile; other threads hold back) up to ``gather_s`` for as many
+        stages as the previous pass held; this thread then serves what is waiting."""
+        expected = min(self._last_size, self.max_batch)
+        deadline = time.monotonic() + self.gather_s
+        self._gathering = True
+        try:
+            while len(self._waiting) < expected:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+        finally:
+            self._gathering = False
