@@ -295,22 +295,28 @@ def test_the_queue_serves_waiting_stages_together_and_a_lone_one_at_once() -> No
 def test_under_load_a_free_shard_waits_briefly_for_the_group_to_come_back() -> None:
     """After a shared pass of 3, stages arriving a few ms apart are served as one pass again (not as
     a pass of the first one alone and one of the rest); a lone stage never waits; nor does anyone
-    past ``gather_s``."""
+    past ``gather_s`` or past the duration of the pass it would save."""
     groups: list[list[str]] = []
+    pass_s = {"s": 0.0}
 
     def serve(requests: list[StageRequest]) -> None:
         groups.append([r.experiment for r in requests])
+        time.sleep(pass_s["s"])
         for request in requests:
             request.outcome = request.experiment
 
     def request(name: str) -> StageRequest:
         return StageRequest(name, None, None, None, False)  # type: ignore[arg-type]
 
+    def timed(*names: str) -> float:
+        started = time.monotonic()
+        queue.run([request(name) for name in names])
+        return time.monotonic() - started
+
     queue = StageQueue(serve, max_batch=8, gather_s=0.5)
-    started = time.monotonic()
-    queue.run([request("lone")])
-    assert time.monotonic() - started < 0.25  # no recent shared pass: served at once
-    queue.run([request("a"), request("b"), request("c")])  # one task with three members: a shared pass
+    assert timed("lone") < 0.25  # no recent shared pass: served at once
+    pass_s["s"] = 0.6
+    timed("a", "b", "c")  # one task with three members: a shared pass of 0.6 s
     threads = []
     for name in ("x", "y", "z"):  # the group's next stages, 20 ms apart
         threads.append(threading.Thread(target=queue.run, args=([request(name)],)))
@@ -319,12 +325,12 @@ def test_under_load_a_free_shard_waits_briefly_for_the_group_to_come_back() -> N
     for thread in threads:
         thread.join(10)
     assert groups == [["lone"], ["a", "b", "c"], ["x", "y", "z"]]
-    started = time.monotonic()
-    queue.run([request("late")])  # one of three comes back: served once gather_s has passed
-    assert 0.4 < time.monotonic() - started < 2 and groups[-1] == ["late"]
-    started = time.monotonic()
-    queue.run([request("alone again")])  # its previous pass held one: no waiting
-    assert time.monotonic() - started < 0.25
+    pass_s["s"] = 0.0
+    assert 0.45 < timed("late") < 2 and groups[-1] == ["late"]  # one of three came back: waited gather_s
+    assert timed("alone again") < 0.25  # its previous pass held one: no waiting
+    pass_s["s"] = 0.05
+    timed("d", "e")
+    assert timed("f") < 0.25  # waited at most the 0.05 s pass it would have saved
 
 
 def drive(actors: list[ShardActor], graphs: dict[str, InterventionGraph], joins: dict[str, int]) -> dict[str, Any]:
