@@ -19,6 +19,17 @@ def layer0_sum(lm) -> float:
     return float(total)
 
 
+def logits_with_hooks(lm, hooks) -> torch.Tensor:
+    """The plain model's logits with forward hooks ``(module, hook)`` in place: the reference."""
+    handles = [module.register_forward_hook(hook) for module, hook in hooks]
+    try:
+        with torch.no_grad():
+            return lm._module(**lm.encode(PROMPT)).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def hooked_logits(lm, factor_of) -> torch.Tensor:
     """Logits with layer 1's output scaled by ``factor_of(sum of layer 0's output)``, with hooks."""
     seen = {}
@@ -29,14 +40,8 @@ def hooked_logits(lm, factor_of) -> torch.Tensor:
     def scale(_m, _a, out):
         return out * factor_of(seen["sum"])
 
-    handles = [lm._module.model.layers[0].register_forward_hook(read),
-               lm._module.model.layers[1].register_forward_hook(scale)]
-    try:
-        with torch.no_grad():
-            return lm._module(**lm.encode(PROMPT)).logits
-    finally:
-        for handle in handles:
-            handle.remove()
+    layers = lm._module.model.layers
+    return logits_with_hooks(lm, [(layers[0], read), (layers[1], scale)])
 
 
 @pytest.mark.parametrize("above", [True, False])
@@ -101,13 +106,7 @@ def test_nested_ifs_a_python_loop_and_an_if_without_else(lm):
             out = out * (0.5 if out[0, -1, 1] > 0 else 0.25)
         return out * 0 if out.abs().max() > 1000 else out
 
-    handles = [layer.register_forward_hook(halve) for layer in lm._module.model.layers[:3]]
-    try:
-        with torch.no_grad():
-            reference = lm._module(**lm.encode(PROMPT)).logits
-    finally:
-        for handle in handles:
-            handle.remove()
+    reference = logits_with_hooks(lm, [(layer, halve) for layer in lm._module.model.layers[:3]])
     assert torch.allclose(logits, reference, atol=1e-6)
 
 
@@ -132,12 +131,7 @@ def test_if_else_ending_a_helper_function(lm, large):
     def scale(_m, _a, out):
         return out * (0 if out.norm() > threshold else 3)
 
-    handle = lm._module.model.layers[1].register_forward_hook(scale)
-    try:
-        with torch.no_grad():
-            reference = lm._module(**lm.encode(PROMPT)).logits
-    finally:
-        handle.remove()
+    reference = logits_with_hooks(lm, [(lm._module.model.layers[1], scale)])
     assert torch.allclose(logits, reference, atol=1e-6)
 
 

@@ -49,7 +49,7 @@ def branch(proxy: Proxy, frame: FrameType) -> bool | None:
         return None  # a truth value asked while re-evaluating a test (e.g. `x in [...]`): not an `if`
     if getattr(_local, "no_branches", False):
         raise TracingError(_NO_BRANCHES)
-    node = if_at(frame.f_code.co_filename, frame.f_lineno, id(frame.f_globals), frame.f_globals)
+    node = if_at(frame.f_code.co_filename, frame.f_lineno, frame.f_globals)
     if node is None:
         return None
     pending = _pending()
@@ -90,7 +90,7 @@ def _parsed(filename: str, source: str) -> dict[int, list[ast.If]]:
     return by_line
 
 
-def if_at(filename: str, line: int, _globals_id: int, module_globals: dict[str, Any]) -> ast.If | None:
+def if_at(filename: str, line: int, module_globals: dict[str, Any]) -> ast.If | None:
     """The one ``if`` statement whose test is at ``line`` of ``filename`` (IPython cells included:
     they are in ``linecache``), or ``None``."""
     lines = linecache.getlines(filename, module_globals)

@@ -32,7 +32,6 @@ from typing import Any
 
 from ..execution.stage import Carry, Stage
 
-
 #: How recent a shared pass must be for a free shard to wait for company.
 _RECENT_S = 1.0
 
