@@ -312,7 +312,17 @@ class _Branch:
                 return "done"
             self._open(_not(self.condition))
             self.state = "else"
-            return self._jump(self._else_lines[0])
+            try:
+                self.frame.f_lineno = self._else_lines[0]
+            except ValueError:
+                # Python 3.10 refuses to jump back into a `with` body from its exit (the `if` ended
+                # the block): record the else from its source, as at a frame's return
+                try:
+                    _run_statements(self.node.orelse, self.frame)
+                finally:
+                    self._close()
+                return "done"
+            return "jumped"
         first, last = self._else_lines
         if first <= line <= last:
             return "inside"
