@@ -180,6 +180,32 @@ def test_session_level_if_on_an_earlier_traces_value(lm):
     assert torch.allclose(zeroed, hooked_logits(lm, lambda s: 0), atol=1e-6)
 
 
+def test_in_a_notebook_cell(lm):
+    """A researcher's notebook: the cell's source comes from IPython (through linecache), its frame is
+    module-like, and the `if` sits in a plain loop of the cell."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    threshold = layer0_sum(lm)
+    shell.user_ns.update(lm=lm, PROMPT=PROMPT, thresholds=[threshold - 1, threshold + 1])
+    cell = (
+        "results = []\n"
+        "for threshold in thresholds:\n"
+        "    with lm.trace(PROMPT):\n"
+        "        if lm.model.layers[0].output.sum() > threshold:\n"
+        "            lm.model.layers[1].output = lm.model.layers[1].output * 2\n"
+        "        else:\n"
+        "            lm.model.layers[1].output = lm.model.layers[1].output * 0\n"
+        "        logits = lm.output.logits.save()\n"
+        "    results.append(logits)\n")
+    outcome = shell.run_cell(cell)
+    assert outcome.success, outcome.error_in_exec or outcome.error_before_exec
+    below, above = shell.user_ns["results"]
+    assert torch.allclose(below, hooked_logits(lm, lambda s: 2), atol=1e-6)
+    assert torch.allclose(above, hooked_logits(lm, lambda s: 0), atol=1e-6)
+    assert sys.gettrace() is None
+
+
 def test_an_error_inside_a_branch_fails_the_trace_and_removes_the_tracer(lm):
     with pytest.raises(Exception), lm.trace(PROMPT):
         if lm.model.layers[0].output.sum() > 0:
