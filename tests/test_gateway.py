@@ -309,6 +309,8 @@ def test_cancel_stops_the_experiment_on_the_shards(gateway, lm, cluster):
         tracer.result.save()
     time.sleep(0.5)
     assert tracer.future.cancel() and tracer.future.cancelled()
+    # the client's cancel reaches the shards too (and the next test starts with them empty)
+    wait_until(lambda: shards_in_flight(cluster) == [0, 0], 10, "the shards freed the client-cancelled experiment")
 
 
 def test_a_client_that_stops_watching_has_its_experiment_freed(gateway, lm, cluster):
