@@ -33,11 +33,11 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import TracingError
 from ..graph.node import Kind
+from .conditions import CondBlock
 
 if TYPE_CHECKING:
     from .proxy import Proxy
     from .recorder import Recorder
-    from .tracer import CondBlock
 
 _local = threading.local()
 
@@ -281,8 +281,6 @@ class _Branch:
         return start, self.node.orelse[-1].end_lineno or self.node.orelse[-1].lineno
 
     def _open(self, condition: Any) -> None:
-        from .tracer import CondBlock
-
         self.block = CondBlock(lambda: self.recorder, condition)
         self.block.__enter__()
 
@@ -310,17 +308,13 @@ class _Branch:
             self._close()
             if not self.node.orelse:
                 return "done"
-            self._open(_not(self.condition))
-            self.state = "else"
+            self._enter_else()
             try:
                 self.frame.f_lineno = self._else_lines[0]
             except ValueError:
                 # Python 3.10 refuses to jump back into a `with` body from its exit (the `if` ended
                 # the block): record the else from its source, as at a frame's return
-                try:
-                    _run_statements(self.node.orelse, self.frame)
-                finally:
-                    self._close()
+                self._record_else_from_source()
                 return "done"
             return "jumped"
         first, last = self._else_lines
@@ -347,12 +341,19 @@ class _Branch:
             self.state = "body"
         self._close()
         if self.state == "body" and self.node.orelse and record_else:
-            self._open(_not(self.condition))
-            self.state = "else"
-            try:
-                _run_statements(self.node.orelse, self.frame)
-            finally:
-                self._close()
+            self._enter_else()
+            self._record_else_from_source()
+
+    def _enter_else(self) -> None:
+        self._open(_not(self.condition))
+        self.state = "else"
+
+    def _record_else_from_source(self) -> None:
+        """Run the ``else`` from its source under ``not x``, where the frame cannot jump to it."""
+        try:
+            _run_statements(self.node.orelse, self.frame)
+        finally:
+            self._close()
 
 
 def _run_statements(statements: list[ast.stmt], frame: FrameType) -> None:

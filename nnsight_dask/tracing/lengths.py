@@ -61,7 +61,7 @@ class KnownLengths:
             return
         if node.kind == Kind.SAVE or (node.kind == Kind.OP and node.target in _READS):
             return
-        for ref in _refs((node.args, node.kwargs)):
+        for ref in node.deps():
             self._lengths.pop(ref, None)  # handed somewhere that may change it
 
 
@@ -77,15 +77,3 @@ def _changed_length(length: int, name: str, args: tuple[Any, ...]) -> int | None
 
 def _ref(obj: Any) -> int | None:
     return obj.id if isinstance(obj, Ref) else None
-
-
-def _refs(obj: Any) -> list[int]:
-    if isinstance(obj, Ref):
-        return [obj.id]
-    if isinstance(obj, (tuple, list)):
-        return [ref for item in obj for ref in _refs(item)]
-    if isinstance(obj, dict):
-        return [ref for item in obj.values() for ref in _refs(item)]
-    if isinstance(obj, slice):
-        return _refs((obj.start, obj.stop, obj.step))
-    return []

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import sys
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from ..errors import TracingError
 from ..graph.graph import InterventionGraph
 from ..graph.node import Kind, Ref
 from . import control_flow
+from .conditions import CondBlock
 from .inject import inject_saves
 from .proxy import Proxy, _map_proxies
 from .recorder import Recorder, active_recorders
@@ -248,30 +249,6 @@ class IterationBlock:
 
     def __exit__(self, *exc: Any) -> None:
         self.tracer._require().iteration = self._previous
-
-
-class CondBlock:
-    """Nodes recorded inside run only when the condition's value is true (``tracer.cond``, and
-    ``session.cond`` around whole traces)."""
-
-    def __init__(self, recorder: Callable[[], Recorder], condition: Any) -> None:
-        self._recorder = recorder
-        self.condition = condition
-        self._previous: int | None = None
-
-    def __enter__(self) -> CondBlock:
-        recorder = self._recorder()
-        self._previous = recorder.cond
-        condition = self.condition
-        if self._previous is not None:
-            condition = recorder.add(Kind.OP, ([Ref(self._previous), condition],), target="builtins.all")
-        if not isinstance(condition, Proxy):
-            condition = recorder.add(Kind.OP, (condition,), target="builtins.bool")
-        recorder.cond = condition._node
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._recorder().cond = self._previous
 
 
 class Session:

@@ -11,8 +11,8 @@ clients together, and their clients' next stages come back a few milliseconds ap
 took the first of them alone at once would split the group into a pass of one and a pass of the
 rest, and such splits accumulate. So after a shared pass of k stages (within the last second), a
 shard that finds fewer than k waiting waits for k before it starts, up to ``gather_s`` and never
-longer than that pass took; a stage with no recent company (a lone user's) never waits. Measured on SmolLM2 with 10 client processes
-(bench/cotenancy.py): throughput 13 -> 17-19 experiments/s with 20 ms.
+longer than that pass took; a stage with no recent company (a lone user's) never waits. Measured on
+SmolLM2 with 10 client processes (bench/cotenancy.py): throughput 13 -> 17-19 experiments/s with 20 ms.
 
 Why a queue in the shard, not a batching window in the scheduler: Dask runs a task on a worker
 thread even when it is ``async`` (measured: ten 0.5 s async tasks on a one-thread worker take 5 s),
@@ -79,8 +79,9 @@ class StageQueue:
                 if self._busy or self._gathering:
                     cond.wait()
                     continue
-                if self._expects_company():
-                    self._gather()
+                expected = self._company_expected()
+                if expected:
+                    self._gather(expected)
                 self._busy = True
                 group = [self._waiting.popleft() for _ in range(min(self.max_batch, len(self._waiting)))]
                 self._last_size = len(group)
@@ -102,16 +103,18 @@ class StageQueue:
                     self._last_duration = self._last_end - started
                     cond.notify_all()
 
-    def _expects_company(self) -> bool:
-        """The previous pass was shared and recent, and fewer stages than it held are waiting."""
+    def _company_expected(self) -> int:
+        """How many stages to wait for: as many as the previous pass held when it was shared and
+        recent and fewer are waiting; else 0 (start now)."""
         expected = min(self._last_size, self.max_batch)
-        return (self.gather_s > 0 and expected > 1 and len(self._waiting) < expected
-                and time.monotonic() - self._last_end <= _RECENT_S)
+        if (self.gather_s > 0 and expected > 1 and len(self._waiting) < expected
+                and time.monotonic() - self._last_end <= _RECENT_S):
+            return expected
+        return 0
 
-    def _gather(self) -> None:
-        """Wait (the lock released meanwhile; other threads hold back) up to ``gather_s`` for as many
-        stages as the previous pass held; this thread then serves what is waiting."""
-        expected = min(self._last_size, self.max_batch)
+    def _gather(self, expected: int) -> None:
+        """Wait (the lock released meanwhile; other threads hold back) up to ``gather_s`` for
+        ``expected`` stages; this thread then serves what is waiting."""
         # never longer than the pass it saves: on a tiny model (1 ms passes) a long wait costs more
         deadline = time.monotonic() + min(self.gather_s, self._last_duration)
         self._gathering = True

@@ -3,9 +3,10 @@
 The line tracer and ``frame.f_lineno`` jumps it relies on are CPython mechanics whose line events
 changed between 3.10 and 3.13 (3.12 rebuilt ``settrace`` on ``sys.monitoring``), while the suite
 runs on one interpreter with torch. This script loads the real ``control_flow.py`` (with the real
-``errors.py`` and ``graph/node.py``) into a stand-in package whose recorder keeps a tiny evaluable
-graph, records the cases of ``cases.py`` (module level and function frames), evaluates every
-recorded mark under concrete inputs, and compares with the same decisions taken by plain Python.
+``conditions.py``, ``errors.py`` and ``graph/node.py``) into a stand-in package whose recorder keeps
+a tiny evaluable graph, records the cases of ``cases.py`` (module level and function frames),
+evaluates every recorded mark under concrete inputs, and compares with the same decisions taken by
+plain Python.
 
 Usage: ``python tests/control_flow_check/run.py`` (exit status 0 and "ok" when every case agrees).
 """
@@ -25,7 +26,6 @@ PACKAGE = HERE.parents[1] / "nnsight_dask"
 PROXY = '''
 import operator, sys
 from ..errors import TracingError
-from .control_flow import branch
 
 class Proxy:
     def __init__(self, recorder, node):
@@ -33,6 +33,7 @@ class Proxy:
     def _live(self):
         return True
     def __bool__(self):
+        from .control_flow import branch  # lazily, as the real proxy does
         entered = branch(self, sys._getframe(1))
         if entered is None:
             raise TracingError("no truth value while recording")
@@ -45,27 +46,6 @@ def _op(name):
 
 for _name in ("lt", "le", "gt", "ge", "eq", "ne", "add", "mul"):
     setattr(Proxy, "__%s__" % _name, _op(_name))
-'''
-
-TRACER = '''
-from ..graph.node import Kind, Ref
-from .proxy import Proxy
-
-class CondBlock:
-    def __init__(self, recorder, condition):
-        self._recorder, self.condition, self._previous = recorder, condition, None
-    def __enter__(self):
-        recorder = self._recorder()
-        self._previous = recorder.cond
-        condition = self.condition
-        if self._previous is not None:
-            condition = recorder.add(Kind.OP, ([Ref(self._previous), condition],), target="builtins.all")
-        if not isinstance(condition, Proxy):
-            condition = recorder.add(Kind.OP, (condition,), target="builtins.bool")
-        recorder.cond = condition._node
-        return self
-    def __exit__(self, *exc):
-        self._recorder().cond = self._previous
 '''
 
 RECORDER = '''
@@ -120,16 +100,16 @@ class Trace:
 
 
 def build(root: Path) -> None:
-    """The stand-in package ``fakend``: real control flow, errors and nodes; stub proxy/tracer/recorder."""
+    """The stand-in package ``fakend``: real control flow, conditions, errors and nodes; stub proxy and recorder."""
     (root / "fakend" / "graph").mkdir(parents=True)
     (root / "fakend" / "tracing").mkdir()
     for package in ("", "graph", "tracing"):
         (root / "fakend" / package / "__init__.py").write_text("")
     shutil.copy(PACKAGE / "errors.py", root / "fakend" / "errors.py")
     shutil.copy(PACKAGE / "graph" / "node.py", root / "fakend" / "graph" / "node.py")
-    shutil.copy(PACKAGE / "tracing" / "control_flow.py", root / "fakend" / "tracing" / "control_flow.py")
+    for module in ("control_flow.py", "conditions.py"):
+        shutil.copy(PACKAGE / "tracing" / module, root / "fakend" / "tracing" / module)
     (root / "fakend" / "tracing" / "proxy.py").write_text(PROXY)
-    (root / "fakend" / "tracing" / "tracer.py").write_text(TRACER)
     (root / "fakend" / "tracing" / "recorder.py").write_text(RECORDER)
 
 
