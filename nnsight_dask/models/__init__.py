@@ -1,4 +1,5 @@
-"""Models: loading (HF directory or id, GGUF), SmolLM2, tiny seeded test models, shard plans.
+"""Models: loading (HF directory or id, GGUF), SmolLM2, tiny seeded test models (and a simulated-GPU
+one for benchmarks), shard plans.
 
 Importing this package has no side effects and imports neither Dask nor the tracing layer; the
 ready-to-trace wrappers (``nd.LanguageModel(path)``, ``nd.smollm2()``) are made in :mod:`nnsight_dask.api`.
@@ -25,6 +26,7 @@ from nnsight_dask.models.shards import (
     owner_of,
     plan_shards,
 )
+from nnsight_dask.models.simulated import SIMULATED_LAYER_MS, SimulatedLlama, simulated_llama
 from nnsight_dask.models.tiny import (
     TINY_VOCAB,
     TINY_VOCAB_SIZE,
@@ -35,7 +37,9 @@ from nnsight_dask.models.tiny import (
 )
 
 __all__ = [
+    "SIMULATED_LAYER_MS",
     "SMOLLM2_INSTALL",
+    "SimulatedLlama",
     "TINY_VOCAB",
     "TINY_VOCAB_SIZE",
     "ModelLoadError",
@@ -49,6 +53,7 @@ __all__ = [
     "plan_shards",
     "prepare_tokenizer",
     "save_tiny",
+    "simulated_llama",
     "smollm2_available",
     "smollm2_cache_path",
     "smollm2_gguf_path",
