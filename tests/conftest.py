@@ -1,12 +1,17 @@
-"""Shared pytest fixtures: one CPU thread, tiny seeded models and tokenizer, a SmolLM2 marker.
+"""Shared pytest fixtures: one CPU thread, tiny seeded models and tokenizer, a SmolLM2 marker,
+and the settings every test gets back as it found them.
 
 Everything here works offline; nothing is downloaded. Session fixtures are shared by many tests:
 do not modify their weights in place (clone, or build your own with ``tiny_llama(seed=...)``).
 """
 from __future__ import annotations
 
+import copy
+import types
+from collections.abc import Iterator
 from typing import Any
 
+import dask.config
 import pytest
 import torch
 
@@ -27,12 +32,31 @@ requires_smollm2 = pytest.mark.skipif(
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked ``@pytest.mark.smollm2`` are skipped when the weights are not installed."""
-    if smollm2_available():
-        return
+    """Tests that use the ``client`` fixture (a LocalCluster) are marked ``cluster``; tests marked
+    ``@pytest.mark.smollm2`` are skipped when the weights are not installed."""
+    weights = smollm2_available()
     for item in items:
-        if "smollm2" in item.keywords:
+        if "client" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.cluster)
+        if not weights and "smollm2" in item.keywords:
             item.add_marker(requires_smollm2)
+
+
+@pytest.fixture(autouse=True)
+def settings() -> Iterator[types.ModuleType]:
+    """``nd.config`` for one test; every setting it changes is put back when the test ends.
+
+    Change settings through it (``settings.cache_dir = tmp_path``) or with ``dask.config.set``: the
+    whole ``nnsight-dask`` namespace of ``dask.config`` is restored on exit through
+    ``dask.config.set``'s own undo, so no test leaves a setting behind for the next. Every test gets
+    it (autouse); name it to change settings. Not ``monkeypatch.setattr(nd.config, ...)``: the module's
+    attributes live in ``dask.config``, not in the module's ``__dict__``, which pytest >= 9.2 restores.
+    Settings of worker processes are the test's own business (set and reset them with ``client.run``).
+    """
+    from nnsight_dask import config
+
+    with dask.config.set({config.NAMESPACE: copy.deepcopy(dask.config.get(config.NAMESPACE))}):
+        yield config
 
 
 @pytest.fixture(scope="session")

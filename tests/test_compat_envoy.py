@@ -193,7 +193,6 @@ def test_proxy_stop_outside_the_trace_is_refused(lm):
 
 
 # -- remote ------------------------------------------------------------------------------------------------
-@pytest.mark.cluster
 @pytest.fixture(scope="module")
 def remote(client, model_dir):
     nd.serve(client, model_dir, shards=2, name="compat-envoy")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from typing import Any
 
 import dask
 import pytest
@@ -11,9 +12,10 @@ import pytest
 import nnsight_dask as nd
 
 
-def test_attribute_reads_and_writes_dask_config(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_attribute_reads_and_writes_dask_config(settings: Any) -> None:
+    assert settings is nd.config
     assert nd.config.persist_threshold == dask.config.get("nnsight-dask.persist-threshold") == 1 << 20
-    monkeypatch.setattr(nd.config, "persist_threshold", 4096)
+    nd.config.persist_threshold = 4096
     assert dask.config.get("nnsight-dask.persist-threshold") == 4096
     with dask.config.set({"nnsight-dask.persist-threshold": 77}):
         assert nd.config.persist_threshold == 77

