@@ -52,11 +52,14 @@ DEFAULTS: dict[str, Any] = {
     #: 10 ms before the scheduler even hears of it; remote traces shorten it on the client they use.
     #: ``None`` leaves Dask's default.
     "client_batch_interval": 0.002,
-    #: Most experiments one chain of stage tasks carries. Experiments in flight together from one
-    #: process (threads, ``blocking=False`` traces) share stage tasks once every shard of the
-    #: deployment is busy; each still runs alone on the shard, with its own state. ``1`` turns sharing
-    #: off: every experiment then leaves at once in a chain of its own.
+    #: Most experiments one route carries (a batch of experiments in flight together from one process:
+    #: threads, ``blocking=False`` traces). They share the messages of the direct route and meet in
+    #: the same co-tenant passes on the shards; each keeps its own state and rows. ``1`` turns sharing
+    #: off: every experiment then leaves at once on a route of its own.
     "max_batch_experiments": 8,
+    #: Routes one process keeps in flight per shard of a deployment before newcomers wait to leave
+    #: together (with ``2``, the next batch already waits on a shard while it computes one).
+    "max_routes_per_shard": 2,
     #: The HTTP gateway (``nnsight-dask gateway``): where it keeps its sqlite database of statuses and
     #: the inline results of completed experiments ("": ``<cache_dir>/gateway``).
     "gateway_state_dir": "",
@@ -83,9 +86,10 @@ DEFAULTS: dict[str, Any] = {
     #: and come back a few ms apart, and starting on the first alone splits the group for good. Only
     #: after a shared pass (within the last second); a lone experiment never waits. ``0``: never wait.
     "cotenant_gather_ms": 20,
-    #: Fetch remote results straight from the worker that holds them. Set ``False`` when clients
-    #: cannot reach the workers' addresses.
-    "direct_results": True,
+    #: Send experiments straight to the first shard's worker, and take their results from it (the
+    #: direct route: no scheduler on an experiment's path). ``False``: through the scheduler, for
+    #: clients that cannot reach the workers' addresses (each message then costs the scheduler CPU).
+    "direct_to_workers": True,
     #: After a ``trace``/``generate``/``session`` block has run, the caller's local names bound to saved
     #: proxies are rebound to the values (nnsight 0.4's frame injection); proxies inside lists and
     #: dicts keep ``.value``. ``False`` leaves every saved proxy a proxy.

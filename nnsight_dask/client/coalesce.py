@@ -1,30 +1,33 @@
-"""Experiments in flight together from one process share their stage tasks.
+"""Experiments in flight together from one process travel together on the direct route.
 
-Why: every Dask task costs the client, the scheduler and the workers a few milliseconds of CPU
-however little it computes, and on a small model that bookkeeping, not the model, bounds how many
-experiments a deployment serves per second. So while a deployment already has one chain of stage
-tasks in flight per shard (every shard has work), experiments that arrive from other threads of
-the same process, or as ``blocking=False`` traces, wait and then leave together as one chain. A
-stage task runs each member's stage in turn, each with its own state on the shard, so every
-experiment computes exactly what it would alone (no padding, no shared batch dimension); one
-member's error fails only that member (see :meth:`~nnsight_dask.worker.shard_actor.ShardActor.run_batch`).
+Why: every message costs the client, the workers and their event loops CPU however little the
+experiment computes. So while a deployment already has routes in flight (``config.max_routes_per_shard``
+per shard), experiments that arrive from other threads of the same process, or as ``blocking=False``
+traces, wait and then leave together as one :class:`~nnsight_dask.worker.hop.Hop`: one message per
+hop for all of them. On each shard they join the same co-tenant pass (each with its own state and
+rows, see :mod:`nnsight_dask.execution.cotenancy`); one member's error fails only that member.
 
 An experiment that finds a free slot leaves at once: a lone client never waits for company. A
 ``solo`` experiment (one retried because a worker died while it computed there) never shares its
-chain, so if it kills the worker again, no other experiment is in the stage task that dies with it.
+route, so if it kills the worker again, no other experiment dies with it.
 """
 from __future__ import annotations
 
+import asyncio
 import threading
 import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from distributed import Client, Future
+from distributed import Client
+from distributed.protocol import to_serialize
 
 from .. import config
 from ..execution.stage import Stage
+from ..worker.hop import Hop
+from ..worker.registry import ShardUnavailableError
+from ..worker.routing import ROUTE_HANDLER
 from .record import Deployment
 
 
@@ -49,16 +52,17 @@ class Batch:
     stages: list[Stage]
     members: list[Member] = field(default_factory=list)
     launched: threading.Event = field(default_factory=threading.Event)
-    #: Set once the chain has ended (completed, failed or cancelled) or could not be launched.
+    #: Set once the route has ended (completed, failed or cancelled) or could not be launched.
     done: threading.Event = field(default_factory=threading.Event)
-    #: The last stage's future (resolves to ``{experiment: Results | error}``), once launched.
-    last: Future | None = None
+    #: What goes to the first shard's worker, once launched.
+    hop: Hop | None = None
     launch_error: BaseException | None = None
     #: Takes no other member (its one member is ``solo``).
     solo: bool = False
     _left: set[str] = field(default_factory=set)
     _outcome: dict[str, Any] | None = None
     _failure: BaseException | None = None
+    _call: asyncio.Task[Any] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def outcome(self) -> dict[str, Any]:
@@ -69,36 +73,53 @@ class Batch:
         return self._outcome
 
     async def fetch(self, client: Client) -> None:
-        """On the client's event loop: wait for the last stage and take its answer, once for all members.
+        """On the client's event loop: send the hop to its first shard's worker and take the answer,
+        once for all members.
 
-        Waiting and fetching there, instead of in each member's thread, saves the hand-offs between
-        threads that cost milliseconds each when many threads of a process compete for the GIL.
+        Waiting there, instead of in each member's thread, saves the hand-offs between threads that
+        cost milliseconds each when many threads of a process compete for the GIL.
         """
+        assert self.hop is not None
+        self._call = asyncio.current_task()
         try:
-            self._outcome = await client.gather(self.last, direct=config.direct_results, asynchronous=True)
-        except BaseException as exc:
+            origin = self.hop.origin
+            if config.direct_to_workers:
+                answer = await client.rpc(origin).nnsight_dask_route(hop=to_serialize(self.hop))
+            else:
+                answer = await client.scheduler.proxy(msg={"op": ROUTE_HANDLER, "hop": to_serialize(self.hop)},
+                                                      worker=origin)
+            self._outcome = answer["outcome"].answers
+        except OSError as exc:  # the first shard's worker died or left (CommClosedError is an OSError)
+            shard = self.stages[0].shard
+            self._failure = ShardUnavailableError(
+                f"shard {shard} of deployment {self.record.name!r} is unreachable at {self.hop.origin} "
+                f"({type(exc).__name__}: {exc})", deployment=self.record.name, shard=shard)
+        except BaseException as exc:  # its call cancelled (every member left) included
             self._failure = exc
 
     def leave(self, client: Client, experiment: str) -> None:
-        """A member gives up (cancelled, failed, retried): the chain is cancelled once all have."""
+        """A member gives up (cancelled, failed, retried): the call is dropped once all have (the
+        shards were told to stop them)."""
         with self._lock:
             self._left.add(experiment)
             everyone = all(m.experiment in self._left for m in self.members)
-        if everyone and self.last is not None:
-            client.cancel([self.last])
+        call = self._call
+        if everyone and call is not None:
+            client.loop.add_callback(call.cancel)
 
 
 class Coalescer:
     """Queues experiments for one deployment of one client and launches them as batches.
 
-    At most one chain per shard is in flight (so shards work on different batches at once); a
-    pending batch takes up to ``config.max_batch_experiments`` members with equal stages. With
-    sharing off (``max_batch_experiments = 1``) every experiment leaves at once in a chain of its own.
+    At most ``config.max_routes_per_shard`` routes per shard are in flight (so shards work on
+    different batches at once, and the next batch waits on the shard while one computes); a pending
+    batch takes up to ``config.max_batch_experiments`` members with equal stages. With sharing off
+    (``max_batch_experiments = 1``) every experiment leaves at once on a route of its own.
     """
 
     def __init__(self, client: Client, launch: Any) -> None:
         self.client = client
-        self.launch = launch  # launch(client, batch) submits the batch's stage tasks; sets batch.last
+        self.launch = launch  # launch(client, batch) announces the batch and sets batch.hop
         self.lock = threading.Lock()
         self.in_flight = 0
         self.pending: deque[Batch] = deque()
@@ -107,7 +128,7 @@ class Coalescer:
         """Put ``member`` in a batch: a new one launched now if a slot is free, else a pending one."""
         with self.lock:
             sharing = config.max_batch_experiments > 1
-            if not sharing or self.in_flight < max(1, record.n_shards):
+            if not sharing or self.in_flight < max(1, record.n_shards * config.max_routes_per_shard):
                 self.in_flight += 1
                 batch = Batch(record, stages, [member], solo=member.solo)
             elif member.solo:
@@ -132,7 +153,7 @@ class Coalescer:
             return True
 
     def ahead_of(self, batch: Batch) -> int:
-        """Experiments of this process queued before ``batch`` (the in-flight chains count one each)."""
+        """Experiments of this process queued before ``batch`` (the in-flight routes count one each)."""
         with self.lock:
             ahead = self.in_flight
             for other in self.pending:
@@ -166,7 +187,7 @@ class Coalescer:
         self._finished(batch)
 
     def _finished(self, batch: Batch) -> None:
-        """A chain ended (any way): wake its members, launch the oldest pending batch in its slot."""
+        """A route ended (any way): wake its members, launch the oldest pending batch in its slot."""
         batch.done.set()
         with self.lock:
             if not self.pending:

@@ -1,18 +1,21 @@
-"""Experiments on a deployment: a graph becomes a chain of stage tasks pinned to shard workers.
+"""Experiments on a deployment: a graph travels the direct route, worker to worker.
 
-Stage k's future is an argument of stage k+1, so Dask moves the carry (hidden states, values)
-straight from one shard's worker to the next. Experiments in flight together from one process
-share a chain (:mod:`.coalesce`). The client only waits for the last stage, watching
-the deployment; every experiment ends completed, failed or cancelled:
+The client sends the experiment (with others in flight from this process, :mod:`.coalesce`) to
+the first shard's worker in one message; each shard's worker hands it to the next one, the carry
+(hidden states, values) going straight between them, and the first worker answers with the
+results (:mod:`nnsight_dask.worker.routing`). No Dask task, no scheduler on the way: the monitor
+hears of an experiment from one message of the client when it starts and one when it ends, and of
+its stages from the shards' telemetry, sent in batches. The client waits, watching the deployment;
+every experiment ends completed, failed or cancelled:
 
 - **Cancel and timeout stop the shards too.** The client leaves the chain and tells the shard
   workers, through a worker handler that does not queue behind the running stage
   (:data:`~nnsight_dask.worker.plugin.CANCEL_HANDLER`), to stop the experiment: its running stage
   ends before its next decoder layer, its state is freed at once, the next experiment in line starts.
-- **A shard's worker dies.** The chain is cancelled, the lost shard re-created, and the experiment
+- **A shard's worker dies.** The route is dropped, the lost shard re-created, and the experiment
   retried. Only a loss while the experiment was computing on that worker counts against it (the
   scheduler's monitor knows which experiment was); its second such loss fails it, and its retry
-  leaves in a chain of its own. An experiment only waiting behind it (queued, or in a stage on
+  leaves on a route of its own. An experiment only waiting behind it (queued, or in a stage on
   another shard) is retried without counting.
 - **Undeploy.** An experiment in flight hears of closed shards, finds the deployment gone and ends
   with a :class:`~nnsight_dask.errors.DeploymentError` saying so.
@@ -26,10 +29,10 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from distributed import Client, Future
-from distributed.client import FutureCancelledError
+from distributed import Client
 
 from .. import config
+from ..dask_compat import send_to_scheduler, shorten_stream_interval
 from ..errors import DeploymentError, ExperimentFailedError
 from ..execution.partition import assign_shards
 from ..execution.stage import Stage, plan_stages
@@ -37,10 +40,12 @@ from ..graph.graph import InterventionGraph
 from ..scheduler import monitor
 from ..storage.results import ZarrSink
 from ..tensors import nbytes
-from ..worker import tasks
+from ..worker.hop import Hop
 from ..worker.limits import check_graph
 from ..worker.plugin import CANCEL_HANDLER
+from ..worker.registry import ShardUnavailableError, ShardStateLostError
 from ..worker.results import Results
+from ..worker.serialization import register as register_serializers
 from .coalesce import Batch, Coalescer, Member, coalescer_for
 from .deployment import (
     crowded,
@@ -59,8 +64,8 @@ FREE_RETRIES = 5
 #: Least time between two checks, per client and deployment, whether shards sharing a worker can
 #: spread again (only while the cached placement shares one).
 REBALANCE_CHECK_SECONDS = 2.0
-#: Errors of a stage task that mean "the shard is not there any more" (lost, moved or closed).
-_SHARD_GONE = ("KilledWorker", "ShardUnavailableError", "ShardStateLostError", "ShardClosedError")
+#: Errors that mean "the shard is not there any more" (lost, moved or closed; its worker unreachable).
+SHARD_GONE = (ShardUnavailableError, ShardStateLostError)
 _spread_checked: dict[tuple[str, str], float] = {}
 
 
@@ -83,58 +88,41 @@ def plan_for(record: Deployment, graph: InterventionGraph) -> list[Stage]:
 
 
 def launch_batch(client: Client, batch: Batch) -> None:
-    """Submit a batch's chain of stage tasks; sets ``batch.last``, the last stage's future.
+    """Make the batch's :class:`~nnsight_dask.worker.hop.Hop` (sent by the coalescer) and tell the
+    deployment's monitor who submitted what, on the client's stream to the scheduler.
 
-    The last future resolves to ``{experiment: Results | error}``; the scheduler keeps the earlier
-    stages for it (cancelling it cancels them), so the client holds no other future and hears of
-    no other key. Keys name every member experiment. Each shard's first stage carries the graphs
-    (the shard keeps them for its later stages). The deployment's monitor is told who submitted
-    what just before, on the same stream.
+    Every member's graph goes with the hop until each shard has seen it; the first shard's worker
+    answers ``{experiment: Results | error}``.
     """
     record, stages = batch.record, batch.stages
+    register_serializers()
+    workers = {shard.index: shard.worker for shard in record.shards}
     ids = "+".join(member.experiment for member in batch.members)
-    keys = [f"nnsight-{ids}-{position:03d}-{stage.label}" for position, stage in enumerate(stages)]
-    workers = sorted(set(record.workers))
     for member in batch.members:
         announce(client, record, event="submitted", experiment=member.experiment, deployment=record.name,
-                 user=member.user or config.user, keys=keys, shards=[stage.shard for stage in stages],
-                 workers=workers, retry_of=member.retry_of, reason=member.reason)
-    previous: Future | None = None
-    seen: set[int] = set()
-    for position, stage in enumerate(stages):
-        worker = record.shards[stage.shard].worker
-        first_on_shard = stage.shard not in seen
-        seen.add(stage.shard)
-        members = [(member.experiment, member.graph_json if first_on_shard else None) for member in batch.members]
-        previous = client.submit(
-            tasks.run_stage, record.name, stage.shard, members, stage, previous, position == len(stages) - 1,
-            key=keys[position], workers=[worker], allow_other_workers=False, pure=False)
-    assert previous is not None
-    batch.last = previous
+                 user=member.user or config.user, stages=len(stages), shards=[stage.shard for stage in stages],
+                 workers=sorted(set(workers.values())), retry_of=member.retry_of, reason=member.reason,
+                 route=ids)
+    batch.hop = Hop(route=f"{ids}-{uuid.uuid4().hex[:6]}", origin=workers[stages[0].shard], deployment=record.name,
+                    stages=list(stages), workers=workers,
+                    graphs={member.experiment: member.graph_json for member in batch.members},
+                    carries=dict.fromkeys(member.experiment for member in batch.members))
 
 
 def shorten_batching(client: Client) -> None:
-    """Apply ``config.client_batch_interval`` to the client's stream to the scheduler (see there).
-
-    Checked per experiment because a reconnecting client gets a new stream with Dask's default.
-    """
-    stream = getattr(client, "scheduler_comm", None)
-    interval = config.client_batch_interval
-    if interval is not None and stream is not None and getattr(stream, "interval", 0) > interval:
-        stream.interval = interval
+    """Apply ``config.client_batch_interval`` to the client's stream to the scheduler (see there);
+    checked per experiment because a reconnecting client gets a new stream with Dask's default."""
+    if config.client_batch_interval is not None:
+        shorten_stream_interval(client, config.client_batch_interval)
 
 
 def announce(client: Client, record: Deployment, **message: Any) -> None:
-    """Tell the deployment's monitor (a scheduler plugin) about an experiment, fire-and-forget.
-
-    Goes on the client's existing batched stream to the scheduler (``Client._send_to_scheduler``,
-    the call ``client.submit`` itself uses), so it costs no round trip and arrives before the
-    stage tasks submitted after it.
-    """
+    """Tell the deployment's monitor (a scheduler plugin) about an experiment, fire-and-forget, on
+    the client's batched stream to the scheduler: no round trip."""
     if not record.monitor:
         return
     try:
-        client._send_to_scheduler({"op": monitor.STREAM_OP, **message})
+        send_to_scheduler(client, {"op": monitor.STREAM_OP, **message})
     except Exception:  # monitoring must never fail an experiment
         pass
 
@@ -219,11 +207,8 @@ def run_experiment(client: Client, name: str, graph: InterventionGraph, *, modul
                 sink.abort()
             _finished(client, record, experiment, "failed", error=f"{type(exc).__name__}: {exc}")
             raise
-        if persisted or len(batch.members) > 1:
-            # the monitor saw the completion itself; news to it are persisted bytes, and this
-            # member's share of what a shared last stage returned
-            _finished(client, record, experiment, "completed", bytes_returned=nbytes(dict(results)),
-                      bytes_persisted=persisted)
+        _finished(client, record, experiment, "completed", bytes_returned=nbytes(dict(results)),
+                  bytes_persisted=persisted)
         notify("completed", {"experiment": experiment})
         return results
 
@@ -231,11 +216,11 @@ def run_experiment(client: Client, name: str, graph: InterventionGraph, *, modul
 def _abandon(client: Client, coalescer: Coalescer, batch: Batch, member: Member, graph: InterventionGraph,
              reason: str) -> None:
     """Stop the experiment on the shards (a running stage ends before its next decoder layer, its
-    state is freed now), leave the batch (its chain is cancelled once no member is left), and drop
+    state is freed now), leave the batch (its call is dropped once no member is left), and drop
     its partial saves."""
     if not coalescer.withdraw(batch, member):
         batch.launched.wait()  # it was being launched: set within the launching call
-        if batch.last is not None:
+        if batch.hop is not None:
             _stop_on_shards(client, batch.record, [member.experiment], reason)
             batch.leave(client, member.experiment)
     sink = ZarrSink.from_options(graph.options, member.experiment)
@@ -297,8 +282,8 @@ def _spread_if_due(client: Client, name: str, record: Deployment,
 
 def _wait(client: Client, coalescer: Coalescer, batch: Batch, member: Member, deadline: float, limit: float,
           cancelled: threading.Event | None, on_status: Callable[[str, dict[str, Any]], None] | None) -> Results:
-    """Wait for the batch to leave, then for its last stage. The happy path makes no scheduler call
-    besides fetching the result.
+    """Wait for the batch to leave, then for its route's answer. The happy path makes no scheduler
+    call.
 
     Every ``POLL_SECONDS`` without a result: check cancellation, lost shard workers, the time
     limit, and (when someone shows progress) the queue position or stage reached.
@@ -313,7 +298,6 @@ def _wait(client: Client, coalescer: Coalescer, batch: Batch, member: Member, de
                 shown = ("queued", position)
     if batch.launch_error is not None:
         raise batch.launch_error
-    assert batch.last is not None
     record = batch.record
     while True:
         try:
@@ -324,12 +308,8 @@ def _wait(client: Client, coalescer: Coalescer, batch: Batch, member: Member, de
                 if not isinstance(outcome, Results):
                     raise ExperimentFailedError(f"the last stage returned {type(outcome).__name__}, not results")
                 return outcome
-        except FutureCancelledError:
-            if dead_shards(client, record):
-                raise _WorkerLost from None
-            raise
         except Exception as exc:
-            if type(exc).__name__ in _SHARD_GONE or dead_shards(client, record):
+            if isinstance(exc, SHARD_GONE) or dead_shards(client, record):
                 raise _WorkerLost from None
             raise
         _check_limits(cancelled, deadline, limit)

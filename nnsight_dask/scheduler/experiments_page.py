@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..dask_compat import bokeh_applications, bokeh_prefix, has_bokeh_page
 from . import monitor as monitor_module
 
 #: Column -> (title, relative width); the table spreads them over the page width.
@@ -76,14 +77,14 @@ def add_page(scheduler: Any) -> bool:
     gateway register it). The page is a Bokeh application of its own, added next to Dask's.
     """
     application = getattr(scheduler, "http_application", None)
-    bokeh = [app for app in getattr(application, "applications", ()) if hasattr(app, "_applications")]
-    if not bokeh or any(PAGE in app._applications for app in bokeh):
+    bokeh = bokeh_applications(application)
+    if not bokeh or any(has_bokeh_page(app, PAGE) for app in bokeh):
         return False  # no dashboard (bokeh missing, or disabled), or the page is there
     from distributed.dashboard.core import BokehApplication
     from distributed.dashboard.scheduler import template_variables
     from tornado.ioloop import IOLoop
 
-    page = BokehApplication({PAGE: experiments_doc}, scheduler, prefix=getattr(bokeh[0], "_prefix", ""),
+    page = BokehApplication({PAGE: experiments_doc}, scheduler, prefix=bokeh_prefix(bokeh[0]),
                             template_variables=template_variables(scheduler))
     application.add_application(page)
     page.initialize(IOLoop.current())

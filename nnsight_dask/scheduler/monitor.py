@@ -1,11 +1,14 @@
 """ExperimentMonitor: a scheduler plugin that follows every experiment from the scheduler's side.
 
-Why a plugin: an experiment is a chain of stage tasks, and the scheduler already sees each of
-them change state (queued, computing, done, erred, cancelled) together with the worker's own
-compute start/stop times and result sizes. Watching those transitions costs the experiment
-nothing: no remote call on the client's path, no event per stage from the workers. The client
-adds one fire-and-forget message on its existing scheduler stream, sent just before the stage
-tasks (same stream, so it always arrives first): who submitted, which deployment, which keys.
+Why a plugin, fed this way: experiments travel the direct route, worker to worker
+(:mod:`nnsight_dask.worker.routing`), so the scheduler is on no experiment's path; what it knows, it
+is told at a cost that keeps it off the critical path too. The client sends two fire-and-forget
+messages on its existing scheduler stream (Dask batches them with its other messages): who
+submitted what when the experiment leaves, how it ended when the client has its answer. Each
+shard worker sends the passes its shards ran every :data:`~nnsight_dask.worker.telemetry.FLUSH_SECONDS`
+in one event (:data:`~nnsight_dask.worker.telemetry.STAGES_TOPIC`): the monitor counts stages,
+busy time and co-tenants from them, and draws them in Dask's task stream, named
+``nnsight-<experiment>+<experiment>...-p<pass>-t<step>-<fwd|bwd>-s<shard>``.
 
 The monitor serves what the dashboard, the CLI and waiting clients read: rows per experiment
 (:meth:`ExperimentMonitor.snapshot`), the queue position of one experiment (scheduler RPC
@@ -15,12 +18,12 @@ is installed. Status changes are also logged as scheduler events under :data:`EV
 
 Two lifecycle duties ride on what the monitor sees:
 
-- **Who was running when a worker died.** Shards log, before each stage, which experiment computes
-  on their worker (:data:`~nnsight_dask.worker.plugin.RUNNING_TOPIC`). When a worker leaves, the
-  experiment it was computing is marked ``lost_on`` that worker; experiments only queued there, or
-  in a stage elsewhere, are not. A client retries the unmarked ones without counting the loss
-  against them (it asks with the scheduler RPC ``nnsight_experiment_lost_on``). With no such event on record,
-  every experiment with a stage assigned to the worker is marked, as Dask itself suspects them.
+- **Who was running when a worker died.** Shards tell which experiment computes on their worker
+  when that can matter (:data:`~nnsight_dask.worker.telemetry.RUNNING_TOPIC`: a stage that runs
+  long, or has company waiting). When a worker dies, the unfinished experiment it was computing is
+  marked ``lost_on`` that worker; experiments only queued there, or in a stage elsewhere, are not.
+  A client retries the unmarked ones without counting the loss against them (it asks with the
+  scheduler RPC ``nnsight_experiment_lost_on``).
 - **Clients that leave.** Each submission arrives on its client's stream, so the monitor knows the
   client of every experiment; when the scheduler removes a client, its unfinished experiments are
   stopped on the shard workers (worker handler :data:`~nnsight_dask.worker.plugin.CANCEL_HANDLER`),
@@ -37,7 +40,9 @@ from typing import Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from ..worker.plugin import BATCH_TOPIC, CANCEL_HANDLER, RUNNING_TOPIC
+from ..dask_compat import task_stream_add
+from ..worker.plugin import CANCEL_HANDLER
+from ..worker.telemetry import RUNNING_TOPIC, STAGES_TOPIC
 
 #: Name of the plugin on the scheduler.
 NAME = "nnsight-dask-monitor"
@@ -65,16 +70,15 @@ class ExperimentRecord:
     experiment: str
     deployment: str
     user: str
-    keys: list[str]
+    #: Its chain's length, and the shard of each stage.
+    stages: int
     shards: list[int]
     submitted: float
     retry_of: str = ""
     status: str = "queued"
     started: float | None = None
     ended: float | None = None
-    done: set[str] = field(default_factory=set)
-    processing: dict[str, str] = field(default_factory=dict)  # key -> worker
-    positions: dict[str, int] = field(default_factory=dict)  # key -> stage index (generations have thousands)
+    stages_done: int = 0
     bytes_returned: int = 0
     bytes_persisted: int = 0
     error: str = ""
@@ -106,7 +110,7 @@ class ShardRecord:
 
 
 class ExperimentMonitor(SchedulerPlugin):
-    """Follows experiments' stage tasks on the scheduler; see the module docstring."""
+    """Follows experiments from their clients' and shards' messages; see the module docstring."""
 
     name = NAME
     idempotent = True  # registering again (every ``serve``, the dashboard preload) keeps the data
@@ -114,8 +118,6 @@ class ExperimentMonitor(SchedulerPlugin):
     def __init__(self) -> None:
         self.scheduler: Any = None
         self.experiments: OrderedDict[str, ExperimentRecord] = OrderedDict()
-        #: Stage key -> the experiments it runs (several when a client batched them, see scheduler.coalesce).
-        self.by_key: dict[str, list[ExperimentRecord]] = {}
         #: Experiments with no stage done yet, in submission order (what queue positions count).
         self.waiting: dict[str, ExperimentRecord] = {}
         self.shards: dict[tuple[str, int], ShardRecord] = {}
@@ -141,71 +143,56 @@ class ExperimentMonitor(SchedulerPlugin):
         _add_http_routes(scheduler, self)
         _register_prometheus(self)
 
-    def transition(self, key: Any, start: str, finish: str, *args: Any, stimulus_id: str = "", **kwargs: Any) -> None:
-        records = self.by_key.get(key) if isinstance(key, str) else None
-        if records is None:
-            return
-        if start == "processing":
-            self._left_worker(key, records, finish)
-        for record in records:
-            self._follow(record, key, start, finish, kwargs, sharing=len(records), first=record is records[0])
-        if finish == "forgotten":
-            self.by_key.pop(key, None)
-
-    def _follow(self, record: ExperimentRecord, key: str, start: str, finish: str, kwargs: dict[str, Any],
-                sharing: int = 1, first: bool = True) -> None:
-        if finish == "processing":
-            record.processing[key] = kwargs.get("worker") or self._worker_of(key)
-        elif start == "processing":
-            record.processing.pop(key, None)
-        if start == "processing" and finish == "memory":
-            self._stage_done(record, key, kwargs, sharing, first)
-        elif finish == "erred" and not record.finished:
-            text = kwargs.get("exception_text") or ""
-            self._finish(record, "failed", error=str(text))
-        elif finish == "forgotten" and key not in record.done and not record.finished:
-            self._finish(record, "cancelled")  # released by its client before it ran (a lost worker only re-queues)
-
-    def _left_worker(self, key: str, records: list[ExperimentRecord], finish: str) -> None:
-        """A stage task left ``processing``: if its worker died meanwhile, mark who was computing there."""
-        worker = next((r.processing[key] for r in records if key in r.processing), "")
-        if not worker or self.scheduler is None:
-            return
-        computing = self.executing.get(worker)
-        if worker not in self.scheduler.workers:  # removed: the scheduler releases what it was processing
-            task = self.scheduler.tasks.get(key)
-            if task is not None and not getattr(task, "suspicious", 1):
-                return  # a worker that left on purpose (retired, scaled down): nobody's fault
-            for record in records:
-                if computing is None or computing == record.experiment:
-                    record.lost_on = worker
-        elif finish in ("memory", "erred") and computing is not None and any(
-                r.experiment == computing for r in records):
-            del self.executing[worker]  # that stage ended: nothing of ours computes there now
-
     def log_event(self, topic: str, msg: Any) -> None:
-        """Events from the workers: a shard starts computing an experiment's stage (see the module docstring)."""
-        if topic == RUNNING_TOPIC and isinstance(msg, dict) and msg.get("worker"):
-            self.executing[msg["worker"]] = str(msg.get("experiment") or "")
-        elif topic == BATCH_TOPIC and isinstance(msg, dict):
-            self._shared_pass(msg)
-
-    def _shared_pass(self, msg: dict[str, Any]) -> None:
-        """A shard ran several experiments in one forward pass: count its size, note who met whom."""
-        experiments = [str(e) for e in msg.get("experiments") or ()]
-        try:
-            key = (str(msg["deployment"]), int(msg["shard"]))
-        except (KeyError, TypeError, ValueError):
+        """Events from the workers: passes shards ran, and who computes where now (module docstring)."""
+        if not isinstance(msg, dict):
             return
+        if topic == STAGES_TOPIC:
+            worker = str(msg.get("worker") or "")
+            for entry in msg.get("passes") or ():
+                try:
+                    self._pass(worker, entry)
+                except (KeyError, TypeError, ValueError):  # a malformed entry must not stop the others
+                    continue
+        elif topic == RUNNING_TOPIC and msg.get("worker"):
+            self.executing[msg["worker"]] = str(msg.get("experiment") or "")
+
+    def _pass(self, worker: str, entry: dict[str, Any]) -> None:
+        """A shard ran a pass: count its stages and busy time, note co-tenants, draw it in the task stream."""
+        key = (str(entry["deployment"]), int(entry["shard"]))
+        experiments = [str(e) for e in entry["experiments"]]
+        start, stop = float(entry["start"]), float(entry["stop"])
         shard = self.shards.setdefault(key, ShardRecord(*key))
-        shard.shared_passes[len(experiments)] = shard.shared_passes.get(len(experiments), 0) + 1
+        shard.worker = worker or shard.worker
+        shard.stages_run += 1
+        shard.busy_seconds += stop - start
+        if len(experiments) > 1:
+            shard.shared_passes[len(experiments)] = shard.shared_passes.get(len(experiments), 0) + 1
         for experiment in experiments:
             record = self.experiments.get(experiment)
-            if record is not None:
+            if record is None:
+                continue
+            record.stages_done += 1
+            self.waiting.pop(experiment, None)
+            if record.started is None or start < record.started:
+                record.started = start
+            if len(experiments) > 1:
                 record.cotenants.update(e for e in experiments if e != experiment)
+            if record.status == "queued":
+                record.status = "running"
+                self._log(record)
+        labels = entry.get("labels") or [""]
+        task_stream_add(self.scheduler, {
+            "key": f"nnsight-{'+'.join(experiments)}-{labels[0]}", "worker": worker,
+            "thread": entry.get("thread", key[1]), "status": "OK", "nbytes": 0, "type": "", "typename": "",
+            "metadata": {}, "startstops": [{"action": "compute", "start": start, "stop": stop}]})
 
     def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
-        self.executing.pop(worker, None)
+        """A worker left: the unfinished experiment it was computing (if it said so) is marked ``lost_on`` it."""
+        computing = self.executing.pop(worker, None)
+        record = self.experiments.get(computing or "")
+        if record is not None and not record.finished and worker in record.workers:
+            record.lost_on = worker
 
     def remove_client(self, scheduler: Any, client: str) -> None:
         """A client left (closed, or its process died): stop its unfinished experiments on their shards."""
@@ -263,14 +250,11 @@ class ExperimentMonitor(SchedulerPlugin):
     def _submitted(self, message: dict[str, Any], client: str = "") -> None:
         record = ExperimentRecord(
             experiment=message["experiment"], deployment=message.get("deployment", ""),
-            user=message.get("user") or "", keys=list(message.get("keys", [])),
+            user=message.get("user") or "", stages=int(message.get("stages") or 0),
             shards=list(message.get("shards", [])), submitted=time.time(), retry_of=message.get("retry_of") or "",
             client=client, workers=sorted(set(message.get("workers") or ())),
             via="gateway" if client in self.gateways else "client")
         self.experiments[record.experiment] = record
-        for position, key in enumerate(record.keys):
-            self.by_key.setdefault(key, []).append(record)
-            record.positions[key] = position
         self.totals["queued"] += 1
         self.waiting[record.experiment] = record
         previous = self.experiments.get(record.retry_of)
@@ -282,31 +266,6 @@ class ExperimentMonitor(SchedulerPlugin):
         self._trim()
 
     # -- bookkeeping ---------------------------------------------------------------------------
-    def _stage_done(self, record: ExperimentRecord, key: str, kwargs: dict[str, Any], sharing: int, first: bool) -> None:
-        """A stage of ``record`` ran (a task ``sharing`` experiments ran; its busy time counts once)."""
-        record.done.add(key)
-        self.waiting.pop(record.experiment, None)
-        position = record.positions[key]
-        shard = self.shards.setdefault((record.deployment, record.shards[position]),
-                                       ShardRecord(record.deployment, record.shards[position]))
-        shard.worker = kwargs.get("worker") or shard.worker
-        shard.stages_run += 1
-        compute = [s for s in kwargs.get("startstops") or () if s.get("action") == "compute"]
-        for span in compute if first else ():
-            shard.busy_seconds += span["stop"] - span["start"]
-        if compute and (record.started is None or compute[0]["start"] < record.started):
-            record.started = compute[0]["start"]
-        if record.status == "queued":
-            record.status = "running"
-            self._log(record)
-        if position == len(record.keys) - 1 and not record.finished:
-            if not record.bytes_returned:
-                # a shared last stage's bytes, split evenly until the client reports each member's share
-                record.bytes_returned = int(kwargs.get("nbytes") or 0) // sharing
-                self.bytes_returned_total += record.bytes_returned
-            ended = compute[-1]["stop"] if compute else time.time()
-            self._finish(record, "completed", ended=ended)
-
     def _finish(self, record: ExperimentRecord, status: str, error: str = "", ended: float | None = None) -> None:
         record.status = status
         record.ended = ended or time.time()
@@ -316,7 +275,6 @@ class ExperimentMonitor(SchedulerPlugin):
             seconds = record.ended - (record.started or record.submitted)
             self.latency_sum += seconds
             self.latencies[next((i for i, b in enumerate(LATENCY_BUCKETS) if seconds <= b), len(LATENCY_BUCKETS))] += 1
-        record.processing.clear()
         self.waiting.pop(record.experiment, None)
         self._log(record)
 
@@ -338,17 +296,7 @@ class ExperimentMonitor(SchedulerPlugin):
             return
         finished = [k for k, r in self.experiments.items() if r.finished]
         for key in finished[: max(0, len(finished) - KEEP_FINISHED)]:
-            record = self.experiments.pop(key)
-            for task in record.keys:
-                sharing = self.by_key.get(task)
-                if sharing is not None and record in sharing:
-                    sharing.remove(record)
-                    if not sharing:
-                        del self.by_key[task]
-
-    def _worker_of(self, key: str) -> str:
-        task = self.scheduler.tasks.get(key) if self.scheduler is not None else None
-        return getattr(getattr(task, "processing_on", None), "address", "") or ""
+            del self.experiments[key]
 
     # -- reading -------------------------------------------------------------------------------
     def queue_position(self, record: ExperimentRecord) -> int:
@@ -363,7 +311,7 @@ class ExperimentMonitor(SchedulerPlugin):
         return position
 
     def live_status(self, record: ExperimentRecord) -> str:
-        if record.status == "queued" and record.processing and self.queue_position(record) == 0:
+        if record.status == "queued" and record.experiment in self.executing.values():
             return "running"
         return record.status
 
@@ -372,7 +320,7 @@ class ExperimentMonitor(SchedulerPlugin):
         if record is None:
             return {"status": "unknown"}
         return {"status": self.live_status(record), "position": self.queue_position(record),
-                "stages_done": len(record.done), "stages": len(record.keys)}
+                "stages_done": record.stages_done, "stages": record.stages}
 
     def experiment_lost_on(self, experiment: str) -> dict[str, Any]:
         """``{"known": True, "lost_on": worker or ""}``: the worker that died while ``experiment``
@@ -392,7 +340,7 @@ class ExperimentMonitor(SchedulerPlugin):
                 # worker and scheduler clocks may differ by a fraction of a millisecond
                 "queue_wait": round(max(0.0, start - record.submitted), 4) if start is not None else None,
                 "run_time": round(record.ended - (start or record.submitted), 4) if record.ended else None,
-                "stages": f"{len(record.done)}/{len(record.keys)}",
+                "stages": f"{record.stages_done}/{record.stages}",
                 "shards": ",".join(str(s) for s in sorted(set(record.shards))),
                 "bytes_returned": record.bytes_returned, "bytes_persisted": record.bytes_persisted,
                 "error": record.error, "retry_of": record.retry_of, "via": record.via,
@@ -401,12 +349,12 @@ class ExperimentMonitor(SchedulerPlugin):
         return out
 
     def shard_rows(self) -> list[dict[str, Any]]:
-        """Per deployment shard: experiments in flight there, stages run, busy time."""
+        """Per deployment shard: unfinished experiments with a stage there, stages run, busy time."""
         in_flight: dict[tuple[str, int], int] = {}
         for record in self.experiments.values():
             if record.finished:
                 continue
-            for shard in {record.shards[record.positions[k]] for k in record.processing}:
+            for shard in set(record.shards):
                 in_flight[(record.deployment, shard)] = in_flight.get((record.deployment, shard), 0) + 1
                 self.shards.setdefault((record.deployment, shard), ShardRecord(record.deployment, shard))
         return [{"deployment": d, "shard": s, "worker": r.worker, "in_flight": in_flight.get((d, s), 0),

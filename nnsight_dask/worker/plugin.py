@@ -6,8 +6,10 @@ the first carry reaches it. ``serve`` registers the plugin each time; registerin
 the old instance (Dask tears it down first), so the plugin holds no state and its teardown does
 nothing: the shards of other deployments on the worker must live on.
 
-The plugin also adds two worker handlers, the way to reach the shards without queueing behind the
-running stage task (a worker's handlers run on its event loop, its tasks in its thread pool):
+The plugin installs the worker's end of the direct route (:mod:`.routing`: the handlers experiments
+travel by), sends the shards' telemetry every :data:`~.telemetry.FLUSH_SECONDS`
+(:func:`.telemetry.flush`), and adds two worker handlers that reach the shards without waiting for
+a running stage (a worker's handlers run on its event loop, stages in the shards' threads):
 
 - :data:`CANCEL_HANDLER` (:func:`cancel_experiments`): stop experiments and free their state now;
   sent by a client that cancels or gives up waiting, and by the scheduler's monitor when a client
@@ -22,8 +24,9 @@ from __future__ import annotations
 from typing import Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
+from tornado.ioloop import PeriodicCallback
 
-from . import registry
+from . import registry, routing, telemetry
 from .serialization import register as register_serializers
 
 #: Name of the plugin on the workers (registering again replaces it).
@@ -32,12 +35,8 @@ NAME = "nnsight-dask-shards"
 CANCEL_HANDLER = "nnsight_dask_cancel"
 #: Worker handler: close (``reason``: undeploy) or retire (``retire=True``) shards of ``deployment``.
 CLOSE_HANDLER = "nnsight_dask_close"
-#: Event topic a shard logs, fire-and-forget, before each stage: which experiment computes on this
-#: worker now (the scheduler's monitor reads it to tell, when the worker dies, who was running).
-RUNNING_TOPIC = "nnsight-dask-running"
-#: Event topic a shard logs, fire-and-forget, when several experiments share one forward pass there:
-#: ``{"deployment", "shard", "experiments"}`` (the scheduler's monitor keeps batch sizes and co-tenants).
-BATCH_TOPIC = "nnsight-dask-batch"
+#: Name of the worker's periodic callback that sends the shards' telemetry.
+FLUSH_CALLBACK = "nnsight-dask-telemetry"
 
 
 class ShardWorkerPlugin(WorkerPlugin):
@@ -49,6 +48,11 @@ class ShardWorkerPlugin(WorkerPlugin):
         register_serializers()
         worker.handlers[CANCEL_HANDLER] = cancel_experiments
         worker.handlers[CLOSE_HANDLER] = close_shards
+        routing.router_of(worker)
+        if FLUSH_CALLBACK not in worker.periodic_callbacks:
+            callback = PeriodicCallback(lambda: telemetry.flush(worker), telemetry.FLUSH_SECONDS * 1000)
+            worker.periodic_callbacks[FLUSH_CALLBACK] = callback
+            callback.start()
 
 
 def cancel_experiments(experiments: list[str], reason: str = "cancelled") -> int:
@@ -58,12 +62,12 @@ def cancel_experiments(experiments: list[str], reason: str = "cancelled") -> int
     refused. Returns how many experiment states were freed.
     """
     experiments = [str(e) for e in experiments]
-    held = registry.shards()
-    if not held:
-        registry.stop(experiments, registry.ExperimentCancelledError(
-            f"experiment(s) {', '.join(experiments)} stopped: {reason}", experiments=experiments, reason=reason))
-        return 0
-    return sum(shard.cancel(experiments, reason) for shard in held)
+    error = registry.ExperimentCancelledError(
+        f"experiment(s) {', '.join(experiments)} stopped on the deployment's shards: {reason}",
+        experiments=experiments, reason=reason)
+    registry.stop(experiments, error)
+    routing.cancel_routes(experiments, error)
+    return sum(shard.release_many(experiments) for shard in registry.shards())
 
 
 def close_shards(deployment: str, reason: str = "", retire: bool = False,

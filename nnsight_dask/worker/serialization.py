@@ -15,6 +15,7 @@ import torch
 
 from ..execution.stage import Carry
 from ..tensors import nbytes, tensor_from_bytes, tensor_to_bytes
+from .hop import Hop, Outcome
 from .results import Results
 
 _REGISTERED = False
@@ -68,19 +69,21 @@ def loads(header: dict[str, Any], frames: list[Any]) -> Any:
 
 
 def register() -> None:
-    """Register our serializer with Dask for :class:`~nnsight_dask.execution.stage.Carry` (idempotent).
+    """Register our serializer with Dask for what travels on the direct route (idempotent).
 
-    Only carries are registered: they travel between our own shard workers, which all register
-    at start-up. Bare tensors keep Dask's default so that a plain client without this package
-    imported can still read tensors from those workers; results reach clients as plain pickles.
+    Carries, hops (:class:`~.hop.Hop`: carries with their batch) and outcomes (results) travel
+    between our own shard workers and the clients of the route, which all register first. Bare
+    tensors keep Dask's default so that a plain client without this package imported can still
+    read tensors from those workers.
     """
     global _REGISTERED
     if _REGISTERED:
         return
     from distributed.protocol import dask_deserialize, dask_serialize
 
-    dask_serialize.register(Carry)(dumps)
-    dask_deserialize.register(Carry)(loads)
+    for kind in (Carry, Hop, Outcome):
+        dask_serialize.register(kind)(dumps)
+        dask_deserialize.register(kind)(loads)
     _register_sizes()
     _REGISTERED = True
 

@@ -1,11 +1,10 @@
 """ShardActor: one shard of a deployed model, alive in a Dask actor on one worker.
 
 The actor reads only its shard's weights (see :mod:`..models.shard_loading`) and registers itself in the worker's
-process registry. Experiments reach it through stage tasks pinned to this worker (see
-:mod:`.tasks`), which run under the shard's lock: its hooks and KV caches belong to one
-experiment at a time, while other shards of the deployment serve other experiments. One stage
-task may carry several experiments submitted together (:mod:`..client.coalesce`); they run one
-after the other, each with its own state.
+process registry. Experiments reach it by the direct route (:mod:`.routing`): the worker's router
+runs each batch of stages in the shard's own threads (:attr:`ShardActor.executor`), where they wait
+in the shard's queue (:mod:`.stage_queue`); whatever waits together runs as one co-tenant forward
+pass (:mod:`..execution.cotenancy`), each experiment with its own state and rows.
 
 At an experiment's first stage here the shard validates its graph again, with this worker's
 settings (:mod:`.limits`), and gives it a Zarr sink when it asks for a store.
@@ -13,9 +12,8 @@ settings (:mod:`.limits`), and gives it a Zarr sink when it asks for a store.
 Stopping never waits for the lock: :meth:`ShardActor.cancel`, :meth:`~ShardActor.release`,
 :meth:`~ShardActor.close` and :meth:`~ShardActor.retire` are called from the worker's event loop
 (the handlers of :mod:`.plugin`) while a stage may be running; the running stage sees the stop flag
-(:mod:`.registry`) before its next decoder layer and ends with the reason. Before each stage the shard
-tells the scheduler which experiment it is computing (a fire-and-forget event), so if the worker dies
-the scheduler knows which experiment was running on it and which were only waiting.
+(:mod:`.registry`) before its next decoder layer and ends with the reason. What the shard tells the
+scheduler (passes run, who computes now) is in :mod:`.telemetry`.
 """
 from __future__ import annotations
 
@@ -23,13 +21,14 @@ import copy
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 from distributed import get_worker
 
 from .. import config as settings
-from ..errors import ExperimentFailedError, InterventionError
+from ..errors import ExperimentFailedError
 from ..execution.cotenancy import Member, can_share, footprint, forward_together
 from ..execution.stage import (
     Carry,
@@ -50,9 +49,8 @@ from ..models import (
 from ..models.shard_loading import load_shard
 from ..storage.results import ZarrSink
 from ..tensors import nbytes
-from . import registry
+from . import registry, telemetry
 from .limits import check_graph, check_inline_size, decode_graph
-from .plugin import BATCH_TOPIC, RUNNING_TOPIC
 from .registry import (
     ExperimentCancelledError,
     ShardClosedError,
@@ -69,9 +67,6 @@ ModelSource = Any  # a path or hub id, "smollm2", or a callable returning (model
 #: without a lock (two threads importing ``LlamaConfig`` at once can fail), and one load at a time
 #: also bounds the worker's peak memory.
 _LOADING = threading.Lock()
-
-#: A stage still running after this many seconds is announced to the scheduler's monitor.
-ANNOUNCE_AFTER = 0.05
 
 #: An experiment's state is dropped when untouched this long (its client vanished mid-way).
 STALE_SECONDS = 600.0
@@ -120,17 +115,6 @@ def shard_runner(model: torch.nn.Module, plan: list[ShardSpec], index: int, pad_
                        layers[spec.layer_start], layers[spec.layer_stop - 1], pad_token_id)
 
 
-def portable_error(exc: Exception) -> Exception:
-    """``exc`` if it survives pickling (it travels as a value to the client), else its text."""
-    import pickle
-
-    try:
-        pickle.loads(pickle.dumps(exc))
-        return exc
-    except Exception:
-        return InterventionError(f"{type(exc).__name__}: {exc}")
-
-
 class ShardActor:
     """Holds shard ``index`` of ``n_shards`` of a model for deployment ``deployment``."""
 
@@ -174,8 +158,13 @@ class ShardActor:
         # co-tenant batching: the worker's settings decide, whatever clients ask
         self.batching = bool(settings.cotenant_batching)
         self.max_batch_tokens = int(settings.cotenant_max_tokens)
-        self.queue = StageQueue(self._serve, int(settings.cotenant_max_batch),
-                                float(settings.cotenant_gather_ms) / 1000)
+        max_batch = int(settings.cotenant_max_batch)
+        self.queue = StageQueue(self._serve, max_batch, float(settings.cotenant_gather_ms) / 1000)
+        #: Where routed stages run and wait for the shard: one thread per stage that may join a pass,
+        #: so a batch is bounded by ``cotenant_max_batch``, not by the worker's Dask threads.
+        self.executor = ThreadPoolExecutor(max_workers=max(2, max_batch),
+                                           thread_name_prefix=f"nnsight-{deployment}-{index}")
+        self.announcer = telemetry.RunningAnnouncer(_this_worker(), deployment, index)
         self.load_seconds = time.perf_counter() - started
         self.weight_bytes = nbytes(list({id(p): p for p in model.parameters()}.values()))
         registry.register(deployment, index, self)
@@ -208,6 +197,7 @@ class ShardActor:
             self.closed = reason
         registry.unregister(self.deployment, self.index, self, reason=reason or "")
         self.experiments.clear()
+        self.executor.shutdown(wait=False)
 
     def retire(self) -> None:
         """This copy was replaced by one on another worker (rebalancing): the experiments it holds
@@ -231,7 +221,7 @@ class ShardActor:
 
     def release_many(self, experiments: list[str]) -> int:
         """Forget the state of ``experiments`` (lock-free); returns how many were held here."""
-        return sum(self.experiments.pop(experiment, None) is not None for experiment in experiments)
+        return sum(self._forget(experiment) for experiment in experiments)
 
     # -- called in-process by stage tasks -----------------------------------------------------------
     def run(self, experiment: str, stage: Stage, graph_json: str | None, carry: Carry | None,
@@ -250,30 +240,16 @@ class ShardActor:
         return request.outcome  # type: ignore[no-any-return]
 
     def run_batch(self, members: list[tuple[str, str | None]], stage: Stage,
-                  carries: dict[str, Carry | BaseException] | None, final: bool) -> dict[str, Any]:
-        """Run ``stage`` for each ``(experiment, graph_json)`` of a stage task carrying several.
+                  carries: dict[str, Carry | None] | None, final: bool) -> dict[str, Any]:
+        """Run ``stage`` for each ``(experiment, graph_json)`` of a batch travelling together.
 
-        An experiment that fails here, or failed on an earlier shard, is answered with its error so
-        the others carry on. A batch of one raises instead, so its task errs like any failed task;
-        except a cancelled experiment: that is a clean outcome, answered (not raised) in any batch.
+        Answers each experiment with its next carry, its results (``final``) or the error that ended
+        it here, so one member's error never stops the others.
         """
-        requests: dict[str, StageRequest] = {}
-        for experiment, graph_json in members:
-            carry = carries.get(experiment) if carries is not None else None
-            if not isinstance(carry, BaseException):
-                requests[experiment] = StageRequest(experiment, stage, graph_json, carry, final)
-        self.queue.run(list(requests.values()))
-        out: dict[str, Any] = {}
-        for experiment, _ in members:
-            request = requests.get(experiment)
-            outcome = request.outcome if request is not None else carries[experiment]  # type: ignore[index]
-            if request is not None and isinstance(outcome, BaseException) \
-                    and not isinstance(outcome, ExperimentCancelledError):
-                if len(members) == 1:
-                    raise outcome
-                outcome = portable_error(outcome)  # type: ignore[arg-type]
-            out[experiment] = outcome
-        return out
+        requests = [StageRequest(experiment, stage, graph_json, (carries or {}).get(experiment), final)
+                    for experiment, graph_json in members]
+        self.queue.run(requests)
+        return {request.experiment: request.outcome for request in requests}
 
     def _serve(self, requests: list[StageRequest]) -> None:
         """Serve a group taken from the queue: experiments that may share a pass run in one (within
@@ -339,7 +315,7 @@ class ShardActor:
 
     def _serve_alone(self, request: StageRequest, state: ExperimentState) -> None:
         experiment, stage = request.experiment, request.stage
-        announcement = self._announce_if_slow(experiment)
+        announcement = self.announcer.watch(experiment, self._others_waiting(experiment))
         started = time.perf_counter()
         try:
             carry = request.carry if request.carry is not None else Carry()
@@ -357,19 +333,18 @@ class ShardActor:
             request.outcome = exc
         finally:
             announcement.cancel()
-            self._count(time.perf_counter() - started, 1)
+            self._record([request], started)
 
     def _serve_together(self, group: list[tuple[StageRequest, ExperimentState]]) -> None:
         members = [Member(state, request.stage, request.carry or Carry()) for request, state in group]
-        announcements = [self._announce_if_slow(request.experiment) for request, _ in group]
-        self._tell_batch([request.experiment for request, _ in group])
+        announcements = [self.announcer.watch(request.experiment, True) for request, _ in group]
         started = time.perf_counter()
         try:
             forward_together(self.runner, members)
         finally:
             for announcement in announcements:
                 announcement.cancel()
-            self._count(time.perf_counter() - started, len(group))
+            self._record([request for request, _ in group], started)
         for (request, state), member in zip(group, members):
             outcome = member.outcome
             try:
@@ -394,19 +369,17 @@ class ShardActor:
             return results
         return carry
 
-    def _tell_batch(self, experiments: list[str]) -> None:
-        """Tell the scheduler's monitor (fire-and-forget) which experiments share a pass here: the
-        Experiments page shows each experiment's co-tenants and every stage's batch size."""
-        try:
-            worker = get_worker()
-        except ValueError:  # not in a worker (unit tests call the shard directly)
-            return
-        worker.log_event(BATCH_TOPIC, {"deployment": self.deployment, "shard": self.index, "experiments": experiments})
-
-    def _count(self, seconds: float, batch_size: int) -> None:
+    def _record(self, requests: list[StageRequest], started: float) -> None:
+        """Count a pass of ``requests`` that began at ``started`` (``perf_counter``) and log it for the
+        scheduler's monitor (sent in batches, see :mod:`.telemetry`)."""
+        seconds = time.perf_counter() - started
         self.busy_seconds += seconds
         self.stages_run += 1
-        self.batch_sizes[batch_size] = self.batch_sizes.get(batch_size, 0) + 1
+        self.batch_sizes[len(requests)] = self.batch_sizes.get(len(requests), 0) + 1
+        start = telemetry.wall_clock(started)
+        telemetry.PASSES.add(self.deployment, self.index,
+                             [(request.experiment, request.stage.label) for request in requests],
+                             start, start + seconds)
 
     def _start(self, experiment: str, graph_json: str) -> ExperimentState:
         """A new experiment's state here, after validating its graph with this worker's settings."""
@@ -418,18 +391,20 @@ class ShardActor:
 
     def release(self, experiment: str) -> None:
         """Forget an experiment's state (lock-free: never waits for a running stage)."""
-        self.experiments.pop(experiment, None)
+        self._forget(experiment)
 
-    def _forget(self, experiment: str) -> None:
-        """Free an experiment's state; a retiring copy leaves the registry with its last experiment."""
-        self.experiments.pop(experiment, None)
+    def _forget(self, experiment: str) -> bool:
+        """Free an experiment's state (whether it was held); the one way experiments leave a shard, so
+        a retiring copy leaves the registry with its last experiment whichever way that one ended."""
+        held = self.experiments.pop(experiment, None) is not None
         if self.retiring and not self.experiments:
             registry.unregister(self.deployment, self.index, self)
+        return held
 
     def _drop_stale(self) -> None:
         now = time.monotonic()
         for key in [k for k, s in list(self.experiments.items()) if now - s.touched > STALE_SECONDS]:
-            self.experiments.pop(key, None)
+            self._forget(key)
 
     def _should_stop(self, experiment: str, state: ExperimentState) -> Any:
         """What the runner asks before every stage and decoder layer: the error to stop with, or None.
@@ -458,35 +433,20 @@ class ShardActor:
         if error is None and self.closed:
             error = ShardClosedError(self.closed, deployment=self.deployment, shard=self.index)
         if error is not None:
-            self.experiments.pop(experiment, None)
+            self._forget(experiment)
             raise _fresh(error)
 
-    def _announce_if_slow(self, experiment: str) -> threading.Timer:
-        """Tell the scheduler that ``experiment`` computes here: at once when other work waits on this
-        worker, else once its stage has run ``ANNOUNCE_AFTER`` seconds (the returned timer).
+    def _others_waiting(self, experiment: str) -> bool:
+        """Whether other experiments have state or stages waiting here (then who computes matters)."""
+        return len(self.queue) > 0 or any(other != experiment for other in self.experiments)
 
-        The monitor uses it to blame a worker's death on the experiment computing there, not on those
-        waiting behind it. Announcing every stage would cost every experiment milliseconds (an extra
-        message on the worker's stream ahead of the stage's result: +3 ms on a 2-shard round trip); a
-        short stage with nobody waiting has nobody to be confused with.
-        """
-        try:
-            worker = get_worker()  # only the task's own thread knows its worker: the timer gets it passed
-        except ValueError:  # not in a worker (unit tests call the shard directly)
-            worker = None
-        timer = threading.Timer(ANNOUNCE_AFTER, self._announce, args=(worker, experiment))
-        timer.daemon = True
-        if worker is None:
-            return timer
-        if any(other != experiment for other in self.experiments) or getattr(worker.state, "ready", ()):
-            self._announce(worker, experiment)
-        else:
-            timer.start()
-        return timer
 
-    def _announce(self, worker: Any, experiment: str) -> None:
-        """Tell the scheduler (fire-and-forget, on the worker's stream) that ``experiment`` computes here now."""
-        worker.log_event(RUNNING_TOPIC, {"experiment": experiment, "deployment": self.deployment, "shard": self.index})
+def _this_worker() -> Any:
+    """The Dask worker this shard lives in (``None`` outside one: unit tests build shards directly)."""
+    try:
+        return get_worker()
+    except ValueError:
+        return None
 
 
 def _fresh(error: BaseException) -> BaseException:

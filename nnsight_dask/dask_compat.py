@@ -1,0 +1,46 @@
+"""Every use of a private Dask (or Bokeh-through-Dask) API, in one place.
+
+Why: a Dask upgrade that moves one of these breaks this module only, and its tests say which.
+Each function degrades to doing nothing where the private name is gone, because all of them serve
+speed or monitoring, never correctness.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+
+def send_to_scheduler(client: Any, message: dict[str, Any]) -> None:
+    """Put ``message`` on the client's batched stream to the scheduler (``Client._send_to_scheduler``,
+    what ``client.submit`` itself uses): no round trip, ordered with the client's other messages."""
+    client._send_to_scheduler(message)
+
+
+def shorten_stream_interval(client: Any, interval: float) -> None:
+    """Send the client's batched messages to the scheduler at least every ``interval`` seconds
+    (Dask holds them up to 10 ms); a reconnecting client gets a new stream, so call it again."""
+    stream = getattr(client, "scheduler_comm", None)
+    if stream is not None and getattr(stream, "interval", 0) > interval:
+        stream.interval = interval
+
+
+def task_stream_add(scheduler: Any, entry: dict[str, Any]) -> None:
+    """Draw ``entry`` (``key``, ``worker``, ``thread``, ``startstops``...) in the dashboard's task
+    stream, as if a task had run, when the scheduler keeps one (``TaskStreamPlugin.buffer``)."""
+    plugin = getattr(scheduler, "plugins", {}).get("task-stream") if scheduler is not None else None
+    if plugin is not None and hasattr(plugin, "buffer"):
+        plugin.buffer.append(entry)
+        plugin.index += 1
+
+
+def bokeh_applications(application: Any) -> list[Any]:
+    """The Bokeh applications mounted on a scheduler's HTTP server (those with ``_applications``)."""
+    return [app for app in getattr(application, "applications", ()) if hasattr(app, "_applications")]
+
+
+def has_bokeh_page(app: Any, path: str) -> bool:
+    """Whether the Bokeh application ``app`` serves a page at ``path``."""
+    return path in app._applications
+
+
+def bokeh_prefix(app: Any) -> str:
+    return str(getattr(app, "_prefix", ""))

@@ -1,0 +1,182 @@
+"""The direct route: an experiment's stages go worker to worker, with no Dask task and no scheduler.
+
+Why: a Dask task costs the scheduler about a millisecond of CPU at best, and a chain of stage tasks
+per experiment cost 9-15 ms of scheduler CPU per experiment under load (docs/scaling.md). On GPU
+shards that, not the shards, would bound a deployment's throughput. Dask itself routes actor calls
+this way: straight to the worker holding the actor, by rpc.
+
+How a batch of experiments (one :class:`~.hop.Hop`) travels:
+
+1. The client calls :data:`ROUTE_HANDLER` on the worker of the first stage's shard (the *origin*).
+2. Each worker runs the stage on its shard, in the shard's own threads (never on the event loop,
+   which keeps heartbeats and messages flowing), then hands the hop to the next stage's worker with
+   :data:`HOP_HANDLER`, which answers at once and carries on in the background. Stages on the same
+   worker follow without a message.
+3. The last stage's worker sends the outcome to the origin (:data:`DELIVER_HANDLER`), which
+   answers the client's call.
+
+Nothing waits forever: an unreachable next worker ends the hop's members with
+:class:`~.registry.ShardUnavailableError` (their client retries them); when a worker dies holding a
+hop, the waiting client notices the dead shard and cancels, and the cancel handler
+(:func:`cancel_routes`) answers the origin's pending call.
+"""
+from __future__ import annotations
+
+import asyncio
+import pickle
+import weakref
+from typing import Any
+
+from distributed.protocol import to_serialize
+
+from ..errors import InterventionError
+from .hop import Hop, Outcome
+from .registry import ExperimentCancelledError, ShardUnavailableError, lookup
+
+ROUTE_HANDLER = "nnsight_dask_route"
+HOP_HANDLER = "nnsight_dask_hop"
+DELIVER_HANDLER = "nnsight_dask_deliver"
+
+
+class Router:
+    """One worker's end of the direct route: its handlers and the calls it answers as origin.
+
+    One per worker, whatever number of times the plugin is registered (a re-registration must not
+    orphan the calls in flight).
+    """
+
+    def __init__(self, worker: Any) -> None:
+        self.worker = worker
+        #: Route id -> (the client's pending answer, the route's experiments, those not cancelled yet).
+        self.pending: dict[str, tuple[asyncio.Future[dict[str, Any]], list[str], set[str]]] = {}
+        self._background: set[asyncio.Task[None]] = set()
+
+    def install(self) -> None:
+        handlers = self.worker.handlers
+        handlers[ROUTE_HANDLER] = self.route
+        handlers[HOP_HANDLER] = self.hop
+        handlers[DELIVER_HANDLER] = self.deliver
+
+    # -- handlers ---------------------------------------------------------------------------------
+    async def route(self, hop: Hop) -> dict[str, Any]:
+        """A client's call: run ``hop`` from its first stage here; answer its :class:`~.hop.Outcome`."""
+        answer: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.pending[hop.route] = (answer, list(hop.carries), set(hop.carries))
+        try:
+            self._spawn(self.advance(hop))
+            answers = await answer
+        finally:
+            self.pending.pop(hop.route, None)
+        return {"outcome": to_serialize(Outcome(answers))}
+
+    def hop(self, hop: Hop) -> str:
+        """Another worker hands on ``hop``: take it and answer at once (the stage runs meanwhile)."""
+        self._spawn(self.advance(hop))
+        return "ok"
+
+    def deliver(self, route: str, outcome: Outcome) -> None:
+        """The last stage's worker answers a route this worker is origin of."""
+        entry = self.pending.get(route)
+        if entry is not None and not entry[0].done():
+            entry[0].set_result(outcome.answers)
+
+    def cancel_routes(self, experiments: list[str], error: BaseException) -> None:
+        """Routes of which every member was cancelled answer their client now (a dead worker may
+        hold the hop: nobody else would)."""
+        for answer, members, live in list(self.pending.values()):
+            live.difference_update(experiments)
+            if not live and not answer.done():
+                answer.set_result({experiment: error for experiment in members})
+
+    # -- the route --------------------------------------------------------------------------------
+    async def advance(self, hop: Hop) -> None:
+        """Run ``hop``'s stages held by this worker, then hand it on or deliver its outcome."""
+        try:
+            while True:
+                await self._run_stage(hop)
+                if hop.final or not hop.carries:
+                    await self._deliver(hop)
+                    return
+                hop.step()
+                following = hop.workers[hop.stage.shard]
+                if following != self.worker.address:
+                    await self._hand_on(hop, following)
+                    return
+        except Exception as exc:  # a bug of ours: the members hear it, the origin's call never hangs
+            error = portable_error(exc)
+            for experiment in list(hop.carries):
+                hop.ended[experiment] = error
+            hop.carries.clear()
+            await self._deliver(hop)
+
+    async def _run_stage(self, hop: Hop) -> None:
+        stage = hop.stage
+        members = [(experiment, hop.graph_for(experiment)) for experiment in hop.carries]
+        try:
+            shard = lookup(hop.deployment, stage.shard)
+            answers = await asyncio.get_running_loop().run_in_executor(
+                shard.executor, shard.run_batch, members, stage, hop.carries, hop.final)
+        except Exception as exc:  # the shard is not here (moved, closed)
+            answers = {experiment: exc for experiment, _ in members}
+        for experiment, answer in answers.items():
+            if isinstance(answer, BaseException):
+                hop.carries.pop(experiment, None)
+                hop.ended[experiment] = answer if isinstance(answer, ExperimentCancelledError) \
+                    else portable_error(answer)  # type: ignore[arg-type]
+            else:
+                hop.carries[experiment] = answer
+
+    async def _hand_on(self, hop: Hop, following: str) -> None:
+        try:
+            await self.worker.rpc(following).nnsight_dask_hop(hop=to_serialize(hop))
+        except OSError as exc:  # its worker died or left (CommClosedError is an OSError)
+            error = ShardUnavailableError(
+                f"shard {hop.stage.shard} of deployment {hop.deployment!r} is unreachable at {following} "
+                f"({type(exc).__name__}); the deployment may be recovering from a lost worker",
+                deployment=hop.deployment, shard=hop.stage.shard)
+            for experiment in list(hop.carries):
+                hop.ended[experiment] = error
+            hop.carries.clear()
+            await self._deliver(hop)
+
+    async def _deliver(self, hop: Hop) -> None:
+        outcome = Outcome({**hop.ended, **hop.carries})
+        if hop.origin == self.worker.address:
+            self.deliver(hop.route, outcome)
+            return
+        try:
+            await self.worker.rpc(hop.origin).nnsight_dask_deliver(route=hop.route, outcome=to_serialize(outcome))
+        except OSError:  # the origin died: its client already heard (its call's connection closed)
+            pass
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+_routers: weakref.WeakKeyDictionary[Any, Router] = weakref.WeakKeyDictionary()
+
+
+def router_of(worker: Any) -> Router:
+    """The worker's router (made, and its handlers installed, on first use)."""
+    router = _routers.get(worker)
+    if router is None:
+        router = _routers[worker] = Router(worker)
+    router.install()
+    return router
+
+
+def cancel_routes(experiments: list[str], error: BaseException) -> None:
+    """Answer this process's pending routes whose members are all among ``experiments``."""
+    for router in list(_routers.values()):
+        router.cancel_routes(experiments, error)
+
+
+def portable_error(exc: Exception) -> Exception:
+    """``exc`` if it survives pickling (it travels as a value to the client), else its text."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return InterventionError(f"{type(exc).__name__}: {exc}")
