@@ -63,8 +63,28 @@ DEFAULTS: dict[str, Any] = {
     #: The HTTP gateway (``nnsight-dask gateway``): where it keeps its sqlite database of statuses and
     #: the inline results of completed experiments ("": ``<cache_dir>/gateway``).
     "gateway_state_dir": "",
+    #: Where the gateway's users' persisted saves go, each under ``<store>/<user>/`` (an fsspec URL the
+    #: workers and the gateway both reach; "": ``<gateway_state_dir>/store``, for workers on the gateway's disk).
+    "gateway_result_store": "",
     #: Largest request body the gateway reads (a graph with its constants); larger ones answer 413.
-    "gateway_max_body_bytes": 64 << 20,
+    "gateway_max_body_bytes": 16 << 20,
+    #: Most JSON values (counted by their marks ``[{,:``) a body, or a graph sent as text, may hold:
+    #: parsing holds the interpreter lock, ~0.2-0.4 us a value. More answer 413 unparsed.
+    "gateway_max_json_values": 1_000_000,
+    #: Seconds a connection has to send a request's headers (and may stay idle between requests).
+    "gateway_header_timeout": 10.0,
+    #: Seconds a request body has to arrive.
+    "gateway_body_timeout": 30.0,
+    #: Connections without a valid key yet open at once; a new one beyond closes the oldest of them
+    #: (0: a quarter of the process's file descriptor limit, 16 to 1024).
+    "gateway_max_unauthenticated": 0,
+    #: Submissions of one user being read, parsed or validated at once; more answer 429 from their headers.
+    "gateway_max_submitting_per_user": 2,
+    #: Refused requests (400/403/404/413/416/422) a user may make per minute (and in a burst); past
+    #: that, the user's submissions answer 429 before their bodies are read.
+    "gateway_refusals_per_minute": 30,
+    #: Threads that parse and validate submissions, taken by users in turn (one per user at a time).
+    "gateway_validation_threads": 4,
     #: Experiments the gateway runs at once on one deployment; the rest wait in its fair queue, so a
     #: newly arrived user's experiment waits for at most about this many to finish.
     "gateway_max_in_flight": 8,

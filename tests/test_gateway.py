@@ -332,8 +332,8 @@ def test_a_light_user_is_not_stuck_behind_a_heavy_one(gateway, lm):
 
 
 # -- persistence ---------------------------------------------------------------------------------------
-def test_persisted_saves_are_read_lazily_through_the_gateway(gateway, lm, local, tmp_path):
-    store = str(tmp_path / "store.zarr")
+def test_persisted_saves_are_read_lazily_through_the_gateway(gateway, lm, local):
+    store = "store.zarr"  # a name: under the user's prefix of the gateway's result store
     with lm.trace(PROMPT, store=store, persist_threshold=0):
         hidden = lm.model.layers[1].output.save()
     with local.trace(PROMPT):
@@ -350,14 +350,15 @@ def test_persisted_saves_are_read_lazily_through_the_gateway(gateway, lm, local,
     experiment = call(gateway, "GET", "/experiments").json()["experiments"][1]["experiment"]
     prefix = json.loads(call(gateway, "GET", f"/experiments/{experiment}/result").text)
     path = next(iter(prefix["saves"].values()))["zarr"]["path"]
+    assert next(iter(prefix["saves"].values()))["zarr"]["url"] == f"{gateway.result_store}/alice/store.zarr"
     assert call(gateway, "GET", f"/experiments/{experiment}/store/{path}/zarr.json").status_code == 200
     for bad in (f"{path}/../../etc/passwd", "other/zarr.json", f"{path}//zarr.json"):
         assert call(gateway, "GET", f"/experiments/{experiment}/store/{bad}").status_code == 404, bad
     assert call(gateway, "GET", f"/experiments/{experiment}/store/{path}/zarr.json", "bob").status_code == 404
 
 
-def test_a_lazy_slice_fetches_only_its_chunks_through_the_gateway(lm, tmp_path, caplog):
-    with lm.trace(PROMPT, store=str(tmp_path / "store.zarr"), persist_threshold=0):
+def test_a_lazy_slice_fetches_only_its_chunks_through_the_gateway(lm, caplog):
+    with lm.trace(PROMPT, store="slices.zarr", persist_threshold=0):
         big = lm.model.layers[1].output[:, :1, :1].expand(2, 1024, 1024).save()  # 8 MiB: two 4 MiB chunks
     caplog.set_level(logging.INFO, logger="tornado.access")
     first = big[0].torch()

@@ -201,10 +201,12 @@ class InterventionGraph:
 #: The fields of a graph, of one pass, and the experiment options a graph may carry.
 GRAPH_FIELDS = ("version", "model", "passes", "iterations", "nodes", "options")
 PASS_FIELDS = ("kind", "invokes", "kwargs")
-OPTION_FIELDS = ("store", "persist_threshold", "storage_options", "positions", "batching")
+OPTION_FIELDS = ("store", "persist_threshold", "storage_options", "positions", "batching", "store_scope")
 #: ``positions``: ``"model"`` (the model's own batched forward from left-padded ids and mask, nnsight's
 #: rule) or ``"solo"`` (position ids from the attention mask: each prompt computes what it would alone).
 #: ``batching``: ``False`` keeps the experiment out of co-tenant batches on shared shards (bit-exact solo runs).
+#: ``store_scope``: ``{"user": name, "stores": [URL prefixes]}``, set by the gateway on every graph it sends:
+#: where that user's saves may go (checked by :func:`~.policy.check_policy` on the shards).
 POSITION_MODES = ("model", "solo")
 _NODE_FIELDS = ("target", "module", "access", "invoke", "iteration", "cond", "location")
 
@@ -317,6 +319,12 @@ def _options(options: Any) -> dict[str, Any]:
     if batching is not None and type(batching) is not bool:
         raise GraphValidationError(f"graph field 'options.batching': must be true or false, got {short(batching)}",
                                    field="options.batching")
+    scope = options.get("store_scope")
+    if scope is not None and not (type(scope) is dict and set(scope) == {"user", "stores"}
+                                  and type(scope["user"]) is str and type(scope["stores"]) is list
+                                  and all(type(prefix) is str for prefix in scope["stores"])):
+        raise GraphValidationError(f"graph field 'options.store_scope': must be {{\"user\": name, \"stores\": "
+                                   f"[URL, ...]}}, got {short(scope)}", field="options.store_scope")
     storage = options.get("storage_options")
     if storage is not None:
         if not isinstance(storage, dict) or not all(type(k) is str for k in storage):

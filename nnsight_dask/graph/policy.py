@@ -42,7 +42,11 @@ class Policy:
         Whether ``.grad`` and ``.backward()`` are allowed.
     stores
         URL prefixes (``"s3://bucket/results/"``, ``"/data/nnsight"``) that ``store=`` may name;
-        ``None``: any store the workers can write.
+        ``None``: any store the workers can write. For experiments sent through the gateway (which
+        carry a store scope), the only way to allow a network store (anything but local paths).
+    storage_options
+        fsspec ``storage_options`` keys that experiments sent through the gateway may set (a Dask
+        client's experiments may set any); default none.
     max_new_tokens, max_prompt_tokens
         Generation length and prompt length bounds (``max_prompt_tokens=None``: the model's context
         length, counting the new tokens too).
@@ -56,6 +60,7 @@ class Policy:
     modules: tuple[str, ...] | None = None
     gradients: bool = True
     stores: tuple[str, ...] | None = None
+    storage_options: tuple[str, ...] = ()
     max_new_tokens: int = 1024
     max_prompt_tokens: int | None = None
     max_result_bytes: int = 256 << 20
@@ -65,7 +70,7 @@ class Policy:
     def __post_init__(self) -> None:
         if self.weights not in WEIGHT_MODES:
             raise ValueError(f"Policy(weights={self.weights!r}): choose one of {WEIGHT_MODES}")
-        for name in ("modules", "stores"):
+        for name in ("modules", "stores", "storage_options"):
             value = getattr(self, name)
             if isinstance(value, str):
                 raise ValueError(f"Policy({name}=...) takes a list of patterns, not one string: [{value!r}]")
@@ -82,7 +87,7 @@ class Policy:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (stored with the deployment record)."""
         data = asdict(self)
-        for name in ("modules", "stores"):
+        for name in ("modules", "stores", "storage_options"):
             if data[name] is not None:
                 data[name] = list(data[name])
         return data
@@ -110,9 +115,7 @@ class Policy:
         """True when ``store`` lies under one of :attr:`stores` (or no prefixes are set)."""
         if self.stores is None:
             return True
-        target = _canonical(store)
-        return any(target == prefix or target.startswith(prefix.rstrip("/") + "/")
-                   for prefix in (_canonical(p) for p in self.stores))
+        return any(_within(store, prefix) for prefix in self.stores)
 
 
 def check_policy(graph: InterventionGraph, policy: Policy, *, context_length: int | None = None) -> None:
@@ -125,6 +128,8 @@ def check_policy(graph: InterventionGraph, policy: Policy, *, context_length: in
     if store is not None and not (isinstance(store, str) and policy.allows_store(store)):
         raise PolicyError(f"this deployment's policy does not let experiments write to store {store!r}; "
                           f"allowed store prefixes: {list(policy.stores or ())}", rule="stores", store=str(store))
+    if graph.options.get("store_scope") is not None:
+        _check_scoped_store(graph.options, policy)
     for index, run in enumerate(graph.passes):
         new_tokens = run.steps if run.kind == "generate" else 0
         if new_tokens > policy.max_new_tokens:
@@ -141,6 +146,28 @@ def check_policy(graph: InterventionGraph, policy: Policy, *, context_length: in
             _check_tensor_bytes(invoke, policy, f"the inputs of pass {index}", None)
     for node in graph.nodes:
         _check_node(node, policy)
+
+
+def _check_scoped_store(options: Mapping[str, Any], policy: Policy) -> None:
+    """An experiment sent through the gateway writes only under its user's stores (``store_scope``,
+    set by the gateway), reaches a network store only where the policy lists it, and sets only the
+    ``storage_options`` the policy lists."""
+    store, scope = options.get("store"), options["store_scope"]
+    if store is None:
+        return
+    user, allowed = scope["user"], list(scope["stores"])
+    if not any(_within(store, prefix) for prefix in allowed):
+        raise PolicyError(f"user {user!r} may write persisted saves only under {allowed} (the gateway's result "
+                          f"store, per user, and the user's stores in keys.toml), not to {store!r}; pass a relative "
+                          "name (store='run1') to write under the first", rule="store_scope", store=str(store))
+    if not _is_local(store) and not (policy.stores is not None and policy.allows_store(store)):
+        raise PolicyError(f"store {store!r} is a network store; experiments sent through the gateway reach one only "
+                          "where this deployment's policy lists it (Policy.stores)", rule="stores", store=str(store))
+    refused = sorted(set(options.get("storage_options") or {}) - set(policy.storage_options))
+    if refused:
+        raise PolicyError(f"storage_options {refused} are not open to experiments sent through the gateway on this "
+                          f"deployment; its policy allows {list(policy.storage_options)} (Policy.storage_options)",
+                          rule="storage_options")
 
 
 def _check_node(node: Node, policy: Policy) -> None:
@@ -176,6 +203,17 @@ def _prompt_length(invoke: Mapping[str, Any]) -> int:
     ids = invoke.get("input_ids")
     shape = getattr(ids, "shape", None)
     return int(shape[-1]) if shape is not None and len(shape) else 0
+
+
+def _is_local(url: str) -> bool:
+    return "::" not in url and ("://" not in url or url.startswith("file://"))
+
+
+def _within(url: str, prefix: str) -> bool:
+    if not _is_local(url) and any(part in (".", "..") for part in url.split("://", 1)[-1].split("/")):
+        return False  # a network URL is compared as text: '..' in it could climb out of the prefix
+    target, prefix = _canonical(url), _canonical(prefix)
+    return target == prefix or target.startswith(prefix.rstrip("/") + "/")
 
 
 def _canonical(url: str) -> str:

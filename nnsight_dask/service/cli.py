@@ -123,12 +123,15 @@ def gateway_command(args: argparse.Namespace) -> None:
     if not args.scheduler or not args.keys:
         raise ValueError("the gateway needs --scheduler and --keys (or --new-key USER to make a key)")
     gateway = Gateway(args.scheduler, args.keys, host=args.host, port=args.port, state_dir=args.state_dir,
-                      max_in_flight=args.max_in_flight)
+                      result_store=args.result_store, max_in_flight=args.max_in_flight,
+                      max_body_bytes=int(args.max_body_mib * 2**20) if args.max_body_mib else None,
+                      header_timeout=args.header_timeout, body_timeout=args.body_timeout,
+                      max_unauthenticated=args.max_unauthenticated)
     gateway.start()
     if gateway.interrupted:
         print(f"{gateway.interrupted} experiment(s) left unfinished by the previous run are marked FAILED")
     print(f"gateway for {args.scheduler} on {gateway.url}/v1 ({len(gateway.keys.users)} user(s)); "
-          f"state in {gateway.state_dir}")
+          f"state in {gateway.state_dir}; users' saves under {gateway.result_store}/<user>", flush=True)
     try:
         while True:
             time.sleep(3600)
@@ -140,7 +143,8 @@ def serve_command(args: argparse.Namespace) -> None:
     import nnsight_dask as nd
 
     policy = nd.Policy(weights=args.weights, modules=args.modules, gradients=not args.no_gradients,
-                       stores=args.stores, max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
+                       stores=args.stores, storage_options=args.storage_options or (),
+                       max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
                        max_result_bytes=args.max_result_bytes, max_tensor_bytes=args.max_tensor_bytes,
                        timeout=args.timeout)
     client, cluster = _client(args.scheduler, args.workers)
@@ -233,7 +237,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="'deny': activations visible, weights never leave the shards")
     policy.add_argument("--modules", nargs="+", metavar="GLOB", help="module paths open to experiments (default: all)")
     policy.add_argument("--no-gradients", action="store_true", help="refuse .grad and .backward()")
-    policy.add_argument("--stores", nargs="+", metavar="URL", help="store URL prefixes experiments may write to")
+    policy.add_argument("--stores", nargs="+", metavar="URL", help="store URL prefixes experiments may write to "
+                        "(through a gateway: the only network stores they may reach)")
+    policy.add_argument("--storage-options", nargs="+", metavar="KEY",
+                        help="fsspec storage_options keys experiments sent through a gateway may set (default none)")
     policy.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
     policy.add_argument("--max-prompt-tokens", type=int, help="default: the model's context length")
     policy.add_argument("--max-result-bytes", type=int, default=defaults.max_result_bytes)
@@ -247,6 +254,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--state-dir", help="sqlite statuses and results (default: nnsight-dask.gateway-state-dir)")
     p.add_argument("--max-in-flight", type=int, help="experiments run at once per deployment")
+    p.add_argument("--result-store", metavar="URL", help="where users' persisted saves go, under <URL>/<user>/ "
+                   "(default: nnsight-dask.gateway-result-store, else <state dir>/store)")
+    p.add_argument("--max-body-mib", type=float, help="largest request body in MiB (default 16)")
+    p.add_argument("--header-timeout", type=float, help="seconds to send a request's headers; also the idle "
+                   "time of a connection (default 10)")
+    p.add_argument("--body-timeout", type=float, help="seconds to send a request's body (default 30)")
+    p.add_argument("--max-unauthenticated", type=int, help="connections without a key open at once; more close "
+                   "the oldest (default: a quarter of the file descriptor limit)")
     p.add_argument("--new-key", metavar="USER", help="print a new API key and its keys.toml table, and exit")
     p.set_defaults(func=gateway_command)
     p = sub.add_parser("status", help="deployments, shard placement and experiment counts")

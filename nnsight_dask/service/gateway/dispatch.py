@@ -85,12 +85,17 @@ class Dispatcher:
         self._stopping = False
 
     # -- admission -------------------------------------------------------------------------------
+    def active(self, user: str) -> int:
+        """How many experiments ``user`` has queued or running."""
+        with self._lock:
+            return sum(1 for job in self.jobs.values() if job.user.name == user)
+
     def admit(self, job: Job) -> None:
         """Record and queue ``job``; :class:`QuotaExceeded` (nothing recorded) over the user's limit."""
         with self._lock:
             if self._stopping:
                 raise QuotaExceeded("the gateway is stopping; submit again once it is back", limit="stopping")
-            active = sum(1 for other in self.jobs.values() if other.user.name == job.user.name)
+            active = self.active(job.user.name)
             if active >= job.user.max_concurrent:
                 raise QuotaExceeded(
                     f"user {job.user.name!r} already has {active} experiment(s) queued or running, the most "

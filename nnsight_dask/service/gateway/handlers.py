@@ -2,18 +2,24 @@
 
 Every route but ``/v1/health`` needs ``Authorization: Bearer <key>``. A user sees only their own
 experiments: another user's id answers 404, exactly like an id that does not exist, so ids leak
-nothing. Errors are JSON: ``{"error": {"type", "message", "fields"}}``. Blocking work (decoding and
-validating a graph, asking the scheduler) runs in a thread pool, never on the event loop, so a slow
-or hostile request does not hold up anyone else's.
+nothing. Errors are JSON: ``{"error": {"type", "message", "fields"}}``.
+
+On the event loop only cheap work runs: headers, a key's hash, a row lookup. A submission is
+admitted per user from its headers (:mod:`.admission`: ``429`` before the body is read), its body
+is kept up to the limit, then parsed (at a bounded cost, :mod:`.bodies`) and validated in the
+validation pool, whose threads users take in turn; other blocking work (the scheduler, result
+files, store reads) runs in a second pool shared the same way.
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import math
 import posixpath
 import re
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from tornado import web, websocket
@@ -23,8 +29,11 @@ from ...errors import DeploymentError, GraphValidationError, PolicyError
 from ...graph.graph import InterventionGraph
 from ...storage.location import StoreLocation
 from ...worker.limits import check_graph, decode_graph
+from .admission import Refused
+from .bodies import BodyError, json_values, parse_json
 from .dispatch import Job, QuotaExceeded
 from .keys import User
+from .stores import scope_graph
 
 if TYPE_CHECKING:
     from .server import Gateway
@@ -32,6 +41,9 @@ if TYPE_CHECKING:
 #: Longest ``?wait=`` a status request may block, in seconds.
 MAX_WAIT = 60.0
 _EXPERIMENT = r"([0-9a-f]{32})"
+#: Answers that count against the user's refusal budget (:class:`~.admission.RefusalBudget`).
+REFUSALS = frozenset({400, 403, 404, 405, 413, 416, 422})
+logger = logging.getLogger(__name__)
 
 
 class ApiError(web.HTTPError):
@@ -53,19 +65,46 @@ class ApiHandler(web.RequestHandler):
         self.core = core
         self._body = bytearray()
         self._overflow = False
+        self._admitted = False
 
     #: Whether the route needs an API key (all but the health check).
     requires_user = True
 
     def prepare(self) -> None:
-        declared = self.request.headers.get("Content-Length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.core.max_body_bytes):
-            raise self._too_large()
         if self.requires_user:
             user = self.core.keys.authenticate(self.request.headers.get("Authorization"))
             if user is None:
                 raise ApiError(401, "Unauthorized", "a valid API key is needed: send 'Authorization: Bearer <key>'")
             self.user = user
+            self.core.connections.authenticated(getattr(self.request.connection, "stream", None))
+        declared = self.request.headers.get("Content-Length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.core.max_body_bytes):
+            raise self._too_large()
+
+    def admit(self) -> None:
+        """Admit a submission before its body is read (429 over the user's bounds, see :mod:`.admission`);
+        released when it is answered or its client leaves."""
+        try:
+            self.core.admission.begin(self.user.name, self.core.dispatcher.active(self.user.name),
+                                      self.user.max_concurrent)
+        except Refused as exc:
+            kind = "QuotaExceeded" if exc.fields.get("limit") == "max_concurrent" else "RateLimited"
+            raise ApiError(429, kind, str(exc), **exc.fields) from None
+        self._admitted = True
+
+    def release(self) -> None:
+        if self._admitted:
+            self._admitted = False
+            self.core.admission.end(self.user.name)
+
+    def on_finish(self) -> None:
+        self.release()
+        if hasattr(self, "user") and self.get_status() in REFUSALS:
+            self.core.admission.refusals.spend(self.user.name)
+
+    def on_connection_close(self) -> None:
+        if not getattr(self, "_working", False):  # a submission being validated releases when it is done
+            self.release()
 
     def data_received(self, chunk: bytes) -> None:
         """Keep the body up to the limit; past it (a chunked body, no declared length) drain and drop
@@ -80,18 +119,7 @@ class ApiHandler(web.RequestHandler):
     def _too_large(self) -> ApiError:
         limit = self.core.max_body_bytes
         return ApiError(413, "PayloadTooLarge", f"the request body is over the gateway's limit of {limit} bytes "
-                        "(nnsight-dask.gateway-max-body-bytes)", limit=limit)
-
-    def json_body(self) -> dict[str, Any]:
-        if self._overflow:
-            raise self._too_large()
-        try:
-            data = json.loads(bytes(self._body))
-        except (ValueError, RecursionError) as exc:
-            raise ApiError(400, "MalformedRequest", f"the request body is not valid JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise ApiError(400, "MalformedRequest", f"the request body must be a JSON object, not {type(data).__name__}")
-        return data
+                        f"({limit / 2**20:g} MiB: nnsight-dask.gateway-max-body-bytes)", limit=limit)
 
     def answer(self, data: Any, status: int = 200) -> None:
         self.set_status(status)
@@ -106,6 +134,9 @@ class ApiHandler(web.RequestHandler):
             body = {"type": "HTTPError", "message": self._reason, "fields": {}}
         if status_code == 401:
             self.set_header("WWW-Authenticate", 'Bearer realm="nnsight-dask"')
+        retry_after = body["fields"].get("retry_after")
+        if status_code == 429 and isinstance(retry_after, (int, float)):
+            self.set_header("Retry-After", str(max(1, math.ceil(retry_after))))
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps({"error": body}))
 
@@ -113,9 +144,9 @@ class ApiHandler(web.RequestHandler):
         if not isinstance(value, ApiError):  # refusals are answers, not server errors
             super().log_exception(typ, value, tb)
 
-    def blocking(self, fn: Any, *args: Any) -> Awaitable[Any]:
-        """Run ``fn(*args)`` in the gateway's thread pool."""
-        return asyncio.get_running_loop().run_in_executor(self.core.executor, fn, *args)
+    def blocking(self, fn: Callable[..., Any], *args: Any) -> Awaitable[Any]:
+        """Run ``fn(*args)`` in the gateway's I/O pool, in the user's turn."""
+        return asyncio.wrap_future(self.core.io_pool.submit(self.user.name, fn, *args))
 
     def own_row(self, experiment: str) -> dict[str, Any]:
         """The user's experiment ``experiment``; 404 when it is not theirs or does not exist."""
@@ -171,21 +202,22 @@ class DeploymentInfo(ApiHandler):
 
 
 class Experiments(ApiHandler):
+    def prepare(self) -> None:
+        super().prepare()
+        if self.request.method == "POST":
+            self.admit()
+
     async def post(self) -> None:
-        body = self.json_body()
-        deployment, graph = body.get("deployment"), body.get("graph")
-        keepalive = body.get("keepalive")
-        if not isinstance(deployment, str) or not deployment:
-            raise ApiError(400, "MalformedRequest", "field 'deployment' (the deployment's name) is required")
-        if not isinstance(graph, (str, dict)):
-            raise ApiError(400, "MalformedRequest", "field 'graph' (the intervention graph, as JSON text or an "
-                           "object) is required")
-        if keepalive is not None and (isinstance(keepalive, bool) or not isinstance(keepalive, (int, float))
-                                      or not 0 < keepalive <= 86400):
-            raise ApiError(400, "MalformedRequest", "field 'keepalive' is a number of seconds in (0, 86400]")
-        decoded = await self.blocking(validate, self.core, self.user, deployment, graph)
-        job = Job(uuid.uuid4().hex, self.user, deployment, decoded,
-                  keepalive=float(keepalive) if keepalive is not None else None)
+        if self._overflow:
+            raise self._too_large()
+        self._working = True
+        try:
+            pool = self.core.validation_pool.submit(self.user.name, submission, self.core, self.user, self._body)
+            deployment, decoded, keepalive = await asyncio.wrap_future(pool)
+        finally:
+            self._working = False
+            self.release()
+        job = Job(uuid.uuid4().hex, self.user, deployment, decoded, keepalive=keepalive)
         try:
             self.core.dispatcher.admit(job)
         except QuotaExceeded as exc:
@@ -256,13 +288,13 @@ class StoreObject(ApiHandler):
         row = self.own_row(experiment)
         prefix = row["store_prefix"]
         parts = key.split("/")
+        if any(ord(c) < 32 or c in "\\\x7f" for c in key):
+            raise ApiError(400, "MalformedRequest", f"an object key has no control characters or backslashes: {key!r}")
         if (row["status"] != "COMPLETED" or not prefix or parts[0] != prefix
                 or any(part in ("", ".", "..") for part in parts) or posixpath.normpath(key) != key):
             raise ApiError(404, "NotFound", f"experiment {experiment} has no persisted object {key!r}")
-        data = await self.blocking(_read, row["store_url"], key, self.request.headers.get("Range"))
-        if data is None:
-            raise ApiError(404, "NotFound", f"experiment {experiment} has no persisted object {key!r}")
-        content, span = data
+        wanted = _byte_range(self.request.headers.get("Range"))
+        content, span = await self.blocking(_read, row["store_url"], key, wanted, experiment)
         self.set_header("Content-Type", "application/octet-stream")
         if span is not None:
             self.set_status(206)
@@ -272,7 +304,9 @@ class StoreObject(ApiHandler):
 
 class Events(websocket.WebSocketHandler):
     """``/v1/experiments/<id>/events``: the experiment's status events so far, then live ones, one JSON
-    message each; closed after the final one. An open stream keeps the experiment's keepalive."""
+    message each; closed after the final one. An open stream keeps the experiment's keepalive.
+
+    The stream is one-way: a message from the client closes it (code 1003, with the reason)."""
 
     def initialize(self, core: Gateway) -> None:
         self.core = core
@@ -290,11 +324,15 @@ class Events(websocket.WebSocketHandler):
             self.set_status(401)
             self.finish(json.dumps({"error": {"type": "Unauthorized", "message": "a valid API key is needed"}}))
             return
+        self.core.connections.authenticated(getattr(self.request.connection, "stream", None))
         if row is None or row["user"] != user.name:
             self.set_status(404)
             self.finish(json.dumps({"error": {"type": "NotFound", "message": f"no experiment {args[0]}"}}))
             return
         await super().get(*args, **kwargs)
+
+    def on_message(self, message: str | bytes) -> None:
+        self.close(1003, "this stream only sends: status events come from the gateway, nothing is read")
 
     def open(self, experiment: str) -> None:  # type: ignore[override]
         self._job = self.core.dispatcher.jobs.get(experiment)
@@ -326,22 +364,56 @@ class Events(websocket.WebSocketHandler):
             self._job = None
 
 
-_RANGE = re.compile(r"bytes=(\d+)-(\d*)$")
+_RANGE = re.compile(r"bytes=(\d{0,19})-(\d{0,19})")
 
 
-def _read(url: str, key: str, byte_range: str | None) -> tuple[bytes, str | None] | None:
-    """``key`` of the store at ``url`` (a ``Range: bytes=a-b`` part of it), or None if it is missing."""
-    fs, root = StoreLocation(url).filesystem()
-    path = posixpath.join(root, key)
-    try:
-        match = _RANGE.match(byte_range or "")
-        if match is None:
-            return fs.cat_file(path), None
-        size = fs.size(path)
-        start, stop = int(match.group(1)), min(int(match.group(2)) + 1 if match.group(2) else size, size)
-        return fs.cat_file(path, start, stop), f"bytes {start}-{max(start, stop - 1)}/{size}"
-    except FileNotFoundError:
+def _byte_range(header: str | None) -> tuple[int | None, int | None] | None:
+    """A ``Range: bytes=a-b`` header as ``(a, b)`` (``bytes=a-``: ``(a, None)``; the last n bytes,
+    ``bytes=-n``: ``(None, n)``), None without one; 416 for anything else (several ranges, b < a)."""
+    if header is None:
         return None
+    match = _RANGE.fullmatch(header.strip())
+    if match is None or match.group(1) == match.group(2) == "":
+        raise ApiError(416, "RangeNotSatisfiable", f"Range {header[:100]!r} is not one 'bytes=first-last' range "
+                       "(or 'bytes=first-', 'bytes=-count'); this route serves one range per request")
+    first = int(match.group(1)) if match.group(1) else None
+    last = int(match.group(2)) if match.group(2) else None
+    if first is not None and last is not None and last < first:
+        raise ApiError(416, "RangeNotSatisfiable", f"Range {header!r} ends before it starts")
+    return first, last
+
+
+def _read(url: str, key: str, wanted: tuple[int | None, int | None] | None,
+          experiment: str) -> tuple[bytes, str | None]:
+    """Object ``key`` of the store at ``url`` (the part ``wanted``, see :func:`_byte_range`) and its
+    ``Content-Range``. A missing key or one that is not a whole object (a directory) answers 404, a
+    range past its end 416, a failing store 502 without what the store said."""
+    missing = ApiError(404, "NotFound", f"experiment {experiment} has no persisted object {key!r}")
+    try:
+        fs, root = StoreLocation(url).filesystem()
+        path = posixpath.join(root, key)
+        info = fs.info(path)
+        if info.get("type") != "file":
+            raise missing
+        size = int(info["size"])
+        if wanted is None:
+            return fs.cat_file(path), None
+        first, last = wanted
+        if first is None:  # the last `last` bytes
+            first, last = max(0, size - int(last or 0)), size - 1
+        if first >= size or size == 0:
+            raise ApiError(416, "RangeNotSatisfiable", f"the range starts at byte {first}; object {key!r} has "
+                           f"{size} bytes", size=size)
+        stop = size if last is None else min(last + 1, size)
+        return fs.cat_file(path, first, stop), f"bytes {first}-{stop - 1}/{size}"
+    except ApiError:
+        raise
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        raise missing from None
+    except Exception:
+        logger.warning("reading %r of experiment %s from store %r failed", key, experiment, url, exc_info=True)
+        raise ApiError(502, "StoreUnavailable", f"the store holding experiment {experiment}'s saves could not be "
+                       "read; what it answered is in the gateway's log") from None
 
 
 def routes(core: Gateway) -> list[tuple[str, type, dict[str, Any]]]:
@@ -366,11 +438,39 @@ def validation_error(exc: Exception) -> ApiError:
     return ApiError(status, wire["type"], wire["message"], **wire["fields"])
 
 
+def submission(core: Gateway, user: User, body: bytes | bytearray) -> tuple[str, InterventionGraph, float | None]:
+    """A submission's body parsed and its graph validated (in the validation pool): the deployment's
+    name, the graph, and the keepalive."""
+    try:
+        data = parse_json(body, core.max_json_values)
+    except BodyError as exc:
+        raise ApiError(exc.status, "PayloadTooLarge" if exc.status == 413 else "MalformedRequest", str(exc),
+                       **{k: v for k, v in exc.fields.items() if k != "status"}) from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "MalformedRequest", f"the request body must be a JSON object, not {type(data).__name__}")
+    deployment, graph, keepalive = data.get("deployment"), data.get("graph"), data.get("keepalive")
+    if not isinstance(deployment, str) or not deployment:
+        raise ApiError(400, "MalformedRequest", "field 'deployment' (the deployment's name) is required")
+    if not isinstance(graph, (str, dict)):
+        raise ApiError(400, "MalformedRequest", "field 'graph' (the intervention graph, as JSON text or an "
+                       "object) is required")
+    if keepalive is not None and (isinstance(keepalive, bool) or not isinstance(keepalive, (int, float))
+                                  or not 0 < keepalive <= 86400):
+        raise ApiError(400, "MalformedRequest", "field 'keepalive' is a number of seconds in (0, 86400]")
+    if isinstance(graph, str) and json_values(graph) > core.max_json_values:
+        raise ApiError(413, "PayloadTooLarge", f"field 'graph' holds about {json_values(graph):,} JSON values, over "
+                       f"the gateway's limit of {core.max_json_values:,} (nnsight-dask.gateway-max-json-values)",
+                       limit=core.max_json_values)
+    return deployment, validate(core, user, deployment, graph), float(keepalive) if keepalive is not None else None
+
+
 def validate(core: Gateway, user: User, deployment: str, graph: str | dict[str, Any]) -> InterventionGraph:
-    """Decode and check a graph for ``deployment`` the way its shards will (they check again)."""
+    """Decode and check a graph for ``deployment`` the way its shards will (they check again), with
+    its store bounded to the user's (:mod:`.stores`)."""
     served = served_or_404(core, user, deployment)
     try:
         decoded = decode_graph(graph)
+        scope_graph(decoded, user, core.result_store)
         check_graph(decoded, served.module_paths, policy=served.record.policy,
                     context_length=served.context_length, vocab_size=served.vocab_size)
     except GraphValidationError as exc:
@@ -388,4 +488,4 @@ def served_or_404(core: Gateway, user: User, name: str) -> Any:
         raise ApiError(404, "NotFound", str(exc)) from None
 
 
-__all__ = ["ApiError", "routes", "validate"]
+__all__ = ["ApiError", "routes", "submission", "validate"]

@@ -6,6 +6,8 @@
     key_sha256 = "9f86d08..."   # sha256 of the key, hex (preferred: the file then holds no secret)
     max_concurrent = 4          # experiments queued or running at once (default: gateway_max_concurrent)
     deployments = ["smol"]      # optional allow list (default: every deployment)
+    stores = ["s3://lab/alice/"]  # optional: where else alice's saves may go (default: only her
+                                  # prefix of the gateway's result store)
 
     [users.bob]
     key = "plain-text key"      # accepted, but anyone who reads the file can then act as bob
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 import sys
 from collections.abc import Iterable, Mapping
@@ -25,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ... import config
+from ...storage.location import normalize_url
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -32,7 +36,9 @@ else:  # the same parser, before it joined the standard library
     import tomli as tomllib
 
 #: Fields a user's table may hold (anything else is refused: a typo must not silently widen a limit).
-_FIELDS = ("key_sha256", "key", "max_concurrent", "deployments")
+_FIELDS = ("key_sha256", "key", "max_concurrent", "deployments", "stores")
+#: A user's name: it names the user's prefix in the result store, so no path separators or dots alone.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,8 @@ class User:
     key_sha256: str
     max_concurrent: int
     deployments: frozenset[str] | None = None
+    #: Store URL prefixes where the user's saves may go besides their prefix of the result store.
+    stores: tuple[str, ...] = ()
 
     def may_use(self, deployment: str) -> bool:
         return self.deployments is None or deployment in self.deployments
@@ -96,6 +104,9 @@ class KeyRing:
 
 def _user(name: str, table: Any, source: str) -> User:
     where = f"{source}: [users.{name}]"
+    if not _NAME.fullmatch(name):
+        raise ValueError(f"{where}: a user's name is 1-64 letters, digits and '_.@-', starting with a letter or "
+                         "digit (it names the user's prefix in the result store)")
     if not isinstance(table, Mapping):
         raise ValueError(f"{where} must be a table")
     unknown = sorted(set(table) - set(_FIELDS))
@@ -112,4 +123,8 @@ def _user(name: str, table: Any, source: str) -> User:
     allowed = table.get("deployments")
     if allowed is not None and (not isinstance(allowed, list) or not all(isinstance(d, str) for d in allowed)):
         raise ValueError(f"{where}: deployments must be a list of deployment names")
-    return User(name, digest.lower(), limit, None if allowed is None else frozenset(allowed))
+    stores = table.get("stores", [])
+    if not isinstance(stores, list) or not all(isinstance(s, str) and s for s in stores):
+        raise ValueError(f"{where}: stores must be a list of store URL prefixes")
+    return User(name, digest.lower(), limit, None if allowed is None else frozenset(allowed),
+                tuple(normalize_url(s) for s in stores))

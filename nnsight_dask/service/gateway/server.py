@@ -7,9 +7,11 @@ the same way from the CLI (``nnsight-dask gateway``), a test or a notebook::
     with Gateway("tcp://head:8786", "keys.toml", port=8000) as gateway:
         ...                                   # http://127.0.0.1:8000/v1/...
 
-Slow clients are bounded by tornado: a request body must arrive within ``body_timeout`` seconds and
-an idle connection is closed after ``idle_timeout``; neither blocks anyone else, since every
-request waits asynchronously.
+Hostile and slow clients are bounded before they cost anyone else (docs/gateway.md, Robustness):
+headers must arrive within ``header_timeout`` seconds (also how long an idle connection stays) and a
+body within ``body_timeout``; connections without a key are capped (:mod:`.connections`); a
+submission is admitted per user from its headers, and parsed and validated in a pool users take in
+turn (:mod:`.admission`, :mod:`.bodies`).
 """
 from __future__ import annotations
 
@@ -20,12 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from distributed import Client
-from tornado import httpserver, netutil, web
+from tornado import netutil, web
 from tornado.ioloop import PeriodicCallback
 
 from ... import config
 from ...client.deployment import install_monitor
 from ...scheduler import monitor
+from ...storage.location import normalize_url
+from .admission import Admission, FairPool
+from .connections import ConnectionGuard, GuardedHTTPServer, default_max_unauthenticated
 from .deployments import DeploymentCache
 from .dispatch import Dispatcher
 from .events import EventHub
@@ -50,10 +55,13 @@ class Gateway:
         Where to listen (``port=0``: any free port; see :attr:`url`).
     state_dir
         Where statuses (sqlite) and inline results live (default ``nnsight-dask.gateway-state-dir``).
-    max_in_flight, max_in_flight_per_user, max_body_bytes
-        Default to the ``nnsight-dask.gateway-*`` settings.
-    body_timeout, idle_timeout
-        Seconds a request body may take to arrive, and an idle connection may stay open (slow clients).
+    result_store
+        Where users' persisted saves go, each under ``<result_store>/<user>/`` (default
+        ``nnsight-dask.gateway-result-store``, else ``<state_dir>/store``: only right when the workers
+        share the gateway's disk).
+    max_in_flight, max_in_flight_per_user, max_body_bytes, max_json_values, header_timeout, body_timeout,
+    max_unauthenticated, max_submitting_per_user, refusals_per_minute, validation_threads
+        Default to the ``nnsight-dask.gateway-*`` settings (docs/gateway.md lists them).
 
     Attributes
     ----------
@@ -62,17 +70,28 @@ class Gateway:
     """
 
     def __init__(self, scheduler: str | Client, keys: KeyRing | str | Path, *, host: str = "127.0.0.1",
-                 port: int = 8000, state_dir: str | Path | None = None, max_in_flight: int | None = None,
-                 max_in_flight_per_user: int | None = None, max_body_bytes: int | None = None,
-                 body_timeout: float = 60.0, idle_timeout: float = 300.0) -> None:
+                 port: int = 8000, state_dir: str | Path | None = None, result_store: str | None = None,
+                 max_in_flight: int | None = None, max_in_flight_per_user: int | None = None,
+                 max_body_bytes: int | None = None, max_json_values: int | None = None,
+                 header_timeout: float | None = None, body_timeout: float | None = None,
+                 max_unauthenticated: int | None = None, max_submitting_per_user: int | None = None,
+                 refusals_per_minute: float | None = None, validation_threads: int | None = None) -> None:
         self.scheduler = scheduler
         self.keys = keys if isinstance(keys, KeyRing) else KeyRing.from_toml(keys)
         self.host, self.port = host, port
         self.state_dir = Path(state_dir or config.gateway_state_dir or config.cache_dir / "gateway")
+        self.result_store = normalize_url(result_store or config.gateway_result_store or self.state_dir / "store")
         self.max_in_flight = max_in_flight or config.gateway_max_in_flight
         self.max_in_flight_per_user = max_in_flight_per_user or config.gateway_max_in_flight_per_user
         self.max_body_bytes = max_body_bytes or config.gateway_max_body_bytes
-        self.body_timeout, self.idle_timeout = body_timeout, idle_timeout
+        self.max_json_values = max_json_values or config.gateway_max_json_values
+        self.header_timeout = header_timeout or config.gateway_header_timeout
+        self.body_timeout = body_timeout or config.gateway_body_timeout
+        self.max_unauthenticated = (max_unauthenticated or config.gateway_max_unauthenticated
+                                    or default_max_unauthenticated())
+        self.max_submitting_per_user = max_submitting_per_user or config.gateway_max_submitting_per_user
+        self.refusals_per_minute = refusals_per_minute or config.gateway_refusals_per_minute
+        self.validation_threads = validation_threads or config.gateway_validation_threads
         self.client: Client | None = None
         self._own_client = False
         self._thread: threading.Thread | None = None
@@ -97,7 +116,10 @@ class Gateway:
         self.interrupted = self.state.fail_unfinished(
             "the gateway restarted before the experiment finished; submit it again")
         self.deployments = DeploymentCache(self.client)
-        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="nnsight-gateway-io")
+        self.io_pool = FairPool(8, per_user=4, name="nnsight-gateway-io")
+        self.validation_pool = FairPool(self.validation_threads, per_user=1)
+        self.admission = Admission(self.max_submitting_per_user, self.refusals_per_minute)
+        self.connections = ConnectionGuard(self.max_unauthenticated)
         self._loop = asyncio.new_event_loop()
         self.events = EventHub(self._loop)
         self.dispatcher = Dispatcher(self.client, self.deployments, self.state, self.events.publish,
@@ -124,9 +146,9 @@ class Gateway:
             application = web.Application(routes(self), default_handler_class=NotFound,
                                           default_handler_args={"core": self}, websocket_max_message_size=1 << 16)
             # the handlers answer 413 past max_body_bytes; tornado itself drops connections past 4x
-            self._server = httpserver.HTTPServer(application, max_body_size=4 * self.max_body_bytes,
-                                                 body_timeout=self.body_timeout,
-                                                 idle_connection_timeout=self.idle_timeout)
+            self._server = GuardedHTTPServer(application, max_body_size=4 * self.max_body_bytes,
+                                             body_timeout=self.body_timeout, header_timeout=self.header_timeout,
+                                             guard=self.connections)
             sockets = netutil.bind_sockets(self.port, self.host)
             self._server.add_sockets(sockets)
             self.port = sockets[0].getsockname()[1]  # the one chosen when port=0
@@ -156,7 +178,8 @@ class Gateway:
         self._release()
 
     def _release(self) -> None:
-        self.executor.shutdown(wait=True)
+        self.validation_pool.shutdown()
+        self.io_pool.shutdown()
         self.state.close()
         if self._own_client and self.client is not None:
             self.client.close()
