@@ -14,7 +14,7 @@ from .. import config
 from ..errors import ExperimentFailedError
 from ..graph.graph import InterventionGraph
 from ..graph.policy import Policy, check_policy
-from ..graph.validate import validate_graph
+from ..graph.validate import DEFAULT_MAX_NODES, validate_graph
 from ..tensors import nbytes
 
 
@@ -32,11 +32,11 @@ def check_graph(graph: InterventionGraph, module_paths: Collection[str] | None =
 
 def decode_graph(graph: str | Mapping[str, Any]) -> InterventionGraph:
     """Decode a graph from anyone (its JSON text, or that text already parsed), refusing oversized
-    constants before they are decoded."""
+    constants and too many nodes before they are decoded."""
     limit = config.max_inline_result_bytes
     if isinstance(graph, str):
-        return InterventionGraph.from_json(graph, max_constant_bytes=limit)
-    return InterventionGraph.from_dict(dict(graph), max_constant_bytes=limit)
+        return InterventionGraph.from_json(graph, max_constant_bytes=limit, max_nodes=DEFAULT_MAX_NODES)
+    return InterventionGraph.from_dict(dict(graph), max_constant_bytes=limit, max_nodes=DEFAULT_MAX_NODES)
 
 
 def check_inline_size(results: Mapping[str, Any], options: Mapping[str, Any], policy: Policy | None = None) -> None:
