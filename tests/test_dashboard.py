@@ -14,6 +14,7 @@ import nnsight_dask as nd
 from nnsight_dask.errors import InterventionError
 from nnsight_dask.models import save_tiny
 from nnsight_dask.scheduler import monitor
+from nnsight_dask.worker.telemetry import RUNNING_TOPIC, STAGES_TOPIC
 from nnsight_dask.scheduler.experiments_page import ExperimentsPanel
 
 pytestmark = pytest.mark.cluster
@@ -171,26 +172,35 @@ def test_cancelled_experiment_is_shown_cancelled(cluster_with_dashboard):
 
 
 def test_monitor_counts_are_pure():
-    """The monitor's bookkeeping, driven through its own hooks as the scheduler would."""
+    """The monitor's bookkeeping, driven through its own hooks as clients and shard workers would."""
     m = monitor.ExperimentMonitor()
     m.handle_message(client="c1", event="submitted", experiment="a", deployment="d", user="u",
-                     keys=["k0", "k1"], shards=[0, 1])
+                     stages=2, shards=[0, 1], workers=["w0", "w1"])
     m.handle_message(client="c1", event="submitted", experiment="b", deployment="d", user="u",
-                     keys=["j0", "j1"], shards=[0, 1])
+                     stages=2, shards=[0, 1], workers=["w0", "w1"])
     assert m.experiment_status("b") == {"status": "queued", "position": 1, "stages_done": 0, "stages": 2}
-    m.transition("k0", "waiting", "processing", worker="w0")
+    m.log_event(RUNNING_TOPIC, {"worker": "w0", "experiment": "a", "deployment": "d", "shard": 0})
     assert m.experiment_status("a")["status"] == "running"
-    m.transition("k0", "processing", "memory", worker="w0", nbytes=10,
-                 startstops=[{"action": "compute", "start": 1.0, "stop": 1.5}])
-    assert m.experiment_status("b")["position"] == 0
-    m.transition("k1", "processing", "memory", worker="w1", nbytes=40,
-                 startstops=[{"action": "compute", "start": 2.0, "stop": 3.0}])
-    m.transition("j0", "processing", "erred", worker="w0", exception_text="IndexError: boom")
+
+    def passes(worker, *entries):  # what a shard worker's telemetry sends, several passes per event
+        m.log_event(STAGES_TOPIC, {"worker": worker, "passes": [
+            {"deployment": "d", "shard": shard, "experiments": experiments, "labels": ["p0-t0-fwd-s0"] * len(experiments),
+             "start": start, "stop": stop, "thread": 1} for shard, experiments, start, stop in entries]})
+    passes("w0", (0, ["a"], 1.0, 1.5))
+    assert m.experiment_status("b")["position"] == 0 and m.experiment_status("a")["stages_done"] == 1
+    passes("w1", (1, ["a"], 2.0, 3.0))
+    passes("w0", (0, ["b"], 1.6, 1.7), (0, ["x", "y"], 1.7, 1.8))  # x, y: experiments it never heard of
+    m.handle_message(client="c1", event="finished", experiment="a", status="completed", bytes_returned=40)
+    m.handle_message(client="c1", event="finished", experiment="b", status="failed", error="IndexError: boom")
     (b, a) = m.rows()
-    assert a["status"] == "completed" and a["run_time"] == 2.0 and a["bytes_returned"] == 40
+    assert a["status"] == "completed" and a["bytes_returned"] == 40 and a["stages"] == "2/2"
+    assert a["queue_wait"] is not None and b["stages"] == "1/2"
     assert b["status"] == "failed" and b["error"] == "IndexError: boom"
     text = m.prometheus_text()
-    assert 'nnsight_dask_experiment_seconds_bucket{le="1.0"} 1' in text  # b failed at once
-    assert 'nnsight_dask_experiment_seconds_bucket{le="2.5"} 2' in text  # a ran 2 s
     assert 'nnsight_dask_experiments_total{status="failed"} 1' in text
-    assert [s["busy_seconds"] for s in m.shard_rows()] == [0.5, 1.0]
+    assert 'nnsight_dask_experiments_total{status="completed"} 1' in text
+    assert 'nnsight_dask_shared_passes_total{deployment="d",shard="0",size="2"} 1' in text
+    assert [s["busy_seconds"] for s in m.shard_rows()] == [0.7, 1.0]
+    assert [s["stages_run"] for s in m.shard_rows()] == [3, 1]
+    m.remove_worker(None, "w0", stimulus_id="test")  # it said "a" computed there, but "a" had finished
+    assert m.experiment_lost_on("a") == {"known": True, "lost_on": ""}

@@ -28,6 +28,7 @@ from nnsight_dask.errors import DeploymentError, GraphValidationError, Intervent
 from nnsight_dask.execution.stage import Carry, Stage
 from nnsight_dask.scheduler import monitor
 from nnsight_dask.worker import registry, tasks
+from tests.cluster import route_by_hand
 
 torch.set_num_threads(1)
 
@@ -136,11 +137,14 @@ async def test_a_second_deployment_leaves_the_first_serving(c, s, a, b, model_di
 
 # -- the coalescer, with a launch function of our own ---------------------------------------------------
 def recording_launch(launched):
-    """A ``launch`` that records each batch's members and runs a task answering ``{experiment: i}``."""
+    """A ``launch`` that records each batch's members and sends them to a task answering ``{experiment: i}``."""
     def launch(client, batch):
         names = [m.experiment for m in batch.members]
         launched.append(names)
-        batch.last = client.submit(dict, [(name, i) for i, name in enumerate(names)], pure=False)
+
+        async def send():
+            return await client.submit(dict, [(name, i) for i, name in enumerate(names)], pure=False)
+        batch.send = send
     return launch
 
 
@@ -153,7 +157,7 @@ async def test_coalescer_queues_once_every_shard_is_busy(c, s, a, b):
     launched: list[list[str]] = []
     coalescer, record = Coalescer(c, recording_launch(launched)), _record()
     members = [Member(f"e{i}", "{}") for i in range(13)]
-    with dask.config.set({"nnsight-dask.max-batch-experiments": 8}):
+    with dask.config.set({"nnsight-dask.max-batch-experiments": 8, "nnsight-dask.max-routes-per-shard": 1}):
         # nothing below awaits, so no chain can end before the assertions on the queue
         first = [coalescer.enqueue(m, record, FORWARD) for m in members[:2]]
         assert launched == [["e0"], ["e1"]] and coalescer.in_flight == 2  # one chain per shard
@@ -246,6 +250,8 @@ async def test_monitor_shows_completed_and_failed_experiments(c, s, a, b, model_
     assert isinstance(plugin, monitor.ExperimentMonitor)
     # the client's own error text (with the user's line) follows on its stream; wait for it
     await async_poll_for(lambda: "test_inprocess_cluster.py:" in plugin.rows()[0]["error"], timeout=5)
+    # the shards report the passes they ran every telemetry.FLUSH_SECONDS, in one event per worker
+    await async_poll_for(lambda: plugin.rows()[1]["stages"] == "2/2", timeout=5)
     failed, done = plugin.rows()  # newest first
     assert (done["status"], done["user"], done["deployment"], done["error"]) == ("completed", "alice", "tiny", "")
     assert done["stages"] == "2/2" and done["shards"] == "0,1" and done["run_time"] > 0
@@ -267,25 +273,24 @@ async def test_shard_validates_graphs_with_the_workers_limits(c, s, a, b, model_
         lm = nd.RemoteModel(client, "tiny")
         with lm.generate(PROMPT, max_new_tokens=5, execute=False) as tracer:
             tracer.result.save()
-        graph, shard = tracer.graph, record.shards[0]
-        stage = plan_for(record, graph)[0]
+        graph = tracer.graph
 
-        def first_stage(experiment):  # what launch_batch submits, straight to the shard's worker
-            return client.submit(tasks.run_stage, "tiny", 0, [(experiment, graph.to_json())], stage, None, False,
-                                 workers=[shard.worker], pure=False).result()
+        def route(experiment):  # straight to the first shard's worker on the direct route, no client check
+            answer = route_by_hand(client, record, {experiment: graph.to_json()}, plan_for(record, graph))[experiment]
+            if isinstance(answer, BaseException):
+                raise answer
+            return answer
 
         # in-process workers read this process's settings: the limit below is theirs too
         with dask.config.set({"nnsight-dask.max-new-tokens-limit": 2}), \
                 pytest.raises(GraphValidationError, match="max_new_tokens=5; this server allows at most 2"):
-            first_stage("over")
+            route("over")
         refused = in_flight(client, "tiny")
-        ran = first_stage("within")  # the default limit (1024) lets the same graph through
-        kept = in_flight(client, "tiny")
-        client.submit(tasks.release, "tiny", 0, "within", workers=[shard.worker], pure=False).result()
-        return refused, ran, kept, in_flight(client, "tiny")
+        ran = route("within")  # the default limit (1024) lets the same graph through
+        return refused, ran, in_flight(client, "tiny"), len(lm.tokenizer(PROMPT)["input_ids"])
 
-    refused, ran, kept, released = await blocking(s, body)
+    refused, ran, finished, prompt_length = await blocking(s, body)
     assert refused == [0, 0]  # the refused experiment left no state on the shard
-    assert list(ran) == ["within"] and isinstance(ran["within"], Carry)
-    assert ran["within"].hidden is not None and ran["within"].hidden.shape[-1] == 64
-    assert kept == [1, 0] and released == [0, 0]
+    (tokens,) = ran.values()
+    assert ran.experiment_id == "within" and tokens.shape[-1] == prompt_length + 5  # 5 new tokens
+    assert finished == [0, 0]

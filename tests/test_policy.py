@@ -94,17 +94,16 @@ def test_stores_outside_the_allowed_prefixes_are_refused(strict, strict_policy, 
 
 def test_the_shard_enforces_the_policy_without_the_client(client, strict):
     """A graph that skips the client's check (e.g. a client of another version) meets the shard's."""
-    from nnsight_dask.worker import tasks
+    from tests.cluster import route_by_hand
 
     with strict.trace(PROMPT, execute=False) as tracer:
         strict.lm_head.weight.save()
     record = strict.deployment
     owner = record.owner("lm_head")
-    answer = client.submit(tasks.run_stage, "strict", owner, [("bypass", tracer.graph.to_json())],
-                           Stage(0, 0, owner), {"bypass": Carry()}, False, workers=[record.shards[owner].worker],
-                           pure=False)
+    answers = route_by_hand(client, record, {"bypass": tracer.graph.to_json()}, [Stage(0, 0, owner)],
+                            {"bypass": Carry()})
     with pytest.raises(PolicyError, match="weights='deny'"):
-        answer.result()
+        raise answers["bypass"]
 
 
 @pytest.mark.parametrize("body", [

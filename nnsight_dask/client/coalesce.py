@@ -17,17 +17,14 @@ import asyncio
 import threading
 import weakref
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from distributed import Client
-from distributed.protocol import to_serialize
 
 from .. import config
 from ..execution.stage import Stage
-from ..worker.hop import Hop
-from ..worker.registry import ShardUnavailableError
-from ..worker.routing import ROUTE_HANDLER
 from .record import Deployment
 
 
@@ -54,8 +51,8 @@ class Batch:
     launched: threading.Event = field(default_factory=threading.Event)
     #: Set once the route has ended (completed, failed or cancelled) or could not be launched.
     done: threading.Event = field(default_factory=threading.Event)
-    #: What goes to the first shard's worker, once launched.
-    hop: Hop | None = None
+    #: Sends the batch on its way and returns ``{experiment: Results | error}`` (set by ``launch``).
+    send: Callable[[], Awaitable[dict[str, Any]]] | None = None
     launch_error: BaseException | None = None
     #: Takes no other member (its one member is ``solo``).
     solo: bool = False
@@ -72,28 +69,16 @@ class Batch:
         assert self._outcome is not None
         return self._outcome
 
-    async def fetch(self, client: Client) -> None:
-        """On the client's event loop: send the hop to its first shard's worker and take the answer,
-        once for all members.
+    async def fetch(self) -> None:
+        """On the client's event loop: send the batch and take the answer, once for all members.
 
         Waiting there, instead of in each member's thread, saves the hand-offs between threads that
         cost milliseconds each when many threads of a process compete for the GIL.
         """
-        assert self.hop is not None
+        assert self.send is not None
         self._call = asyncio.current_task()
         try:
-            origin = self.hop.origin
-            if config.direct_to_workers:
-                answer = await client.rpc(origin).nnsight_dask_route(hop=to_serialize(self.hop))
-            else:
-                answer = await client.scheduler.proxy(msg={"op": ROUTE_HANDLER, "hop": to_serialize(self.hop)},
-                                                      worker=origin)
-            self._outcome = answer["outcome"].answers
-        except OSError as exc:  # the first shard's worker died or left (CommClosedError is an OSError)
-            shard = self.stages[0].shard
-            self._failure = ShardUnavailableError(
-                f"shard {shard} of deployment {self.record.name!r} is unreachable at {self.hop.origin} "
-                f"({type(exc).__name__}: {exc})", deployment=self.record.name, shard=shard)
+            self._outcome = await self.send()
         except BaseException as exc:  # its call cancelled (every member left) included
             self._failure = exc
 
@@ -119,7 +104,7 @@ class Coalescer:
 
     def __init__(self, client: Client, launch: Any) -> None:
         self.client = client
-        self.launch = launch  # launch(client, batch) announces the batch and sets batch.hop
+        self.launch = launch  # launch(client, batch) announces the batch and sets batch.send
         self.lock = threading.Lock()
         self.in_flight = 0
         self.pending: deque[Batch] = deque()
@@ -183,7 +168,7 @@ class Coalescer:
         self.client.loop.add_callback(self._watch, batch)
 
     async def _watch(self, batch: Batch) -> None:
-        await batch.fetch(self.client)
+        await batch.fetch()
         self._finished(batch)
 
     def _finished(self, batch: Batch) -> None:

@@ -23,6 +23,7 @@ every experiment ends completed, failed or cancelled:
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import threading
 import time
 import uuid
@@ -30,6 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 from distributed import Client
+from distributed.protocol import to_serialize
 
 from .. import config
 from ..dask_compat import send_to_scheduler, shorten_stream_interval
@@ -45,6 +47,7 @@ from ..worker.limits import check_graph
 from ..worker.plugin import CANCEL_HANDLER
 from ..worker.registry import ShardUnavailableError, ShardStateLostError
 from ..worker.results import Results
+from ..worker.routing import ROUTE_HANDLER
 from ..worker.serialization import register as register_serializers
 from .coalesce import Batch, Coalescer, Member, coalescer_for
 from .deployment import (
@@ -103,10 +106,28 @@ def launch_batch(client: Client, batch: Batch) -> None:
                  user=member.user or config.user, stages=len(stages), shards=[stage.shard for stage in stages],
                  workers=sorted(set(workers.values())), retry_of=member.retry_of, reason=member.reason,
                  route=ids)
-    batch.hop = Hop(route=f"{ids}-{uuid.uuid4().hex[:6]}", origin=workers[stages[0].shard], deployment=record.name,
-                    stages=list(stages), workers=workers,
-                    graphs={member.experiment: member.graph_json for member in batch.members},
-                    carries=dict.fromkeys(member.experiment for member in batch.members))
+    hop = Hop(route=f"{ids}-{uuid.uuid4().hex[:6]}", origin=workers[stages[0].shard], deployment=record.name,
+              stages=list(stages), workers=workers,
+              graphs={member.experiment: member.graph_json for member in batch.members},
+              carries=dict.fromkeys(member.experiment for member in batch.members))
+    batch.send = functools.partial(send_hop, client, hop)
+
+
+async def send_hop(client: Client, hop: Hop) -> dict[str, Any]:
+    """Call the route's first worker (on the client's event loop) and return its answers; a worker
+    that cannot be reached is a :class:`~nnsight_dask.worker.registry.ShardUnavailableError`."""
+    try:
+        if config.direct_to_workers:
+            answer = await client.rpc(hop.origin).nnsight_dask_route(hop=to_serialize(hop))
+        else:  # the scheduler passes the call on (it then costs scheduler CPU)
+            answer = await client.scheduler.proxy(msg={"op": ROUTE_HANDLER, "hop": to_serialize(hop)},
+                                                  worker=hop.origin)
+    except OSError as exc:  # the first shard's worker died or left (CommClosedError is an OSError)
+        shard = hop.stages[0].shard
+        raise ShardUnavailableError(
+            f"shard {shard} of deployment {hop.deployment!r} is unreachable at {hop.origin} "
+            f"({type(exc).__name__}: {exc})", deployment=hop.deployment, shard=shard) from None
+    return answer["outcome"].answers  # type: ignore[no-any-return]
 
 
 def shorten_batching(client: Client) -> None:
@@ -220,7 +241,7 @@ def _abandon(client: Client, coalescer: Coalescer, batch: Batch, member: Member,
     its partial saves."""
     if not coalescer.withdraw(batch, member):
         batch.launched.wait()  # it was being launched: set within the launching call
-        if batch.hop is not None:
+        if batch.send is not None:
             _stop_on_shards(client, batch.record, [member.experiment], reason)
             batch.leave(client, member.experiment)
     sink = ZarrSink.from_options(graph.options, member.experiment)

@@ -5,10 +5,13 @@ tensors travel as raw frames, bf16 included.
 """
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import InterventionError
 from ..execution.stage import Carry, Stage
+from .registry import ExperimentCancelledError
 
 
 @dataclass
@@ -56,6 +59,28 @@ class Hop:
     def final(self) -> bool:
         return self.position == len(self.stages) - 1
 
+    def members(self) -> list[tuple[str, str | None]]:
+        """``(experiment, graph or None)`` of the members still running, for this stage."""
+        return [(experiment, self.graph_for(experiment)) for experiment in self.carries]
+
+    def record(self, answers: dict[str, Any]) -> None:
+        """Take a stage's answers: a carry (or results) goes on; an error ends its member, who travels
+        on only as that error (in a form that survives pickling)."""
+        for experiment, answer in answers.items():
+            if isinstance(answer, BaseException):
+                self.carries.pop(experiment, None)
+                self.ended[experiment] = answer if isinstance(answer, ExperimentCancelledError) \
+                    else portable_error(answer)  # type: ignore[arg-type]
+            else:
+                self.carries[experiment] = answer
+
+    def end_all(self, error: BaseException) -> None:
+        """Every member still running ends with ``error``."""
+        self.record(dict.fromkeys(self.carries, error))
+
+    def outcome(self) -> Outcome:
+        return Outcome({**self.ended, **self.carries})
+
     def step(self) -> None:
         """Move to the next stage; graphs no shard ahead needs stay behind."""
         self.position += 1
@@ -68,3 +93,12 @@ class Outcome:
     """What a route answers its client: experiment -> its results, or the error that ended it."""
 
     answers: dict[str, Any]
+
+
+def portable_error(exc: Exception) -> Exception:
+    """``exc`` if it survives pickling (it travels as a value to the client), else its text."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return InterventionError(f"{type(exc).__name__}: {exc}")

@@ -8,8 +8,8 @@ this way: straight to the worker holding the actor, by rpc.
 How a batch of experiments (one :class:`~.hop.Hop`) travels:
 
 1. The client calls :data:`ROUTE_HANDLER` on the worker of the first stage's shard (the *origin*).
-2. Each worker runs the stage on its shard, in the shard's own threads (never on the event loop,
-   which keeps heartbeats and messages flowing), then hands the hop to the next stage's worker with
+2. Each worker runs the stage on its shard, in one of the worker's threads (never on the event
+   loop, which keeps heartbeats and messages flowing), then hands the hop to the next stage's worker with
    :data:`HOP_HANDLER`, which answers at once and carries on in the background. Stages on the same
    worker follow without a message.
 3. The last stage's worker sends the outcome to the origin (:data:`DELIVER_HANDLER`), which
@@ -23,15 +23,13 @@ hop, the waiting client notices the dead shard and cancels, and the cancel handl
 from __future__ import annotations
 
 import asyncio
-import pickle
 import weakref
 from typing import Any
 
 from distributed.protocol import to_serialize
 
-from ..errors import InterventionError
-from .hop import Hop, Outcome
-from .registry import ExperimentCancelledError, ShardUnavailableError, lookup
+from .hop import Hop, Outcome, portable_error
+from .registry import ShardUnavailableError, lookup
 
 ROUTE_HANDLER = "nnsight_dask_route"
 HOP_HANDLER = "nnsight_dask_hop"
@@ -103,28 +101,18 @@ class Router:
                     await self._hand_on(hop, following)
                     return
         except Exception as exc:  # a bug of ours: the members hear it, the origin's call never hangs
-            error = portable_error(exc)
-            for experiment in list(hop.carries):
-                hop.ended[experiment] = error
-            hop.carries.clear()
+            hop.end_all(portable_error(exc))
             await self._deliver(hop)
 
     async def _run_stage(self, hop: Hop) -> None:
-        stage = hop.stage
-        members = [(experiment, hop.graph_for(experiment)) for experiment in hop.carries]
         try:
-            shard = lookup(hop.deployment, stage.shard)
+            shard = lookup(hop.deployment, hop.stage.shard)
+            # in one of the worker's threads (as many as stages may share a pass): they wait there
             answers = await asyncio.get_running_loop().run_in_executor(
-                shard.executor, shard.run_batch, members, stage, hop.carries, hop.final)
+                self.worker.executor, shard.run_batch, hop.members(), hop.stage, hop.carries, hop.final)
         except Exception as exc:  # the shard is not here (moved, closed)
-            answers = {experiment: exc for experiment, _ in members}
-        for experiment, answer in answers.items():
-            if isinstance(answer, BaseException):
-                hop.carries.pop(experiment, None)
-                hop.ended[experiment] = answer if isinstance(answer, ExperimentCancelledError) \
-                    else portable_error(answer)  # type: ignore[arg-type]
-            else:
-                hop.carries[experiment] = answer
+            answers = dict.fromkeys(hop.carries, exc)
+        hop.record(answers)
 
     async def _hand_on(self, hop: Hop, following: str) -> None:
         try:
@@ -134,13 +122,11 @@ class Router:
                 f"shard {hop.stage.shard} of deployment {hop.deployment!r} is unreachable at {following} "
                 f"({type(exc).__name__}); the deployment may be recovering from a lost worker",
                 deployment=hop.deployment, shard=hop.stage.shard)
-            for experiment in list(hop.carries):
-                hop.ended[experiment] = error
-            hop.carries.clear()
+            hop.end_all(error)
             await self._deliver(hop)
 
     async def _deliver(self, hop: Hop) -> None:
-        outcome = Outcome({**hop.ended, **hop.carries})
+        outcome = hop.outcome()
         if hop.origin == self.worker.address:
             self.deliver(hop.route, outcome)
             return
@@ -172,11 +158,3 @@ def cancel_routes(experiments: list[str], error: BaseException) -> None:
     for router in list(_routers.values()):
         router.cancel_routes(experiments, error)
 
-
-def portable_error(exc: Exception) -> Exception:
-    """``exc`` if it survives pickling (it travels as a value to the client), else its text."""
-    try:
-        pickle.loads(pickle.dumps(exc))
-        return exc
-    except Exception:
-        return InterventionError(f"{type(exc).__name__}: {exc}")

@@ -2,9 +2,9 @@
 
 The actor reads only its shard's weights (see :mod:`..models.shard_loading`) and registers itself in the worker's
 process registry. Experiments reach it by the direct route (:mod:`.routing`): the worker's router
-runs each batch of stages in the shard's own threads (:attr:`ShardActor.executor`), where they wait
-in the shard's queue (:mod:`.stage_queue`); whatever waits together runs as one co-tenant forward
-pass (:mod:`..execution.cotenancy`), each experiment with its own state and rows.
+runs each batch of stages in one of the worker's threads, where it waits in the shard's queue
+(:mod:`.stage_queue`); whatever waits together runs as one co-tenant forward pass
+(:mod:`..execution.cotenancy`), each experiment with its own state and rows.
 
 At an experiment's first stage here the shard validates its graph again, with this worker's
 settings (:mod:`.limits`), and gives it a Zarr sink when it asks for a store.
@@ -21,7 +21,6 @@ import copy
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -50,7 +49,7 @@ from ..models.shard_loading import load_shard
 from ..storage.results import ZarrSink
 from ..tensors import nbytes
 from . import registry, telemetry
-from .limits import check_graph, check_inline_size, decode_graph
+from .limits import check_graph, check_inline_size, decode_graph, op_bounds
 from .registry import (
     ExperimentCancelledError,
     ShardClosedError,
@@ -158,12 +157,8 @@ class ShardActor:
         # co-tenant batching: the worker's settings decide, whatever clients ask
         self.batching = bool(settings.cotenant_batching)
         self.max_batch_tokens = int(settings.cotenant_max_tokens)
-        max_batch = int(settings.cotenant_max_batch)
-        self.queue = StageQueue(self._serve, max_batch, float(settings.cotenant_gather_ms) / 1000)
-        #: Where routed stages run and wait for the shard: one thread per stage that may join a pass,
-        #: so a batch is bounded by ``cotenant_max_batch``, not by the worker's Dask threads.
-        self.executor = ThreadPoolExecutor(max_workers=max(2, max_batch),
-                                           thread_name_prefix=f"nnsight-{deployment}-{index}")
+        self.queue = StageQueue(self._serve, int(settings.cotenant_max_batch),
+                                float(settings.cotenant_gather_ms) / 1000)
         self.announcer = telemetry.RunningAnnouncer(_this_worker(), deployment, index)
         self.load_seconds = time.perf_counter() - started
         self.weight_bytes = nbytes(list({id(p): p for p in model.parameters()}.values()))
@@ -197,7 +192,6 @@ class ShardActor:
             self.closed = reason
         registry.unregister(self.deployment, self.index, self, reason=reason or "")
         self.experiments.clear()
-        self.executor.shutdown(wait=False)
 
     def retire(self) -> None:
         """This copy was replaced by one on another worker (rebalancing): the experiments it holds
@@ -385,8 +379,9 @@ class ShardActor:
         """A new experiment's state here, after validating its graph with this worker's settings."""
         graph = decode_graph(graph_json)
         check_graph(graph, policy=self.policy, context_length=self.context_length, vocab_size=self.vocab_size)
+        device, dtype = _device_and_dtype(self.runner.model)
         return self.runner.start(graph, ZarrSink.from_options(graph.options, experiment),
-                                 max_tensor_bytes=self.policy.max_tensor_bytes, vocab_size=self.vocab_size,
+                                 bounds=op_bounds(self.policy, device, dtype), vocab_size=self.vocab_size,
                                  max_prompt_tokens=self.policy.max_prompt_tokens or self.context_length)
 
     def release(self, experiment: str) -> None:
@@ -447,6 +442,14 @@ def _this_worker() -> Any:
         return get_worker()
     except ValueError:
         return None
+
+
+def _device_and_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where and in what dtype the shard computes (its first parameter's), for its measured speed."""
+    parameter = next(model.parameters(), None)
+    if parameter is None:
+        return torch.device("cpu"), torch.float32
+    return parameter.device, parameter.dtype
 
 
 def _fresh(error: BaseException) -> BaseException:
