@@ -8,7 +8,6 @@ separate clients are in ``test_cotenancy_cluster.py``.
 """
 from __future__ import annotations
 
-import pickle
 import threading
 import time
 from typing import Any
@@ -31,6 +30,7 @@ from nnsight_dask.worker.registry import ExperimentCancelledError
 from nnsight_dask.worker.results import Results
 from nnsight_dask.worker.shard_actor import ShardActor
 from nnsight_dask.worker.stage_queue import StageQueue, StageRequest
+from tests.routes import run_route
 
 torch.set_num_threads(1)
 
@@ -49,23 +49,11 @@ def shards(tiny_tokenizer: Any) -> Any:
 
 def run_together(actors: list[ShardActor], graphs: dict[str, InterventionGraph], *,
                  before_run: Any = None) -> dict[str, Any]:
-    """What a stage task carrying several experiments does on each shard, carries crossing the wire."""
+    """What a route carrying several experiments does on each shard, hops crossing the wire."""
     owner = shard_owner(actors) if len(actors) > 1 else (lambda path: 0)
     stages = {tuple(plan_stages(g, assign_shards(g, owner, len(actors)), len(actors))) for g in graphs.values()}
     (chain,) = stages
-    answers: dict[str, Any] | None = None
-    seen: set[int] = set()
-    for position, stage in enumerate(chain):
-        first = stage.shard not in seen
-        seen.add(stage.shard)
-        members = [(name, g.to_json() if first else None) for name, g in graphs.items()]
-        if before_run is not None:
-            before_run(stage)
-        answers = actors[stage.shard].run_batch(members, stage, answers, position == len(chain) - 1)
-        answers = {k: deserialize(*serialize(v)) if isinstance(v, Carry) else pickle.loads(pickle.dumps(v))
-                   for k, v in answers.items()}
-    assert answers is not None
-    return answers
+    return run_route(actors, {name: g.to_json() for name, g in graphs.items()}, list(chain), before_run=before_run)
 
 
 def solo(model: torch.nn.Module, graph: InterventionGraph, pad: int) -> dict[str, Any]:

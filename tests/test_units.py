@@ -26,7 +26,7 @@ from nnsight_dask.tensors import (
     tensor_to_json,
 )
 from nnsight_dask.worker import registry, serialization
-from nnsight_dask.worker.hop import Hop
+from tests.routes import run_route
 from nnsight_dask.worker.results import Results
 from nnsight_dask.worker.shard_actor import ShardActor
 
@@ -231,14 +231,7 @@ def run_by_hand(actors: list[ShardActor], members: dict[str, InterventionGraph],
     """What a route does between workers: each shard's first stage carries the graphs; hops cross the wire."""
     plans = {name: plan_stages(g, assign_shards(g, owner, 2), 2) for name, g in members.items()}
     (stages,) = {tuple(p) for p in plans.values()}  # a batch shares one stage plan
-    hop = Hop(route="by-hand", origin="", deployment="units", stages=list(stages), workers={0: "", 1: ""},
-              graphs={name: g.to_json() for name, g in members.items()}, carries=dict.fromkeys(members))
-    while True:
-        hop.record(actors[hop.stage.shard].run_batch(hop.members(), hop.stage, hop.carries, hop.final))
-        if hop.final or not hop.carries:
-            return deserialize(*serialize(hop.outcome())).answers
-        hop.step()
-        hop = deserialize(*serialize(hop))
+    return run_route(actors, {name: g.to_json() for name, g in members.items()}, list(stages))
 
 
 def test_a_failing_member_is_answered_with_its_error_while_the_others_go_on(actors: list[ShardActor], lm: Any,
