@@ -2,7 +2,6 @@
 and a batch of experiments driven by hand through two in-process shard actors."""
 from __future__ import annotations
 
-import pickle
 import re
 from typing import Any
 
