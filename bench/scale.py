@@ -39,7 +39,10 @@ where compute is the local forward pass of the same model (8 x 4 ms of sleep plu
 and hops = stages = shards (issue 25's accounting). Target: <= 60 ms, <= 5 ms per hop.
 
 **Profiles** (``--profile DIR``): py-spy records each process of every cell during its window
-(``--format raw``, non-blocking, 50 Hz), and the run ends with the top functions per process.
+(``--format raw --gil``, ``--profile-rate`` Hz: only samples of a thread holding the GIL, so waits in epoll, locks
+and the simulated layers' sleeps drop out, while py-spy's own idle detection counts a thread that
+woke up but waits for a core as busy), and the run ends with the top modules and functions per
+process. py-spy pauses each process briefly per sample: profiled runs are a little slower.
 
 Usage::
 
@@ -270,13 +273,16 @@ class Runner:
             self.pids[f"w{placement.index}"] = [worker_pids[placement.worker]]
         where = {"runner": nd.__file__, "scheduler": client.run_on_scheduler(_package_file),
                  "workers": sorted(set(client.run(_package_file).values()))}
+        idle = self._window({**self.pids, "client": [os.getpid()]}, time.time() + 0.5, time.time() + 3.5, None)
         if "processes" in modes:
             self._start_pool(address, min(MAX_CLIENT_PROCESSES, max_users))
         if "gateway" in modes:
             self._start_gateway(gateway_in_flight, max_users)
         return {"pids": self.pids, "where": where, "source": repr(self.source), "source_from": source_from,
                 "expected": self.expected, "layers": [list(p.layers) for p in record.shards],
-                "gateway_in_flight": getattr(self.gateway, "max_in_flight", None)}
+                "gateway_in_flight": getattr(self.gateway, "max_in_flight", None),
+                "idle_ms_per_s": {name: used * 1e3 / 3.0 for name, used in idle["cpu"].items()},
+                "idle_others_cores": idle["others_cores"]}
 
     def cell(self, mode: str, users: int, seconds: float, warmup: float, profile: dict | None) -> dict:
         start_at = time.time() + (1.0 if mode != "threads" else 0.2)
@@ -309,8 +315,8 @@ class Runner:
             records = future.result(timeout=600)
         else:
             raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
-        inside = [r for r in records if t0 <= r[1] <= t1]
-        latencies = [(end - begin) * 1e3 for begin, end, outcome in inside if outcome == "ok"]
+        inside = [r for r in records if t0 <= r[1] <= t1 and r[2] == "ok"]
+        latencies = [(end - begin) * 1e3 for begin, end, _ in inside]
         n = len(inside)
         errors = collections.Counter(outcome for _, _, outcome in records if outcome not in ("ok",))
         cpu_ms = {proc: (seconds_used * 1e3 / n if n else float("nan")) for proc, seconds_used in window["cpu"].items()}
@@ -428,8 +434,8 @@ class Runner:
                 for i, pid in enumerate(group):
                     out = Path(profile["dir"]) / f"{profile['label']}-{name}{'-' + str(i) if len(group) > 1 else ''}.txt"
                     spies.append((name, str(out), subprocess.Popen(
-                        [PY_SPY, "record", "--pid", str(pid), "--duration", str(max(1, round(t1 - t0))), "--rate", "50",
-                         "--format", "raw", "--nonblocking", "-o", str(out)],
+                        [PY_SPY, "record", "--pid", str(pid), "--duration", str(max(1, round(t1 - t0))), "--rate", str(profile["rate"]),
+                         "--format", "raw", "--gil", "-o", str(out)],
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
         time.sleep(max(0.0, t1 - time.time()))
         after = {name: sum(_cpu(p) for p in group) for name, group in procs.items()}
@@ -565,16 +571,17 @@ def cpu_cells(runs: list[dict]) -> dict[str, str]:
     return out
 
 
-def report(results: dict, trees: list[Any], args: argparse.Namespace, info: dict) -> str:
+def report(results: dict, trees: list[Any], args: argparse.Namespace, info: dict, argv: list[str], when: str) -> str:
     lines: list[str] = []
     out = lines.append
-    out(f"## bench/scale.py {' '.join(sys.argv[1:])}")
+    out(f"## bench/scale.py {' '.join(argv)}")
     out("")
-    out(f"{today()} · {machine()}")
+    out(f"{when} · {machine()}")
     for tree in trees:
         meta = info.get(tree.label, {})
         out(f"- **{tree.label}**: {tree.path} (git {tree.rev}); model source {meta.get('source')} from "
-            f"{meta.get('source_from')}; nnsight_dask imported from {meta.get('where')}")
+            f"{meta.get('source_from')}; nnsight_dask imported from {meta.get('where')}"
+            + (f"; gateway max_in_flight {meta['gateway_in_flight']}" if meta.get("gateway_in_flight") else ""))
     out(f"- Simulated GPU: {args.layers} decoder layers x {args.layer_ms:g} ms per call whatever the batch "
         f"(sleep, GIL released), hidden {HIDDEN}; workers: one process per shard x {THREADS_PER_WORKER} threads; "
         f"scheduler in its own process; 1 torch thread everywhere. Window {args.seconds:g} s per cell after a "
@@ -584,6 +591,15 @@ def report(results: dict, trees: list[Any], args: argparse.Namespace, info: dict
         "gateway in gateway mode; 'http' its HTTP users). 'ideal': min(users / compute, 16-row passes of a full "
         "pipeline). 'others': CPU the machine spent on other processes during the window, in cores (of 2): "
         "contention from other work.")
+    idle_rows = [[tree.label] + [f"{info[tree.label]['idle_ms_per_s'].get(k, float('nan')):.0f}"
+                                 for k in ("client", "scheduler", "nannies")]
+                 + [" / ".join(f"{v:.0f}" for k, v in sorted(info[tree.label]["idle_ms_per_s"].items()) if k.startswith("w"))]
+                 for tree in trees if "idle_ms_per_s" in info.get(tree.label, {})]
+    if idle_rows:
+        out("")
+        out("Idle cluster (deployed, no experiments; 3 s after the start), CPU ms per second:")
+        out("")
+        out(table(["tree", "client", "scheduler", "nannies", "each worker"], idle_rows))
     out("")
     for mode in args.modes:
         rows = []
@@ -646,15 +662,22 @@ def _error_note(runs: list[dict]) -> str:
     return f" ({'; '.join(f'{k} x{v}' for k, v in kinds.most_common(2))})" if kinds else ""
 
 
-def summarize_profile(path: str, top: int = 12) -> tuple[int, list[tuple[str, float]], list[tuple[str, float]]]:
-    """From py-spy's raw (collapsed) stacks: (samples, top functions by self %, top by inclusive %)."""
-    self_counts: collections.Counter = collections.Counter()
-    incl_counts: collections.Counter = collections.Counter()
+#: Frames that only wrap the work (thread and event-loop plumbing): left out of the inclusive ranking.
+_WRAPPERS = ("threading.py", "asyncio/base_events.py", "asyncio/runners.py", "asyncio/events.py", "click/", "runpy",
+             "multiprocessing/", "distributed/compatibility.py", "distributed/process.py", "distributed/cli/",
+             "concurrent/futures/thread.py", "tornado/ioloop.py", "<string>", "scale.py")
+
+
+def summarize_profile(path: str, top: int = 12) -> dict[str, Any]:
+    """From py-spy's raw (collapsed) stacks: samples, and the top functions by self % and by inclusive %
+    (plumbing left out)."""
+    by_self: collections.Counter = collections.Counter()
+    by_incl: collections.Counter = collections.Counter()
     total = 0
     try:
         text = Path(path).read_text()
     except OSError:
-        return 0, [], []
+        return {"samples": 0, "self": [], "inclusive": []}
     for line in text.splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
@@ -662,34 +685,115 @@ def summarize_profile(path: str, top: int = 12) -> tuple[int, list[tuple[str, fl
         n = int(count)
         total += n
         frames = [_frame(f) for f in stack.split(";")]
-        self_counts[frames[-1]] += n
-        for frame in set(frames):
-            incl_counts[frame] += n
+        by_self[frames[-1][0]] += n
+        for name in {name for name, where in frames if not any(w in where for w in _WRAPPERS)}:
+            by_incl[name] += n
     as_pct = lambda c: [(k, 100.0 * v / total) for k, v in c.most_common(top)]  # noqa: E731
-    return total, as_pct(self_counts), as_pct(incl_counts)
+    return {"samples": total, "self": as_pct(by_self), "inclusive": as_pct(by_incl)}
 
 
-def _frame(frame: str) -> str:
-    """'func (path/to/module.py:123)' -> 'func (module.py)': lines merged, paths shortened."""
+def _frame(frame: str) -> tuple[str, str]:
+    """'func (/path/site-packages/pkg/module.py:123)' -> ('func (pkg/module.py)', 'pkg/module.py')."""
     name, _, where = frame.partition(" (")
     where = where.rstrip(")").rsplit(":", 1)[0]
     for marker in ("site-packages/", "lib/python3.11/", "nnsight_dask/"):
         if marker in where:
             where = ("nnsight_dask/" if marker == "nnsight_dask/" else "") + where.split(marker, 1)[1]
             break
-    return f"{name} ({where})"
+    return f"{name} ({where})", where
 
 
-def profile_report(profiles: list[tuple[str, str, list]], top: int) -> str:
-    lines = ["### profiles (py-spy, 50 Hz, non-idle samples)", ""]
-    for label, runs_n, files in profiles:
-        lines.append(f"#### {label}")
+#: What a sample was doing, by process kind: the first rule with a frame matching one of its
+#: substrings wins (so the order matters: specific before generic).
+ACTIVITIES: dict[str, list[tuple[str, tuple[str, ...]]]] = {
+    "client": [
+        ("check_graph before submitting", ("check_graph",)),
+        ("dead_shards polling (scheduler_info RPC)", ("dead_shards", "_update_scheduler_info")),
+        ("submit the stage tasks", ("launch_batch", "Client.submit", "_graph_to_futures")),
+        ("fetch the result from the last worker", ("get_data_from_worker", "Client._gather")),
+        ("rest of run_experiment", ("run_experiment",)),
+        ("record the trace (tracing/)", ("nnsight_dask/tracing/",)),
+        ("gateway (HTTP, dispatch)", ("nnsight_dask/service/",)),
+        ("comms: read/write, (de)serialize", ("TCP.read", "TCP.write", "iostream", "distributed/protocol/")),
+        ("event loop plumbing", ("asyncio/", "tornado/", "selectors.py")),
+    ],
+    "scheduler": [
+        ("update_graph (new tasks)", ("Scheduler.update_graph",)),
+        ("task finished, transitions, releases", ("handle_task_finished", "stimulus_task_finished", "_transition",
+                                                  "client_releases_keys")),
+        ("nnsight monitor plugin", ("scheduler/monitor.py",)),
+        ("worker heartbeats", ("heartbeat_worker",)),
+        ("streams from clients/workers: read, decode", ("handle_stream",)),
+        ("RPC comms (scheduler_info, ...): read, write", ("Server._handle_comm",)),
+        ("batched sends", ("BatchedSend",)),
+        ("periodic (system monitor, idle checks)", ("SystemMonitor", "PeriodicCallback", "_measure_tick")),
+        ("event loop plumbing", ("asyncio/", "tornado/", "selectors.py")),
+    ],
+    "worker": [
+        ("stage: decode + validate the graph", ("ShardActor._admit", "ShardActor._start")),
+        ("stage: forward pass (hooks, layers)", ("ShardRunner.forward", "forward_together", "ShardRunner.conclude")),
+        ("stage: rest of run_stage", ("run_stage",)),
+        ("Dask's own profiler thread", ("distributed/profile.py",)),
+        ("fetch carry from previous worker", ("Worker.gather_dep", "get_data_from_worker")),
+        ("serve carry to next worker / client", ("Worker.get_data",)),
+        ("worker state machine", ("handle_stimulus", "worker_state_machine", "Worker.handle_scheduler")),
+        ("stream to/from scheduler", ("BatchedSend", "handle_stream")),
+        ("heartbeat, system monitor, metrics", ("heartbeat", "SystemMonitor", "digest_metric", "trigger_profile",
+                                                "memory_monitor")),
+        ("comms: read/write, (de)serialize", ("TCP.read", "TCP.write", "iostream", "distributed/protocol/")),
+        ("event loop plumbing", ("asyncio/", "tornado/", "selectors.py")),
+    ],
+}
+
+
+def activities(path: str, kind: str) -> list[tuple[str, float]]:
+    """Shares of the samples in ``path`` by activity (:data:`ACTIVITIES`), largest first."""
+    rules = ACTIVITIES.get(kind, [])
+    counts: collections.Counter = collections.Counter()
+    total = 0
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return []
+    for line in text.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        for label, keys in rules:
+            if any(key in stack for key in keys):
+                counts[label] += n
+                break
+        else:
+            counts["other"] += n
+    return [(label, 100.0 * n / total) for label, n in counts.most_common()] if total else []
+
+
+def profile_kind(name: str) -> str:
+    return "worker" if name.startswith("w") and name[1:].split("-")[0].isdigit() else \
+        "client" if name in ("client", "runner") else name
+
+
+def profile_report(profiles: list[tuple[str, dict, list]], top: int) -> str:
+    lines = ["### profiles (py-spy --gil: samples of a thread holding the GIL)", "",
+             "Per process: CPU ms per experiment (psutil), then what the samples were doing (share, and that share "
+             "of the CPU ms), then the top functions by own time and by inclusive time (plumbing frames left out).", ""]
+    for label, cell, files in profiles:
+        lines.append(f"#### {label} ({cell['n']} experiments in the window, {cell['exp_s']:.1f} exp/s)")
         lines.append("")
         for name, path in files:
-            total, by_self, by_incl = summarize_profile(path, top)
-            lines.append(f"- **{name}** ({total} samples in the window, {path})")
-            lines.append("  - self: " + "; ".join(f"{f} {p:.0f}%" for f, p in by_self))
-            lines.append("  - inclusive: " + "; ".join(f"{f} {p:.0f}%" for f, p in by_incl))
+            summary = summarize_profile(path, top)
+            cpu = cell["cpu_ms"].get(name.split("-")[0] if not name.startswith("w") else name, float("nan"))
+            if name.startswith("client-"):  # one of several client processes: the sum is per experiment
+                cpu = float("nan")
+            shares = activities(path, profile_kind(name))
+            lines.append(f"- **{name}** ({summary['samples']} samples; {cpu:.1f} CPU ms/exp; {path})")
+            if shares:
+                lines.append("  - activities: " + "; ".join(
+                    f"{a} {p:.0f}%" + (f" ({p * cpu / 100:.1f} ms)" if cpu == cpu else "") for a, p in shares))
+            lines.append("  - self: " + "; ".join(f"{f} {p:.0f}%" for f, p in summary["self"]))
+            lines.append("  - inclusive: " + "; ".join(f"{f} {p:.0f}%" for f, p in summary["inclusive"]))
         lines.append("")
     return "\n".join(lines)
 
@@ -722,8 +826,10 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=N_LAYER, help="decoder layers of the simulated model")
     parser.add_argument("--gateway-in-flight", type=int, help="the gateway's max_in_flight (default: its config)")
     parser.add_argument("--profile", metavar="DIR", help="py-spy each process during each window; summary at the end")
+    parser.add_argument("--profile-rate", type=int, default=100, help="py-spy samples per second (default 100)")
     parser.add_argument("--profile-top", type=int, default=12)
     parser.add_argument("--json", metavar="PATH", help="write every measurement as JSON")
+    parser.add_argument("--report", metavar="JSON", help="print the report of a run saved with --json, and exit")
     parser.add_argument("--_runner", help=argparse.SUPPRESS)
     parser.add_argument("--_shim", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -735,15 +841,12 @@ def main() -> None:
         runner_main(tree, args._shim, args.layer_ms, args.layers)
         return
 
-    lone_only = args.lone and not (args.shards or args.users or args.quick)
-    args.modes = MODES if args.mode == "all" else parse_list(args.mode, MODES, str)
-    args.shards = parse_list(args.shards) if args.shards else ([] if lone_only else [4] if args.quick else list(SHARDS))
-    args.users = parse_list(args.users) if args.users else ([] if lone_only else [1, 16, 64] if args.quick else list(USERS))
-    args.seconds = args.seconds or (5.0 if args.quick else 6.0)
-    full = args.shards == list(SHARDS) and args.users == list(USERS)
-    want_lone = not args.no_lone and (args.lone or args.quick or full)
+    if args.report:
+        print(report_from_json(parser, args.report, args.profile_top))
+        return
+    resolve(args)
     groups = list(args.shards)
-    if want_lone and LONE_SHARDS not in groups:
+    if args.want_lone and LONE_SHARDS not in groups:
         groups.append(LONE_SHARDS)
 
     shim_dir = tempfile.mkdtemp(prefix="nd-bench-scale-shim-")
@@ -775,16 +878,17 @@ def main() -> None:
                             cell_index += 1
                             for tree in order:
                                 label = f"{tree.label}-{mode}-s{shards}-u{users}-r{r}"
-                                profile = {"dir": args.profile, "label": label} if args.profile else None
+                                profile = ({"dir": args.profile, "label": label, "rate": args.profile_rate}
+                                           if args.profile else None)
                                 res = tree.call("cell", mode=mode, users=users, seconds=args.seconds,
                                                 warmup=warmup_for(users, args.warmup), profile=profile)
                                 results.setdefault((tree.label, mode, shards, users), []).append(res)
                                 if res["profiles"]:
-                                    profiles.append((label, res["n"], res["profiles"]))
+                                    profiles.append((label, res, res["profiles"]))
                                 log(f"{label}: {res['exp_s']:.1f} exp/s, p50 {res['p50']:.0f} ms, p99 {res['p99']:.0f} ms, "
                                     f"scheduler {res['cpu_ms']['scheduler']:.1f} ms/exp, others {res['others_cores']:.2f} cores, "
                                     f"errors {res['n_errors']}")
-            if want_lone and shards == LONE_SHARDS:
+            if args.want_lone and shards == LONE_SHARDS:
                 for r in range(args.repeat):
                     for tree in (trees if r % 2 == 0 else trees[::-1]):
                         res = tree.call("lone", n=args.lone_n)
@@ -799,7 +903,7 @@ def main() -> None:
         shutil.rmtree(shim_dir, ignore_errors=True)
 
     labels = [argparse.Namespace(label=label, path=str(Path(path).resolve()), rev=tree_rev(path)) for label, path in specs]
-    text = report(results, labels, args, info)
+    text = report(results, labels, args, info, sys.argv[1:], today())
     if profiles:
         text += "\n" + profile_report(profiles, args.profile_top)
     text += f"\n(run took {time.time() - started:.0f} s)"
@@ -807,9 +911,37 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({
             "argv": sys.argv[1:], "when": today(), "machine": machine(), "git": git_rev(), "info": info,
+            "trees": [vars(t) for t in labels],
             "cells": [{"tree": k[0], "mode": k[1], "shards": k[2], "users": k[3], "runs": v}
                       for k, v in results.items() if k != "lone"],
             "lone": results["lone"]}, indent=1, default=str))
+
+
+def resolve(args: argparse.Namespace) -> None:
+    """Fill in the presets: modes, shards, users, window, and whether to measure the lone latency."""
+    lone_only = args.lone and not (args.shards or args.users or args.quick)
+    args.modes = MODES if args.mode == "all" else parse_list(args.mode, MODES, str)
+    args.shards = parse_list(args.shards) if args.shards else ([] if lone_only else [4] if args.quick else list(SHARDS))
+    args.users = parse_list(args.users) if args.users else ([] if lone_only else [1, 16, 64] if args.quick else list(USERS))
+    args.seconds = args.seconds or (5.0 if args.quick else 6.0)
+    full = args.shards == list(SHARDS) and args.users == list(USERS)
+    args.want_lone = not args.no_lone and (args.lone or args.quick or full)
+
+
+def report_from_json(parser: argparse.ArgumentParser, path: str, top: int) -> str:
+    """The report of a run saved with ``--json`` (profiles summarized again from their files)."""
+    saved = json.loads(Path(path).read_text())
+    args = parser.parse_args(saved["argv"])
+    resolve(args)
+    results: dict = {(c["tree"], c["mode"], c["shards"], c["users"]): c["runs"] for c in saved["cells"]}
+    results["lone"] = saved.get("lone", {})
+    trees = [argparse.Namespace(**t) for t in saved.get("trees", [])] or [
+        argparse.Namespace(label=label, path=str(Path(meta["where"]["runner"]).parents[1]), rev="?")
+        for label, meta in saved["info"].items()]
+    profiles = [(f"{c['tree']}-{c['mode']}-s{c['shards']}-u{c['users']}-r{r}", run, run["profiles"])
+                for c in saved["cells"] for r, run in enumerate(c["runs"]) if run.get("profiles")]
+    text = report(results, trees, args, saved["info"], saved["argv"], saved["when"])
+    return text + ("\n" + profile_report(profiles, top) if profiles else "")
 
 
 if __name__ == "__main__":
