@@ -45,6 +45,13 @@ DEFAULTS: dict[str, Any] = {
     "experiment_timeout": 600.0,
     #: Largest number of generation steps a remote experiment may ask for (checked on the shards).
     "max_new_tokens_limit": 1024,
+    #: Seconds of a shard's measured speed one operation of a graph may take, where the deployment's
+    #: policy sets no ``max_op_work``/``max_op_items``: an operation cannot be interrupted, so a cancelled
+    #: experiment holds its shard at most about this long. Read by each worker.
+    "op_seconds": 0.5,
+    #: Share of a shard's memory (the worker's memory limit, or its GPU's) one experiment's values may
+    #: hold at once, where the deployment's policy sets no ``max_experiment_bytes``. Read by each worker.
+    "experiment_memory_fraction": 0.25,
     #: Who submits remote experiments (shown on the dashboard's Experiments page).
     "user": os.environ.get("NNSIGHT_DASK_USER") or getpass.getuser(),
     #: Longest time (s) a client holds its messages to the scheduler before sending them. Dask batches

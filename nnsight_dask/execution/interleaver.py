@@ -25,7 +25,7 @@ from ..errors import (
     NNsightDaskError,
     PolicyError,
 )
-from ..graph.allocation import check_allocation
+from ..graph.allocation import ExperimentBudget
 from ..graph.graph import InterventionGraph
 from ..graph.node import HOOKED_CALL, Kind, Node, Ref, display_path
 from ..graph.ops import (
@@ -33,6 +33,7 @@ from ..graph.ops import (
     check_arguments,
     check_op_call,
     check_result,
+    method_op_name,
     module_attr,
     registry,
     safe_call,
@@ -55,6 +56,15 @@ SKIPPED = _Skipped()
 
 class StopForward(Exception):
     """Raised inside the model to end the forward pass early (``tracer.stop()``)."""
+
+
+class ExperimentStopped(Exception):
+    """Raised when an experiment must stop mid-stage (between two of its nodes, or before a decoder
+    layer); ``error`` is why (what the shard raises in its place: cancelled, timed out, undeployed)."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 class _SkipNode(Exception):
@@ -91,15 +101,20 @@ class Interleaver:
     ``layout`` gives each invoke its batch rows. ``steps`` is how many forward passes the run makes
     (generation: one per token), which bounds iteration blocks. ``owned`` restricts the pass to the
     nodes of one shard; values of other shards' nodes arrive through :meth:`receive`.
+
+    On a shared shard, ``budget`` bounds every operation before it runs (its size and work, see
+    :mod:`~nnsight_dask.graph.allocation`) and ``should_stop`` is asked before every node: when it
+    answers an error (cancel, timeout, undeploy), :class:`ExperimentStopped` leaves the pass at once.
     """
 
     def __init__(self, graph: InterventionGraph, pass_index: int, layout: Layout, values: dict[Key, Any],
                  steps: int, modules: dict[str, torch.nn.Module], logs: list[str] | None = None,
-                 owned: Collection[int] | None = None, max_tensor_bytes: int | None = None,
-                 quiet: Quiet | None = None) -> None:
+                 owned: Collection[int] | None = None, budget: ExperimentBudget | None = None,
+                 quiet: Quiet | None = None, should_stop: Callable[[], BaseException | None] | None = None) -> None:
         self.graph = graph
-        #: Largest tensor an op may make (a shared shard's policy); None: no bound (local runs).
-        self.max_tensor_bytes = max_tensor_bytes
+        #: Bounds on each operation and on the experiment's memory (a shared shard's); None: local runs.
+        self.budget = budget
+        self.should_stop = should_stop
         self.pass_index = pass_index
         self.layout = layout
         self.batch = layout[-1][1] if layout else 0
@@ -256,6 +271,7 @@ class Interleaver:
             raise StopForward
 
     def _run_free(self, key: Key) -> None:
+        self._check_stop()
         node = self.graph.nodes[_node_id(key)]
         step = key[1] if isinstance(key, tuple) else None
         try:
@@ -267,7 +283,7 @@ class Interleaver:
             value = self._execute(node, args, kwargs)
         except _SkipNode:
             value = SKIPPED
-        except (StopForward, InterventionError, PolicyError):
+        except (StopForward, ExperimentStopped, InterventionError, PolicyError):
             raise  # a policy refusal already names the rule and the line
         except ForbiddenOperationError as exc:
             raise self._forbidden(node, exc) from None
@@ -275,13 +291,12 @@ class Interleaver:
             raise self._error(node, exc) from exc
         self._set(key, value)
 
-    def _check_allocation(self, node: Node, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Refuse an op whose result would exceed ``max_tensor_bytes``, before it allocates anything."""
-        if self.max_tensor_bytes is None:
-            return
-        if name == "call" and args and isinstance(args[0], MethodRef):
-            name, args = args[0].op_name, (args[0].owner, *args[1:])
-        check_allocation(name, args, kwargs, self.max_tensor_bytes, node.location or f"node %{node.id}")
+    def _check_stop(self) -> None:
+        """Between two nodes: leave the pass when the experiment was told to stop."""
+        if self.should_stop is not None:
+            error = self.should_stop()
+            if error is not None:
+                raise ExperimentStopped(error)
 
     def _condition(self, node: Node, step: int | None) -> bool:
         value = self._resolve(Ref(node.cond), step)  # type: ignore[arg-type]
@@ -292,30 +307,43 @@ class Interleaver:
         (:func:`~nnsight_dask.graph.ops.check_op_call`) before it runs and its value after (no
         callables); module attributes are copies, so nothing a graph does reaches the model's weights."""
         kind = node.kind
+        budget = self.budget
+        where = node.location or f"node %{node.id}"
         if kind == Kind.OP:
             name: str = node.target  # type: ignore[assignment]
             check_op_call(name, args, kwargs, devices=self.devices())
-            self._check_allocation(node, name, args, kwargs)
+            cost = None
+            if budget is not None:  # sized and weighed before it runs (a shared shard)
+                if name == "call" and args and isinstance(args[0], MethodRef):
+                    cost = budget.check_op(method_op_name(args[0]), (args[0].owner, *args[1:]), kwargs, where)
+                else:
+                    cost = budget.check_op(name, args, kwargs, where)
             if name == "getattr":
                 value = safe_getattr(args[0], args[1])
             elif name == "call":
                 value = safe_call(args[0], *args[1:], **kwargs)
             else:
                 value = self.ops.resolve(name)(*args, **kwargs)
+            if budget is not None and cost is not None:
+                budget.account(value, (args, kwargs), cost)
             return check_result(value, name)
         if kind == Kind.SAVE:
             return args[0]
         if kind == Kind.MODULE_CALL:
             check_arguments(f"a call of {display_path(node.module)}", args, kwargs)
             module = self.modules[node.module]  # type: ignore[index]
+            cost = budget.check_module_call(module, args, kwargs, where) if budget is not None else None
             if node.access == HOOKED_CALL:  # hooks live: interventions on it and its submodules apply
                 value = module(*args, **kwargs)
             else:
                 with self.suppress():
                     value = module(*args, **kwargs)
+            if budget is not None and cost is not None:
+                budget.account(value, (args, kwargs), cost)
             return check_result(value, f"a call of {display_path(node.module)}")
         if kind == Kind.MODULE_ATTR:
-            return module_attr(self.modules[node.module], node.target)  # type: ignore[index,arg-type]
+            check = (lambda raw: budget.check_copy(raw, node.target or "", where)) if budget is not None else None
+            return module_attr(self.modules[node.module], node.target, before_copy=check)  # type: ignore[index,arg-type]
         if kind == Kind.BACKWARD:
             unknown = sorted(set(kwargs) - _BACKWARD_OPTIONS)
             if unknown:
@@ -323,6 +351,8 @@ class Interleaver:
                     f"backward() takes {', '.join(sorted(_BACKWARD_OPTIONS))} in a graph, not {', '.join(unknown)} "
                     "(create_graph would tie gradients to the shared weights)", argument=unknown[0])
             check_arguments("backward", args, kwargs)
+            if budget is not None:
+                budget.check_backward(where)
             outer, self.backward_key = self.backward_key, self._running
             try:
                 with torch.enable_grad():
@@ -331,6 +361,9 @@ class Interleaver:
                 self.backward_key = outer
             return None
         if kind == Kind.LOG:
+            if budget is not None:
+                for arg in args:
+                    budget.check_op("builtins.str", (arg,), {}, where)
             text = " ".join(str(a) for a in args)
             if self.logs is not None:
                 self.logs.append(text)
@@ -368,6 +401,7 @@ class Interleaver:
         """Run the nodes bound to one event in program order; returns the (maybe replaced) value."""
         for key in keys:
             self.drain(before=_order(key))
+            self._check_stop()
             node = self.graph.nodes[_node_id(key)]
             step = key[1] if isinstance(key, tuple) else None
             try:
@@ -383,7 +417,7 @@ class Interleaver:
             except _SkipNode:
                 self._set(key, SKIPPED)
                 continue
-            except (StopForward, InterventionError):
+            except (StopForward, ExperimentStopped, InterventionError):
                 raise
             except ForbiddenOperationError as exc:
                 raise self._forbidden(node, exc) from None

@@ -7,9 +7,10 @@ in reverse order in backward stages. Everything that must outlive a stage (modul
 KV caches, the autograd graph) stays in the shard's :class:`ExperimentState`.
 
 An experiment can be stopped while it runs: the shard gives its state a ``should_stop`` callable,
-checked at the start of every stage and, by a forward pre-hook, before every decoder layer of the
-shard; when it answers an error, :class:`ExperimentStopped` carrying that error leaves the model at
-once (within one layer's compute) and the shard turns it into the experiment's outcome.
+checked at the start of every stage, by a forward pre-hook before every decoder layer of the shard,
+and by the interleaver before every intervention node; when it answers an error,
+:class:`ExperimentStopped` carrying that error leaves the model at once (within one layer's compute or
+one operation, each bounded by the deployment's policy) and the shard turns it into the experiment's outcome.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch
 
 from ..backends.base import SaveSink
 from ..errors import InterventionError
+from ..graph.allocation import ExperimentBudget, OpBounds
 from ..graph.graph import InterventionGraph
 from ..graph.node import Kind, Ref
 from .batching import (
@@ -30,19 +32,10 @@ from .batching import (
     position_ids_for,
     resolve_inputs,
 )
-from .interleaver import SKIPPED, Interleaver, Key, StopForward
+from .interleaver import SKIPPED, ExperimentStopped, Interleaver, Key, StopForward
 from .partition import assign_shards, backward_origins
 from .runner import _check_reached, _modules, collect_saves, persisted_name
 from .sampling import SeededSampler
-
-
-class ExperimentStopped(Exception):
-    """Raised by the stop hook when an experiment must stop mid-stage; ``error`` is why (what the
-    shard raises in its place: cancelled, timed out, undeployed)."""
-
-    def __init__(self, error: BaseException) -> None:
-        super().__init__(str(error))
-        self.error = error
 
 
 @dataclass(frozen=True)
@@ -116,8 +109,8 @@ class ExperimentState:
     last_stage: Stage | None = None
     #: Asked before every stage and decoder layer: an error when the experiment must stop, else None.
     should_stop: Callable[[], BaseException | None] | None = None
-    #: Largest tensor one of the experiment's ops may make (the deployment's policy).
-    max_tensor_bytes: int | None = None
+    #: The deployment's bounds on each of the experiment's ops and on its memory, and what it holds.
+    budget: ExperimentBudget | None = None
     #: Bounds on inputs taken from earlier traces, checked when their pass starts: the model's
     #: vocabulary and the deployment's prompt length.
     vocab_size: int | None = None
@@ -153,10 +146,10 @@ class ShardRunner:
         #: The name the model's forward takes its KV cache by (``cache`` from transformers 5.24 on).
         self.cache_argument = cache_argument(model)
 
-    def start(self, graph: InterventionGraph, sink: SaveSink | None = None, *, max_tensor_bytes: int | None = None,
+    def start(self, graph: InterventionGraph, sink: SaveSink | None = None, *, bounds: OpBounds | None = None,
               vocab_size: int | None = None, max_prompt_tokens: int | None = None) -> ExperimentState:
         """This shard's state for a new experiment; ``sink`` receives the large saves it produces;
-        ops that would make a tensor over ``max_tensor_bytes`` are refused before they allocate; an
+        ops over ``bounds`` (size, work, the experiment's memory) are refused before they run; an
         input taken from an earlier trace must fit ``vocab_size`` and ``max_prompt_tokens``."""
         shards = assign_shards(graph, self.owner, self.n_shards)
         owned = {i for i, s in enumerate(shards) if s == self.index}
@@ -174,7 +167,8 @@ class ShardRunner:
         mine = [stage for stage in plan_stages(graph, shards, self.n_shards) if stage.shard == self.index]
         return ExperimentState(graph=graph, shards=shards, owned=owned, exported=exported,
                                backward_from=backward_origins(graph, shards), last_stage=mine[-1] if mine else None,
-                               sink=sink, max_tensor_bytes=max_tensor_bytes, vocab_size=vocab_size,
+                               sink=sink, budget=ExperimentBudget(bounds) if bounds is not None else None,
+                               vocab_size=vocab_size,
                                max_prompt_tokens=max_prompt_tokens)
 
     # -- forward --------------------------------------------------------------------------------
@@ -221,7 +215,7 @@ class ShardRunner:
             paths = {graph.nodes[i].module for i in state.owned if graph.nodes[i].module is not None}
             inter = Interleaver(graph, stage.pass_index, carry.layout, state.values,
                                 run.steps if generate else 1, _modules(self.model, graph, paths), carry.logs,
-                                owned=state.owned, max_tensor_bytes=state.max_tensor_bytes)
+                                owned=state.owned, budget=state.budget, should_stop=state.should_stop)
             state.interleavers[stage.pass_index] = inter
         inter.logs = carry.logs
         inter.receive(carry.values)

@@ -275,6 +275,27 @@ class MethodRef:
         return f"<method {self.op_name}>"
 
 
+def method_op_name(method: MethodRef) -> str:
+    """The name the cost rules know a method by: ``Tensor.add``, ``list.append``, ``dict.keys``,
+    ``Size.numel``, ``tuple.index`` (named tuples too), ``ModelOutput.to_tuple``."""
+    owner, name = method.owner, method.name
+    if isinstance(owner, torch.Tensor):
+        return f"Tensor.{name}"
+    if name == "to_tuple" and _is_model_output(owner):
+        return "ModelOutput.to_tuple"
+    for types, methods in _CONTAINER_METHODS:
+        if isinstance(owner, types) and name in methods:
+            return f"{types.__name__ if isinstance(types, type) else types[0].__name__}.{name}"
+    return method.op_name
+
+
+def container_method_names() -> list[str]:
+    """Every method of a plain value a graph may call, by the name :func:`method_op_name` gives it."""
+    names = [f"{types.__name__ if isinstance(types, type) else types[0].__name__}.{name}"
+             for types, methods in _CONTAINER_METHODS for name in sorted(methods)]
+    return [*names, "ModelOutput.to_tuple"]
+
+
 @functools.cache
 def _never_data() -> frozenset[str]:
     """Attribute names no graph value may be asked for, known without the value (static refusal)."""
@@ -397,9 +418,10 @@ def safe_call(method: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 # -- module attributes: copies of parameters and buffers, plain config values --------------------------------
-def module_attr(module: torch.nn.Module, name: str) -> Any:
+def module_attr(module: torch.nn.Module, name: str, before_copy: Callable[[Any], None] | None = None) -> Any:
     """A module's parameter, buffer or plain attribute as a graph value: tensors are copied
     (``detach().clone()``), so nothing a graph does to the value reaches the (shared) model.
+    ``before_copy`` sees the value before it is copied (a shared shard sizes the copy there).
 
     Submodules, bound methods and other objects are refused: a graph calls a module through a
     ``module_call`` node and reads its inputs and outputs through getters, it never holds one.
@@ -421,6 +443,8 @@ def module_attr(module: torch.nn.Module, name: str) -> Any:
             f"{where} is not a parameter, buffer or plain attribute of the module; graphs read parameters, "
             f"buffers and plain config values only. Parameters: {', '.join(module._parameters) or 'none'}; "
             f"buffers: {', '.join(module._buffers) or 'none'}", attribute=name)
+    if before_copy is not None:
+        before_copy(value)
     return copy_data(value, where)
 
 
@@ -442,7 +466,9 @@ def copy_data(value: Any, where: str, depth: int = 0) -> Any:
 
 
 # -- one operation's arguments ------------------------------------------------------------------------
-_KEY_FUNCTIONS = frozenset({"builtins.sorted", "builtins.min", "builtins.max", "list.sort"})
+#: Operations whose ``key=`` argument would call a function (refused: a graph passes no functions).
+#: The one table of them, read by the static validator and by the run-time check.
+KEY_FUNCTIONS = frozenset({"builtins.sorted", "builtins.min", "builtins.max", "list.sort"})
 _DEVICE_METHODS = {"Tensor.cuda": "cuda", "Tensor.xpu": "xpu", "Tensor.ipu": "ipu", "Tensor.mtia": "mtia"}
 
 
@@ -516,7 +542,7 @@ def check_arguments(name: str, args: Any, kwargs: Any, devices: Collection[torch
         raise ForbiddenOperationError(
             f"{name}(..., out=...) is refused: out= writes into an existing tensor. Use the returned value "
             "(y = torch.add(a, b)) and assign it where it belongs", op=name, argument="out")
-    if name in _KEY_FUNCTIONS and kwargs.get("key") is not None:
+    if name in KEY_FUNCTIONS and kwargs.get("key") is not None:
         raise ForbiddenOperationError(
             f"{name}(..., key=...) is refused: a graph passes no functions to operations", op=name, argument="key")
     for flag in ("unsafe", "pin_memory"):

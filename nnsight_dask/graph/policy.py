@@ -52,6 +52,19 @@ class Policy:
         length, counting the new tokens too).
     max_result_bytes, max_tensor_bytes
         Bytes of saved values returned inline, and of any one tensor an experiment sends in or creates.
+    max_op_work
+        Work one operation of a graph may do, in work units (a floating-point operation of a matrix
+        product; other kernels by their relative cost, see :mod:`~nnsight_dask.graph.estimates`):
+        a running operation cannot be interrupted, so this bounds how long a cancelled or timed-out
+        experiment still holds its shard. ``None``: each shard derives it from its own measured speed,
+        ``nnsight-dask.op-seconds`` (0.5 s) of it.
+    max_op_items
+        Python items one operation may walk (``sum(range(n))``, ``sorted(l)``, big-integer arithmetic).
+        ``None``: ``nnsight-dask.op-seconds`` of the shard's measured interpreter speed.
+    max_experiment_bytes
+        Bytes the values of one experiment's nodes may hold at once on a shard. ``None``: a share
+        (``nnsight-dask.experiment-memory-fraction``, 0.25) of the shard's memory: the worker's memory
+        limit, or the GPU's memory.
     timeout
         Wall-time bound of one experiment, in seconds.
     """
@@ -65,6 +78,9 @@ class Policy:
     max_prompt_tokens: int | None = None
     max_result_bytes: int = 256 << 20
     max_tensor_bytes: int = 1 << 30
+    max_op_work: float | None = None
+    max_op_items: int | None = None
+    max_experiment_bytes: int | None = None
     timeout: float = 600.0
 
     def __post_init__(self) -> None:
@@ -79,6 +95,10 @@ class Policy:
         for name in ("max_new_tokens", "max_result_bytes", "max_tensor_bytes"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"Policy({name}={getattr(self, name)!r}) must be at least 1")
+        for name in ("max_op_work", "max_op_items", "max_experiment_bytes"):
+            value = getattr(self, name)
+            if value is not None and not value >= 1:
+                raise ValueError(f"Policy({name}={value!r}) must be at least 1, or None (derived by each shard)")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ValueError(f"Policy(max_prompt_tokens={self.max_prompt_tokens!r}) must be at least 1 or None")
         if not self.timeout > 0:

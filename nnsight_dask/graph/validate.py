@@ -20,8 +20,10 @@ The rules, in the order they are checked:
   earlier pass, not from outside an iteration block into it; ``cond``, ``pass``, ``invoke`` and
   ``iteration`` in range; each kind's arity, keyword arguments, module, access and target:
   module paths of ``[A-Za-z0-9_.]`` segments not starting with ``_`` (and in ``module_paths``);
-  ops in the whitelist, ``getattr`` and ``module_attr`` names public identifiers, no ``key=``
-  callables; local functions only locally; a written value a reference, tensor or number.
+  ops in the whitelist (remotely: with a cost rule, see :mod:`.op_rules`), ``getattr`` and
+  ``module_attr`` names public identifiers, no ``key=`` callables (:data:`~.ops.KEY_FUNCTIONS`, the
+  table the run-time check reads too); local functions only locally; a written value a reference,
+  tensor or number.
 - **Totals.** Tensors sent along at most ``max_constant_bytes``; save names unique.
 - **Changes in place (remote).** No node changes in place a value of an earlier pass (``x[i] = v``,
   ``x += v``, ``x.add_(v)``, ``l.append(v)`` on a value of an earlier trace of a session): each shard
@@ -49,7 +51,8 @@ from .node import (
     field_error,
     short,
 )
-from .ops import check_attribute_name, check_op_call, registry
+from .op_rules import REFUSED, rule_for
+from .ops import KEY_FUNCTIONS, check_attribute_name, check_op_call, registry
 
 PASS_KINDS = ("trace", "generate")
 #: Sampling options: ``do_sample`` with ``temperature``, ``top_k``, ``top_p`` and the ``seed`` of the
@@ -75,8 +78,6 @@ KWARGS = {Kind.OP: None, Kind.MODULE_CALL: None, Kind.APPLY: None, Kind.BACKWARD
 TARGETED = frozenset({Kind.OP, Kind.MODULE_ATTR, Kind.SAVE, Kind.APPLY})
 #: Kinds whose node has no value: nothing may refer to them.
 VALUELESS = frozenset({Kind.SETTER, Kind.GRAD_SETTER, Kind.SKIP, Kind.BACKWARD, Kind.LOG, Kind.STOP})
-#: Builtins that would call a ``key=`` function.
-KEYED_BUILTINS = frozenset({"builtins.sorted", "builtins.min", "builtins.max"})
 #: Operators that change their first argument in place.
 CHANGING_OPERATORS = frozenset({"operator.setitem", "operator.delitem", "operator.iadd", "operator.isub",
                                 "operator.imul", "operator.itruediv", "operator.ifloordiv", "operator.imod",
@@ -472,9 +473,15 @@ def _check_kind(graph: InterventionGraph, node: Node, ops: Any, where: str, remo
                                     or not _PUBLIC_NAME.fullmatch(args[1])):
             raise field_error(node.id, "args", f"{where}: getattr must name a public attribute",
                               ForbiddenOperationError, location=node.location)
-        if target in KEYED_BUILTINS and "key" in node.kwargs:
+        if node.kwargs.get("key") is not None and _calls_with_key(graph, node):
             raise field_error(node.id, "kwargs", f"{where}: key= would call a function; graphs call none",
                               ForbiddenOperationError, location=node.location)
+        rule = rule_for(target) if remote and target not in ("getattr", "call") else None
+        if remote and target not in ("getattr", "call") and (rule is None or rule.kind == REFUSED):
+            reason = rule.reason if rule is not None else "it has no cost rule"
+            raise field_error(node.id, "target", f"{where}: {target} is refused on a shared deployment: {reason}. "
+                              "Run it locally (nd.apply) or with other operations", ForbiddenOperationError,
+                              op=target, location=node.location)
         try:  # the shard's own rules (denied families, out=, callables, never-data attributes)
             check_op_call(target, args, node.kwargs)
         except ForbiddenOperationError as exc:
@@ -485,6 +492,19 @@ def _check_kind(graph: InterventionGraph, node: Node, ops: Any, where: str, remo
             node.id, "kind", f"{where} calls the local Python function {short(node.target)} through nd.apply; graphs "
             "with local functions run only locally. Rewrite it with torch operations to run it remotely.",
             ForbiddenOperationError, function=node.target, location=node.location)
+
+
+def _calls_with_key(graph: InterventionGraph, node: Node) -> bool:
+    """Whether ``node`` calls an operation of :data:`~.ops.KEY_FUNCTIONS` (``sorted``, or the ``sort``
+    method read with ``getattr``): its ``key=`` would be called."""
+    if node.target in KEY_FUNCTIONS:
+        return True
+    if node.target != "call" or not node.args or not isinstance(node.args[0], Ref):
+        return False
+    method = graph.nodes[node.args[0].id]
+    methods = {name.rpartition(".")[2] for name in KEY_FUNCTIONS if not name.startswith("builtins.")}
+    return method.kind == Kind.OP and method.target == "getattr" and len(method.args) == 2 \
+        and method.args[1] in methods
 
 
 def _changed_value(graph: InterventionGraph, node: Node) -> int | None:

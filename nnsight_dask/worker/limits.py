@@ -10,8 +10,13 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import Any
 
+import psutil
+import torch
+from distributed import get_worker
+
 from .. import config
 from ..errors import ExperimentFailedError
+from ..graph.allocation import OpBounds, measured_rates
 from ..graph.graph import InterventionGraph
 from ..graph.policy import Policy, check_policy
 from ..graph.validate import DEFAULT_MAX_NODES, validate_graph
@@ -54,3 +59,31 @@ def check_inline_size(results: Mapping[str, Any], options: Mapping[str, Any], po
         f"{limit / 2**20:.1f} MiB (this deployment's max_result_bytes, or nnsight-dask.max-inline-result-bytes "
         f"on its workers): {hint}",
         inline_bytes=size, limit=limit)
+
+
+def op_bounds(policy: Policy, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> OpBounds:
+    """The bounds on each operation and each experiment of a shard on ``device``: the deployment's
+    policy where it sets them, else derived here, on the worker, from what it can do: its measured
+    speed (``nnsight-dask.op-seconds`` of it per operation) and its memory
+    (``nnsight-dask.experiment-memory-fraction`` of the worker's memory limit, or of the GPU's memory)."""
+    work_rate, item_rate = measured_rates(device, dtype)
+    seconds = float(config.op_seconds)
+    return OpBounds(
+        max_tensor_bytes=policy.max_tensor_bytes,
+        max_op_work=policy.max_op_work if policy.max_op_work is not None else work_rate * seconds,
+        max_op_items=policy.max_op_items if policy.max_op_items is not None else max(int(item_rate * seconds), 1),
+        max_experiment_bytes=policy.max_experiment_bytes if policy.max_experiment_bytes is not None
+        else _memory_share(torch.device(device)),
+        work_rate=work_rate, item_rate=item_rate)
+
+
+def _memory_share(device: torch.device) -> int | None:
+    """``experiment-memory-fraction`` of the memory a shard's tensors live in (None: unknown)."""
+    fraction = float(config.experiment_memory_fraction)
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory * fraction)
+    try:
+        limit = get_worker().memory_manager.memory_limit
+    except (ValueError, AttributeError):  # not in a worker (unit tests build shards directly)
+        limit = None
+    return int((limit or psutil.virtual_memory().total) * fraction)
