@@ -75,6 +75,13 @@ from typing import Any
 from _common import use_this_checkout  # bench/ is on sys.path: it is the script's folder
 
 REPO = use_this_checkout()
+#: Set by the driver for a runner (and inherited by the processes the runner spawns, which import this
+#: file again): the checkout whose nnsight_dask every process imports, instead of this one.
+TREE_ENV, SHIM_ENV = "ND_BENCH_SCALE_TREE", "ND_BENCH_SCALE_SHIM"
+if os.environ.get(TREE_ENV):
+    sys.path[:] = [os.environ[TREE_ENV], os.environ[SHIM_ENV]] + [
+        p for p in sys.path if os.path.realpath(p or ".") != os.path.realpath(REPO)]
+    os.environ["PYTHONPATH"] = os.pathsep.join([os.environ[TREE_ENV], os.environ[SHIM_ENV]])
 
 from _common import git_rev, machine, table, today  # noqa: E402
 
@@ -161,11 +168,12 @@ def _proc_users(n: int, expected: int, start_at: float, stop_at: float) -> list:
     return run_users(n, lambda: experiment(lm, n_layer), expected, start_at, stop_at)
 
 
-def _proc_warm(expected: int) -> None:
+def _proc_warm(expected: int) -> str:
     """One experiment, checked (first traces pay one-time costs), then a pause so that the pool's other
-    processes take the other warm-up tasks."""
+    processes take the other warm-up tasks; returns where nnsight_dask was imported from."""
     assert experiment(_PROC["lm"], _PROC["n_layer"]) == expected
     time.sleep(0.5)
+    return _package_file()
 
 
 def _http_setup() -> None:
@@ -271,7 +279,7 @@ class Runner:
         self.pids = {"scheduler": [scheduler.pid], "nannies": [nannies.pid]}
         for placement in record.shards:
             self.pids[f"w{placement.index}"] = [worker_pids[placement.worker]]
-        where = {"runner": nd.__file__, "scheduler": client.run_on_scheduler(_package_file),
+        self.where = where = {"runner": nd.__file__, "scheduler": client.run_on_scheduler(_package_file),
                  "workers": sorted(set(client.run(_package_file).values()))}
         idle = self._window({**self.pids, "client": [os.getpid()]}, time.time() + 0.5, time.time() + 3.5, None)
         if "processes" in modes:
@@ -396,8 +404,7 @@ class Runner:
             k, mp_context=context, initializer=_proc_connect, initargs=(address, self.name, self.n_layer))
         # k tasks at once start k processes (the pool starts one per task while none is idle)
         futures = [self.pool.submit(_proc_warm, self.expected) for _ in range(k)]
-        for future in futures:
-            future.result(timeout=300)
+        self.where["client processes"] = sorted({future.result(timeout=300) for future in futures})
         self.pool_pids = sorted(self.pool._processes)
 
     def _start_gateway(self, in_flight: int | None, max_users: int) -> None:
@@ -417,6 +424,7 @@ class Runner:
         self.http_pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=context, initializer=_http_setup)
         self.http_pool.submit(_http_users, self.gateway.url, self.name, self.graph_json, 1, self.expected,
                               time.time(), time.time() + 0.5).result(timeout=300)
+        self.where["http users"] = self.http_pool.submit(_package_file).result(timeout=60)
         self.http_pids = list(self.http_pool._processes)  # one process
 
     def _window(self, pids: dict[str, list[int]], t0: float, t1: float, profile: dict | None) -> dict:
@@ -508,7 +516,8 @@ class Tree:
 
     def __init__(self, label: str, path: str, shim_dir: str, args: argparse.Namespace) -> None:
         self.label, self.path = label, str(Path(path).resolve())
-        env = {**os.environ, **ENV, "PYTHONPATH": os.pathsep.join([self.path, shim_dir])}
+        env = {**os.environ, **ENV, "PYTHONPATH": os.pathsep.join([self.path, shim_dir]), TREE_ENV: self.path,
+               SHIM_ENV: shim_dir}
         self.proc = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "--_runner", self.path, "--_shim", shim_dir,
              "--layer-ms", str(args.layer_ms), "--layers", str(args.layers)],
@@ -834,11 +843,8 @@ def main() -> None:
     parser.add_argument("--_shim", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    if args._runner:
-        tree = str(Path(args._runner).resolve())
-        sys.path[:] = [tree, args._shim] + [p for p in sys.path if Path(p or ".").resolve() != Path(REPO).resolve()]
-        os.environ["PYTHONPATH"] = os.pathsep.join([tree, args._shim])
-        runner_main(tree, args._shim, args.layer_ms, args.layers)
+    if args._runner:  # sys.path and PYTHONPATH were set for the tree at import (TREE_ENV)
+        runner_main(args._runner, args._shim, args.layer_ms, args.layers)
         return
 
     if args.report:
