@@ -290,8 +290,9 @@ def test_placement_rule():
 # -- worker death ------------------------------------------------------------------------------------------------
 # (these kill the module cluster's workers: its Nannies restart them; they run last)
 def test_a_worker_death_counts_only_against_the_experiment_running_there(client, model_dir, local):
-    """The culprit computes a long stage on each shard; the waiting experiments queue behind it. Its
-    shard-1 worker is killed while it computes there, and again during its retry."""
+    """The culprit computes a long stage on each shard; while it computes on shard 1, three small
+    experiments pass shard 0 and queue behind it. Its shard-1 worker is killed while it computes
+    there, and again during its retry."""
     heavy = torch.randint(4, 100, (512, 200))  # ~1 s of compute per shard on the tiny model
     nd.serve(client, model_dir, shards=2, name="fragile")
     lm = nd.RemoteModel(client, "fragile")
@@ -323,12 +324,15 @@ def test_a_worker_death_counts_only_against_the_experiment_running_there(client,
         lm.model.layers[3].output[:, -1].sum().save()
     culprit = tracer.future
     first = computing_on(0, lambda e: True)["experiment"]
+    there = computing_on(1, lambda e: e == first)["worker"]
     waiting = []
-    for i in range(3):  # queue behind it: in flight (their stages wait on its workers) or in this client
+    for i in range(3):  # queue behind it on shard 1, once shard 0 has run them (it is free now)
         with lm.trace(torch.tensor([[i + 4, 5, 6]]), blocking=False) as t:
             lm.output.logits[:, -1].save()
         waiting.append(t.future)
-    kill(computing_on(1, lambda e: e == first)["worker"])
+    wait_until(lambda: sum(r["stages"] == "1/2" and r["experiment"] != first for r in rows().values()) == 3, 30,
+               "the waiting experiments past shard 0 (the shards report passes every 0.2 s)", step=0.02)
+    kill(there)
     killed = time.monotonic()
     kill(computing_on(1, lambda e: rows().get(e, {}).get("retry_of") == first)["worker"])  # its retry, there
     with pytest.raises(ExperimentFailedError,
