@@ -17,6 +17,11 @@ export PIP_NO_INPUT=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignor
 pip_install() { "$PYTHON" -m pip install --quiet "$@" </dev/null; }
 
 version="$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    echo "install.sh: nnsight-dask needs Python 3.11 or newer (zarr 3 does); $PYTHON is $version." \
+         "Use PYTHON=python3.11 bash install.sh (or 3.12, 3.13)" >&2
+    exit 1
+fi
 lock="requirements/lock-py$version.txt"
 constraints=()
 if [[ "${NNSIGHT_DASK_NEWEST:-0}" == 1 ]]; then
@@ -40,7 +45,8 @@ else
 fi
 # The torch now installed stays: no later step may swap it for another build (e.g. a CUDA wheel
 # because some package's newest release wants a newer torch).
-if torch_version="$("$PYTHON" -c 'import torch; print(torch.__version__)' 2>/dev/null)"; then
+# (The distribution's version: PyPI's CUDA wheels say 2.13.0 where torch.__version__ says 2.13.0+cu130.)
+if torch_version="$("$PYTHON" -c 'import importlib.metadata as m; print(m.version("torch"))' 2>/dev/null)"; then
     keep_torch="$(mktemp)"
     trap 'rm -f "$keep_torch"' EXIT
     echo "torch==$torch_version" >"$keep_torch"
