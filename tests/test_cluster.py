@@ -8,6 +8,7 @@ import os
 import signal
 import time
 
+import dask
 import pytest
 import torch
 
@@ -67,6 +68,18 @@ def test_trace_parity(remote, local):
         return [h, lens, logits]
     for r, l in zip(*both(remote, local, experiment)):
         assert_close(r, l)
+
+
+def test_a_client_that_cannot_reach_the_workers_goes_through_the_scheduler(client, remote, local):
+    """``direct_to_workers=False``: the route's call is proxied by the scheduler; same numbers."""
+    def experiment(lm):
+        with lm.generate(PROMPT, max_new_tokens=3) as tracer:
+            lm.model.layers[2].output[:, -1] += 1
+            out = tracer.result.save()
+        return out
+    with dask.config.set({"nnsight-dask.direct-to-workers": False}):
+        got, expected = both(remote, local, experiment)
+    assert torch.equal(getattr(got, "value", got), getattr(expected, "value", expected))
 
 
 def test_invokes_and_cross_invoke_patch_parity(remote, local):
@@ -200,13 +213,13 @@ def test_many_concurrent_users_get_their_own_results(client, remote, local):
     assert sorted(len(v) for v in held.values()) == [1, 1]
 
 
-# -- experiments in flight together share stage tasks ------------------------------------------------------
-def _stage_keys(client):
-    """Experiment id -> its first stage task's key, as the scheduler's monitor saw them."""
+# -- experiments in flight together travel together ------------------------------------------------------
+def _routes(client):
+    """Experiment id -> the experiments it travelled with (``a+b+c``), as the scheduler's monitor saw them."""
     def read(dask_scheduler):
         from nnsight_dask.scheduler.monitor import monitor_of
 
-        return {e: r.keys[0] for e, r in monitor_of(dask_scheduler).experiments.items()}
+        return {e: r.route for e, r in monitor_of(dask_scheduler).experiments.items()}
     return client.run_on_scheduler(read)
 
 
@@ -227,8 +240,10 @@ def _monitor_rows(client):
     return {row["experiment"]: row for row in client.run_on_scheduler(read)}
 
 
-def _occupy(client, remote, n=2):
-    """Non-blocking generations that keep the deployment's chain slots busy (~1 s), once they run."""
+def _occupy(client, remote, n=None):
+    """Non-blocking generations that keep this process's route slots for the deployment busy (~1 s),
+    once they run (``max_routes_per_shard`` per shard)."""
+    n = n or 2 * nd.config.max_routes_per_shard
     fillers = []
     for _ in range(n):
         with remote.generate(PROMPT, max_new_tokens=60, blocking=False) as tracer:
@@ -241,23 +256,30 @@ def _occupy(client, remote, n=2):
     return fillers
 
 
-def test_experiments_in_flight_together_share_stage_tasks(client, remote, local):
+def _transitions(client):
+    return client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.transition_counter)
+
+
+def test_experiments_in_flight_together_travel_together_with_no_task(client, remote, local):
     prompts = [torch.tensor([[i + 4] * (2 + i % 4)]) for i in range(10)]  # lengths 2..5: nothing padded
+    before = _transitions(client)
     tracers = []
     for ids in prompts:
         with remote.trace(ids, blocking=False) as tracer:
             out = remote.model.layers[3].output[:, -1].save()
         tracers.append(tracer)
     results = [tracer.future.result(timeout=60) for tracer in tracers]
+    # the direct route: ten experiments, and the scheduler moved no task at all
+    assert _transitions(client) == before
     for ids, result in zip(prompts, results):
         with local.trace(ids):
             ref = local.model.layers[3].output[:, -1].save()
         assert_close(result["out"], ref)
-    keys = _stage_keys(client)
-    shared = [r.experiment_id for r in results if "+" in keys[r.experiment_id]]
-    assert len(shared) >= 2, "no two experiments shared a chain of stage tasks"
+    routes = _routes(client)
+    shared = [r.experiment_id for r in results if "+" in routes[r.experiment_id]]
+    assert len(shared) >= 2, "no two experiments travelled together"
     for experiment in shared:
-        assert experiment in keys[experiment]  # keys name every member experiment
+        assert experiment in routes[experiment].split("+")
     assert _in_flight(client, "tiny") == [0, 0]  # every shard forgot every finished experiment
 
 
@@ -278,15 +300,15 @@ def test_error_in_a_shared_chain_fails_only_that_experiment(client, remote, loca
         assert_close(next(iter(futures["good2"].result(timeout=60).values())), h[:, -1])
         for tracer in fillers:
             tracer.future.cancel()
-        keys, rows = _stage_keys(client), _monitor_rows(client)
+        routes, rows = _routes(client), _monitor_rows(client)
         bad = [e for e, row in rows.items() if "index 99" in row["error"] and e not in seen]
         assert len(bad) == 1
         seen.update(bad)
-        if "+" in keys[bad[0]]:
-            mates = keys[bad[0]].split("-")[1].split("+")
+        if "+" in routes[bad[0]]:
+            mates = routes[bad[0]].split("+")
             assert {e: rows[e]["status"] for e in mates} == {e: "failed" if e == bad[0] else "completed" for e in mates}
             return
-    pytest.fail("the failing experiment never shared a chain of stage tasks in 5 attempts")
+    pytest.fail("the failing experiment never travelled with others in 5 attempts")
 
 
 def test_cancelling_a_queued_experiment_leaves_the_others(client, remote, local):

@@ -311,7 +311,7 @@ def test_a_worker_death_counts_only_against_the_experiment_running_there(client,
                 return False
             found.update(worker=worker, experiment=running)
             return True
-        wait_until(steady_there, 60, f"an experiment computing on shard {shard}", step=0.01)
+        wait_until(steady_there, 120, f"an experiment computing on shard {shard}", step=0.01)
         return found
 
     def kill(worker):

@@ -79,6 +79,8 @@ class ExperimentRecord:
     started: float | None = None
     ended: float | None = None
     stages_done: int = 0
+    #: The experiments it travelled with on the direct route (``a+b+c``; itself alone when it went alone).
+    route: str = ""
     bytes_returned: int = 0
     bytes_persisted: int = 0
     error: str = ""
@@ -251,6 +253,7 @@ class ExperimentMonitor(SchedulerPlugin):
         record = ExperimentRecord(
             experiment=message["experiment"], deployment=message.get("deployment", ""),
             user=message.get("user") or "", stages=int(message.get("stages") or 0),
+            route=str(message.get("route") or message["experiment"]),
             shards=list(message.get("shards", [])), submitted=time.time(), retry_of=message.get("retry_of") or "",
             client=client, workers=sorted(set(message.get("workers") or ())),
             via="gateway" if client in self.gateways else "client")
