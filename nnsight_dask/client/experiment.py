@@ -58,12 +58,9 @@ from .deployment import (
     undeployed_message,
 )
 from .record import Deployment
+from .retry import Retries
 
 POLL_SECONDS = 0.2
-#: Re-submissions allowed when only the client's cached deployment record was out of date.
-STALE_RECORD_RESUBMITS = 3
-#: Retries after losses an experiment did not cause (it was waiting, not computing on the worker).
-FREE_RETRIES = 5
 #: Least time between two checks, per client and deployment, whether shards sharing a worker can
 #: spread again (only while the cached placement shares one).
 REBALANCE_CHECK_SECONDS = 2.0
@@ -171,8 +168,7 @@ def run_experiment(client: Client, name: str, graph: InterventionGraph, *, modul
     shorten_batching(client)
     coalescer = coalescer_for(client, name, launch_batch)
     record = _spread_if_due(client, name, record, on_record)
-    retried_from, reason, solo = "", "", False
-    counted, free, resubmits = 0, 0, 0
+    retries, retried_from, reason, solo = Retries(), "", "", False
     while True:
         member = Member(experiment, graph_json, user=user, retry_of=retried_from, reason=reason, solo=solo)
         batch = coalescer.enqueue(member, record, plan_for(record, graph))
@@ -183,28 +179,13 @@ def run_experiment(client: Client, name: str, graph: InterventionGraph, *, modul
             _abandon(client, coalescer, batch, member, graph, "a shard's worker died; it is retried")
             fresh = _current(client, name, experiment)
             moved = (fresh.generation, fresh.created) != (record.generation, record.created)
-            if moved and not lost_on and not dead_shards(client, fresh) and resubmits < STALE_RECORD_RESUBMITS:
-                reason, resubmits = "the deployment's shards had moved (cached placement was out of date)", resubmits + 1
-            else:
-                if lost_on is None or lost_on:  # computing on the worker that died (or no monitor to tell)
-                    where = f"worker {lost_on}" if lost_on else "a shard's worker"
-                    if counted == 1:
-                        error = (f"{where} died while this experiment was running on it, and again during its retry; "
-                                 "the experiment may be what kills the worker (e.g. it allocates more memory "
-                                 "than the worker has)")
-                        _finished(client, record, experiment, "failed", error=error)
-                        raise ExperimentFailedError(f"experiment {experiment} on {name!r} failed: {error}",
-                                                    experiment=experiment) from None
-                    reason, counted, solo = f"{where} died while this experiment was running on it", counted + 1, True
-                else:
-                    free += 1
-                    if free > FREE_RETRIES:
-                        error = f"the deployment lost a shard's worker {free} times while this experiment waited"
-                        _finished(client, record, experiment, "failed", error=error)
-                        raise ExperimentFailedError(f"experiment {experiment} on {name!r} failed: {error}",
-                                                    experiment=experiment) from None
-                    reason = ("a shard's worker died while this experiment waited (queued, or on another shard); "
-                              "not counted against its retry")
+            decision = retries.after_loss(lost_on, moved, bool(moved and dead_shards(client, fresh)))
+            reason, solo = decision.reason, solo or decision.solo
+            if decision.action == "fail":
+                _finished(client, record, experiment, "failed", error=decision.reason)
+                raise ExperimentFailedError(f"experiment {experiment} on {name!r} failed: {decision.reason}",
+                                            experiment=experiment) from None
+            if decision.action == "retry":
                 notify("retrying", {"experiment": experiment})
                 fresh = _recover(client, name, experiment)
             record = fresh
