@@ -76,7 +76,6 @@ class ApiHandler(web.RequestHandler):
             if user is None:
                 raise ApiError(401, "Unauthorized", "a valid API key is needed: send 'Authorization: Bearer <key>'")
             self.user = user
-            self.core.connections.authenticated(getattr(self.request.connection, "stream", None))
         declared = self.request.headers.get("Content-Length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.core.max_body_bytes):
             raise self._too_large()
@@ -103,6 +102,7 @@ class ApiHandler(web.RequestHandler):
             self.core.admission.refusals.spend(self.user.name)
 
     def on_connection_close(self) -> None:
+        super().on_connection_close()  # ends the wait for a body that will not come
         if not getattr(self, "_working", False):  # a submission being validated releases when it is done
             self.release()
 
@@ -324,7 +324,6 @@ class Events(websocket.WebSocketHandler):
             self.set_status(401)
             self.finish(json.dumps({"error": {"type": "Unauthorized", "message": "a valid API key is needed"}}))
             return
-        self.core.connections.authenticated(getattr(self.request.connection, "stream", None))
         if row is None or row["user"] != user.name:
             self.set_status(404)
             self.finish(json.dumps({"error": {"type": "NotFound", "message": f"no experiment {args[0]}"}}))

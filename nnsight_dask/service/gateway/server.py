@@ -119,7 +119,7 @@ class Gateway:
         self.io_pool = FairPool(8, per_user=4, name="nnsight-gateway-io")
         self.validation_pool = FairPool(self.validation_threads, per_user=1)
         self.admission = Admission(self.max_submitting_per_user, self.refusals_per_minute)
-        self.connections = ConnectionGuard(self.max_unauthenticated)
+        self.connections = ConnectionGuard(self.max_unauthenticated, self.keys.authenticate)
         self._loop = asyncio.new_event_loop()
         self.events = EventHub(self._loop)
         self.dispatcher = Dispatcher(self.client, self.deployments, self.state, self.events.publish,
@@ -150,7 +150,7 @@ class Gateway:
                                              body_timeout=self.body_timeout, header_timeout=self.header_timeout,
                                              guard=self.connections)
             sockets = netutil.bind_sockets(self.port, self.host)
-            self._server.add_sockets(sockets)
+            self._server.listen_on(sockets)
             self.port = sockets[0].getsockname()[1]  # the one chosen when port=0
             expire = PeriodicCallback(self.dispatcher.expire, EXPIRE_EVERY_MS)
             expire.start()

@@ -87,8 +87,8 @@ class ZarrSink:
         try:
             return fn(*args, **kwargs)
         except Exception as exc:
-            logger.warning("experiment %s of user %r: %s in store %r failed", self.experiment,
-                           self.scope.get("user"), what, self.store, exc_info=True)
+            logger.warning("experiment %s of user %r: %s in store %r failed: %s: %s", self.experiment,
+                           self.scope.get("user"), what, self.store, type(exc).__name__, exc)
             raise StorageError(f"{what} of experiment {self.experiment} in store {self.store!r} failed "
                                f"({type(exc).__name__}); what the store answered is withheld from experiments sent "
                                "through the gateway (it is in the log of the process that wrote)",
