@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import time
 import uuid
+import weakref
 import warnings
 from collections import Counter
 from collections.abc import Callable
@@ -232,9 +233,25 @@ def undeploy(client: Client, name: str) -> None:
                 pass
 
 
+#: How long a client trusts its last view of which workers are alive, when it shows every shard's
+#: worker alive (every waiting experiment asks every 0.2 s: many threads of one process share one view).
+LIVENESS_SECONDS = 0.5
+_alive: weakref.WeakKeyDictionary[Client, tuple[float, frozenset[str]]] = weakref.WeakKeyDictionary()
+
+
 def dead_shards(client: Client, record: Deployment) -> list[int]:
-    """Shards whose worker has left the cluster."""
-    alive = set(client.scheduler_info(n_workers=-1)["workers"])
+    """Shards whose worker has left the cluster.
+
+    Asking the scheduler costs it and the client an RPC; a recent view that has every shard's worker
+    alive is trusted for ``LIVENESS_SECONDS`` (a death is seen that much later at most), any other
+    answer is checked with the scheduler at once (a shard re-created on a new worker is not dead).
+    """
+    now = time.monotonic()
+    seen = _alive.get(client)
+    if seen is not None and now - seen[0] < LIVENESS_SECONDS and all(s.worker in seen[1] for s in record.shards):
+        return []
+    alive = frozenset(client.scheduler_info(n_workers=-1)["workers"])
+    _alive[client] = (now, alive)
     return [s.index for s in record.shards if s.worker not in alive]
 
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..execution.stage import Carry, Stage
+from ..graph.graph import InterventionGraph
 
 #: How recent a shared pass must be for a free shard to wait for company.
 _RECENT_S = 1.0
@@ -42,12 +43,16 @@ class StageRequest:
 
     experiment: str
     stage: Stage
-    graph_json: str | None
+    #: On the experiment's first stage here: its graph, as JSON from outside (decoded and checked
+    #: here) or already checked by the shard that admitted it (:attr:`admitted`, sent on by a peer).
+    graph: str | InterventionGraph | None
     carry: Carry | None
     final: bool
     #: The carry or results to answer with, or the exception ending the experiment.
     outcome: Any = None
     done: bool = False
+    #: The graph this shard decoded and checked for it (peers of the route trust it from then on).
+    admitted: InterventionGraph | None = None
 
 
 class StageQueue:

@@ -11,8 +11,10 @@
 """
 from __future__ import annotations
 
+import itertools
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 #: Event topic (``{"passes": [...]}``, see :meth:`PassLog.add`) a worker sends every ``FLUSH_SECONDS``.
@@ -56,6 +58,64 @@ def flush(worker: Any) -> None:
         worker.log_event(STAGES_TOPIC, {"passes": passes})  # a dict: the scheduler adds the worker's address
 
 
+class Deadlines:
+    """Calls due after a delay, all served by one daemon thread of the process (a ``threading.Timer``
+    per stage would start a thread per stage)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._due: dict[int, tuple[float, Callable[[], Any]]] = {}
+        self._tokens = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def after(self, delay: float, call: Callable[[], Any]) -> Pending:
+        with self._cond:
+            token = next(self._tokens)
+            self._due[token] = (time.monotonic() + delay, call)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name="nnsight-deadlines", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return Pending(self, token)
+
+    def cancel(self, token: int) -> None:
+        with self._cond:
+            self._due.pop(token, None)
+
+    def _serve(self) -> None:
+        while True:
+            with self._cond:
+                while not self._due:
+                    self._cond.wait()
+                now = time.monotonic()
+                earliest = min(when for when, _ in self._due.values())
+                if earliest > now:
+                    self._cond.wait(earliest - now)
+                    continue
+                ready = [token for token, (when, _) in self._due.items() if when <= now]
+                calls = [self._due.pop(token)[1] for token in ready]
+            for call in calls:
+                try:
+                    call()
+                except Exception:  # telemetry must never take the thread down
+                    pass
+
+
+class Pending:
+    """A call of :class:`Deadlines` not made yet; ``cancel()`` drops it."""
+
+    def __init__(self, deadlines: Deadlines | None, token: int = -1) -> None:
+        self._deadlines = deadlines
+        self._token = token
+
+    def cancel(self) -> None:
+        if self._deadlines is not None:
+            self._deadlines.cancel(self._token)
+
+
+DEADLINES = Deadlines()
+
+
 class RunningAnnouncer:
     """Tells the scheduler which experiment computes on a shard, when that can matter.
 
@@ -69,17 +129,14 @@ class RunningAnnouncer:
         self.deployment = deployment
         self.shard = shard
 
-    def watch(self, experiment: str, others_waiting: bool) -> threading.Timer:
-        """Announce now or after ``ANNOUNCE_AFTER``; cancel the returned timer when the stage ends."""
-        timer = threading.Timer(ANNOUNCE_AFTER, self.announce, args=(experiment,))
-        timer.daemon = True
+    def watch(self, experiment: str, others_waiting: bool) -> Pending:
+        """Announce now or after ``ANNOUNCE_AFTER``; cancel the returned call when the stage ends."""
         if self.worker is None:  # not in a worker (unit tests call the shard directly)
-            return timer
+            return Pending(None)
         if others_waiting:
             self.announce(experiment)
-        else:
-            timer.start()
-        return timer
+            return Pending(None)
+        return DEADLINES.after(ANNOUNCE_AFTER, lambda: self.announce(experiment))
 
     def announce(self, experiment: str) -> None:
         self.worker.log_event(RUNNING_TOPIC, {"experiment": experiment, "deployment": self.deployment,
