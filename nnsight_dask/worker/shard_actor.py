@@ -160,7 +160,10 @@ class ShardActor:
         self.max_batch_tokens = int(settings.cotenant_max_tokens)
         self.queue = StageQueue(self._serve, int(settings.cotenant_max_batch),
                                 float(settings.cotenant_gather_ms) / 1000)
-        self.announcer = telemetry.RunningAnnouncer(_this_worker(), deployment, index)
+        worker = _this_worker()
+        self.announcer = telemetry.RunningAnnouncer(worker, deployment, index)
+        #: The worker's memory limit (stages may run outside a task, where get_worker() knows none).
+        self.memory_limit = getattr(getattr(worker, "memory_manager", None), "memory_limit", None)
         self.load_seconds = time.perf_counter() - started
         self.weight_bytes = nbytes(list({id(p): p for p in model.parameters()}.values()))
         registry.register(deployment, index, self)
@@ -393,7 +396,8 @@ class ShardActor:
             check_graph(graph, policy=self.policy, context_length=self.context_length, vocab_size=self.vocab_size)
         device, dtype = _device_and_dtype(self.runner.model)
         return self.runner.start(graph, ZarrSink.from_options(graph.options, experiment),
-                                 bounds=op_bounds(self.policy, device, dtype), vocab_size=self.vocab_size,
+                                 bounds=op_bounds(self.policy, device, dtype, self.memory_limit),
+                                 vocab_size=self.vocab_size,
                                  max_prompt_tokens=self.policy.max_prompt_tokens or self.context_length)
 
     def release(self, experiment: str) -> None:
