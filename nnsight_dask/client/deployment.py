@@ -236,7 +236,7 @@ def undeploy(client: Client, name: str) -> None:
 #: How long a client trusts its last view of which workers are alive, when it shows every shard's
 #: worker alive (every waiting experiment asks every 0.2 s: many threads of one process share one view).
 LIVENESS_SECONDS = 0.5
-_alive: weakref.WeakKeyDictionary[Client, tuple[float, frozenset[str]]] = weakref.WeakKeyDictionary()
+_liveness: weakref.WeakKeyDictionary[Client, tuple[float, frozenset[str]]] = weakref.WeakKeyDictionary()
 
 
 def dead_shards(client: Client, record: Deployment) -> list[int]:
@@ -247,11 +247,11 @@ def dead_shards(client: Client, record: Deployment) -> list[int]:
     answer is checked with the scheduler at once (a shard re-created on a new worker is not dead).
     """
     now = time.monotonic()
-    seen = _alive.get(client)
+    seen = _liveness.get(client)
     if seen is not None and now - seen[0] < LIVENESS_SECONDS and all(s.worker in seen[1] for s in record.shards):
         return []
     alive = frozenset(client.scheduler_info(n_workers=-1)["workers"])
-    _alive[client] = (now, alive)
+    _liveness[client] = (now, alive)
     return [s.index for s in record.shards if s.worker not in alive]
 
 
