@@ -80,7 +80,8 @@ def user(name: str, **table: object) -> dict[str, object]:
 def cluster(client, model_dir, internal_service):
     nd.serve(client, model_dir, shards=2, name="tiny")
     # a deployment whose operator lists a network store (the only way gateway users reach one)
-    nd.serve(client, model_dir, shards=1, name="net", policy=nd.Policy(stores=[f"{internal_service}/"]))
+    nd.serve(client, model_dir, shards=1, name="net",
+             policy=nd.Policy(stores=[f"{internal_service}/"], storage_options=["block_size"]))
     return client
 
 
@@ -368,14 +369,22 @@ def test_store_reaches_only_the_users_own_prefix(gw, internal_service, tmp_path)
 
 
 def test_store_errors_name_the_rule_not_the_stores_answer(gw, internal_service):
-    """Where the operator lists a network store, a failing write tells the user the rule, never the
-    service's status, headers or JSON."""
+    """Where the operator lists a network store (the deployment's policy, and the user's stores in
+    keys.toml), a failing write tells the user the rule, never the service's status, headers or JSON."""
     net = nd.RemoteModel(gw.url, "net", api_key="net-key")
-    with pytest.raises(Exception) as failed:
-        with net.trace(PROMPT, store=f"{internal_service}/run", persist_threshold=0):
+    Recorder.seen.clear()
+    with pytest.raises(PolicyError, match="storage_options") as refused:  # an option the policy does not list
+        with net.trace(PROMPT, store=f"{internal_service}/run", persist_threshold=0,
+                       storage_options={"headers": {"Authorization": "Bearer stolen"}}):
+            net.model.layers[1].output.save()
+    assert refused.value.rule == "storage_options" and not Recorder.seen
+    with pytest.raises(Exception) as failed:  # an option it lists
+        with net.trace(PROMPT, store=f"{internal_service}/run", persist_threshold=0,
+                       storage_options={"block_size": 0}):
             net.model.layers[1].output.save()
     text = str(failed.value)
     assert Recorder.seen, "the listed store was reached"
+    assert getattr(failed.value, "rule", None) == "store_errors", (type(failed.value), text)
     assert "withheld" in text and "store" in text, text
     for leak in ("internal_secret_field", "admin_token", "X-Internal-Build", "leaky", "500", "Internal Server"):
         assert leak not in text, (leak, text)
