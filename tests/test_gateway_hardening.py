@@ -489,3 +489,87 @@ def test_a_client_that_leaves_mid_body_frees_its_admission(gw, small_graph):
                         b"Content-Length: 1000\r\n\r\n{\"deployment\"")
     time.sleep(0.5)
     assert submit_latency(gw, small_graph, "bob") < VICTIM_BOUND
+
+
+# -- units ---------------------------------------------------------------------------------------------
+def test_the_validation_pool_takes_users_in_turn():
+    from nnsight_dask.service.gateway.admission import FairPool
+
+    pool = FairPool(workers=1, per_user=1)
+    order: list[str] = []
+    gate = threading.Event()
+    try:
+        first = pool.submit("heavy", gate.wait, 10)  # holds the one thread
+        time.sleep(0.1)
+        calls = [pool.submit("heavy", order.append, f"h{i}") for i in range(5)]
+        calls.append(pool.submit("light", order.append, "l0"))
+        gate.set()
+        for call in [first, *calls]:
+            call.result(timeout=10)
+    finally:
+        pool.shutdown()
+    assert order.index("l0") <= 1, order  # the light user's call went next (or after one heavy one), not last
+
+
+def test_refusals_spend_a_bucket_that_refills():
+    from nnsight_dask.service.gateway.admission import Admission, Refused
+
+    admission = Admission(max_submitting=2, refusals_per_minute=60)  # a token a second
+    for _ in range(60):
+        admission.refusals.spend("u")
+    with pytest.raises(Refused, match="too many requests the gateway refused") as refused:
+        admission.begin("u", active=0, max_concurrent=4)
+    assert 0 < refused.value.retry_after <= 1.0 and refused.value.limit == "refusals_per_minute"
+    admission.begin("v", 0, 4)
+    admission.begin("v", 0, 4)
+    with pytest.raises(Refused, match="gateway-max-submitting-per-user = 2"):
+        admission.begin("v", 0, 4)
+    admission.end("v")
+    with pytest.raises(Refused, match="max_concurrent = 4"):
+        admission.begin("v", active=3, max_concurrent=4)
+    time.sleep(1.05)
+    admission.begin("u", 0, 4)  # refilled
+
+
+def test_bodies_are_refused_unparsed_past_the_values_bound():
+    from nnsight_dask.service.gateway.bodies import BodyError, json_values, parse_json
+
+    assert json_values(b'{"a": [1, 2, {"b": "c,d"}]}') == 8  # marks inside strings count too: an upper bound
+    assert parse_json(b'{"a": [1, 2]}', 10) == {"a": [1, 2]}
+    with pytest.raises(BodyError, match="over the gateway's limit of 10") as big:
+        parse_json(b"[" + b"[]," * 10 + b"[]]", 10)
+    assert big.value.status == 413
+    with pytest.raises(BodyError, match="not valid JSON") as bad:
+        parse_json(b"{nope", 10)
+    assert bad.value.status == 400
+
+
+def test_store_ranges_are_parsed_strictly():
+    from nnsight_dask.service.gateway.handlers import ApiError, _byte_range
+
+    assert _byte_range(None) is None
+    assert _byte_range("bytes=0-9") == (0, 9) and _byte_range("bytes=5-") == (5, None)
+    assert _byte_range("bytes=-5") == (None, 5)
+    for bad in ("bytes=9-0", "bytes=0-1,3-4", "items=0-1", "bytes=-", "bytes=" + "9" * 30 + "-"):
+        with pytest.raises(ApiError) as refused:
+            _byte_range(bad)
+        assert refused.value.status_code == 416, bad
+
+
+def test_a_relative_store_lands_under_the_users_prefix():
+    from nnsight_dask.graph.graph import InterventionGraph
+    from nnsight_dask.service.gateway import KeyRing
+    from nnsight_dask.service.gateway.stores import scope_graph
+
+    ring = KeyRing.from_dict({"users": {"ann": {"key": "a", "stores": ["/data/ann"]}}})
+    ann = ring.users["ann"]
+    for given, resolved in (("run1", "file:///results/ann/run1"), ("/data/ann/x", "/data/ann/x"),
+                            ("s3://b/x", "s3://b/x"), (None, None)):
+        graph = InterventionGraph(options={"store_scope": {"user": "someone", "stores": ["/"]}}
+                                  | ({"store": given} if given else {}))
+        scope_graph(graph, ann, "file:///results")
+        assert graph.options.get("store") == resolved
+        assert graph.options["store_scope"] == {"user": "ann", "stores": ["file:///results/ann", "file:///data/ann"]}
+    for name in ("../x", ".hidden", "a/b", ""):
+        with pytest.raises(ValueError, match="a user's name"):
+            KeyRing.from_dict({"users": {name: {"key": "k"}}})
