@@ -26,6 +26,7 @@ Lifecycle rules:
 from __future__ import annotations
 
 import functools
+import threading
 import time
 import uuid
 import weakref
@@ -236,22 +237,44 @@ def undeploy(client: Client, name: str) -> None:
 #: How long a client trusts its last view of which workers are alive, when it shows every shard's
 #: worker alive (every waiting experiment asks every 0.2 s: many threads of one process share one view).
 LIVENESS_SECONDS = 0.5
-_liveness: weakref.WeakKeyDictionary[Client, tuple[float, frozenset[str]]] = weakref.WeakKeyDictionary()
+
+
+class _Liveness:
+    """One client's view of the live workers, refreshed by one thread at a time."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.when = -LIVENESS_SECONDS
+        self.alive: frozenset[str] = frozenset()
+
+    def fresh(self) -> bool:
+        return time.monotonic() - self.when < LIVENESS_SECONDS
+
+    def refresh(self, client: Client) -> frozenset[str]:
+        self.alive = frozenset(client.scheduler_info(n_workers=-1)["workers"])
+        self.when = time.monotonic()
+        return self.alive
+
+
+_liveness: weakref.WeakKeyDictionary[Client, _Liveness] = weakref.WeakKeyDictionary()
+_liveness_lock = threading.Lock()
 
 
 def dead_shards(client: Client, record: Deployment) -> list[int]:
     """Shards whose worker has left the cluster.
 
-    Asking the scheduler costs it and the client an RPC; a recent view that has every shard's worker
-    alive is trusted for ``LIVENESS_SECONDS`` (a death is seen that much later at most), any other
-    answer is checked with the scheduler at once (a shard re-created on a new worker is not dead).
+    Asking the scheduler costs it and the client an RPC (the identity of every worker); a recent view
+    that has every shard's worker alive is trusted for ``LIVENESS_SECONDS`` (a death is seen that much
+    later at most), and while one thread refreshes it the others wait for that answer instead of
+    asking too. A view missing a shard's worker is checked with the scheduler at once (a shard
+    re-created on a new worker is not dead).
     """
-    now = time.monotonic()
-    seen = _liveness.get(client)
-    if seen is not None and now - seen[0] < LIVENESS_SECONDS and all(s.worker in seen[1] for s in record.shards):
-        return []
-    alive = frozenset(client.scheduler_info(n_workers=-1)["workers"])
-    _liveness[client] = (now, alive)
+    with _liveness_lock:
+        view = _liveness.setdefault(client, _Liveness())
+    with view.lock:
+        if view.fresh() and all(s.worker in view.alive for s in record.shards):
+            return []
+        alive = view.refresh(client)
     return [s.index for s in record.shards if s.worker not in alive]
 
 
