@@ -10,8 +10,8 @@ How a batch of experiments (one :class:`~.hop.Hop`) travels:
 1. The client calls :data:`ROUTE_HANDLER` on the worker of the first stage's shard (the *origin*).
 2. Each worker runs the stage on its shard, in one of the worker's threads (never on the event
    loop, which keeps heartbeats and messages flowing), then hands the hop to the next stage's worker with
-   :data:`HOP_HANDLER`, which answers at once and carries on in the background. Stages on the same
-   worker follow without a message.
+   :data:`HOP_HANDLER` (a message that waits for no answer), which carries on in the background.
+   Stages on the same worker follow without a message.
 3. The last stage's worker sends the outcome to the origin (:data:`DELIVER_HANDLER`), which
    answers the client's call.
 
@@ -72,10 +72,9 @@ class Router:
             self.pending.pop(hop.route, None)
         return {"outcome": to_serialize(Outcome(answers))}
 
-    def hop(self, hop: Hop) -> str:
-        """Another worker hands on ``hop``: take it and answer at once (the stage runs meanwhile)."""
+    def hop(self, hop: Hop) -> None:
+        """Another worker hands on ``hop`` (it waits for no answer): take it; the stage runs meanwhile."""
         self._spawn(self.advance(hop))
-        return "ok"
 
     def deliver(self, route: str, outcome: Outcome) -> None:
         """The last stage's worker answers a route this worker is origin of."""
@@ -123,7 +122,9 @@ class Router:
 
     async def _hand_on(self, hop: Hop, following: str) -> None:
         try:
-            await self.worker.rpc(following).nnsight_dask_hop(hop=to_serialize(hop))
+            # no answer to wait for (reply=False): the next worker takes the hop and runs it; if it dies
+            # holding it, the waiting client sees its shard's worker gone and cancels
+            await self.worker.rpc(following).nnsight_dask_hop(hop=to_serialize(hop), reply=False)
         except OSError as exc:  # its worker died or left (CommClosedError is an OSError)
             error = ShardUnavailableError(
                 f"shard {hop.stage.shard} of deployment {hop.deployment!r} is unreachable at {following} "
@@ -138,7 +139,8 @@ class Router:
             self.deliver(hop.route, outcome)
             return
         try:
-            await self.worker.rpc(hop.origin).nnsight_dask_deliver(route=hop.route, outcome=to_serialize(outcome))
+            await self.worker.rpc(hop.origin).nnsight_dask_deliver(route=hop.route, outcome=to_serialize(outcome),
+                                                                   reply=False)
         except OSError:  # the origin died: its client already heard (its call's connection closed)
             pass
 
