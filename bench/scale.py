@@ -600,15 +600,14 @@ def report(results: dict, trees: list[Any], args: argparse.Namespace, info: dict
         "gateway in gateway mode; 'http' its HTTP users). 'ideal': min(users / compute, 16-row passes of a full "
         "pipeline). 'others': CPU the machine spent on other processes during the window, in cores (of 2): "
         "contention from other work.")
-    idle_rows = [[tree.label] + [f"{info[tree.label]['idle_ms_per_s'].get(k, float('nan')):.0f}"
-                                 for k in ("client", "scheduler", "nannies")]
-                 + [" / ".join(f"{v:.0f}" for k, v in sorted(info[tree.label]["idle_ms_per_s"].items()) if k.startswith("w"))]
-                 for tree in trees if "idle_ms_per_s" in info.get(tree.label, {})]
+    idle_rows = [[tree.label, str(shards), f"{idle.get('client', float('nan')):.0f}", f"{idle['scheduler']:.0f}",
+                  f"{idle['nannies']:.0f}", " / ".join(f"{v:.0f}" for k, v in sorted(idle.items()) if k.startswith("w"))]
+                 for tree in trees for shards, idle in results.get("idle", {}).get(tree.label, {}).items()]
     if idle_rows:
         out("")
-        out("Idle cluster (deployed, no experiments; 3 s after the start), CPU ms per second:")
+        out("Idle cluster (deployed, no experiments, 3 s after the start), CPU ms per second of each process:")
         out("")
-        out(table(["tree", "client", "scheduler", "nannies", "each worker"], idle_rows))
+        out(table(["tree", "shards", "client", "scheduler", "nannies", "each worker"], idle_rows))
     out("")
     for mode in args.modes:
         rows = []
@@ -860,7 +859,7 @@ def main() -> None:
     specs = ([("base", args.compare), ("new", REPO)] if args.compare
              else [(Path(args.tree).name, args.tree)] if args.tree else [("this", REPO)])
 
-    results: dict = {"lone": {}}
+    results: dict = {"lone": {}, "idle": {}}
     info: dict = {}
     profiles: list = []
     started = time.time()
@@ -874,6 +873,7 @@ def main() -> None:
                 info[tree.label] = tree.call("start", shards=shards, modes=list(args.modes) if shards in args.shards else [],
                                              gateway_in_flight=args.gateway_in_flight,
                                              max_users=max(args.users or [1]))
+                results["idle"].setdefault(tree.label, {})[shards] = info[tree.label]["idle_ms_per_s"]
                 log(f"{tree.label}: deployed in {shards} shard(s), layers {info[tree.label]['layers']}; "
                     f"nnsight_dask from {info[tree.label]['where']}")
             if shards in args.shards:
@@ -919,8 +919,8 @@ def main() -> None:
             "argv": sys.argv[1:], "when": today(), "machine": machine(), "git": git_rev(), "info": info,
             "trees": [vars(t) for t in labels],
             "cells": [{"tree": k[0], "mode": k[1], "shards": k[2], "users": k[3], "runs": v}
-                      for k, v in results.items() if k != "lone"],
-            "lone": results["lone"]}, indent=1, default=str))
+                      for k, v in results.items() if k not in ("lone", "idle")],
+            "lone": results["lone"], "idle": results["idle"]}, indent=1, default=str))
 
 
 def resolve(args: argparse.Namespace) -> None:
@@ -941,6 +941,8 @@ def report_from_json(parser: argparse.ArgumentParser, path: str, top: int) -> st
     resolve(args)
     results: dict = {(c["tree"], c["mode"], c["shards"], c["users"]): c["runs"] for c in saved["cells"]}
     results["lone"] = saved.get("lone", {})
+    results["idle"] = saved.get("idle") or {label: {"last": meta["idle_ms_per_s"]} for label, meta in saved["info"].items()
+                                           if "idle_ms_per_s" in meta}
     trees = [argparse.Namespace(**t) for t in saved.get("trees", [])] or [
         argparse.Namespace(label=label, path=str(Path(meta["where"]["runner"]).parents[1]), rev="?")
         for label, meta in saved["info"].items()]
