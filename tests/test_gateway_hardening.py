@@ -89,7 +89,8 @@ def cluster(client, model_dir, internal_service):
 def gw(cluster, tmp_path_factory, internal_service) -> Iterator[GatewayProcess]:
     users = {"alice": user("alice", max_concurrent=8), "bob": user("bob"),
              "mallory": user("mallory", max_concurrent=40), "trudy": user("trudy", max_concurrent=40),
-             "eve": user("eve"), "rita": user("rita"), "net": user("net", stores=[f"{internal_service}/"]), "wendy": user("wendy")}
+             "eve": user("eve"), "rita": user("rita"), "carol": user("carol"), "wendy": user("wendy"),
+             "net": user("net", stores=[f"{internal_service}/"])}
     with gateway_process(cluster.scheduler.address, tmp_path_factory.mktemp("gateway"), users, nofile=256) as gw:
         yield gw
 
@@ -573,3 +574,31 @@ def test_a_relative_store_lands_under_the_users_prefix():
     for name in ("../x", ".hidden", "a/b", ""):
         with pytest.raises(ValueError, match="a user's name"):
             KeyRing.from_dict({"users": {name: {"key": "k"}}})
+
+
+def test_a_client_waits_its_turn_when_its_user_is_submitting_already(gw, small_graph):
+    """Submissions in progress are bounded per user (2); ``nd.RemoteModel``'s session retries that
+    refusal (only that one) until a slot frees."""
+    from nnsight_dask.client.http_api import GatewaySession
+
+    slow = []
+    for _ in range(2):  # two uploads of carol's that hold her two slots
+        raw = socket.create_connection((gw.host, gw.port), timeout=10)
+        raw.sendall(b"POST /v1/experiments HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer carol-key\r\n"
+                    b"Content-Length: 1000\r\n\r\n{")
+        slow.append(raw)
+    time.sleep(0.3)
+    busy = call(gw, "POST", "/experiments", "carol", json={"deployment": "tiny", "graph": small_graph})
+    assert busy.status_code == 429 and busy.json()["error"]["fields"]["limit"] == "max_submitting"
+    session = GatewaySession(gw.url, "carol-key")
+    answer: list[object] = []
+    waiting = threading.Thread(target=lambda: answer.append(session.call(
+        "POST", "/experiments", body={"deployment": "tiny", "graph": small_graph})))
+    waiting.start()
+    time.sleep(1.0)
+    assert not answer  # still waiting its turn
+    for raw in slow:
+        raw.close()
+    waiting.join(timeout=30)
+    assert answer and "experiment" in answer[0]  # type: ignore[operator]
+    wait_final(gw, answer[0]["experiment"], "carol")  # type: ignore[index]

@@ -4,10 +4,16 @@ A refusal comes back as the same exception a Dask client would raise (a graph th
 raises :class:`~nnsight_dask.errors.GraphValidationError` or
 :class:`~nnsight_dask.errors.PolicyError` with the user's line); everything else the gateway
 answers with an error status raises :class:`GatewayError` with that status and the gateway's message.
+
+One refusal is retried here instead: ``429`` because the user already has as many submissions being
+read and validated as the gateway takes at once (several background traces of one user submitting
+together); the request is sent again after a short, growing pause, for up to :data:`BUSY_SECONDS`.
 """
 from __future__ import annotations
 
 import os
+import random
+import time
 from typing import Any
 
 import requests
@@ -18,6 +24,8 @@ from .http_wire import API, error_from_json
 
 #: Environment variables giving the gateway's URL and the user's key when they are not passed.
 URL_ENV, KEY_ENV = "NNSIGHT_DASK_URL", "NNSIGHT_DASK_API_KEY"
+#: How long a submission refused only for the user's other submissions in progress is retried.
+BUSY_SECONDS = 30.0
 
 
 class GatewayError(NNsightDaskError):
@@ -48,14 +56,20 @@ class GatewaySession:
     def call(self, method: str, path: str, *, body: Any = None, params: dict[str, Any] | None = None,
              timeout: float | None = None) -> Any:
         """``method`` on ``/v1<path>``; the decoded JSON answer, or the error it stands for raised."""
-        try:
-            response = self._http.request(method, f"{self.url}{API}{path}", json=body, params=params,
-                                          timeout=timeout or self.timeout)
-        except requests.RequestException as exc:
-            raise GatewayError(f"cannot reach the gateway at {self.url}: {exc}", status=0) from None
-        if response.status_code >= 400:
-            raise _error(response)
-        return response.json()
+        deadline, pause = time.monotonic() + BUSY_SECONDS, 0.05
+        while True:
+            try:
+                response = self._http.request(method, f"{self.url}{API}{path}", json=body, params=params,
+                                              timeout=timeout or self.timeout)
+            except requests.RequestException as exc:
+                raise GatewayError(f"cannot reach the gateway at {self.url}: {exc}", status=0) from None
+            if response.status_code < 400:
+                return response.json()
+            error = _error(response)
+            if getattr(error, "limit", None) != "max_submitting" or time.monotonic() > deadline:
+                raise error
+            time.sleep(pause * (0.5 + random.random()))
+            pause = min(1.0, pause * 2)
 
     def store_url(self, experiment: str) -> str:
         """Where the gateway serves an experiment's persisted saves (a Zarr store over HTTP)."""
