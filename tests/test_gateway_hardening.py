@@ -602,3 +602,19 @@ def test_a_client_waits_its_turn_when_its_user_is_submitting_already(gw, small_g
     waiting.join(timeout=30)
     assert answer and "experiment" in answer[0]  # type: ignore[operator]
     wait_final(gw, answer[0]["experiment"], "carol")  # type: ignore[index]
+
+
+def test_keys_are_compared_with_every_user(monkeypatch):
+    """No early exit: an answer takes as many digest comparisons whichever key, or none, matched."""
+    import hmac
+
+    from nnsight_dask.service.gateway import KeyRing
+
+    ring = KeyRing.from_dict({"users": {f"u{i}": {"key": f"k{i}"} for i in range(5)}})
+    compared = []
+    real = hmac.compare_digest
+    monkeypatch.setattr(hmac, "compare_digest", lambda a, b: compared.append(1) or real(a, b))
+    for header in ("Bearer k0", "Bearer k4", "Bearer wrong"):
+        compared.clear()
+        ring.authenticate(header)
+        assert len(compared) == 5, header
