@@ -4,7 +4,9 @@ Whatever JSON the codec is given either decodes to a graph that ``validate_graph
 accepts, or raises :class:`GraphValidationError` naming the node (``node %3``) or pass and the
 field; never a raw ``RecursionError``, ``TypeError``, ``binascii.Error``, ``MemoryError``, ...
 (a) hand-written hostile graphs, each a JSON edit of a recorded graph; (b) a property test that
-mutates recorded graphs anywhere and, when the result is accepted, runs it.
+mutates recorded graphs anywhere and, when the result is accepted, runs it; (c) the same mutations,
+and graphs whose operations call any whitelisted operation with sizes of any magnitude, run on a shard
+whose policy bounds every operation (issue 23): refused or failed by name, or run, never for long.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import base64
 import copy
 import json
 import re
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -27,10 +30,15 @@ from nnsight_dask.errors import (
     NNsightDaskError,
 )
 from nnsight_dask.execution import run_graph
+from nnsight_dask.execution.partition import assign_shards
+from nnsight_dask.execution.stage import plan_stages
 from nnsight_dask.graph import InterventionGraph, Ref
+from nnsight_dask.graph.ops import registry
 from nnsight_dask.graph.validate import validate_graph
 from nnsight_dask.models import tiny_llama, tiny_tokenizer
 from nnsight_dask.tensors import tensor_from_bytes, tensor_from_json, tensor_to_json
+from nnsight_dask.worker.shard_actor import ShardActor
+from tests.routes import run_route
 
 PROMPT = "The Eiffel Tower is in the city of"
 MAX_NEW_TOKENS = 3
@@ -624,3 +632,78 @@ def test_a_module_call_takes_only_the_hooked_access(lm: Any) -> None:
     call["access"] = "output"
     with pytest.raises(GraphValidationError, match="a module call's access is 'hooks'"):
         validate_graph(InterventionGraph.from_dict(data), **limits(lm))
+
+
+# -- (c) on a shard under a tight policy: every operation bounded before it runs (issue 23) ----------------
+BOUNDED_POLICY = nd.Policy(max_tensor_bytes=1 << 20, max_op_work=1e9, max_op_items=10**6,
+                           max_experiment_bytes=16 << 20, max_new_tokens=MAX_NEW_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def bounded() -> Any:
+    """An in-process shard of the same tiny model (same seed) under :data:`BOUNDED_POLICY`."""
+    actor = ShardActor(deployment="hostile-bounded", index=0, n_shards=1,
+                       source=lambda: (tiny_llama(n_layer=2), tiny_tokenizer()), policy=BOUNDED_POLICY.to_dict())
+    yield actor
+    actor.close()
+
+
+def run_bounded(actor: Any, data: dict[str, Any]) -> str:
+    """Run a JSON graph on the bounded shard (the path a gateway user's graph takes): refused, failed
+    with a named error, or ran; anything else (a raw exception) fails the test."""
+    try:
+        graph = InterventionGraph.from_json(json.dumps(data))
+        validate_graph(graph, **limits(actor_lm_limits(actor)))
+    except GraphValidationError:
+        return "refused"
+    stages = plan_stages(graph, assign_shards(graph, lambda path: 0, 1), 1)
+    outcome = run_route([actor], {"mutant": graph.to_json()}, stages)["mutant"]
+    if isinstance(outcome, GraphValidationError):
+        return "refused"
+    if isinstance(outcome, BaseException):
+        assert isinstance(outcome, NNsightDaskError), f"{type(outcome).__name__}: {outcome}"
+        return "failed"
+    return "ran"
+
+
+class _Limits:
+    """What :func:`limits` reads from a LanguageModel, for the bounded shard's model."""
+
+    def __init__(self, module: Any) -> None:
+        self._module = module
+
+
+def actor_lm_limits(actor: Any) -> Any:
+    return _Limits(actor.runner.model)
+
+
+OP_NAMES = sorted(registry()._by_name)
+
+
+@st.composite
+def retargeted_graphs(draw: Any, recorded: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A recorded graph whose operations call other whitelisted operations, with sizes of any magnitude."""
+    data = copy.deepcopy(recorded[draw(st.sampled_from(sorted(recorded)))])
+    ops = [n for n in data["nodes"] if n["kind"] == "op" and n.get("target") not in ("getattr", "call")]
+    for op in draw(st.lists(st.sampled_from(ops), min_size=1, max_size=3)) if ops else []:
+        op["target"] = draw(st.sampled_from(OP_NAMES))
+        op["args"] = [arg if isinstance(arg, dict) else draw(st.one_of(INTS, st.just(arg)))
+                      for arg in op.get("args", [])] + draw(st.lists(INTS, max_size=2))
+    return data
+
+
+@settings(max_examples=300, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                 HealthCheck.data_too_large])
+@given(data=st.data())
+def test_mutated_graphs_on_a_bounded_shard_are_refused_by_name_or_run(bounded: Any, recorded: dict[str, dict[str, Any]],
+                                                                   data: Any) -> None:
+    """Mutations of valid graphs, and graphs whose operations call any whitelisted operation with sizes
+    of any magnitude, run on a shard whose policy bounds every operation (1 MiB per tensor, 1e9 work
+    units, 1e6 Python items, 16 MiB per experiment): each is refused or fails with a named error, or
+    runs, and none holds the shard for long."""
+    graph = data.draw(st.one_of(mutated_graphs(recorded), retargeted_graphs(recorded)))
+    started = time.monotonic()
+    run_bounded(bounded, graph)
+    assert time.monotonic() - started < 10
+    assert bounded.experiments == {}
