@@ -93,8 +93,11 @@ DEFAULTS: dict[str, Any] = {
     #: Threads that parse and validate submissions, taken by users in turn (one per user at a time).
     "gateway_validation_threads": 4,
     #: Experiments the gateway runs at once on one deployment; the rest wait in its fair queue, so a
-    #: newly arrived user's experiment waits for at most about this many to finish.
-    "gateway_max_in_flight": 8,
+    #: newly arrived user's experiment waits for about as long as these take. They travel and share
+    #: passes together on the shards (a pipeline of 4 shards runs batches of 8 at once), so they finish
+    #: together: 8 held 64 users to 12 exp/s on the simulated-GPU deployment where 32 gave 59
+    #: (bench/scale.py --mode gateway, docs/scaling.md).
+    "gateway_max_in_flight": 32,
     #: Of those, the most one user's experiments may hold: a user alone never fills the deployment, so
     #: another user's experiment usually starts at once instead of after a batch.
     "gateway_max_in_flight_per_user": 2,
