@@ -76,13 +76,21 @@ def test_json_endpoint_lists_experiments(cluster_with_dashboard):
     assert all(s["stages_run"] >= 1 and s["busy_seconds"] > 0 and s["in_flight"] == 0 for s in shards.values())
 
 
+def finished(client):
+    """``(completed, failed)``: the fixture's one of each, and what other tests here have run since."""
+    statuses = [r["status"] for r in rows(client)["experiments"]]
+    assert statuses.count("completed") >= 1 and statuses.count("failed") == 1
+    return statuses.count("completed"), statuses.count("failed")
+
+
 def test_metrics_endpoint_and_dask_metrics(cluster_with_dashboard):
     _, client, _, _ = cluster_with_dashboard
+    completed, failed = finished(client)
     status, body = get(client, "/nnsight/metrics")
     assert status == 200
-    assert 'nnsight_dask_experiments_total{status="completed"} 1' in body
-    assert 'nnsight_dask_experiments_total{status="failed"} 1' in body
-    assert "nnsight_dask_experiment_seconds_count 2" in body  # completed and failed both finished
+    assert f'nnsight_dask_experiments_total{{status="completed"}} {completed}' in body
+    assert f'nnsight_dask_experiments_total{{status="failed"}} {failed}' in body
+    assert f"nnsight_dask_experiment_seconds_count {completed + failed}" in body  # completed and failed ones
     assert "nnsight_dask_bytes_returned_total" in body and "nnsight_dask_bytes_persisted_total 0" in body
     pytest.importorskip("prometheus_client")
     status, body = get(client, "/metrics")  # Dask's own Prometheus endpoint carries ours too
@@ -105,9 +113,10 @@ def test_events_and_cli_status(cluster_with_dashboard, capsys):
     assert {"queued", "running", "completed", "failed"} <= {e["status"] for _, e in events}
     from nnsight_dask.service.cli import main
 
+    completed, failed = finished(client)
     assert main(["status", "--scheduler", client.scheduler.address]) == 0
     out = capsys.readouterr().out
-    assert "dash: " in out and "completed 1" in out and "failed 1" in out and "dash[1]:" in out
+    assert "dash: " in out and f"completed {completed}" in out and f"failed {failed}" in out and "dash[1]:" in out
 
 
 def test_live_status_and_progress_line(cluster_with_dashboard):

@@ -397,7 +397,13 @@ def test_a_gateway_that_cannot_listen_says_so(cluster, gateway, tmp_path):
     assert call(gateway, "GET", "/health", user=None).ok  # the first one serves on
 
 
-def test_the_experiments_page_is_added_without_a_preload(cluster, gateway):
+def test_the_experiments_page_is_added_without_a_preload(cluster, gateway, lm):
+    dask_lm = nd.RemoteModel(cluster, "tiny")
+    with dask_lm.trace(PROMPT):  # one experiment from a Dask client ...
+        dask_lm.output.logits.save()
+    graph = graph_of(lm)
+    for user in ("heavy", "light"):  # ... and one per gateway user
+        wait_status(gateway, submit(gateway, graph, user=user), user)
     base = cluster.dashboard_link.rsplit("/", 1)[0]
     page = requests.get(f"{base}/experiments", timeout=30)
     assert page.status_code == 200 and "bokeh" in page.text.lower()
