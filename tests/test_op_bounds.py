@@ -269,7 +269,7 @@ def hostile(lm: Any, ops: list[tuple[str, tuple[Any, ...], dict[str, Any]]]) -> 
 
 def run_on(actor: ShardActor, graph: InterventionGraph, experiment: str) -> Any:
     (stage,) = plan_stages(graph, assign_shards(graph, lambda path: owner_of(actor.plan, path), 1), 1)
-    return actor.run(experiment, stage, graph.to_json(), None, True)
+    return actor.server.run(experiment, stage, graph.to_json(), None, True)
 
 
 RED_TEAM_ALLOCATIONS: dict[str, list[tuple[str, tuple[Any, ...], dict[str, Any]]]] = {
@@ -298,7 +298,7 @@ def test_the_red_teams_allocations_are_refused_under_one_mib(lm: Any, tiny_token
                 as info:
             run_on(actor, graph, "hog")
         assert (info.value.rule, info.value.op) == ("max_tensor_bytes", target)
-        assert actor.experiments == {}
+        assert actor.server.experiments == {}
     finally:
         actor.close()
 
@@ -396,7 +396,7 @@ def test_a_cancel_stops_an_experiment_between_two_of_its_nodes(lm: Any, tiny_tok
         stopped = time.monotonic() - started
         print(f"\n120 products of {one * 1000:.0f} ms each; the cancel at 0.3 s ended the stage at {stopped:.2f} s")
         assert stopped < 0.3 + 3 * one + 0.3
-        assert actor.experiments == {}
+        assert actor.server.experiments == {}
         assert run_on(actor, hostile(lm, [("Tensor.sum", ("h",), {})]), "next")["hog"].shape == ()  # serves on
     finally:
         actor.close()
@@ -422,3 +422,15 @@ def test_the_rates_a_shard_measures_are_plausible() -> None:
     work_rate, item_rate = measured_rates()
     assert 1e8 < work_rate < 1e14 and 1e5 < item_rate < 1e9
     assert math.isclose(measured_rates()[0], work_rate)  # measured once per process
+
+
+def test_an_operation_on_constants_is_sized_before_the_graph_is_queued(lm: Any) -> None:
+    """The client's (and the gateway's) policy check sizes operations whose arguments are all
+    constants, so ``torch.ones(2**31)`` is refused before it reaches a shard."""
+    from nnsight_dask.graph.policy import check_policy
+
+    with pytest.raises(PolicyError, match=r"hog\.py:1: torch\.ones would make a tensor of 8,589,934,592 bytes"):
+        check_policy(hostile(lm, [("torch.ones", (2**31,), {})]), nd.Policy())
+    with pytest.raises(PolicyError, match=r"hog\.py:1: torch\.tril_indices would do about"):
+        check_policy(hostile(lm, [("torch.tril_indices", (4096, 4096), {})]), nd.Policy(max_op_work=1e6))
+    check_policy(hostile(lm, [("torch.ones", (4,), {})]), nd.Policy())

@@ -19,8 +19,10 @@ import torch
 
 from ..errors import PolicyError
 from ..tensors import leaves, nbytes
+from .allocation import OpBounds, check_against
 from .graph import InterventionGraph
 from .node import Kind, Node, display_path
+from .op_rules import estimate
 
 WEIGHT_MODES = ("read", "deny")
 
@@ -206,6 +208,21 @@ def _check_node(node: Node, policy: Policy) -> None:
         raise PolicyError(f"{what}: gradients are turned off on this deployment (gradients=False)",
                           rule="gradients", location=node.location)
     _check_tensor_bytes([node.args, node.kwargs], policy, what, node.location)
+    if node.kind == Kind.OP and node.target not in ("getattr", "call") and not node.deps():
+        _check_constant_op(node, policy)
+
+
+def _check_constant_op(node: Node, policy: Policy) -> None:
+    """An operation on constants only (``torch.ones(2**40)``) is sized here already, so a client or
+    the gateway refuses it before it is queued; the shards size every operation again as it runs."""
+    try:
+        cost = estimate(node.target or "", tuple(node.args), dict(node.kwargs))
+    except Exception:  # arguments the operation itself would refuse: the shard reports them
+        return
+    if cost is not None:
+        bounds = OpBounds(max_tensor_bytes=policy.max_tensor_bytes, max_op_work=policy.max_op_work,
+                          max_op_items=policy.max_op_items)
+        check_against(node.target or "", cost, bounds, node.location or f"node %{node.id}")
 
 
 def _check_tensor_bytes(value: Any, policy: Policy, what: str, location: str | None) -> None:
