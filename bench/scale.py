@@ -433,7 +433,8 @@ class Runner:
 
         procs = {name: [psutil.Process(pid) for pid in group] for name, group in pids.items()}
         time.sleep(max(0.0, t0 - time.time()))
-        before = {name: sum(_cpu(p) for p in group) for name, group in procs.items()}
+        before_each = {p.pid: _cpu(p) for group in procs.values() for p in group}
+        before = {name: sum(before_each[p.pid] for p in group) for name, group in procs.items()}
         busy_before, wall_before = _busy(), time.time()
         spies = []
         if profile:
@@ -441,15 +442,16 @@ class Runner:
             for name, group in pids.items():
                 for i, pid in enumerate(group):
                     out = Path(profile["dir"]) / f"{profile['label']}-{name}{'-' + str(i) if len(group) > 1 else ''}.txt"
-                    spies.append((name, str(out), subprocess.Popen(
+                    spies.append((f"{name}-{i}" if len(group) > 1 else name, pid, str(out), subprocess.Popen(
                         [PY_SPY, "record", "--pid", str(pid), "--duration", str(max(1, round(t1 - t0))), "--rate", str(profile["rate"]),
                          "--format", "raw", "--gil", "-o", str(out)],
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
         time.sleep(max(0.0, t1 - time.time()))
-        after = {name: sum(_cpu(p) for p in group) for name, group in procs.items()}
+        after_each = {p.pid: _cpu(p) for group in procs.values() for p in group}
+        after = {name: sum(after_each[p.pid] for p in group) for name, group in procs.items()}
         busy, wall = _busy() - busy_before, time.time() - wall_before
         ours = sum(after[name] - before[name] for name in procs)
-        for _, _, spy in spies:
+        for *_, spy in spies:
             try:
                 spy.wait(timeout=60)
             except subprocess.TimeoutExpired:
@@ -458,7 +460,7 @@ class Runner:
         # other tree's idle cluster, py-spy), in cores: how contended the window was
         return {"cpu": {name: after[name] - before[name] for name in procs},
                 "others_cores": max(0.0, busy - ours) / wall, "load": os.getloadavg()[0],
-                "profiles": [(name, path) for name, path, _ in spies]}
+                "profiles": [(name, path, after_each[pid] - before_each[pid]) for name, pid, path, _ in spies]}
 
 
 def _package_file() -> str:
@@ -779,8 +781,10 @@ def activities(path: str, kind: str) -> list[tuple[str, float]]:
 
 
 def profile_kind(name: str) -> str:
-    return "worker" if name.startswith("w") and name[1:].split("-")[0].isdigit() else \
-        "client" if name in ("client", "runner") else name
+    """'w3' -> 'worker'; 'client', 'client-2' (one of several client processes), 'runner' -> 'client'."""
+    if name.startswith("w") and name[1:].isdigit():
+        return "worker"
+    return "client" if name.split("-")[0] in ("client", "runner") else name
 
 
 def profile_report(profiles: list[tuple[str, dict, list]], top: int) -> str:
@@ -790,11 +794,11 @@ def profile_report(profiles: list[tuple[str, dict, list]], top: int) -> str:
     for label, cell, files in profiles:
         lines.append(f"#### {label} ({cell['n']} experiments in the window, {cell['exp_s']:.1f} exp/s)")
         lines.append("")
-        for name, path in files:
+        for name, path, *cpu_s in files:
             summary = summarize_profile(path, top)
-            cpu = cell["cpu_ms"].get(name.split("-")[0] if not name.startswith("w") else name, float("nan"))
-            if name.startswith("client-"):  # one of several client processes: the sum is per experiment
-                cpu = float("nan")
+            # this process's CPU in the window per experiment (older saved runs: its group's)
+            cpu = (cpu_s[0] * 1e3 / cell["n"] if cpu_s and cell["n"] else
+                   cell["cpu_ms"].get(name, float("nan")))
             shares = activities(path, profile_kind(name))
             lines.append(f"- **{name}** ({summary['samples']} samples; {cpu:.1f} CPU ms/exp; {path})")
             if shares:
