@@ -156,12 +156,12 @@ class ExperimentBudget:
     def account(self, value: Any, inputs: Any, cost: Cost) -> None:
         """Count what an operation made: tensors whose storage none of ``inputs`` had (until freed), or,
         for a value without tensors, the estimated bytes of a new container."""
-        made = S.tensors(value, depth=3)
+        made = S.tensors(value, depth=3, limit=_WALK)
         if not made:
             if isinstance(value, (list, tuple, dict, str, int)) and cost.bytes:
                 self.held += cost.bytes
             return
-        known = {_storage_key(t) for t in S.tensors(inputs, depth=3)}
+        known = {_storage_key(t) for t in S.tensors(inputs, depth=3, limit=_WALK)}
         for tensor in made:
             key = _storage_key(tensor)
             if key in known or key in self._storages:
@@ -176,6 +176,11 @@ class ExperimentBudget:
     def _release(self, key: tuple[str, int]) -> None:
         size = self._storages.pop(key, 0)
         self.held -= size
+
+
+#: Items :meth:`ExperimentBudget.account` looks at in a value and its inputs: new storages come in small
+#: containers (a big Python list of tensors holds views of one: ``list(t)``, ``t.unbind()``).
+_WALK = 4096
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple[str, int]:

@@ -20,11 +20,16 @@ REFERENCE_BYTES = 8
 OBJECT_BYTES = 64
 
 
-def tensors(value: Any, depth: int = 2) -> list[torch.Tensor]:
-    """The tensors in ``value`` and in lists/tuples/dicts nested up to ``depth`` levels, in order."""
+def tensors(value: Any, depth: int = 2, limit: int | None = None) -> list[torch.Tensor]:
+    """The tensors in ``value`` and in lists/tuples/dicts nested up to ``depth`` levels, in order
+    (looking at no more than ``limit`` items when given)."""
     found: list[torch.Tensor] = []
     stack: list[tuple[Any, int]] = [(value, 0)]
+    seen = 0
     while stack:
+        seen += 1
+        if limit is not None and seen > limit:
+            break
         item, level = stack.pop()
         if isinstance(item, torch.Tensor):
             found.append(item)
