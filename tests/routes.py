@@ -20,7 +20,7 @@ def run_route(actors: list[Any], graphs: dict[str, str], stages: list[Stage],
         if before_run is not None:
             before_run(hop.stage)
         admitted: dict[str, Any] = {}
-        hop.record(actors[hop.stage.shard].run_batch(hop.members(), hop.stage, hop.carries, hop.final, admitted))
+        hop.record(actors[hop.stage.shard].server.run_batch(hop.members(), hop.stage, hop.carries, hop.final, admitted))
         hop.adopt(admitted)
         if hop.final or not hop.carries:
             return deserialize(*serialize(hop.outcome())).answers  # type: ignore[no-any-return]

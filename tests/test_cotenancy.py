@@ -98,9 +98,9 @@ def test_members_of_different_lengths_get_their_solo_values(shards: list[ShardAc
         "short": record(lm, PROMPTS[2], reads_and_writes),
         "two-prompts": record(lm, PROMPTS[1:], reads_and_writes),  # its own invokes, left-padded its own way
     }
-    before = [dict(actor.batch_sizes) for actor in shards]
+    before = [dict(actor.server.batch_sizes) for actor in shards]
     answers = run_together(shards, graphs)
-    assert [actor.batch_sizes.get(4, 0) - b.get(4, 0) for actor, b in zip(shards, before)] == [1, 1]
+    assert [actor.server.batch_sizes.get(4, 0) - b.get(4, 0) for actor, b in zip(shards, before)] == [1, 1]
     for name, graph in graphs.items():
         expected = solo(lm._module, graph, tiny_tokenizer.pad_token_id)
         got = answers[name]
@@ -149,13 +149,13 @@ def test_a_failing_or_stopping_member_leaves_the_others_running(shards: list[Sha
         expected = solo(lm._module, graphs[name], tiny_tokenizer.pad_token_id)
         for key in expected:
             assert_matches_solo(answers[name][key], expected[key])
-    assert all(not actor.experiments for actor in shards)
+    assert all(not actor.server.experiments for actor in shards)
 
 
 def test_a_member_cancelled_mid_pass_leaves_at_the_next_layer(shards: list[ShardActor], lm: Any,
                                                              tiny_tokenizer: Any) -> None:
     graphs = {"stays": record(lm, PROMPTS[0], reads_and_writes), "leaves": record(lm, PROMPTS[1], reads_and_writes)}
-    layer1 = shards[0].runner.model.model.layers[1]
+    layer1 = shards[0].server.runner.model.model.layers[1]
     # the cancel arrives (from the worker's event loop, lock-free) while shard 0 computes layer 0
     def cancel_now(*_: Any) -> None:
         shards[0].cancel(["leaves"], "the user pressed stop")
@@ -189,21 +189,21 @@ def test_batching_false_gradients_and_skips_run_alone_bit_exact(shards: list[Sha
     graphs = {"grad": record(lm, PROMPTS[0], grads), "plain": record(lm, PROMPTS[1], reads_and_writes)}
     chains = {name: plan_stages(g, assign_shards(g, shard_owner(shards), 2), 2) for name, g in graphs.items()}
     first = {name: StageRequest(name, chain[0], graphs[name].to_json(), None, False) for name, chain in chains.items()}
-    before = dict(shards[0].batch_sizes)
-    shards[0].queue.run(list(first.values()))
-    assert shards[0].batch_sizes.get(1, 0) - before.get(1, 0) == 2 and shards[0].batch_sizes.get(2) == before.get(2)
+    before = dict(shards[0].server.batch_sizes)
+    shards[0].server.queue.run(list(first.values()))
+    assert shards[0].server.batch_sizes.get(1, 0) - before.get(1, 0) == 2 and shards[0].server.batch_sizes.get(2) == before.get(2)
     for name, chain in chains.items():
         carries: dict[str, Any] = {name: first[name].outcome}
         for position, stage in enumerate(chain[1:], start=1):
             graph_json = graphs[name].to_json() if stage.shard == 1 and stage.direction == "forward" else None
-            carries = shards[stage.shard].run_batch([(name, graph_json)], stage, carries, position == len(chain) - 1)
+            carries = shards[stage.shard].server.run_batch([(name, graph_json)], stage, carries, position == len(chain) - 1)
         expected = solo(lm._module, graphs[name], tiny_tokenizer.pad_token_id)
         for key in expected:
             assert_matches_solo(carries[name][key], expected[key], exact=name == "grad")
 
 
 def shard_owner(actors: list[ShardActor]) -> Any:
-    plan = plan_shards(actors[0].runner.model, len(actors))
+    plan = plan_shards(actors[0].server.runner.model, len(actors))
     return lambda path: owner_of(plan, path)
 
 
@@ -220,7 +220,7 @@ def test_absolute_positions_keep_their_solo_values(tiny_tokenizer: Any) -> None:
 
         graphs = {str(i): record(gpt, prompt, body) for i, prompt in enumerate(PROMPTS)}
         answers = run_together([actor], graphs)
-        assert actor.batch_sizes == {3: 1}
+        assert actor.server.batch_sizes == {3: 1}
         for name, graph in graphs.items():
             expected = solo(model, graph, tiny_tokenizer.pad_token_id)
             for key in expected:
@@ -342,7 +342,7 @@ def drive(actors: list[ShardActor], graphs: dict[str, InterventionGraph], joins:
                 seen[name].add(shard)
                 requests.append(StageRequest(name, stage, graph_json, carries.get(name),
                                              position[name] == len(chain) - 1))
-            actor.queue.run(requests)
+            actor.server.queue.run(requests)
             for request in requests:
                 name = request.experiment
                 outcome = request.outcome
@@ -369,9 +369,9 @@ def test_generations_share_steps_join_and_leave_with_their_own_caches(shards: li
     graphs = {"long": generation(PROMPTS[0], 5, 1.5), "short": generation(PROMPTS[2], 2, 0.5),
               "newcomer": generation(PROMPTS[1], 4, 2.0), "trace": record(lm, PROMPTS[1], reads_and_writes),
               "pair": generation([PROMPTS[0], PROMPTS[2]], 3, 1.0)}  # its own two rows, left-padded its way
-    before = [dict(actor.batch_sizes) for actor in shards]
+    before = [dict(actor.server.batch_sizes) for actor in shards]
     answers = drive(shards, graphs, joins={"pair": 1, "newcomer": 2})
-    grown = [{k: v - b.get(k, 0) for k, v in actor.batch_sizes.items() if v - b.get(k, 0)}
+    grown = [{k: v - b.get(k, 0) for k, v in actor.server.batch_sizes.items() if v - b.get(k, 0)}
              for actor, b in zip(shards, before)]
     # round 0: long + short + trace; 1: long + short + pair (joins); 2-3: long + newcomer (joins) + pair
     # (short finished after two steps); 4: long + newcomer; 5: the newcomer's last step, alone
@@ -389,7 +389,7 @@ def test_generations_share_steps_join_and_leave_with_their_own_caches(shards: li
                 assert torch.equal(got[key], value), (name, got[key], value)
             else:
                 assert_matches_solo(got[key], value)
-    assert all(not actor.experiments for actor in shards)
+    assert all(not actor.server.experiments for actor in shards)
 
 
 def test_the_workers_setting_turns_batching_off(lm: Any, tiny_tokenizer: Any) -> None:
@@ -402,7 +402,7 @@ def test_the_workers_setting_turns_batching_off(lm: Any, tiny_tokenizer: Any) ->
     try:
         graphs = {str(i): record(lm, prompt, reads_and_writes) for i, prompt in enumerate(PROMPTS)}
         answers = run_together([actor], graphs)
-        assert actor.batch_sizes == {1: 3}
+        assert actor.server.batch_sizes == {1: 3}
         for name, graph in graphs.items():
             expected = solo(lm._module, graph, tiny_tokenizer.pad_token_id)
             for key in expected:
@@ -478,7 +478,7 @@ def test_the_token_bound_splits_a_batch_into_passes(lm: Any, tiny_tokenizer: Any
         assert lengths == [8, 5, 2]
         graphs = {str(i): record(lm, prompt, reads_and_writes) for i, prompt in enumerate(PROMPTS)}
         answers = run_together([actor], graphs)
-        assert actor.batch_sizes == {2: 1, 1: 1}
+        assert actor.server.batch_sizes == {2: 1, 1: 1}
         for name, graph in graphs.items():
             expected = solo(lm._module, graph, tiny_tokenizer.pad_token_id)
             for key in expected:

@@ -674,7 +674,7 @@ class _Limits:
 
 
 def actor_lm_limits(actor: Any) -> Any:
-    return _Limits(actor.runner.model)
+    return _Limits(actor.server.runner.model)
 
 
 OP_NAMES = sorted(registry()._by_name)
@@ -706,4 +706,4 @@ def test_mutated_graphs_on_a_bounded_shard_are_refused_by_name_or_run(bounded: A
     started = time.monotonic()
     run_bounded(bounded, graph)
     assert time.monotonic() - started < 10
-    assert bounded.experiments == {}
+    assert bounded.server.experiments == {}

@@ -111,7 +111,7 @@ def test_a_stopped_experiment_leaves_the_model_before_the_next_layer(tiny_tokeni
             logits = lm.output.logits.save()  # noqa: F841  (named "logits" in the results)
         graph = tracer.graph
         (stage,) = plan_stages(graph, assign_shards(graph, lambda path: owner_of(shard.plan, path), 1), 1)
-        layers = shard.runner.layers
+        layers = shard.server.runner.layers
         assert len(layers) == 4
         ran: list[int] = []
         hooks = [layer.register_forward_pre_hook(lambda _m, _a, i=i: ran.append(i)) for i, layer in enumerate(layers)]
@@ -120,21 +120,21 @@ def test_a_stopped_experiment_leaves_the_model_before_the_next_layer(tiny_tokeni
             shard.cancel(["stopped"], "cancelled by its owner")
         hooks.append(layers[1].register_forward_hook(cancel_now))
         with pytest.raises(ExperimentCancelledError, match="cancelled by its owner"):
-            shard.run("stopped", stage, graph.to_json(), None, True)
+            shard.server.run("stopped", stage, graph.to_json(), None, True)
         assert ran == [0, 1]  # layers 2 and 3 never ran
-        assert shard.experiments == {}
+        assert shard.server.experiments == {}
         # a cancelled experiment's later stages are refused; a batch answers them as a value, no raise
-        assert isinstance(shard.run_batch([("stopped", None)], stage, None, True)["stopped"], ExperimentCancelledError)
+        assert isinstance(shard.server.run_batch([("stopped", None)], stage, None, True)["stopped"], ExperimentCancelledError)
         for hook in hooks:
             hook.remove()
         ran.clear()
-        results = shard.run("next", stage, graph.to_json(), None, True)  # the shard serves the next one
-        assert ran == [] and sorted(results) == ["logits"] and shard.experiments == {}
+        results = shard.server.run("next", stage, graph.to_json(), None, True)  # the shard serves the next one
+        assert ran == [] and sorted(results) == ["logits"] and shard.server.experiments == {}
         # the policy's timeout is enforced by the shard too, at the same hook
         shard.policy = nd.Policy(timeout=0.05)
         layers[0].register_forward_hook(lambda *_: time.sleep(0.1))
         with pytest.raises(ExperimentFailedError, match="ran longer than deployment 'life-unit' allows"):
-            shard.run("slow", stage, graph.to_json(), None, True)
+            shard.server.run("slow", stage, graph.to_json(), None, True)
     finally:
         shard.close()
     assert ("life-unit", 0) not in registry.held()

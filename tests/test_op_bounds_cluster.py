@@ -102,7 +102,7 @@ def hog_graph(remote: Any, products: int = 2000, size: int = 1024) -> Interventi
 def _held(name: str) -> int:
     from nnsight_dask.worker import registry
 
-    return sum(len(registry.lookup(d, i).experiments) for d, i in registry.held() if d == name)
+    return sum(len(registry.lookup(d, i).server.experiments) for d, i in registry.held() if d == name)
 
 
 def running_on_shards(client: Client, name: str) -> bool:

@@ -131,7 +131,7 @@ def test_backward_leaves_no_gradient_on_the_shared_weights(client, open_deployme
     def weight_grads(name):
         from nnsight_dask.worker import registry
 
-        return sorted({registry.lookup(d, i).runner.model.__class__.__name__: sum(
-            p.grad is not None for p in registry.lookup(d, i).runner.model.parameters())
+        return sorted({registry.lookup(d, i).server.runner.model.__class__.__name__: sum(
+            p.grad is not None for p in registry.lookup(d, i).server.runner.model.parameters())
             for d, i in registry.held() if d == name}.values())
     assert all(count == 0 for counts in client.run(weight_grads, "open").values() for count in counts)

@@ -392,7 +392,7 @@ def _shard_checksums(client: Any, name: str) -> dict[int, tuple[float, str]]:
         for deployment, index in registry.held():
             if deployment != name:
                 continue
-            model = registry.lookup(deployment, index).runner.model
+            model = registry.lookup(deployment, index).server.runner.model
             tensors = dict(model.named_parameters(remove_duplicate=False))
             tensors.update(model.named_buffers(remove_duplicate=False))
             digest, total = hashlib.sha256(), 0.0

@@ -212,7 +212,7 @@ def test_shard_actor_loads_only_its_shard(checkpoints: dict[str, Path]) -> None:
     actor = ShardActor("shard-loading-test", 1, 2, str(checkpoints["llama-tied"]))
     try:
         reference = full_cut(checkpoints["llama-tied"], 2, 1)
-        assert_same_shard(actor.runner.model, reference)
+        assert_same_shard(actor.server.runner.model, reference)
         assert actor.description is None  # only shard 0 describes the model
         assert actor.weight_bytes == sum(p.numel() * p.element_size() for p in reference.parameters())
     finally:

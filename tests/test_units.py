@@ -253,19 +253,19 @@ def test_a_failing_member_is_answered_with_its_error_while_the_others_go_on(acto
             assert got[key].shape == expected[key].shape
             assert (got[key] - expected[key]).abs().max().item() <= 1e-5, (name, key)
         assert abs(got["probs"].sum().item() - 1.0) < 1e-4
-    assert all(not actor.experiments for actor in actors)  # failed and finished experiments were freed
+    assert all(not actor.server.experiments for actor in actors)  # failed and finished experiments were freed
     # one forward pass per shard for the whole batch; shard 1 never ran the one that failed on shard 0
-    assert [actor.batch_sizes for actor in actors] == [{4: 1}, {3: 1}]
+    assert [actor.server.batch_sizes for actor in actors] == [{4: 1}, {3: 1}]
 
 
 def test_a_batch_of_one_failing_member_is_answered_with_its_error(actors: list[ShardActor], lm: Any,
                                                                   owner: Any) -> None:
     graph = record(lm, PROMPT, 1, bad=True)
     stage = plan_stages(graph, assign_shards(graph, owner, 2), 2)[0]
-    error = actors[0].run_batch([("solo", graph.to_json())], stage, None, False)["solo"]
+    error = actors[0].server.run_batch([("solo", graph.to_json())], stage, None, False)["solo"]
     assert isinstance(error, Exception) and "index 5 is out of bounds" in str(error)
     assert "test_units.py:" in str(error) and "operator.getitem" in str(error)
-    assert actors[0].experiments == {} and actors[0].stages_run == 1
+    assert actors[0].server.experiments == {} and actors[0].server.stages_run == 1
     ok = record(lm, PROMPT, 1, bad=False)  # the shard still serves the next batch of one
-    carry = actors[0].run_batch([("next", ok.to_json())], stage, None, False)["next"]
+    carry = actors[0].server.run_batch([("next", ok.to_json())], stage, None, False)["next"]
     assert isinstance(carry, Carry) and carry.hidden is not None and tuple(carry.hidden.shape) == (1, 8, 64)

@@ -67,7 +67,7 @@ def cancel_experiments(experiments: list[str], reason: str = "cancelled") -> int
         experiments=experiments, reason=reason)
     registry.stop(experiments, error)
     routing.cancel_routes(experiments, error)
-    return sum(shard.release_many(experiments) for shard in registry.shards())
+    return sum(shard.server.release_many(experiments) for shard in registry.shards())
 
 
 def close_shards(deployment: str, reason: str = "", retire: bool = False,

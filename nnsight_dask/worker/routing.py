@@ -114,7 +114,8 @@ class Router:
             shard = lookup(hop.deployment, hop.stage.shard)
             # in one of the worker's threads (as many as stages may share a pass): they wait there
             answers = await asyncio.get_running_loop().run_in_executor(
-                self.worker.executor, shard.run_batch, hop.members(), hop.stage, hop.carries, hop.final, admitted)
+                self.worker.executor, shard.server.run_batch, hop.members(), hop.stage, hop.carries, hop.final,
+                admitted)
         except Exception as exc:  # the shard is not here (moved, closed)
             answers = dict.fromkeys(hop.carries, exc)
         hop.record(answers)

@@ -11,6 +11,7 @@ import io
 import pickle
 from typing import Any
 
+import cloudpickle
 import torch
 
 from ..execution.stage import Carry
@@ -21,9 +22,11 @@ from .results import Results
 _REGISTERED = False
 
 
-class _Pickler(pickle.Pickler):
+class _TensorFrames:
+    """Pulls every tensor out of a pickle as a frame of its own (mixed into a pickler class)."""
+
     def __init__(self, file: io.BytesIO) -> None:
-        super().__init__(file, protocol=5)
+        super().__init__(file, protocol=5)  # type: ignore[call-arg]
         self.headers: list[dict[str, Any]] = []
         self.frames: list[memoryview] = []
         self._seen: dict[int, int] = {}
@@ -42,6 +45,15 @@ class _Pickler(pickle.Pickler):
         return None
 
 
+class _Pickler(_TensorFrames, pickle.Pickler):
+    """The fast path: the C pickler."""
+
+
+class _CloudPickler(_TensorFrames, cloudpickle.Pickler):
+    """For what plain pickle refuses (a saved ``dict.keys()`` view, a lambda in a log): as Dask's own
+    pickle serializer does, cloudpickle is the fallback."""
+
+
 class _Unpickler(pickle.Unpickler):
     def __init__(self, file: io.BytesIO, tensors: list[torch.Tensor]) -> None:
         super().__init__(file)
@@ -57,8 +69,13 @@ class _Unpickler(pickle.Unpickler):
 def dumps(obj: Any) -> tuple[dict[str, Any], list[Any]]:
     """Header and frames (frame 0: the pickle without tensors; then one frame per tensor)."""
     buffer = io.BytesIO()
-    pickler = _Pickler(buffer)
-    pickler.dump(obj)
+    pickler: _TensorFrames = _Pickler(buffer)
+    try:
+        pickler.dump(obj)  # type: ignore[attr-defined]
+    except (pickle.PicklingError, TypeError, AttributeError):
+        buffer = io.BytesIO()
+        pickler = _CloudPickler(buffer)
+        pickler.dump(obj)  # type: ignore[attr-defined]
     header = {"tensors": pickler.headers}
     return header, [buffer.getvalue(), *pickler.frames]
 

@@ -15,7 +15,7 @@ def release(deployment: str, index: int, experiment: str) -> None:
     A task waits behind the stage running on the worker; to stop a running experiment at once, use
     the worker handler ``plugin.CANCEL_HANDLER`` instead (what clients do)."""
     try:
-        registry.lookup(deployment, index).release(experiment)
+        registry.lookup(deployment, index).server.release(experiment)
     except registry.ShardUnavailableError:
         pass
 

@@ -58,9 +58,13 @@ def flush(worker: Any) -> None:
         worker.log_event(STAGES_TOPIC, {"passes": passes})  # a dict: the scheduler adds the worker's address
 
 
+#: The deadline thread ends after this long without calls to make.
+IDLE_EXIT_SECONDS = 0.5
+
+
 class Deadlines:
-    """Calls due after a delay, all served by one daemon thread of the process (a ``threading.Timer``
-    per stage would start a thread per stage)."""
+    """Calls due after a delay, all served by one daemon thread of the process while there are any
+    (a ``threading.Timer`` per stage would start a thread per stage)."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
@@ -85,8 +89,11 @@ class Deadlines:
     def _serve(self) -> None:
         while True:
             with self._cond:
-                while not self._due:
-                    self._cond.wait()
+                if not self._due:
+                    self._cond.wait(IDLE_EXIT_SECONDS)
+                    if not self._due:  # idle: the thread ends (the next call starts one)
+                        self._thread = None
+                        return
                 now = time.monotonic()
                 earliest = min(when for when, _ in self._due.values())
                 if earliest > now:
