@@ -104,6 +104,10 @@ def test_the_shard_enforces_the_policy_without_the_client(client, strict):
                             {"bypass": Carry()})
     with pytest.raises(PolicyError, match="weights='deny'"):
         raise answers["bypass"]
+    # a decoded graph object, as peer shards pass on checked ones, is checked again when a client sends it
+    answers = route_by_hand(client, record, {"object": tracer.graph}, [Stage(0, 0, owner)], {"object": Carry()})
+    with pytest.raises(PolicyError, match="weights='deny'"):
+        raise answers["object"]
 
 
 @pytest.mark.parametrize("body", [
