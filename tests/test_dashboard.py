@@ -44,6 +44,11 @@ def cluster_with_dashboard(tmp_path_factory):
     with pytest.raises(InterventionError):
         with lm.trace(PROMPT):
             lm.transformer.h[1].output[:, 50].save()
+    # Stage counts reach the monitor in the shards' telemetry, flushed every 0.2 s (later on a busy
+    # machine): the tests below read them once the completed experiment's two stages are in.
+    deadline = time.monotonic() + 30
+    while rows(client)["experiments"][-1]["stages"] != "2/2" and time.monotonic() < deadline:
+        time.sleep(0.05)
     yield cluster, client, lm, logits
     client.close()
     cluster.close()
