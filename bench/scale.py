@@ -93,6 +93,7 @@ N_LAYER, HIDDEN, LAYER_MS = 8, 32, 4.0
 THREADS_PER_WORKER = 16
 MAX_CLIENT_PROCESSES = 8
 LONE_SHARDS = 4
+LONE_CHUNK = 5
 SHIM = "nd_bench_simulated"  # this checkout's simulated.py, for a tree without one
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "NNSIGHT_DASK_TORCH_THREADS": "1",
        "TOKENIZERS_PARALLELISM": "false"}
@@ -227,6 +228,7 @@ class Runner:
         self.pool: Any = None
         self.http_pool: Any = None
         self.gateway: Any = None
+        self._local: Any = None
         self.tmp = Path(tempfile.mkdtemp(prefix="nd-bench-scale-"))
 
     # -- commands ----------------------------------------------------------------------------------
@@ -334,29 +336,28 @@ class Runner:
                 "n_errors": sum(errors.values()), "profiles": window["profiles"],
                 "others_cores": window["others_cores"], "load": window["load"]}
 
-    def lone(self, n: int) -> dict:
-        """One experiment at a time; and the local compute of the same forward pass."""
+    def lone(self, n: int, warm: bool = False) -> dict:
+        """``n`` experiments one at a time, each followed by the same forward pass run locally (its
+        compute, under the same momentary load); ``warm``: three unmeasured experiments first."""
         import torch
 
-        latencies = []
-        for _ in range(3):
+        if self._local is None:
+            model, tokenizer = self.source()
+            self._local = (model, tokenizer(PROMPT, return_tensors="pt").input_ids)
+        model, ids = self._local
+        for _ in range(3 if warm else 0):
             experiment(self.lm, self.n_layer)
+        latencies, compute = [], []
         for _ in range(n):
             started = time.perf_counter()
             top = experiment(self.lm, self.n_layer)
             latencies.append((time.perf_counter() - started) * 1e3)
             assert top == self.expected
-        model, tokenizer = self.source()
-        ids = tokenizer(PROMPT, return_tensors="pt").input_ids
-        compute = []
-        with torch.no_grad():
-            for _ in range(max(5, n // 3)):
-                started = time.perf_counter()
+            started = time.perf_counter()
+            with torch.no_grad():
                 model(ids)
-                compute.append((time.perf_counter() - started) * 1e3)
-        return {"latencies": latencies, "median": statistics.median(latencies),
-                "compute": statistics.median(compute), "nominal": self.n_layer * self.layer_ms,
-                "hops": self.shards}
+            compute.append((time.perf_counter() - started) * 1e3)
+        return {"latencies": latencies, "compute": compute, "hops": self.shards}
 
     def stop(self) -> dict:
         if self.gateway is not None:
@@ -527,9 +528,16 @@ class Tree:
         self.rev = tree_rev(self.path)
 
     def call(self, op: str, **command: Any) -> Any:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.send(op, **command)
+        return self.receive()
+
+    def send(self, op: str, **command: Any) -> None:
+        assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps({"op": op, **command}) + "\n")
         self.proc.stdin.flush()
+
+    def receive(self) -> Any:
+        assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError(f"{self.label}: the runner process ended (see its log above)")
@@ -654,13 +662,20 @@ def report(results: dict, trees: list[Any], args: argparse.Namespace, info: dict
         for tree in trees:
             runs = results["lone"].get(tree.label, [])
             if runs:
+                compute = [r.get("compute_median", r["compute"]) for r in runs]
+                compute = [statistics.median(c) if isinstance(c, list) else c for c in compute]
                 rows.append([tree.label, fmt_runs([r["median"] for r in runs], 1),
                              fmt_runs([percentile(r["latencies"], 0.9) for r in runs], 1),
-                             fmt_runs([r["compute"] for r in runs], 1), str(runs[0]["hops"]),
-                             fmt_runs([(r["median"] - r["compute"]) / r["hops"] for r in runs], 1),
+                             fmt_runs(compute, 1), str(runs[0]["hops"]),
+                             fmt_runs([(r["median"] - c) / r["hops"] for r, c in zip(runs, compute)], 1),
+                             fmt_runs([r["paired_overhead"] / r["hops"] for r in runs if "paired_overhead" in r], 1) or "-",
                              "<= 60 ms, <= 5 ms per hop"])
         out(table(["tree", "lone ms", "p90 ms", "compute ms (local forward)", "hops",
-                   "overhead per hop ms", "target"], rows))
+                   "overhead per hop ms", "paired, per hop ms", "target"], rows))
+        out("")
+        out(f"Experiments in rounds of {LONE_CHUNK}, alternating the trees; each followed by the same forward pass "
+            "run locally ('compute'). Overhead per hop = (lone - compute) / hops; 'paired' = median over "
+            "experiments of (its latency - the compute right after it) / hops.")
         out("")
     return "\n".join(lines)
 
@@ -873,10 +888,11 @@ def main() -> None:
         for shards in groups:
             log(f"{shards} shard(s): starting {len(specs)} cluster(s)")
             trees = [Tree(label, path, shim_dir, args) for label, path in specs]
+            for tree in trees:  # the clusters start together (their idle windows overlap: both count in 'others')
+                tree.send("start", shards=shards, modes=list(args.modes) if shards in args.shards else [],
+                          gateway_in_flight=args.gateway_in_flight, max_users=max(args.users or [1]))
             for tree in trees:
-                info[tree.label] = tree.call("start", shards=shards, modes=list(args.modes) if shards in args.shards else [],
-                                             gateway_in_flight=args.gateway_in_flight,
-                                             max_users=max(args.users or [1]))
+                info[tree.label] = tree.receive()
                 results["idle"].setdefault(tree.label, {})[shards] = info[tree.label]["idle_ms_per_s"]
                 log(f"{tree.label}: deployed in {shards} shard(s), layers {info[tree.label]['layers']}; "
                     f"nnsight_dask from {info[tree.label]['where']}")
@@ -899,11 +915,22 @@ def main() -> None:
                                     f"scheduler {res['cpu_ms']['scheduler']:.1f} ms/exp, others {res['others_cores']:.2f} cores, "
                                     f"errors {res['n_errors']}")
             if args.want_lone and shards == LONE_SHARDS:
+                # rounds of LONE_CHUNK experiments, alternating the trees, so load hits both alike
+                chunks = max(1, -(-args.lone_n // LONE_CHUNK))
                 for r in range(args.repeat):
-                    for tree in (trees if r % 2 == 0 else trees[::-1]):
-                        res = tree.call("lone", n=args.lone_n)
-                        results["lone"].setdefault(tree.label, []).append(res)
-                        log(f"{tree.label}: lone {res['median']:.1f} ms (compute {res['compute']:.1f} ms)")
+                    runs = {tree.label: {"latencies": [], "compute": []} for tree in trees}
+                    for k in range(chunks):
+                        for tree in (trees if (r + k) % 2 == 0 else trees[::-1]):
+                            res = tree.call("lone", n=LONE_CHUNK, warm=(k == 0))
+                            runs[tree.label]["latencies"] += res["latencies"]
+                            runs[tree.label]["compute"] += res["compute"]
+                            runs[tree.label]["hops"] = res["hops"]
+                    for label, run in runs.items():
+                        run["median"] = statistics.median(run["latencies"])
+                        run["compute_median"] = statistics.median(run["compute"])
+                        run["paired_overhead"] = statistics.median(a - b for a, b in zip(run["latencies"], run["compute"]))
+                        results["lone"].setdefault(label, []).append(run)
+                        log(f"{label}: lone {run['median']:.1f} ms (compute {run['compute_median']:.1f} ms)")
             for tree in trees:
                 tree.close()
             trees = []

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import pickle
-import statistics
 import time
 
 import pytest
@@ -44,7 +43,8 @@ def test_a_layer_call_takes_the_same_time_whatever_the_batch():
             layer(hidden, position_embeddings=position_embeddings)
         return (time.perf_counter() - started) * 1e3
 
-    times = {rows: statistics.median(call_ms(rows) for _ in range(3)) for rows in (1, 16)}
+    # the fastest of five calls: a loaded machine only ever adds time (a late wake-up)
+    times = {rows: min(call_ms(rows) for _ in range(5)) for rows in (1, 16)}
     assert all(t >= layer_ms for t in times.values())
     assert times[16] - times[1] < 0.3 * layer_ms, times  # flat in the batch (the arithmetic is tiny)
 
