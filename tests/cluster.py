@@ -25,7 +25,7 @@ def local_cluster(n_workers: int = 2, threads: int = 1) -> Iterator[Client]:
 
 
 def route_by_hand(client: Client, record: Any, graphs: dict[str, str], stages: list[Any],
-                  carries: dict[str, Any] | None = None) -> dict[str, Any]:
+                  carries: dict[str, Any] | None = None, checked: set[str] | None = None) -> dict[str, Any]:
     """Send experiments straight to the first stage's shard worker on the direct route, as a client
     of another version (or a hostile one) could, skipping every check of ours on the client side;
     the outcome by experiment."""
@@ -38,6 +38,6 @@ def route_by_hand(client: Client, record: Any, graphs: dict[str, str], stages: l
     workers = {shard.index: shard.worker for shard in record.shards}
     hop = Hop(route=f"by-hand-{uuid.uuid4().hex[:6]}", origin=workers[stages[0].shard], deployment=record.name,
               stages=list(stages), workers=workers, graphs=dict(graphs),
-              carries=dict(carries) if carries is not None else dict.fromkeys(graphs))
+              carries=dict(carries) if carries is not None else dict.fromkeys(graphs), checked=set(checked or ()))
     answer = client.sync(client.rpc(hop.origin).nnsight_dask_route, hop=to_serialize(hop))
     return answer["outcome"].answers

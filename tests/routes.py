@@ -19,9 +19,8 @@ def run_route(actors: list[Any], graphs: dict[str, str], stages: list[Stage],
     while True:
         if before_run is not None:
             before_run(hop.stage)
-        admitted: dict[str, Any] = {}
-        hop.record(actors[hop.stage.shard].server.run_batch(hop.members(), hop.stage, hop.carries, hop.final, admitted))
-        hop.adopt(admitted)
+        hop.record(actors[hop.stage.shard].server.run_batch(hop.members(), hop.stage, hop.carries, hop.final,
+                                                           hop.checked))
         if hop.final or not hop.carries:
             return deserialize(*serialize(hop.outcome())).answers  # type: ignore[no-any-return]
         hop.step()

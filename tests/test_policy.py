@@ -104,10 +104,11 @@ def test_the_shard_enforces_the_policy_without_the_client(client, strict):
                             {"bypass": Carry()})
     with pytest.raises(PolicyError, match="weights='deny'"):
         raise answers["bypass"]
-    # a decoded graph object, as peer shards pass on checked ones, is checked again when a client sends it
-    answers = route_by_hand(client, record, {"object": tracer.graph}, [Stage(0, 0, owner)], {"object": Carry()})
+    # a client's hop claiming its graph was checked already (as peer shards tell each other) is checked
+    answers = route_by_hand(client, record, {"claim": tracer.graph.to_json()}, [Stage(0, 0, owner)],
+                            {"claim": Carry()}, checked={"claim"})
     with pytest.raises(PolicyError, match="weights='deny'"):
-        raise answers["object"]
+        raise answers["claim"]
 
 
 @pytest.mark.parametrize("body", [

@@ -11,7 +11,6 @@ from typing import Any
 
 from ..errors import InterventionError
 from ..execution.stage import Carry, Stage
-from ..graph.graph import InterventionGraph
 from .registry import ExperimentCancelledError
 
 
@@ -31,12 +30,13 @@ class Hop:
     stages: list[Stage]
     #: Shard index -> address of the worker holding it (the client's record of the deployment).
     workers: dict[int, str]
-    #: Experiment -> its graph, kept only while a shard it has not reached yet needs it: JSON as the
-    #: client sent it, then the graph the first shard decoded and checked (later shards trust it).
-    graphs: dict[str, str | InterventionGraph]
+    #: Experiment -> its graph (JSON), kept only while a shard it has not reached yet needs it.
+    graphs: dict[str, str]
     #: Experiment -> what its next stage starts from (``None`` before the first stage).
     carries: dict[str, Carry | None]
     ended: dict[str, BaseException] = field(default_factory=dict)
+    #: Experiments whose graph a shard of this route checked: later shards only decode it.
+    checked: set[str] = field(default_factory=set)
     position: int = 0
     #: Positions that are a shard's first visit: only there does a stage start from the graph.
     first_visits: frozenset[int] = frozenset()
@@ -48,7 +48,7 @@ class Hop:
                 first.setdefault(stage.shard, position)
             self.first_visits = frozenset(first.values())
 
-    def graph_for(self, experiment: str) -> str | InterventionGraph | None:
+    def graph_for(self, experiment: str) -> str | None:
         """The graph to send with this stage: on the shard's first visit only (a later stage of an
         experiment whose state a shard lost must fail, not start over mid-way)."""
         return self.graphs.get(experiment) if self.position in self.first_visits else None
@@ -76,15 +76,9 @@ class Hop:
             else:
                 self.carries[experiment] = answer
 
-    def adopt(self, checked: dict[str, InterventionGraph]) -> None:
-        """Carry on the graphs a shard decoded and checked, in place of their JSON, for members still running."""
-        for experiment, graph in checked.items():
-            if experiment in self.graphs and experiment in self.carries:
-                self.graphs[experiment] = graph
-
     def distrust(self) -> None:
-        """Graphs from outside the cluster travel as JSON to their first shard, which checks them."""
-        self.graphs = {e: g if isinstance(g, str) else g.to_json() for e, g in self.graphs.items()}
+        """A hop from outside the cluster (a client's) has had nothing checked yet, whatever it says."""
+        self.checked = set()
 
     def end_all(self, error: BaseException) -> None:
         """Every member still running ends with ``error``."""

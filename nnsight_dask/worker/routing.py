@@ -59,8 +59,8 @@ class Router:
     async def route(self, hop: Hop) -> dict[str, Any]:
         """A client's call: run ``hop`` from its first stage here; answer its :class:`~.hop.Outcome`.
 
-        What a client sends is checked here, on the cluster: graphs enter as JSON, which the first
-        shard each reaches decodes and checks; later shards trust what their peers checked.
+        What a client sends is checked here, on the cluster: the first shard each graph reaches
+        checks it; later shards trust what their peers checked (``Hop.checked``), and only decode it.
         """
         hop.distrust()
         answer: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
@@ -109,17 +109,15 @@ class Router:
             await self._deliver(hop)
 
     async def _run_stage(self, hop: Hop) -> None:
-        admitted: dict[str, Any] = {}
         try:
             shard = lookup(hop.deployment, hop.stage.shard)
             # in one of the worker's threads (as many as stages may share a pass): they wait there
             answers = await asyncio.get_running_loop().run_in_executor(
                 self.worker.executor, shard.server.run_batch, hop.members(), hop.stage, hop.carries, hop.final,
-                admitted)
+                hop.checked)
         except Exception as exc:  # the shard is not here (moved, closed)
             answers = dict.fromkeys(hop.carries, exc)
         hop.record(answers)
-        hop.adopt(admitted)
 
     async def _hand_on(self, hop: Hop, following: str) -> None:
         try:

@@ -20,6 +20,8 @@ from .hop import Hop, Outcome
 from .results import Results
 
 _REGISTERED = False
+#: Tensor types sent as frames (subclasses, e.g. fake or meta wrappers, go through pickle).
+_PLAIN_TENSORS = frozenset({torch.Tensor, torch.nn.Parameter})
 
 
 class _TensorFrames:
@@ -32,17 +34,17 @@ class _TensorFrames:
         self._seen: dict[int, int] = {}
 
     def persistent_id(self, obj: Any) -> Any:
-        if isinstance(obj, torch.Tensor) and type(obj) in (torch.Tensor, torch.nn.Parameter):
-            index = self._seen.get(id(obj))
-            if index is None:
-                header, frame = tensor_to_bytes(obj)
-                header["requires_grad"] = False
-                index = len(self.headers)
-                self.headers.append(header)
-                self.frames.append(frame)
-                self._seen[id(obj)] = index
-            return ("tensor", index)
-        return None
+        if type(obj) not in _PLAIN_TENSORS:  # called for every object pickled: the cheapest test first
+            return None
+        index = self._seen.get(id(obj))
+        if index is None:
+            header, frame = tensor_to_bytes(obj)
+            header["requires_grad"] = False
+            index = len(self.headers)
+            self.headers.append(header)
+            self.frames.append(frame)
+            self._seen[id(obj)] = index
+        return ("tensor", index)
 
 
 class _Pickler(_TensorFrames, pickle.Pickler):

@@ -26,7 +26,6 @@ import torch
 from ..errors import ExperimentFailedError
 from ..execution.cotenancy import Member, can_share, footprint, forward_together
 from ..execution.stage import Carry, ExperimentState, ExperimentStopped, ShardRunner, Stage, collect_results
-from ..graph.graph import InterventionGraph
 from ..graph.policy import Policy
 from ..storage.results import ZarrSink
 from . import registry, telemetry
@@ -90,7 +89,7 @@ class ShardServer:
         """Forget the state of ``experiments`` (lock-free); returns how many were held here."""
         return sum(self._forget(experiment) for experiment in experiments)
 
-    def run(self, experiment: str, stage: Stage, graph_json: str | InterventionGraph | None, carry: Carry | None,
+    def run(self, experiment: str, stage: Stage, graph_json: str | None, carry: Carry | None,
             final: bool) -> Carry | Results:
         """Run one stage; ``graph_json`` comes with the experiment's first stage on this shard only.
 
@@ -105,21 +104,23 @@ class ShardServer:
             raise request.outcome
         return request.outcome  # type: ignore[no-any-return]
 
-    def run_batch(self, members: list[tuple[str, str | InterventionGraph | None]], stage: Stage,
+    def run_batch(self, members: list[tuple[str, str | None]], stage: Stage,
                   carries: dict[str, Carry | None] | None, final: bool,
-                  admitted: dict[str, InterventionGraph] | None = None) -> dict[str, Any]:
-        """Run ``stage`` for each ``(experiment, graph)`` of a batch travelling together.
+                  checked: set[str] | None = None) -> dict[str, Any]:
+        """Run ``stage`` for each ``(experiment, graph JSON)`` of a batch travelling together.
 
         Answers each experiment with its next carry, its results (``final``) or the error that ended
-        it here, so one member's error never stops the others. A graph is JSON from outside, which
-        this shard decodes and checks (the checked graphs go into ``admitted``, for the route's later
-        shards), or a graph a peer shard of the route already checked.
+        it here, so one member's error never stops the others. ``checked`` names the experiments whose
+        graph a peer shard of their route already checked (this one only decodes those); the ones
+        this shard checks are added to it, for the route's later shards.
         """
-        requests = [StageRequest(experiment, stage, graph, (carries or {}).get(experiment), final)
-                    for experiment, graph in members]
+        trusted = checked if checked is not None else set()
+        requests = [StageRequest(experiment, stage, graph_json, (carries or {}).get(experiment), final,
+                                 checked=experiment in trusted) for experiment, graph_json in members]
         self.queue.run(requests)
-        if admitted is not None:
-            admitted.update((r.experiment, r.admitted) for r in requests if r.admitted is not None)
+        if checked is not None:
+            checked.update(r.experiment for r in requests if r.graph_json is not None
+                           and not isinstance(r.outcome, BaseException))
         return {request.experiment: request.outcome for request in requests}
 
     def _serve(self, requests: list[StageRequest]) -> None:
@@ -167,7 +168,7 @@ class ShardServer:
         self._raise_if_stopped(experiment)
         state = self.experiments.get(experiment)
         if state is None:
-            if request.graph is None:
+            if request.graph_json is None:
                 raise ShardStateLostError(
                     f"shard {self.index} of {self.deployment!r} no longer holds experiment {experiment} "
                     "(it was restarted or the experiment was released); resubmit the experiment",
@@ -178,9 +179,7 @@ class ShardServer:
                     "experiment with the deployment's current record", deployment=self.deployment,
                     shard=self.index)
             self._drop_stale()
-            state = self._start(experiment, request.graph)
-            if isinstance(request.graph, str):
-                request.admitted = state.graph
+            state = self._start(experiment, request.graph_json, request.checked)
             state.should_stop = self._should_stop(experiment, state)
             self.experiments[experiment] = state
         state.touched = time.monotonic()
@@ -254,13 +253,13 @@ class ShardServer:
                              [(request.experiment, request.stage.label) for request in requests],
                              start, start + seconds)
 
-    def _start(self, experiment: str, graph: str | InterventionGraph) -> ExperimentState:
-        """A new experiment's state here. A graph from outside (JSON) is decoded and checked with this
-        worker's settings and the deployment's policy; one that a peer shard of its route admitted
-        that way arrives checked (decoding and checking it on every shard cost each experiment
-        about 1.2 ms of CPU per shard, docs/scaling.md)."""
-        if isinstance(graph, str):
-            graph = decode_graph(graph)
+    def _start(self, experiment: str, graph_json: str, checked: bool = False) -> ExperimentState:
+        """A new experiment's state here. Its graph is decoded (refusing oversized ones) and, unless a
+        peer shard of its route already did, checked with this worker's settings and the deployment's
+        policy (checking it on every shard cost each experiment about 0.7 ms of CPU per shard,
+        docs/scaling.md)."""
+        graph = decode_graph(graph_json)
+        if not checked:
             check_graph(graph, policy=self.policy, context_length=self.context_length, vocab_size=self.vocab_size)
         device, dtype = _device_and_dtype(self.runner.model)
         return self.runner.start(graph, ZarrSink.from_options(graph.options, experiment),

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..execution.stage import Carry, Stage
-from ..graph.graph import InterventionGraph
 
 #: How recent a shared pass must be for a free shard to wait for company.
 _RECENT_S = 1.0
@@ -43,16 +42,15 @@ class StageRequest:
 
     experiment: str
     stage: Stage
-    #: On the experiment's first stage here: its graph, as JSON from outside (decoded and checked
-    #: here) or already checked by the shard that admitted it (:attr:`admitted`, sent on by a peer).
-    graph: str | InterventionGraph | None
+    #: On the experiment's first stage here: its graph (JSON).
+    graph_json: str | None
     carry: Carry | None
     final: bool
+    #: A peer shard of the experiment's route already checked the graph: this one only decodes it.
+    checked: bool = False
     #: The carry or results to answer with, or the exception ending the experiment.
     outcome: Any = None
     done: bool = False
-    #: The graph this shard decoded and checked for it (peers of the route trust it from then on).
-    admitted: InterventionGraph | None = None
 
 
 class StageQueue:
