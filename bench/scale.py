@@ -513,6 +513,7 @@ def runner_main(tree: str, shim_dir: str, layer_ms: float, n_layer: int) -> None
         if op == "stop" and command.get("final"):
             break
     runner.stop()
+    shutil.rmtree(runner.tmp, ignore_errors=True)  # scheduler and worker logs: kept only when the runner fails
 
 
 # == the driver ======================================================================================
