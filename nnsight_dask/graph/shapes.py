@@ -24,20 +24,23 @@ def tensors(value: Any, depth: int = 2, limit: int | None = None) -> list[torch.
     """The tensors in ``value`` and in lists/tuples/dicts nested up to ``depth`` levels, in order
     (looking at no more than ``limit`` items when given)."""
     found: list[torch.Tensor] = []
-    stack: list[tuple[Any, int]] = [(value, 0)]
-    seen = 0
-    while stack:
-        seen += 1
-        if limit is not None and seen > limit:
-            break
-        item, level = stack.pop()
-        if isinstance(item, torch.Tensor):
-            found.append(item)
-        elif level < depth and isinstance(item, (list, tuple)):
-            stack.extend((v, level + 1) for v in reversed(item))
-        elif level < depth and isinstance(item, dict):
-            stack.extend((v, level + 1) for v in reversed(item.values()))
+    _walk(value, depth, found, -1 if limit is None else limit)
     return found
+
+
+def _walk(item: Any, depth: int, found: list[torch.Tensor], remaining: int) -> int:
+    """Collect the tensors of ``item`` into ``found``; ``remaining`` items may still be looked at
+    (negative: any number); returns what is left."""
+    if isinstance(item, torch.Tensor):
+        found.append(item)
+        return remaining - 1
+    if depth <= 0 or not isinstance(item, (list, tuple, dict)):
+        return remaining - 1
+    for child in (item.values() if isinstance(item, dict) else item):
+        remaining = _walk(child, depth - 1, found, remaining)
+        if remaining == 0:
+            break
+    return remaining
 
 
 def first_tensor(args: Sequence[Any], kwargs: dict[str, Any], *names: str) -> torch.Tensor | None:
@@ -100,15 +103,15 @@ def widest(found: Sequence[torch.Tensor], fallback: int = 8) -> int:
 
 
 def broadcast_numel(shapes: Sequence[Sequence[int]]) -> int:
-    """Elements of the broadcast of ``shapes``; where they do not broadcast, the largest dims each."""
+    """Elements of the broadcast of ``shapes`` (where they do not broadcast, the largest dims each:
+    the operation fails anyway)."""
     if not shapes:
         return 1
-    try:
-        return product(torch.broadcast_shapes(*(tuple(s) for s in shapes)))
-    except (RuntimeError, TypeError, ValueError):
-        ndim = max(len(s) for s in shapes)
-        padded = [(1,) * (ndim - len(s)) + tuple(s) for s in shapes]
-        return product(max(dims) for dims in zip(*padded))
+    ndim = max(len(s) for s in shapes)
+    total = 1
+    for axis in range(1, ndim + 1):
+        total *= max((int(s[-axis]) for s in shapes if len(s) >= axis), default=1)
+    return max(total, 0)
 
 
 def size_arg(args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[int, ...]:
