@@ -27,6 +27,7 @@ import functools
 import linecache
 import sys
 import threading
+import warnings
 from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -252,6 +253,13 @@ def _evaluate(test: ast.expr, frame: FrameType) -> Any:
         _local.evaluating = False
 
 
+def _set_line(frame: FrameType, line: int) -> None:
+    """Continue ``frame`` at ``line``. Python 3.13 sets the frame's still unbound locals to ``None`` on
+    such a jump and warns about it ("assigning None to 1 unbound local"); those are names the code
+    assigns later (after the ``if``), so the warning says nothing to the user and is not shown."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"assigning None to \d+ unbound local", RuntimeWarning)
+        frame.f_lineno = line
 
 
 # -- running the branches --------------------------------------------------------------------------
@@ -310,7 +318,7 @@ class _Branch:
                 return "done"
             self._enter_else()
             try:
-                self.frame.f_lineno = self._else_lines[0]
+                _set_line(self.frame, self._else_lines[0])
             except ValueError:
                 # Python 3.10 refuses to jump back into a `with` body from its exit (the `if` ended
                 # the block): record the else from its source, as at a frame's return
@@ -325,7 +333,7 @@ class _Branch:
 
     def _jump(self, line: int) -> str:
         try:
-            self.frame.f_lineno = line
+            _set_line(self.frame, line)
         except ValueError as error:
             self._close()
             raise TracingError(f"the `if` at {self.frame.f_code.co_filename}:{self.node.lineno} tests a traced "
