@@ -457,7 +457,7 @@ def test_store_reads_answer_4xx_with_a_reason(gw):
 # -- item 7: the events websocket -----------------------------------------------------------------
 def test_client_messages_on_the_events_stream_are_answered_without_errors(gw, small_graph):
     lm = nd.RemoteModel(gw.url, "tiny", api_key="alice-key")
-    with lm.generate(PROMPT, max_new_tokens=100, execute=False) as tracer:
+    with lm.generate(PROMPT, max_new_tokens=200, execute=False) as tracer:
         tracer.result.save()
     experiment = call(gw, "POST", "/experiments", json={"deployment": "tiny", "graph": tracer.graph.to_json()}).json()
     experiment = experiment["experiment"]
@@ -476,6 +476,9 @@ def test_client_messages_on_the_events_stream_are_answered_without_errors(gw, sm
 
     code, reason, received = asyncio.run(asyncio.wait_for(chatter(), 60))
     assert code == 1003 and "only sends" in (reason or ""), (code, reason)
+    for wait in ("nan", "inf", "-inf", "x" * 100):  # a nan timer would corrupt the event loop's timers
+        answer = call(gw, "GET", f"/experiments/{experiment}", params={"wait": wait})
+        assert answer.status_code == 400 and "takes seconds" in answer.text, (wait, answer.text)
     assert submit_latency(gw, small_graph) < VICTIM_BOUND
     call(gw, "DELETE", f"/experiments/{experiment}")
     wait_final(gw, experiment)

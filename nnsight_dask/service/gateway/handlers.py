@@ -65,7 +65,8 @@ class ApiHandler(web.RequestHandler):
         self.core = core
         self._body = bytearray()
         self._overflow = False
-        self._admitted = False
+        self._admitted = False  # holds one of the user's submission slots (see admit)
+        self._working = False  # its body is being parsed and validated in the pool
 
     #: Whether the route needs an API key (all but the health check).
     requires_user = True
@@ -103,7 +104,7 @@ class ApiHandler(web.RequestHandler):
 
     def on_connection_close(self) -> None:
         super().on_connection_close()  # ends the wait for a body that will not come
-        if not getattr(self, "_working", False):  # a submission being validated releases when it is done
+        if not self._working:  # a submission being validated releases when it is done
             self.release()
 
     def data_received(self, chunk: bytes) -> None:
@@ -235,9 +236,12 @@ class Experiment(ApiHandler):
         wait = self.get_query_argument("wait", None)
         if wait is not None and row["status"] not in FINAL:
             try:
-                seconds = min(max(float(wait), 0.0), MAX_WAIT)
+                seconds = float(wait)
             except ValueError:
-                raise ApiError(400, "MalformedRequest", f"?wait= takes seconds, not {wait!r}") from None
+                seconds = math.nan
+            if not math.isfinite(seconds):  # nan would reach the event loop's timers
+                raise ApiError(400, "MalformedRequest", f"?wait= takes seconds, not {wait[:40]!r}")
+            seconds = min(max(seconds, 0.0), MAX_WAIT)
             job = self.core.dispatcher.jobs.get(experiment)
             if job is not None:
                 job.watchers += 1  # a client waiting on its status is watching (keepalive)
