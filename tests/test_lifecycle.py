@@ -131,7 +131,7 @@ def test_a_stopped_experiment_leaves_the_model_before_the_next_layer(tiny_tokeni
         results = shard.server.run("next", stage, graph.to_json(), None, True)  # the shard serves the next one
         assert ran == [] and sorted(results) == ["logits"] and shard.server.experiments == {}
         # the policy's timeout is enforced by the shard too, at the same hook
-        shard.policy = nd.Policy(timeout=0.05)
+        shard.server.policy = nd.Policy(timeout=0.05)
         layers[0].register_forward_hook(lambda *_: time.sleep(0.1))
         with pytest.raises(ExperimentFailedError, match="ran longer than deployment 'life-unit' allows"):
             shard.server.run("slow", stage, graph.to_json(), None, True)

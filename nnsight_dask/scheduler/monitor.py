@@ -270,6 +270,11 @@ class ExperimentMonitor(SchedulerPlugin):
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def _finish(self, record: ExperimentRecord, status: str, error: str = "", ended: float | None = None) -> None:
+        if record.status == "queued" and status in ("completed", "failed"):
+            # it ran before the shards' report of it arrived (they report every 0.2 s): the event
+            # stream still tells every status it went through
+            record.status = "running"
+            self._log(record)
         record.status = status
         record.ended = ended or time.time()
         record.error = error or record.error
