@@ -14,15 +14,26 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from ..errors import DeploymentError, NNsightDaskError
 
-if TYPE_CHECKING:
-    from .shard_actor import ShardActor
+
+
+class HeldShard(Protocol):
+    """What the registry holds: a :class:`~.shard_actor.ShardActor` (named by protocol, not imported,
+    so that the registry stays a leaf the shard modules import)."""
+
+    deployment: str
+    index: int
+    server: Any
+
+    def close(self, reason: str | None = None) -> None: ...
+
+    def retire(self) -> None: ...
 
 _lock = threading.Lock()
-_shards: dict[tuple[str, int], ShardActor] = {}
+_shards: dict[tuple[str, int], HeldShard] = {}
 #: Shards closed on purpose (undeploy) -> why, until the deployment is served here again.
 _closed: dict[tuple[str, int], str] = {}
 #: Experiment -> (when it was told to stop, the error its stages raise from then on).
@@ -47,13 +58,13 @@ class ExperimentCancelledError(NNsightDaskError, RuntimeError):
     """The experiment was told to stop (its owner cancelled it or gave up waiting, or its client left)."""
 
 
-def register(deployment: str, index: int, shard: ShardActor) -> None:
+def register(deployment: str, index: int, shard: HeldShard) -> None:
     with _lock:
         _shards[(deployment, index)] = shard
         _closed.pop((deployment, index), None)
 
 
-def unregister(deployment: str, index: int, shard: ShardActor | None = None, reason: str = "") -> None:
+def unregister(deployment: str, index: int, shard: HeldShard | None = None, reason: str = "") -> None:
     """Forget shard ``index`` of ``deployment`` (only if it is ``shard``, when given: a newer copy
     registered since stays); ``reason`` leaves a tombstone that later lookups raise."""
     with _lock:
@@ -63,7 +74,7 @@ def unregister(deployment: str, index: int, shard: ShardActor | None = None, rea
             _closed[(deployment, index)] = reason
 
 
-def lookup(deployment: str, index: int) -> ShardActor:
+def lookup(deployment: str, index: int) -> HeldShard:
     with _lock:
         shard = _shards.get((deployment, index))
         closed = _closed.get((deployment, index))
@@ -82,7 +93,7 @@ def held() -> list[tuple[str, int]]:
         return sorted(_shards)
 
 
-def shards(deployment: str | None = None) -> list[ShardActor]:
+def shards(deployment: str | None = None) -> list[HeldShard]:
     """The shard objects of this process (of ``deployment`` only, when given)."""
     with _lock:
         return [shard for (name, _), shard in _shards.items() if deployment is None or name == deployment]
