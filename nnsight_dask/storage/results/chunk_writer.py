@@ -23,8 +23,10 @@ from ..location import StoreLocation
 
 def _plain_bytes_layout(z: zarr.Array) -> bool:
     codecs = z.metadata.codecs if z.metadata.zarr_format == 3 else ()
-    return (sys.byteorder == "little" and len(codecs) == 1 and isinstance(codecs[0], BytesCodec)
-            and (codecs[0].endian is None or codecs[0].endian.value == "little"))
+    if sys.byteorder != "little" or len(codecs) != 1 or not isinstance(codecs[0], BytesCodec):
+        return False
+    endian = codecs[0].endian  # an Endian enum up to zarr 3.1, the string "little"/"big" since 3.2
+    return endian is None or getattr(endian, "value", endian) == "little"
 
 
 def _split_axis(shape: tuple[int, ...], chunks: tuple[int, ...]) -> int | None:
