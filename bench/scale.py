@@ -260,7 +260,8 @@ class Runner:
         scheduler = subprocess.Popen(
             [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
              "--dashboard-address", "127.0.0.1:0", "--scheduler-file", str(scheduler_file), "--no-show"],
-            env=env, stdout=subprocess.DEVNULL, stderr=open(self.tmp / f"scheduler-{shards}.log", "w"))
+            env=env, stdout=subprocess.DEVNULL, stderr=open(self.tmp / f"scheduler-{shards}.log", "w"),
+            cwd=self.tmp)  # `python -m` puts the working directory first on sys.path: not a checkout's
         self.procs.append(scheduler)
         deadline = time.time() + 120
         while not scheduler_file.exists() or not scheduler_file.read_text().strip():
@@ -273,7 +274,7 @@ class Runner:
             [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nworkers", str(shards),
              "--nthreads", str(THREADS_PER_WORKER), "--no-dashboard", "--host", "127.0.0.1",
              "--local-directory", str(self.tmp / f"workers-{shards}")],
-            env=env, stdout=subprocess.DEVNULL, stderr=open(self.tmp / f"workers-{shards}.log", "w"))
+            env=env, stdout=subprocess.DEVNULL, stderr=open(self.tmp / f"workers-{shards}.log", "w"), cwd=self.tmp)
         self.procs.append(nannies)
         log(f"scheduler at {address}; waiting for {shards} worker(s)")
         self.client = client = Client(address)  # the default client: actor handles bind to it
@@ -534,7 +535,7 @@ class Tree:
         self.proc = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "--_runner", self.path, "--_shim", shim_dir,
              "--layer-ms", str(args.layer_ms), "--layers", str(args.layers)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=shim_dir)
         self.rev = tree_rev(self.path)
 
     def call(self, op: str, **command: Any) -> Any:
