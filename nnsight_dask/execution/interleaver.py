@@ -214,9 +214,6 @@ class Interleaver:
     def module_paths(self) -> set[str]:
         return {path for (path, _phase, _call) in self.events}
 
-    def needs_input_hook(self, path: str) -> bool:
-        return any(p == path and phase == "in" for (p, phase, _c) in self.events)
-
     # -- values -----------------------------------------------------------------------------
     def receive(self, values: dict[Key, Any]) -> None:
         """Values computed elsewhere (an earlier shard) arrive; nodes waiting for them may run."""
