@@ -224,7 +224,7 @@ class ExperimentMonitor(SchedulerPlugin):
 
     # -- messages from clients -----------------------------------------------------------------
     def handle_message(self, client: str = "", event: str = "", **message: Any) -> None:
-        """``event="submitted"`` before the stage tasks; ``"finished"`` once the client has the result.
+        """``event="submitted"`` when the experiment leaves; ``"finished"`` once the client has the result.
 
         ``client`` is the sender's id, added by Dask's stream handling: a client that leaves has its
         unfinished experiments stopped (:meth:`remove_client`).

@@ -1,4 +1,4 @@
-"""What runs on a worker: shards in long-lived Dask actors, the stage tasks that reach them in-process,
+"""What runs on a worker: shards in long-lived Dask actors, the direct route that reaches them in-process,
 our serializers (installed by :class:`~.plugin.ShardWorkerPlugin`), and the limits a shard enforces.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Process-level registry of the shards this worker holds, and of the experiments told to stop.
 
-A stage task pinned to a shard's worker finds the shard object here, in-process, so hidden
-states and the model never go through an actor call or a serializer on the same worker.
+The worker's router (:mod:`.routing`) finds the shard object here, in-process, so hidden states
+and the model never go through an actor call or a serializer on the same worker.
 
 Stop flags live here too, per process and without the shards' locks: experiment ids are unique on
 the cluster, so the flag the worker's cancel handler (:mod:`.plugin`) sets is seen by every shard of

@@ -1,7 +1,8 @@
-"""Where stage tasks wait for their shard, so that whatever waits together can run together.
+"""Where stages wait for their shard, so that whatever waits together can run together.
 
-A shard computes one thing at a time (its hooks and caches serve one forward pass). Stage tasks
-arriving while it computes queue here; when it is free, the thread whose task finds it free takes
+A shard computes one thing at a time (its hooks and caches serve one forward pass). Stages arriving
+while it computes queue here, each in one of the worker's threads (the router runs them there); when
+it is free, the thread that finds it free takes
 everything waiting (up to ``max_batch``) and serves it as one group, then hands the shard to the
 next waiting thread (group commit). A lone stage never waits for company: with nothing queued it
 runs at once, as it always did.
@@ -14,9 +15,9 @@ shard that finds fewer than k waiting waits for k before it starts, up to ``gath
 longer than that pass took; a stage with no recent company (a lone user's) never waits. Measured on
 SmolLM2 with 10 client processes (bench/cotenancy.py): throughput 13 -> 17-19 experiments/s with 20 ms.
 
-Why a queue in the shard, not a batching window in the scheduler: Dask runs a task on a worker
-thread even when it is ``async`` (measured: ten 0.5 s async tasks on a one-thread worker take 5 s),
-so stages can only meet if the worker has several threads and they wait *here*. Workers holding
+Why a queue in the shard, on the worker's threads: stages can only meet if several wait at once,
+and a stage that waits holds a thread (the event loop must stay free for heartbeats and messages).
+Workers holding
 shards therefore run with as many threads as experiments may share a pass (``--nthreads 16``, the
 default ``cotenant_max_batch``; with 4 threads a batch holds at most 4); the shard's torch threads are set
 apart (``NNSIGHT_DASK_TORCH_THREADS``), so the extra Dask threads only wait.

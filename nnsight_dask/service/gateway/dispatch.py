@@ -6,7 +6,7 @@ and its user holds fewer than ``max_in_flight_per_user`` of them, then runs in a
 through :func:`~nnsight_dask.client.experiment.run_experiment`, the same path a Dask client takes: it is
 checked again, stamped with the user, announced to the scheduler's monitor, stopped on the shards
 when cancelled or timed out, retried when a shard's worker dies. Experiments running together from
-the gateway meet on the shards (and share stage tasks), whoever sent them.
+the gateway travel together on the direct route and meet on the shards, whoever sent them.
 
 Every status change is written to the :class:`~.state.StateStore` and handed to ``publish`` (the
 server's event hub). A user's experiments queued or running at once are bounded by the user's
