@@ -388,11 +388,12 @@ def test_a_cancel_stops_an_experiment_between_two_of_its_nodes(lm: Any, tiny_tok
         total.save()
     one = _timed(torch.matmul, (torch.ones(size, size), torch.ones(size, size)))
     try:
-        timer = threading.Timer(0.3, actor.cancel, args=(["hog"], "cancelled by its owner"))
+        # an id of its own: stop flags are per process, and other tests run experiments named "hog"
+        timer = threading.Timer(0.3, actor.cancel, args=(["cancelled-hog"], "cancelled by its owner"))
         started = time.monotonic()
         timer.start()
         with pytest.raises(ExperimentCancelledError, match="cancelled by its owner"):
-            run_on(actor, tracer.graph, "hog")
+            run_on(actor, tracer.graph, "cancelled-hog")
         stopped = time.monotonic() - started
         print(f"\n120 products of {one * 1000:.0f} ms each; the cancel at 0.3 s ended the stage at {stopped:.2f} s")
         assert stopped < 0.3 + 3 * one + 0.3
