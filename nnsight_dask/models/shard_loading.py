@@ -35,7 +35,7 @@ import json
 import logging
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -57,6 +57,10 @@ FullLoader = Callable[[Any, torch.dtype | None, str | None], tuple[torch.nn.Modu
 
 #: Called with the whole (possibly weightless) model and the tokenizer before the model is cut.
 Describe = Callable[[torch.nn.Module, Any], Any]
+
+#: ``from_pretrained`` options the partial reader applies itself (``revision`` and ``low_cpu_mem_usage``
+#: change nothing for a local checkpoint read tensor by tensor); any other one takes the full load.
+PARTIAL_LOAD_OPTIONS = frozenset({"attn_implementation", "revision", "low_cpu_mem_usage"})
 
 #: safetensors dtype names (https://github.com/huggingface/safetensors#format) torch can hold.
 _SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -102,7 +106,8 @@ class LoadedShard:
 
 
 def load_shard(source: Any, n_shards: int, index: int, *, full_loader: FullLoader, dtype: torch.dtype | None = None,
-               gguf_file: str | None = None, describe: Describe | None = None) -> LoadedShard:
+               gguf_file: str | None = None, describe: Describe | None = None,
+               options: Mapping[str, Any] | None = None) -> LoadedShard:
     """Shard ``index`` of ``n_shards`` of the model ``source``, reading only its weights when possible.
 
     Parameters
@@ -123,13 +128,16 @@ def load_shard(source: Any, n_shards: int, index: int, *, full_loader: FullLoade
     describe:
         Called once with the whole model (its parameters may be on ``meta``) and the tokenizer,
         before the cut; its result becomes :attr:`LoadedShard.description`.
+    options:
+        ``from_pretrained`` options (already checked, see :func:`.loading.check_shard_load_options`);
+        ``full_loader`` must apply them too. Options outside :data:`PARTIAL_LOAD_OPTIONS` take the full load.
     """
     path = checkpoint_dir(source, gguf_file)
     if path is not None:
         if source == "smollm2":
             dtype = dtype or torch.float32
         try:
-            return load_shard_from_checkpoint(path, n_shards, index, dtype=dtype, describe=describe)
+            return load_shard_from_checkpoint(path, n_shards, index, dtype=dtype, describe=describe, options=options)
         except _NeedsFullLoad as why:
             logger.warning("loading all of %s to keep shard %d of %d: %s", path, index, n_shards, why)
     model, tokenizer = full_loader(source, dtype, gguf_file)
@@ -163,7 +171,8 @@ def checkpoint_dir(source: Any, gguf_file: str | None = None) -> Path | None:
 
 
 def load_shard_from_checkpoint(path: str | Path, n_shards: int, index: int, *, dtype: torch.dtype | None = None,
-                               describe: Describe | None = None) -> LoadedShard:
+                               describe: Describe | None = None,
+                               options: Mapping[str, Any] | None = None) -> LoadedShard:
     """Shard ``index`` of ``n_shards`` of the safetensors checkpoint at ``path``, reading only its weights.
 
     Raises
@@ -172,11 +181,12 @@ def load_shard_from_checkpoint(path: str | Path, n_shards: int, index: int, *, d
         A parameter or buffer of the shard is still on the ``meta`` device after loading.
     _NeedsFullLoad
         (internal; :func:`load_shard` falls back to a full load) the checkpoint is quantized, has
-        modules kept in float32, or lacks a key or shape the model expects.
+        modules kept in float32, lacks a key or shape the model expects, or ``options`` has one
+        outside :data:`PARTIAL_LOAD_OPTIONS`.
     """
     path = Path(path)
     weight_map = _weight_map(path)
-    model = _skeleton(path, weight_map, dtype)
+    model = _skeleton(path, weight_map, dtype, options or {})
     tokenizer = load_tokenizer(path)
     description = describe(model, tokenizer) if describe is not None else None
     aliases = _aliases(model)
@@ -214,10 +224,15 @@ def _weight_map(path: Path) -> dict[str, Path]:
     return dict.fromkeys(_read_header(single)[1], single)
 
 
-def _skeleton(path: Path, weight_map: dict[str, Path], dtype: torch.dtype | None) -> torch.nn.Module:
-    """The model ``from_pretrained`` would build from ``path``, parameters on ``meta``, buffers real."""
+def _skeleton(path: Path, weight_map: dict[str, Path], dtype: torch.dtype | None,
+              options: Mapping[str, Any]) -> torch.nn.Module:
+    """The model ``from_pretrained(path, dtype=dtype, **options)`` would build, parameters on ``meta``, buffers real."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    others = sorted(set(options) - PARTIAL_LOAD_OPTIONS)
+    if others:
+        raise _NeedsFullLoad(f"transformers applies the load option(s) {others} itself")
+    built = {"attn_implementation": options["attn_implementation"]} if "attn_implementation" in options else {}
     try:
         config = AutoConfig.from_pretrained(str(path))
     except (OSError, ValueError, KeyError) as exc:
@@ -231,7 +246,7 @@ def _skeleton(path: Path, weight_map: dict[str, Path], dtype: torch.dtype | None
         config.torch_dtype = dtype
     try:
         with _parameters_on_meta():
-            model = AutoModelForCausalLM.from_config(config)
+            model = AutoModelForCausalLM.from_config(config, **built)
     except (ValueError, KeyError) as exc:
         raise _NeedsFullLoad(f"transformers cannot build it from its config ({exc})") from exc
     if _needs_conversion(model):
