@@ -20,7 +20,7 @@ import nnsight_dask as nd
 from nnsight_dask.worker.shard_actor import describe_model, load_source, shard_runner
 from nnsight_dask.execution.runner import run_graph
 from nnsight_dask.execution.stage import run_pipeline
-from nnsight_dask.models import load_causal_lm, plan_shards, save_tiny, tiny_llama
+from nnsight_dask.models import load_causal_lm, plan_shards, save_tiny, tiny_llama, tiny_tokenizer
 from nnsight_dask.models.shard_loading import (
     ShardLoadError,
     check_materialized,
@@ -28,7 +28,7 @@ from nnsight_dask.models.shard_loading import (
     load_shard,
     load_shard_from_checkpoint,
 )
-from nnsight_dask.models.surgery import PassthroughLayer, ZeroEmbedding, cut_to_shard
+from nnsight_dask.models.surgery import PassthroughLayer, ZeroStandIn, cut_to_shard
 
 PROMPT = "The Eiffel Tower is in the city of"
 
@@ -117,6 +117,47 @@ def test_generation_through_loaded_shards_matches(checkpoints: dict[str, Path]) 
         assert torch.equal(saves[key], expected[key])
 
 
+def save_family(path: Path, model_type: str, *, seed: int = 0, dtype: torch.dtype | None = None,
+                **fields: Any) -> Path:
+    """A tiny seeded model of any transformers family, saved with ``save_pretrained`` (in ``dtype``)
+    beside :func:`tiny_tokenizer`: 4 layers, 4 heads, width 32, unless ``fields`` say otherwise."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    config = AutoConfig.for_model(model_type, **{
+        "vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,
+        "num_attention_heads": 4, "max_position_embeddings": 64, "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, **fields})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+    if dtype is not None:
+        model = model.to(dtype)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("projection", [None, 16], ids=["opt", "opt-projected"])
+def test_opt_generation_through_loaded_shards_matches(tmp_path: Path, k: int, projection: int | None) -> None:
+    """OPT's learned positions take the whole attention mask (a stand-in must still return only the
+    new positions), and OPT-350m projects its embeddings in and out of a narrower width."""
+    path = save_family(tmp_path / "opt", "opt", ffn_dim=64, word_embed_proj_dim=projection or 32)
+    full, tokenizer = load_causal_lm(path)
+    lm = nd.LanguageModel(full, tokenizer=tokenizer)
+    with lm.generate([PROMPT, "Paris is"], max_new_tokens=4, execute=False) as tracer:
+        lm.model.decoder.layers[3].output[0].save()
+        tracer.result.save()
+    shards = [load_shard_from_checkpoint(path, k, i) for i in range(k)]
+    runners = [shard_runner(s.model, s.plan, i, tokenizer.pad_token_id) for i, s in enumerate(shards)]
+    saves, _ = run_pipeline(runners, tracer.graph)
+    expected = run_graph(full, tracer.graph, pad_token_id=tokenizer.pad_token_id).saves
+    assert saves.keys() == expected.keys() and len(saves) == 2
+    for key in saves:
+        assert torch.equal(saves[key], expected[key]), key
+
+
 def test_tied_head_on_the_last_shard_is_read_from_the_embedding(checkpoints: dict[str, Path]) -> None:
     from safetensors import safe_open
 
@@ -127,7 +168,7 @@ def test_tied_head_on_the_last_shard_is_read_from_the_embedding(checkpoints: dic
     assert "lm_head.weight" not in keys  # saved once, under the embedding's name
 
     last = load_shard_from_checkpoint(path, 2, 1).model
-    assert isinstance(last.model.embed_tokens, ZeroEmbedding)
+    assert isinstance(last.model.embed_tokens, ZeroStandIn)
     assert torch.equal(last.lm_head.weight, embedding)
 
     whole = load_shard_from_checkpoint(path, 1, 0).model
@@ -142,7 +183,8 @@ def test_dtype_is_applied_like_a_full_load(checkpoints: dict[str, Path]) -> None
         assert_same_shard(shard.model, reference)
         assert {p.dtype for p in shard.model.parameters()} == {torch.bfloat16}
     last = load_shard_from_checkpoint(checkpoints["llama-tied"], 2, 1, dtype=torch.bfloat16).model
-    assert last.model.embed_tokens.dtype == torch.bfloat16  # ZeroEmbedding hands bf16 zeros on
+    zeros = last.model.embed_tokens(torch.zeros(1, 2, dtype=torch.long))
+    assert zeros.dtype == torch.bfloat16 and zeros.shape == (1, 2, 64)  # the stand-in hands bf16 zeros on
 
 
 def test_description_covers_the_whole_model(checkpoints: dict[str, Path]) -> None:

@@ -37,10 +37,11 @@ KNOWN_LAYER_PATHS: tuple[str, ...] = (
 )
 
 # Children of the layers' ancestors whose registration order misleads: some models register the
-# rotary table after the layers (Llama) or the final norm before them (OPT). Names, not order,
-# decide for these; everything else goes by registration order.
+# rotary table after the layers (Llama) or the final norm and the output projection before them
+# (OPT, whose ``project_out`` maps to the embedding width in OPT-350m). Names, not order, decide for
+# these; everything else goes by registration order.
 _RUNS_BEFORE = re.compile(r"emb|rotary|wpe|wte|pos", re.IGNORECASE)
-_RUNS_AFTER = re.compile(r"norm|ln_f|head|score", re.IGNORECASE)
+_RUNS_AFTER = re.compile(r"norm|ln_f|head|score|project_out", re.IGNORECASE)
 
 
 @dataclass(frozen=True)

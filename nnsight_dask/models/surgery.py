@@ -47,16 +47,50 @@ class PassthroughLayer(torch.nn.Module):
         return (hidden,) if self.returns_tuple else hidden
 
 
-class ZeroEmbedding(torch.nn.Module):
-    """Stands in for an embedding another shard owns: zeros of the right shape, no weights."""
+class ZeroStandIn(torch.nn.Module):
+    """Stands in for a module before the layers that another shard owns (an embedding, a projection):
+    zeros of the shape and dtype that module would return, and no weights.
 
-    def __init__(self, dim: int, dtype: torch.dtype) -> None:
+    The shape comes from running the module's own ``forward`` on the ``meta`` device (a weightless
+    copy; nothing is computed), so it is right whatever the module's signature: OPT's learned
+    positions take the whole attention mask and return only the new positions, OPT-350m projects
+    its embeddings to another width. Later layers' pass-throughs record the sequence length in the
+    KV cache from this output, so a wrong length there breaks generation at its second step.
+    """
+
+    def __init__(self, module: torch.nn.Module) -> None:
         super().__init__()
-        self.dim = dim
-        self.dtype = dtype
+        # kept outside the module tree: its (meta) weights are no parameters of this shard
+        self.__dict__["original"] = _weightless_copy(module)
 
-    def forward(self, ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return torch.zeros(*ids.shape, self.dim, dtype=self.dtype, device=ids.device)
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        from torch.utils._pytree import tree_map
+
+        def to_meta(value: Any) -> Any:
+            return value.to("meta") if isinstance(value, torch.Tensor) else value
+
+        device = next((v.device for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)),
+                      torch.device("cpu"))
+        with torch.no_grad():
+            shaped = self.original(*tree_map(to_meta, args), **tree_map(to_meta, kwargs))
+        return tree_map(lambda v: torch.zeros(v.shape, dtype=v.dtype, device=device)
+                        if isinstance(v, torch.Tensor) else v, shaped)
+
+    def extra_repr(self) -> str:
+        return f"for {type(self.original).__name__}"
+
+
+def _weightless_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``module`` whose parameters and buffers are new tensors on ``meta`` (no values copied;
+    ``module`` itself is untouched, so weights it shares with modules that stay are unaffected)."""
+    import copy
+
+    memo: dict[int, Any] = {}
+    for tensor in (*module.parameters(), *module.buffers()):
+        meta = torch.empty_like(tensor, device="meta")
+        memo[id(tensor)] = torch.nn.Parameter(meta, requires_grad=False) if isinstance(
+            tensor, torch.nn.Parameter) else meta
+    return copy.deepcopy(module, memo)
 
 
 def _find_cache(values: tuple[Any, ...]) -> Any:
@@ -96,9 +130,11 @@ def layer_returns_tuple(model: torch.nn.Module, spec: ShardSpec) -> bool:
 def strip_to_shard(model: torch.nn.Module, plan: list[ShardSpec], index: int) -> torch.nn.Module:
     """Replace (in place) every module another shard of ``plan`` owns; return ``model``.
 
-    Decoder layers become :class:`PassthroughLayer` (output convention not yet known), embeddings
-    :class:`ZeroEmbedding`, anything else with weights ``Identity``; weightless modules (rotary
-    tables, dropout) stay. Touches no weight values, so ``model`` may live on the meta device.
+    Decoder layers become :class:`PassthroughLayer` (output convention not yet known); modules with
+    weights that run before this shard's layers (owned by an earlier shard: embeddings, projections)
+    :class:`ZeroStandIn`, those after them ``Identity`` (a shard's forward ends at its last layer, so
+    they never run there); weightless modules (rotary tables, dropout) stay. Touches no weight
+    values, so ``model`` may live on the meta device.
     """
     spec = plan[index]
     layers = model.get_submodule(spec.layers_path)
@@ -112,8 +148,8 @@ def strip_to_shard(model: torch.nn.Module, plan: list[ShardSpec], index: int) ->
             if prefix.startswith(spec.layers_path + "."):
                 position = int(prefix[len(spec.layers_path) + 1:].split(".")[0])
                 layers[position] = PassthroughLayer(position)
-            elif isinstance(module, torch.nn.Embedding):
-                _replace(model, prefix, ZeroEmbedding(module.embedding_dim, module.weight.dtype))
+            elif other.index < index:
+                _replace(model, prefix, ZeroStandIn(module))
             else:
                 _replace(model, prefix, torch.nn.Identity())
     return model
