@@ -8,8 +8,8 @@ this way: straight to the worker holding the actor, by rpc.
 How a batch of experiments (one :class:`~.hop.Hop`) travels:
 
 1. The client calls :data:`ROUTE_HANDLER` on the worker of the first stage's shard (the *origin*).
-2. Each worker runs the stage on its shard, in one of the worker's threads (never on the event
-   loop, which keeps heartbeats and messages flowing), then hands the hop to the next stage's worker with
+2. Each worker has the stage run by its shard's compute thread (never on the event loop, which keeps
+   heartbeats and messages flowing, see :mod:`.stage_queue`), then hands the hop to the next stage's worker with
    :data:`HOP_HANDLER` (a message that waits for no answer), which carries on in the background.
    Stages on the same worker follow without a message.
 3. The last stage's worker sends the outcome to the origin (:data:`DELIVER_HANDLER`), which
@@ -109,12 +109,15 @@ class Router:
             await self._deliver(hop)
 
     async def _run_stage(self, hop: Hop) -> None:
+        loop = asyncio.get_running_loop()
+        answered: asyncio.Future[dict[str, Any]] = loop.create_future()
         try:
             shard = lookup(hop.deployment, hop.stage.shard)
-            # in one of the worker's threads (as many as stages may share a pass): they wait there
-            answers = await asyncio.get_running_loop().run_in_executor(
-                self.worker.executor, shard.server.run_batch, hop.members(), hop.stage, hop.carries, hop.final,
-                hop.checked)
+            # the shard's compute thread serves it (never the event loop, which keeps heartbeats and
+            # messages flowing) and calls back here
+            shard.server.submit_batch(hop.members(), hop.stage, hop.carries, hop.final, hop.checked,
+                                      lambda answers: loop.call_soon_threadsafe(_settle, answered, answers))
+            answers = await answered
         except Exception as exc:  # the shard is not here (moved, closed)
             answers = dict.fromkeys(hop.carries, exc)
         hop.record(answers)
@@ -147,6 +150,11 @@ class Router:
         task = asyncio.ensure_future(coroutine)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+def _settle(future: asyncio.Future[dict[str, Any]], answers: dict[str, Any]) -> None:
+    if not future.done():
+        future.set_result(answers)
 
 
 _routers: weakref.WeakKeyDictionary[Any, Router] = weakref.WeakKeyDictionary()

@@ -1,9 +1,9 @@
 """ShardServer: how one loaded shard serves experiments' stages. No Dask in it.
 
-Stages arrive in batches (:meth:`ShardServer.run_batch`, called by the worker's router in one of the
-worker's threads) and wait in the shard's queue (:mod:`.stage_queue`); whoever finds the shard free
-serves everything waiting: experiments that may share a pass run as one co-tenant forward pass
-(:mod:`..execution.cotenancy`), each with its own state and rows, the others alone.
+Stages arrive in batches (:meth:`ShardServer.submit_batch`, from the worker's router on its event
+loop) and wait in the shard's queue (:mod:`.stage_queue`); the shard's compute thread serves
+everything waiting whenever it is free: experiments that may share a pass run as one co-tenant
+forward pass (:mod:`..execution.cotenancy`), each with its own state and rows, the others alone.
 
 At an experiment's first stage here the server admits it: a graph from outside (JSON) is decoded
 and checked with this worker's settings and the deployment's policy (:mod:`.limits`); a graph a
@@ -17,6 +17,7 @@ reason. What the shard tells the scheduler (passes run, who computes now) is in 
 from __future__ import annotations
 
 import copy
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -62,7 +63,8 @@ class ShardServer:
         self.batching = batching
         self.max_batch_tokens = max_batch_tokens
         self.on_retired = on_retired
-        self.queue = StageQueue(self._serve, max_batch, gather_s)
+        self.queue = StageQueue(self._serve, max_batch, gather_s, name=f"nnsight-dask {deployment}/{index}")
+        self.device, self.dtype = _device_and_dtype(runner.model)
         self.experiments: dict[str, ExperimentState] = {}
         #: Why the shard was closed on purpose (undeploy); its running stage stops with this reason.
         self.closed = ""
@@ -104,10 +106,11 @@ class ShardServer:
             raise request.outcome
         return request.outcome  # type: ignore[no-any-return]
 
-    def run_batch(self, members: list[tuple[str, str | None]], stage: Stage,
-                  carries: dict[str, Carry | None] | None, final: bool,
-                  checked: set[str] | None = None) -> dict[str, Any]:
-        """Run ``stage`` for each ``(experiment, graph JSON)`` of a batch travelling together.
+    def submit_batch(self, members: list[tuple[str, str | None]], stage: Stage,
+                     carries: dict[str, Carry | None] | None, final: bool, checked: set[str] | None,
+                     on_done: Callable[[dict[str, Any]], None]) -> None:
+        """Queue ``stage`` for each ``(experiment, graph JSON)`` of a batch travelling together;
+        ``on_done(answers)`` is called from the shard's compute thread once all are served.
 
         Answers each experiment with its next carry, its results (``final``) or the error that ended
         it here, so one member's error never stops the others. ``checked`` names the experiments whose
@@ -117,11 +120,27 @@ class ShardServer:
         trusted = checked if checked is not None else set()
         requests = [StageRequest(experiment, stage, graph_json, (carries or {}).get(experiment), final,
                                  checked=experiment in trusted) for experiment, graph_json in members]
-        self.queue.run(requests)
-        if checked is not None:
-            checked.update(r.experiment for r in requests if r.graph_json is not None
-                           and not isinstance(r.outcome, BaseException))
-        return {request.experiment: request.outcome for request in requests}
+
+        def served() -> None:
+            if checked is not None:
+                checked.update(r.experiment for r in requests if r.graph_json is not None
+                               and not isinstance(r.outcome, BaseException))
+            on_done({request.experiment: request.outcome for request in requests})
+        self.queue.submit(requests, served)
+
+    def run_batch(self, members: list[tuple[str, str | None]], stage: Stage,
+                  carries: dict[str, Carry | None] | None, final: bool,
+                  checked: set[str] | None = None) -> dict[str, Any]:
+        """:meth:`submit_batch`, waiting for the answers (for callers on a thread of their own)."""
+        answers: dict[str, Any] = {}
+        served = threading.Event()
+
+        def done(result: dict[str, Any]) -> None:
+            answers.update(result)
+            served.set()
+        self.submit_batch(members, stage, carries, final, checked, done)
+        served.wait()
+        return answers
 
     def _serve(self, requests: list[StageRequest]) -> None:
         """Serve a group taken from the queue: experiments that may share a pass run in one (within
@@ -261,9 +280,8 @@ class ShardServer:
         graph = decode_graph(graph_json)
         if not checked:
             check_graph(graph, policy=self.policy, context_length=self.context_length, vocab_size=self.vocab_size)
-        device, dtype = _device_and_dtype(self.runner.model)
         return self.runner.start(graph, ZarrSink.from_options(graph.options, experiment),
-                                 bounds=op_bounds(self.policy, device, dtype, self.memory_limit),
+                                 bounds=op_bounds(self.policy, self.device, self.dtype, self.memory_limit),
                                  vocab_size=self.vocab_size,
                                  max_prompt_tokens=self.policy.max_prompt_tokens or self.context_length)
 
