@@ -18,8 +18,8 @@ import torch
 
 import nnsight_dask as nd
 from nnsight_dask.worker.shard_actor import describe_model, load_source, shard_runner
-from nnsight_dask.execution.runner import run_graph
-from nnsight_dask.execution.stage import run_pipeline
+from nnsight_dask.execution.local_runner import run_graph
+from nnsight_dask.execution.shard_runner import run_pipeline
 from nnsight_dask.models import load_causal_lm, plan_shards, save_tiny, tiny_llama, tiny_tokenizer
 from nnsight_dask.models.shard_loading import (
     ShardLoadError,

@@ -21,7 +21,7 @@ import torch
 from distributed import get_worker
 
 from .. import config as settings
-from ..execution.stage import ShardRunner
+from ..execution.shard_runner import ShardRunner
 from ..graph.policy import Policy
 from ..models import (
     ShardSpec,
