@@ -162,7 +162,6 @@ def test_the_gateway_records_and_runs_no_graph_itself() -> None:
 KNOWN_CIRCLES = [
     {"tracing.conditions", "tracing.control_flow", "tracing.lengths", "tracing.proxy", "tracing.recorder"},
     {"tracing.envoy", "tracing.model", "tracing.tracer"},
-    {"storage.results.lazy", "storage.results.ref"},
     {"client.http_remote", "client.remote"},
     {"service.gateway.handlers", "service.gateway.server"},
 ]
