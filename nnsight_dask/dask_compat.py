@@ -44,3 +44,17 @@ def has_bokeh_page(app: Any, path: str) -> bool:
 
 def bokeh_prefix(app: Any) -> str:
     return str(getattr(app, "_prefix", ""))
+
+
+def use_dashboard_template(doc: Any, extra: dict[str, Any], page: bool = True) -> None:
+    """Give a Bokeh document of ours the dashboard's look: its theme, and (``page``) its template
+    with the navigation bar (``extra`` holds the bar's pages and "More..." plots), as Dask's own
+    pages have (``distributed.dashboard.components.scheduler.env`` and ``BOKEH_THEME``)."""
+    try:
+        from distributed.dashboard.components.scheduler import BOKEH_THEME, env
+    except ImportError:
+        return
+    doc.theme = BOKEH_THEME
+    if page:
+        doc.template = env.get_template("simple.html")
+        doc.template_variables.update(extra)

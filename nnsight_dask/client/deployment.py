@@ -154,7 +154,7 @@ def install_monitor(client: Client) -> bool:
 
 def _mount_experiments_page(dask_scheduler: Any) -> bool:
     """Run on the scheduler (Dask passes it by this parameter's name)."""
-    from ..scheduler.experiments_page import add_page
+    from ..scheduler.pages import add_page
 
     return add_page(dask_scheduler)
 
