@@ -58,3 +58,23 @@ def use_dashboard_template(doc: Any, extra: dict[str, Any], page: bool = True) -
     if page:
         doc.template = env.get_template("simple.html")
         doc.template_variables.update(extra)
+
+
+def current_task_key() -> Any:
+    """The key of the task running in this worker thread (``distributed.worker.thread_state.key``;
+    None outside a task)."""
+    from distributed.worker import thread_state
+
+    return getattr(thread_state, "key", None)
+
+
+def task_released(worker: Any, key: Any) -> bool:
+    """Whether the worker no longer wants task ``key``'s result: its client cancelled or released it
+    while it ran (the worker's state ``cancelled``), or it is gone. False for ``key`` None."""
+    if key is None:
+        return False
+    tasks = getattr(getattr(worker, "state", None), "tasks", None)
+    if tasks is None:
+        return False
+    task = tasks.get(key)
+    return task is None or task.state in ("cancelled", "released", "forgotten")
