@@ -1,26 +1,24 @@
 """What a graph may ask of a shared deployment: the deployment's policy and the checking process's settings.
 
-The submitting client calls :func:`check_graph` to fail fast; every shard calls it again at an
-experiment's first stage there and :func:`check_inline_size` before returning results, with the
-deployment's :class:`~nnsight_dask.graph.policy.Policy` and the worker's own ``nnsight-dask.*``
-settings (the stricter of the two wins), so a limit a client raises for itself widens nothing.
+Three processes check graphs with it, so it sits at the top of the package, with ``config``: the
+submitting client calls :func:`check_graph` to fail fast, the HTTP gateway decodes (:func:`decode_graph`)
+and checks what users send before it queues it, and every shard checks again at an experiment's first
+stage there and calls :func:`check_inline_size` before returning results, with the deployment's
+:class:`~nnsight_dask.graph.policy.Policy` and the worker's own ``nnsight-dask.*`` settings (the
+stricter of the two wins), so a limit a client raises for itself widens nothing. The bounds a shard
+puts on each operation depend on its worker's device and memory: :mod:`nnsight_dask.worker.op_bounds`.
 """
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 from typing import Any
 
-import psutil
-import torch
-from distributed import get_worker
-
-from .. import config
-from ..errors import ExperimentFailedError
-from ..graph.allocation import OpBounds, measured_rates
-from ..graph.graph import InterventionGraph
-from ..graph.policy import Policy, check_policy
-from ..graph.validate import DEFAULT_MAX_NODES, validate_graph
-from ..tensors import nbytes
+from . import config
+from .errors import ExperimentFailedError
+from .graph.graph import InterventionGraph
+from .graph.policy import Policy, check_policy
+from .graph.validate import DEFAULT_MAX_NODES, validate_graph
+from .tensors import nbytes
 
 
 def check_graph(graph: InterventionGraph, module_paths: Collection[str] | None = None, *,
@@ -59,34 +57,3 @@ def check_inline_size(results: Mapping[str, Any], options: Mapping[str, Any], po
         f"{limit / 2**20:.1f} MiB (this deployment's max_result_bytes, or nnsight-dask.max-inline-result-bytes "
         f"on its workers): {hint}",
         inline_bytes=size, limit=limit)
-
-
-def op_bounds(policy: Policy, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-              memory_limit: int | None = None) -> OpBounds:
-    """The bounds on each operation and each experiment of a shard on ``device``: the deployment's
-    policy where it sets them, else derived here, on the worker, from what it can do: its measured
-    speed (``nnsight-dask.op-seconds`` of it per operation) and its memory
-    (``nnsight-dask.experiment-memory-fraction`` of ``memory_limit``, the worker's memory limit, or of
-    the GPU's memory; without either, of the machine's)."""
-    work_rate, item_rate = measured_rates(device, dtype)
-    seconds = float(config.op_seconds)
-    return OpBounds(
-        max_tensor_bytes=policy.max_tensor_bytes,
-        max_op_work=policy.max_op_work if policy.max_op_work is not None else work_rate * seconds,
-        max_op_items=policy.max_op_items if policy.max_op_items is not None else max(int(item_rate * seconds), 1),
-        max_experiment_bytes=policy.max_experiment_bytes if policy.max_experiment_bytes is not None
-        else _memory_share(torch.device(device), memory_limit),
-        work_rate=work_rate, item_rate=item_rate)
-
-
-def _memory_share(device: torch.device, memory_limit: int | None) -> int:
-    """``experiment-memory-fraction`` of the memory a shard's tensors live in."""
-    fraction = float(config.experiment_memory_fraction)
-    if device.type == "cuda":
-        return int(torch.cuda.get_device_properties(device).total_memory * fraction)
-    if not memory_limit:
-        try:
-            memory_limit = get_worker().memory_manager.memory_limit
-        except (ValueError, AttributeError):  # not in a task of a worker (unit tests build shards directly)
-            memory_limit = None
-    return int((memory_limit or psutil.virtual_memory().total) * fraction)

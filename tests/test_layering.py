@@ -29,9 +29,12 @@ ALLOWED = {
     "tracing": {"graph", "tensors", "errors", "backends.base"},
     "models": {"errors", "config"},
     "storage": {"errors", "tensors", "config"},
+    "http_wire": {"errors", "graph", "storage"},
+    "limits": {"errors", "config", "graph", "tensors"},
 }
 #: Units that must work without a cluster: no ``distributed``, no ``dask`` (besides dask.config).
-CLUSTER_FREE = {"graph", "tensors", "tracing", "execution", "models", "backends.base", "backends.local", "api"}
+CLUSTER_FREE = {"graph", "tensors", "tracing", "execution", "models", "backends.base", "backends.local", "api",
+                "limits"}
 
 
 def _module_name(path: Path) -> str:

@@ -43,7 +43,7 @@ from ..scheduler import monitor, rpc
 from ..storage.results import ZarrSink
 from ..tensors import nbytes
 from ..worker.hop import Hop
-from ..worker.limits import check_graph
+from ..limits import check_graph
 from ..worker.plugin import CANCEL_HANDLER
 from ..worker.registry import ShardUnavailableError, ShardStateLostError
 from ..worker.results import Results

@@ -2,7 +2,7 @@
 
 The same class and the same tracing as over a Dask ``Client`` (see :mod:`.remote`); only the transport
 differs: the graph goes to the gateway as JSON, the results come back in the JSON of
-:mod:`.http_wire`, and persisted saves open as lazy tensors read through the gateway (or straight
+:mod:`nnsight_dask.http_wire`, and persisted saves open as lazy tensors read through the gateway (or straight
 from the store with ``store_access="direct"``), so a slice fetches only the chunks it needs.
 
 While a trace waits, the client asks the gateway for its status at least every
@@ -25,7 +25,7 @@ from ..graph.graph import InterventionGraph
 from ..storage.results import TensorRef
 from .futures import ExperimentFuture
 from .http_api import GatewayError, GatewaySession
-from .http_wire import FINAL, decode_results, error_from_json
+from ..http_wire import FINAL, decode_results, error_from_json
 from .progress import ExperimentProgress
 from .remote import RemoteModel, _meta_model, _tokenizer
 

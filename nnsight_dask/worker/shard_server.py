@@ -6,7 +6,7 @@ serves everything waiting: experiments that may share a pass run as one co-tenan
 (:mod:`..execution.cotenancy`), each with its own state and rows, the others alone.
 
 At an experiment's first stage here the server admits it: a graph from outside (JSON) is decoded
-and checked with this worker's settings and the deployment's policy (:mod:`.limits`); a graph a
+and checked with this worker's settings and the deployment's policy (:mod:`nnsight_dask.limits`); a graph a
 peer shard of its route already checked is trusted. It gets a Zarr sink when it asks for a store.
 
 Stopping never waits for a running stage: :meth:`~ShardServer.release_many` and the flags set by
@@ -31,9 +31,10 @@ from ..execution.shard_runner import ShardRunner, run_alone
 from ..execution.shard_state import ExperimentState
 from ..execution.stage import Carry, Stage
 from ..graph.policy import Policy
+from ..limits import check_graph, check_inline_size, decode_graph
 from ..storage.results import ZarrSink
 from . import registry, telemetry
-from .limits import check_graph, check_inline_size, decode_graph, op_bounds
+from .op_bounds import op_bounds
 from .registry import ShardClosedError, ShardStateLostError, ShardUnavailableError
 from .results import Results
 from .stage_queue import StageQueue, StageRequest

@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 from tornado import web, websocket
 
-from ...client.http_wire import API, FINAL, error_to_json
+from ...http_wire import API, FINAL, error_to_json
 from ...errors import DeploymentError, GraphValidationError, PolicyError
 from ...graph.graph import InterventionGraph
 from ...storage.location import StoreLocation
-from ...worker.limits import check_graph, decode_graph
+from ...limits import check_graph, decode_graph
 from .admission import Refused
 from .bodies import BodyError, json_values, parse_json
 from .dispatch import Job, QuotaExceeded
