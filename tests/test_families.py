@@ -9,7 +9,8 @@ For each family:
   gradients flow back across the shards (a setter on the last shard, a gradient read on the first)
   as they do locally.
 
-Two prompts of different lengths throughout, so left padding is always in play. docs/models.md
+Two prompts of different lengths throughout, so left padding is always in play, and longer than the
+sliding attention windows of Mistral and Gemma 2/3 (see ``models.tiny_family``). docs/models.md
 lists what is known not to work. One cluster for the module; each family is served, checked and
 undeployed in turn.
 """

@@ -195,13 +195,15 @@ def tiny_llama(n_layer: int = 2, hidden: int = 64, seed: int = 0, **config: Any)
 
 def _family_fields(model_type: str, hidden: int) -> dict[str, Any]:
     """Config fields that keep ``model_type`` tiny where its defaults are the real model's sizes (head
-    width, OPT's feed-forward and projection widths, GPT-J's rotary width, experts)."""
+    width, OPT's feed-forward and projection widths, GPT-J's rotary width, experts), and sliding
+    attention windows shorter than a test prompt, so that sliding attention is at work."""
     head = hidden // 4
     return {
         "qwen3": {"head_dim": head},
+        "mistral": {"sliding_window": 4},
         "gemma": {"head_dim": head},
-        "gemma2": {"head_dim": head, "query_pre_attn_scalar": head},
-        "gemma3_text": {"head_dim": head, "query_pre_attn_scalar": head},
+        "gemma2": {"head_dim": head, "query_pre_attn_scalar": head, "sliding_window": 4},
+        "gemma3_text": {"head_dim": head, "query_pre_attn_scalar": head, "sliding_window": 4},
         "opt": {"ffn_dim": 2 * hidden, "word_embed_proj_dim": hidden},
         "gptj": {"rotary_dim": head},
         "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
