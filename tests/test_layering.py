@@ -163,7 +163,6 @@ def test_the_gateway_records_and_runs_no_graph_itself() -> None:
 #: Circles of files that remain (issue 22), each to be cut; no other circle may appear. The worker's
 #: (hop/registry/serialization/shard_actor) was cut by naming the registry's entries by protocol.
 KNOWN_CIRCLES = [
-    {"tracing.conditions", "tracing.control_flow", "tracing.lengths", "tracing.proxy", "tracing.recorder"},
     {"tracing.envoy", "tracing.model", "tracing.tracer"},
     {"client.http_remote", "client.remote"},
     {"service.gateway.handlers", "service.gateway.server"},
