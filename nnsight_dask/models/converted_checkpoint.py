@@ -98,7 +98,11 @@ def load_converted(model: torch.nn.Module, tensors: Mapping[str, LazyTensor], co
     groups: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         groups.setdefault(id(param), []).append(name)
-    report = _run_engine(model, dict(tensors), conversions)
+    report = ConversionReport()
+    for part in _by_layer(tensors):
+        found = _run_engine(model, part, conversions)
+        report.mismatched.extend(found.mismatched)
+        report.errors.update(found.errors)
     unresolved = _tie(model, list(groups.values()))
     if unresolved:
         extra = _run_engine(model, _saved_elsewhere(tensors, conversions, aliases, unresolved), [])
@@ -107,6 +111,21 @@ def load_converted(model: torch.nn.Module, tensors: Mapping[str, LazyTensor], co
         unresolved = _tie(model, unresolved)
     report.missing = [names[0] for names in unresolved]
     return report
+
+
+def _by_layer(tensors: Mapping[str, LazyTensor]) -> list[dict[str, LazyTensor]]:
+    """The checkpoint's keys grouped by the first number in them (the layer, in decoder checkpoints).
+
+    transformers' engine reads every tensor it will need at once, in threads, before converting
+    any: given a whole shard of a mixture of experts, it would hold all the experts' separate
+    tensors and their fused copies together. One layer at a time bounds that to one layer's worth.
+    A converter fuses tensors of one layer (the experts of ``layers.3``), so no fusion is split.
+    """
+    groups: dict[str | None, dict[str, LazyTensor]] = {}
+    for key, tensor in tensors.items():
+        number = next((part for part in key.split(".") if part.isdigit()), None)
+        groups.setdefault(number, {})[key] = tensor
+    return list(groups.values())
 
 
 def _run_engine(model: torch.nn.Module, state_dict: dict[str, Any], conversions: list[Any]) -> ConversionReport:
