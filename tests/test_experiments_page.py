@@ -31,10 +31,10 @@ def test_series_points_rates_percentiles_queue_and_busy_fractions():
     points = series.deployments["d"]
     assert points.rate[-1] == 10 / RATE_WINDOW
     assert points.p50[-1] == pytest.approx(0.5) and points.p99[-1] == pytest.approx(1.0)
-    assert points.queued[-1] == 3 and series.busy_fraction[("d", 0)] == 0.0
+    assert points.queued[-1] == 3 and series.busy_fraction(("d", 0)) == 0.0
     shard.busy_seconds = 0.25  # a quarter of the next second spent in passes
     series.sample(T0 + 1, [], {}, {("d", 0): shard})
-    assert series.busy_fraction[("d", 0)] == pytest.approx(0.25)
+    assert series.busy_fraction(("d", 0)) == pytest.approx(0.25)
     assert points.queued[-1] == 0 and points.rate[-1] == 10 / RATE_WINDOW  # still within the window
     series.sample(T0 + RATE_WINDOW, [], {}, {("d", 0): shard})
     assert points.rate[-1] == 0  # those ten finished more than RATE_WINDOW ago
@@ -73,16 +73,16 @@ async def test_page_document_shows_each_plot_and_a_users_own_rows(s):
 
     renderers = list(document.select({"type": GlyphRenderer}))
     lines = [r for r in renderers if isinstance(r.glyph, MultiLine)]
-    assert len(lines) == 4 and sum(r.glyph.line_dash == "dashed" for r in lines) == 1  # p99 is dashed
-    assert all(r.data_source.data["deployment"] == ["gpt", "llama"] for r in lines)
-    values = [[list(ys) for ys in r.data_source.data["ys"]] for r in lines]
+    per_deployment = [r for r in lines if "deployment" in r.data_source.data]
+    assert len(per_deployment) == 4 and sum(r.glyph.line_dash == "dashed" for r in lines) == 1  # p99 is dashed
+    assert all(r.data_source.data["deployment"] == ["gpt", "llama"] for r in per_deployment)
+    values = [[list(ys) for ys in r.data_source.data["ys"]] for r in per_deployment]
     assert [[3 / RATE_WINDOW], [0.0]] in values  # experiments/s: gpt's three finished, none of llama's
     assert [[3.0], [1.0]] in values  # queue depth: g3-g5 of gpt, l0 of llama
 
-    bars = [r.data_source.data for r in renderers if isinstance(r.glyph, VBar)]
-    busy = next(data for data in bars if "busy" in data)
-    assert busy["worker"][busy["x"].index(("gpt", "0"))] == "w0"
-    sizes = next(data for data in bars if "passes" in data)
+    busy = next(r.data_source.data for r in lines if "worker" in r.data_source.data)
+    assert busy["shard"] == ["gpt[0]"] and busy["worker"] == ["w0"] and busy["ys"] == [[0.0]]  # one point yet
+    (sizes,) = [r.data_source.data for r in renderers if isinstance(r.glyph, VBar)]
     assert dict(zip(sizes["x"], sizes["passes"])) == {("gpt", "1"): 1, ("gpt", "2"): 1}  # one pass alone, one shared
 
     (table,) = document.select({"type": DataTable})

@@ -214,7 +214,7 @@ class ExperimentBook:
                 self.shards.setdefault((record.deployment, shard), ShardRecord(record.deployment, shard))
         return [{"deployment": d, "shard": s, "worker": r.worker, "in_flight": in_flight.get((d, s), 0),
                  "stages_run": r.stages_run, "busy_seconds": round(r.busy_seconds, 4),
-                 "busy_fraction": round(self.series.busy_fraction.get((d, s), 0.0), 3),
+                 "busy_fraction": round(self.series.busy_fraction((d, s)), 3),
                  "shared_passes": " ".join(f"{size}x{count}" for size, count in sorted(r.shared_passes.items())),
                  "batch_sizes": {str(size): count for size, count in sorted(r.shared_passes.items())}}
                 for (d, s), r in sorted(self.shards.items())]

@@ -11,7 +11,7 @@ Components:
 - :class:`ThroughputPlot`: experiments finished per second, one line per deployment;
 - :class:`LatencyPlot`: p50 (solid) and p99 (dashed) latency, submission to answer, per deployment;
 - :class:`QueuePlot`: experiments queued (no stage run yet), per deployment;
-- :class:`ShardBusyPlot`: each shard's busy fraction over the last seconds (hover: its worker, load);
+- :class:`ShardBusyPlot`: each shard's busy fraction over time (hover: its worker and load);
 - :class:`BatchSizePlot`: the shards' forward passes by how many experiments shared them (co-tenancy);
 - :class:`ExperimentsTable`: the newest experiments; a user's own rows are highlighted, or alone,
   from the page's "your user" box or its ``?user=`` query argument.
@@ -49,8 +49,9 @@ def _monitor(scheduler: Any) -> ExperimentBook:
     return monitor_module.monitor_of(scheduler) or ExperimentBook()
 
 
-def _colors(names: list[str]) -> list[str]:
-    return [PALETTE[i % len(PALETTE)] for i in range(len(names))]
+def _colors(items: list[Any]) -> list[str]:
+    """A color per item, in order."""
+    return [PALETTE[i % len(PALETTE)] for i in range(len(items))]
 
 
 def _time_figure(title: str, y_label: str, **kwargs: Any) -> Any:
@@ -90,6 +91,7 @@ class ThroughputPlot:
                                  "experiments/s", **kwargs)
         self.lines = _DeploymentLines(self.root, "rate", legend=True)
         self.root.legend.location = "top_left"
+        self.root.legend.background_fill_alpha = 0.6
         self.update()
 
     def update(self) -> None:
@@ -139,33 +141,34 @@ def _bar_figure(title: str, y_label: str, tooltips: list[tuple[str, str]], **kwa
 
 
 class ShardBusyPlot:
-    """Each shard's busy fraction over the last seconds; hovering tells its worker and load."""
+    """Each shard's busy fraction over time, a line per shard; hovering tells its worker and load."""
 
     def __init__(self, scheduler: Any, **kwargs: Any) -> None:
-        from bokeh.models import ColumnDataSource
+        from bokeh.models import ColumnDataSource, HoverTool
 
         self.scheduler = scheduler
-        self.root = _bar_figure(f"Shard busy fraction (last {RATE_WINDOW:g} s)", "busy fraction", [
-            ("shard", "@x"), ("worker", "@worker"), ("busy", "@busy{0%}"), ("in flight", "@in_flight"),
-            ("passes run", "@stages_run"), ("shared passes (size x count)", "@shared_passes")], **kwargs)
+        self.root = _time_figure(f"Shard busy fraction (of the last {RATE_WINDOW:g} s)", "busy fraction", **kwargs)
         self.root.y_range.end = 1
-        self.source = ColumnDataSource({"x": [], "busy": [], "worker": [], "in_flight": [], "stages_run": [],
-                                        "shared_passes": [], "color": []})
-        self.root.vbar(x="x", top="busy", width=0.8, color="color", source=self.source)
+        self.source = ColumnDataSource({"xs": [], "ys": [], "shard": [], "worker": [], "in_flight": [],
+                                        "stages_run": [], "shared_passes": [], "color": []})
+        lines = self.root.multi_line(xs="xs", ys="ys", line_color="color", line_width=2, source=self.source,
+                                     legend_field="shard")
+        self.root.legend.location = "top_left"
+        self.root.legend.background_fill_alpha = 0.6
+        self.root.add_tools(HoverTool(renderers=[lines], tooltips=[
+            ("shard", "@shard"), ("worker", "@worker"), ("in flight", "@in_flight"), ("passes run", "@stages_run"),
+            ("shared passes (size x count)", "@shared_passes")]))
         self.update()
 
     def update(self) -> None:
-        shards = _monitor(self.scheduler).shard_rows()
-        deployments = sorted({s["deployment"] for s in shards})
-        color = dict(zip(deployments, _colors(deployments)))
-        factors = [(s["deployment"], str(s["shard"])) for s in shards]
-        if list(self.root.x_range.factors) != factors:
-            self.root.x_range.factors = factors
+        monitor = _monitor(self.scheduler)
+        shards = [s for s in monitor.shard_rows() if (s["deployment"], s["shard"]) in monitor.series.shards]
+        points = [monitor.series.shards[(s["deployment"], s["shard"])] for s in shards]
         self.source.data = {
-            "x": factors, "busy": [s["busy_fraction"] for s in shards], "worker": [s["worker"] for s in shards],
+            "xs": [[t * 1000 for t in p.times] for p in points], "ys": [list(p.busy) for p in points],
+            "shard": [f"{s['deployment']}[{s['shard']}]" for s in shards], "worker": [s["worker"] for s in shards],
             "in_flight": [s["in_flight"] for s in shards], "stages_run": [s["stages_run"] for s in shards],
-            "shared_passes": [s["shared_passes"] or "-" for s in shards],
-            "color": [color[s["deployment"]] for s in shards]}
+            "shared_passes": [s["shared_passes"] or "-" for s in shards], "color": _colors(shards)}
 
 
 def batch_sizes(monitor: ExperimentBook) -> dict[tuple[str, int], int]:

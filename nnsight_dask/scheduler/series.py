@@ -55,6 +55,16 @@ class DeploymentSeries:
     recent: deque[Finished] = field(default_factory=deque)
 
 
+@dataclass
+class ShardSeries:
+    """One shard's busy fraction over time (each point: the fraction of the ``RATE_WINDOW`` before it)."""
+
+    times: deque[float] = field(default_factory=_points)
+    busy: deque[float] = field(default_factory=_points)
+    #: (time, its busy seconds so far) over the last ``RATE_WINDOW``, oldest first.
+    window: deque[tuple[float, float]] = field(default_factory=deque)
+
+
 def percentile(sorted_values: list[float], q: float) -> float:
     """The nearest-rank ``q`` quantile (0 < q <= 1) of ascending values; NaN (a gap in a plot) if none."""
     if not sorted_values:
@@ -63,14 +73,11 @@ def percentile(sorted_values: list[float], q: float) -> float:
 
 
 class Series:
-    """Points per deployment (:class:`DeploymentSeries`) and each shard's busy fraction now."""
+    """Points per deployment (:class:`DeploymentSeries`) and per shard (:class:`ShardSeries`)."""
 
     def __init__(self) -> None:
         self.deployments: dict[str, DeploymentSeries] = {}
-        #: Shard -> (time, its busy seconds so far) over the last ``RATE_WINDOW``, oldest first.
-        self._busy: dict[tuple[str, int], deque[tuple[float, float]]] = {}
-        #: Shard -> the fraction of the last ``RATE_WINDOW`` it spent running passes.
-        self.busy_fraction: dict[tuple[str, int], float] = {}
+        self.shards: dict[tuple[str, int], ShardSeries] = {}
 
     def sample(self, now: float, finished: Iterable[Finished], queued: dict[str, int],
                shards: dict[tuple[str, int], ShardRecord]) -> None:
@@ -92,13 +99,21 @@ class Series:
             series.p99.append(percentile(latencies, 0.99))
             series.queued.append(float(queued.get(name, 0)))
         for key, shard in shards.items():
-            window = self._busy.setdefault(key, deque())
+            points = self.shards.get(key)
+            if points is None:
+                points = self.shards[key] = ShardSeries()
+            window = points.window
             window.append((now, shard.busy_seconds))
             while len(window) > 1 and window[1][0] <= now - RATE_WINDOW:
                 window.popleft()
             (first, busy_then), (_, busy_now) = window[0], window[-1]
-            span = max(now - first, SAMPLE_SECONDS)
-            self.busy_fraction[key] = min(1.0, max(0.0, (busy_now - busy_then) / span))
+            points.times.append(now)
+            points.busy.append(min(1.0, max(0.0, (busy_now - busy_then) / max(now - first, SAMPLE_SECONDS))))
+
+    def busy_fraction(self, shard: tuple[str, int]) -> float:
+        """The fraction of the last ``RATE_WINDOW`` the shard spent running passes (0 if unknown)."""
+        points = self.shards.get(shard)
+        return points.busy[-1] if points is not None and points.busy else 0.0
 
     def _series(self, deployment: str) -> DeploymentSeries:
         series = self.deployments.get(deployment)
