@@ -195,8 +195,9 @@ def tiny_llama(n_layer: int = 2, hidden: int = 64, seed: int = 0, **config: Any)
 
 def _family_fields(model_type: str, hidden: int) -> dict[str, Any]:
     """Config fields that keep ``model_type`` tiny where its defaults are the real model's sizes (head
-    width, OPT's feed-forward and projection widths, GPT-J's rotary width, experts), and sliding
-    attention windows shorter than a test prompt, so that sliding attention is at work."""
+    width, OPT's feed-forward and projection widths, GPT-J's rotary width, experts), and what makes a
+    family differ from Llama set where the default turns it off: sliding attention windows shorter
+    than a test prompt, Granite's multipliers, SmolLM3's layers without rotary positions."""
     head = hidden // 4
     return {
         "qwen3": {"head_dim": head},
@@ -209,6 +210,10 @@ def _family_fields(model_type: str, hidden: int) -> dict[str, Any]:
         "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
         "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": hidden,
                       "shared_expert_intermediate_size": hidden},
+        # multipliers other than the defaults' 1.0, and every other layer without rotary positions
+        "granite": {"embedding_multiplier": 2.0, "residual_multiplier": 0.5, "attention_multiplier": 0.25,
+                    "logits_scaling": 4.0},
+        "smollm3": {"no_rope_layer_interval": 2},
     }.get(model_type, {})
 
 
