@@ -33,7 +33,7 @@ from .plan import Key
 #: What a graph's backward node may pass to ``torch.autograd.backward``.
 BACKWARD_OPTIONS = frozenset({"grad_tensors", "retain_graph"})
 
-Handler = Callable[[Node, Key, tuple[Any, ...], dict[str, Any]], Any]
+Handler = Callable[["NodeExecutor", Node, Key, tuple[Any, ...], dict[str, Any]], Any]
 
 
 class Quiet:
@@ -87,22 +87,13 @@ class NodeExecutor:
         self.gradients = gradients
         self.devices = ModuleDevices(modules.values())
         self.ops = registry()
-        self.handlers: dict[str, Handler] = {
-            Kind.OP: self._op,
-            Kind.SAVE: _save,
-            Kind.MODULE_CALL: self._module_call,
-            Kind.MODULE_ATTR: self._module_attr,
-            Kind.BACKWARD: self._backward,
-            Kind.LOG: self._log,
-            Kind.APPLY: self._apply,
-        }
 
     def run(self, node: Node, key: Key, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """The value of ``node`` (instance ``key``) on these arguments."""
-        handler = self.handlers.get(node.kind)
+        handler = HANDLERS.get(node.kind)
         if handler is None:
             raise NNsightDaskError(f"node kind {node.kind!r} cannot run as a free node")
-        return handler(node, key, args, kwargs)
+        return handler(self, node, key, args, kwargs)
 
     def _op(self, node: Node, _key: Key, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         name: str = node.target  # type: ignore[assignment]
@@ -175,5 +166,17 @@ class NodeExecutor:
         return fn(*args, **kwargs)
 
 
-def _save(_node: Node, _key: Key, args: tuple[Any, ...], _kwargs: dict[str, Any]) -> Any:
-    return args[0]
+    def _save(self, _node: Node, _key: Key, args: tuple[Any, ...], _kwargs: dict[str, Any]) -> Any:
+        return args[0]
+
+
+#: The handler of each kind of free node.
+HANDLERS: dict[str, Handler] = {
+    Kind.OP: NodeExecutor._op,
+    Kind.SAVE: NodeExecutor._save,
+    Kind.MODULE_CALL: NodeExecutor._module_call,
+    Kind.MODULE_ATTR: NodeExecutor._module_attr,
+    Kind.BACKWARD: NodeExecutor._backward,
+    Kind.LOG: NodeExecutor._log,
+    Kind.APPLY: NodeExecutor._apply,
+}

@@ -83,10 +83,11 @@ def _run_pass(model: torch.nn.Module, graph: InterventionGraph, index: int, run:
         args, kwargs, layout = batch_module_inputs(run.invokes or [{}])
     quiet = Quiet()
     inter = Interleaver(graph, index, layout, values, steps, modules, logs, quiet=quiet)
-    step_counter = [0]
+    steps_run = [0]  # forward passes begun: a generation counts them with a hook on the model
     handles = hook_modules([Seat(inter)], quiet)
     try:
-        handles.append(model.register_forward_pre_hook(lambda *_: step_counter.__setitem__(0, step_counter[0] + 1)))
+        if generate:
+            handles.append(model.register_forward_pre_hook(lambda *_: steps_run.__setitem__(0, steps_run[0] + 1)))
         output: Any = None
         try:
             inter.drain()
@@ -94,6 +95,7 @@ def _run_pass(model: torch.nn.Module, graph: InterventionGraph, index: int, run:
                 output = _generator(model, graph.needs_grad)(*args, **kwargs,
                                                              **generate_options(run.kwargs, pad_token_id))
             else:
+                steps_run[0] = 1
                 output = model(*args, **kwargs)
         except StopForward:
             output = None
@@ -104,7 +106,7 @@ def _run_pass(model: torch.nn.Module, graph: InterventionGraph, index: int, run:
     finally:
         for handle in handles:
             handle.remove()
-    inter.check_reached(step_counter[0])
+    inter.check_reached(steps_run[0])
 
 
 _ACCEPTS: dict[tuple[type, str], bool] = {}

@@ -13,6 +13,7 @@ one operation, each bounded by the deployment's policy) and becomes the experime
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -49,7 +50,8 @@ class ShardRunner:
         self.model = model
         self.index = index
         self.n_shards = n_shards
-        self.owner = owner
+        #: ``owner`` remembered per path: every experiment asks it of each of its nodes' modules.
+        self.owner = functools.lru_cache(maxsize=4096)(owner)
         self.last = index == n_shards - 1
         self.pad_token_id = pad_token_id
         self.first_layer = first_layer
