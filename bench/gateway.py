@@ -43,7 +43,7 @@ torch.set_num_threads(1)
 from _common import machine, today  # noqa: E402
 
 import nnsight_dask as nd  # noqa: E402
-from nnsight_dask.client.http_wire import decode_results  # noqa: E402
+from nnsight_dask.http_wire import decode_results  # noqa: E402
 from nnsight_dask.models import save_tiny  # noqa: E402
 from nnsight_dask.service.gateway import Gateway, KeyRing, hash_key  # noqa: E402
 

@@ -195,7 +195,7 @@ def _http_setup() -> None:
 def _http_users(url: str, deployment: str, graph: str, n: int, expected: int, start_at: float, stop_at: float) -> list:
     import requests
 
-    from nnsight_dask.client.http_wire import decode_results
+    from nnsight_dask.http_wire import decode_results
 
     def one(session: requests.Session) -> int:
         response = session.post(f"{url}/v1/experiments", json={"deployment": deployment, "graph": graph}, timeout=120)

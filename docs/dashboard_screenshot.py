@@ -1,6 +1,6 @@
 """Regenerate ``docs/dashboard-experiments.png``: the dashboard's Experiments page after a few experiments.
 
-Run from the repository root (20-40 s on 2 CPU cores, no GPU, no network)::
+Run from the repository root (40-60 s on 2 CPU cores, no GPU, no network)::
 
     python docs/dashboard_screenshot.py                  # writes docs/dashboard-experiments.png
     python docs/dashboard_screenshot.py -o /tmp/page.png # somewhere else
@@ -11,10 +11,11 @@ Chromium or Chrome.
 
 What it does: starts a ``LocalCluster`` (2 worker processes, 1 thread each, the dashboard on a free
 port, the scheduler preload ``nnsight_dask.service.dashboard``), deploys a tiny 2-layer GPT-2 in
-2 shards, runs 7 experiments (a short generation and 5 traces in flight together, which share
-forward passes on the shards, then one that fails with an out-of-range index so the error column has something to show), waits until
-``/nnsight/experiments.json`` lists them all as finished, then opens ``/experiments`` in headless
-Chromium and screenshots it once a table there has drawn one row per experiment.
+2 shards, runs rounds of experiments for 15 s (each round a short generation and 5 traces in flight
+together as user "demo", which share forward passes on the shards, then a trace as "alice"), then one
+that fails with an out-of-range index so the error column has something to show, waits until
+``/nnsight/experiments.json`` lists them all as finished, then opens ``/experiments?user=demo``
+(demo's rows highlighted) in headless Chromium and screenshots it once its table has drawn rows.
 
 ``chromium --screenshot URL`` is not enough: it shoots when the HTML has loaded, before BokehJS has
 received the document over its websocket (a blank page). So Chromium is driven over its DevTools
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import logging
 import os
@@ -38,12 +40,16 @@ from pathlib import Path
 import torch
 
 torch.set_num_threads(1)
-os.environ.setdefault("NNSIGHT_DASK_USER", "demo")   # the "user" column (read when nnsight_dask is imported)
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")   # quiet weight loading, here and on workers
 
 OUT = Path(__file__).resolve().parent / "dashboard-experiments.png"
 CANDIDATES = ("chromium", "chromium-browser", "chromium-headless-shell", "google-chrome", "google-chrome-stable")
-WIDTH, HEIGHT = 1400, 800
+WIDTH, HEIGHT = 1400, 1150
+#: How long experiments run before the shot (the plots sample once a second).
+ROUNDS_SECONDS = 15.0
+#: The user whose rows the page is opened to highlight (most experiments are theirs).
+USER = "demo"
+os.environ.setdefault("NNSIGHT_DASK_USER", USER)   # the "user" column (read when nnsight_dask is imported)
 
 
 def find_chromium() -> str:
@@ -63,31 +69,42 @@ def find_chromium() -> str:
              "or point CHROMIUM=/path/to/chrome at another Chromium/Chrome binary.")
 
 
-def run_experiments(client, name: str) -> int:
-    """A generation and five traces in flight together (they share stage tasks, and the traces share
-    forward passes on the shards), then one that fails; returns how many were started."""
+def run_experiments(client, name: str, seconds: float = ROUNDS_SECONDS) -> int:
+    """Rounds for ``seconds``: a short generation and five traces in flight together (they share
+    forward passes on the shards) as user "demo", then a trace as "alice"; then one experiment that
+    fails. Returns how many were started."""
+    import dask
+
     import nnsight_dask as nd
     from nnsight_dask.errors import InterventionError
 
     lm = nd.RemoteModel(client, name)
     prompts = ["The Eiffel Tower is", "The capital of France is", "Once upon a time",
                "The cat sat on the", "Paris is a city in"]
-    with lm.generate("The Eiffel Tower is", max_new_tokens=3, blocking=False) as tracer:
-        lm.generator.output.save()
-    in_flight = [tracer]
-    for prompt in prompts:
-        with lm.trace(prompt, blocking=False) as tracer:
-            lm.transformer.h[0].output[:, -1] = 0
+    started, end = 0, time.monotonic() + seconds
+    for round_ in itertools.count():
+        if time.monotonic() > end:
+            break
+        with lm.generate("The Eiffel Tower is", max_new_tokens=3, blocking=False) as tracer:
+            lm.generator.output.save()
+        in_flight = [tracer]
+        for prompt in prompts:
+            with lm.trace(prompt, blocking=False) as tracer:
+                lm.transformer.h[0].output[:, -1] = 0
+                lm.output.logits[:, -1].argmax(-1).save()
+            in_flight.append(tracer)
+        for tracer in in_flight:
+            tracer.future.result(timeout=60)
+        with dask.config.set({"nnsight-dask.user": "alice"}), lm.trace(prompts[round_ % len(prompts)]):
             lm.output.logits[:, -1].argmax(-1).save()
-        in_flight.append(tracer)
-    for tracer in in_flight:
-        tracer.future.result(timeout=60)
+        started += len(in_flight) + 1
+        time.sleep(0.3 * (round_ % 3))  # an uneven load, so the plots have a shape
     try:
         with lm.trace("The Eiffel Tower is"):
             lm.transformer.h[1].output[:, 50].save()   # the prompt has 4 tokens, not 51
     except InterventionError:
         pass
-    return len(in_flight) + 1
+    return started + 1
 
 
 def wait_for_rows(base: str, count: int, timeout: float = 20.0) -> list[dict]:
@@ -100,6 +117,9 @@ def wait_for_rows(base: str, count: int, timeout: float = 20.0) -> list[dict]:
             return rows
         time.sleep(0.2)
 
+
+#: Rows the page's table draws at once (it draws only those in view).
+VISIBLE_ROWS = 8
 
 #: Per DataTable on the page: its drawn height and how many rows it drew (BokehJS renders each
 #: model inside a shadow root, so we walk them).
@@ -231,7 +251,8 @@ def main(argv: list[str] | None = None) -> None:
             rows = wait_for_rows(base, count)
             statuses = sorted(r["status"] for r in rows)
             print(f"{len(rows)} experiments: {statuses}")
-            screenshot(chromium, base + "/experiments", args.output, min_rows=len(rows))
+            time.sleep(2.0)   # the last experiments in the plots' next points
+            screenshot(chromium, f"{base}/experiments?user={USER}", args.output, min_rows=min(len(rows), VISIBLE_ROWS))
     size = args.output.stat().st_size
     print(f"wrote {args.output} ({size // 1024} KiB) in {time.monotonic() - started:.1f} s")
 

@@ -17,6 +17,7 @@ from .backends.base import Backend, SaveSink
 from .backends.local import LocalBackend
 from .graph.graph import InterventionGraph, set_task_runner
 from .models import load_causal_lm, load_smollm2, prepare_tokenizer
+from .models.loading import LoadOptionError
 from .tracing import inject
 from .tracing import model as traced
 
@@ -40,6 +41,10 @@ class LanguageModel(traced.LanguageModel):
         left, with the end-of-sequence token as pad token if it has none.
     gguf_file:
         Load weights from this GGUF file inside the directory ``model``.
+    load_options:
+        Other keywords go to transformers' ``from_pretrained`` when ``model`` is a path:
+        ``attn_implementation="eager"`` (attention modules then return their weights, read as
+        ``self_attn.output[1]``), ``revision=``, ``low_cpu_mem_usage=``, ``trust_remote_code=``...
 
     Examples
     --------
@@ -50,12 +55,17 @@ class LanguageModel(traced.LanguageModel):
 
     def __init__(self, model: torch.nn.Module | str | os.PathLike[str], tokenizer: Any = None, *,
                  gguf_file: str | None = None, dtype: torch.dtype | None = None, device: Any = None,
-                 model_id: str | None = None) -> None:
+                 model_id: str | None = None, **load_options: Any) -> None:
         if isinstance(model, (str, os.PathLike)):
-            module, loaded_tokenizer = load_causal_lm(str(model), gguf_file=gguf_file, dtype=dtype, device=device)
+            module, loaded_tokenizer = load_causal_lm(str(model), gguf_file=gguf_file, dtype=dtype, device=device,
+                                                      **load_options)
             tokenizer = tokenizer or loaded_tokenizer
             model_id = model_id or str(model)
         else:
+            if load_options:
+                raise LoadOptionError(f"load options {sorted(load_options)} apply when nd.LanguageModel loads a "
+                                      f"model from a path; this {type(model).__name__} is already built",
+                                      option=sorted(load_options)[0])
             module = model
             if dtype is not None or device is not None:
                 module = module.to(dtype=dtype, device=device)
@@ -67,14 +77,17 @@ class LanguageModel(traced.LanguageModel):
         return local_backend(self._module, self._pad_token_id())
 
 
-def smollm2(dtype: torch.dtype | None = None) -> LanguageModel:
+def smollm2(dtype: torch.dtype | None = None, **load_options: Any) -> LanguageModel:
     """SmolLM2-135M-Instruct as a ready :class:`LanguageModel` (converted once, then cached).
+
+    ``load_options`` go to ``from_pretrained``: ``nd.smollm2(attn_implementation="eager")`` reads
+    attention weights (``lm.model.layers[i].self_attn.output[1]``).
 
     >>> lm = nd.smollm2()                                         # doctest: +SKIP
     >>> with lm.generate("The capital of France is", max_new_tokens=2) as t:   # doctest: +SKIP
     ...     ids = t.result.save()
     """
-    model, tokenizer = load_smollm2(dtype or torch.float32)
+    model, tokenizer = load_smollm2(dtype or torch.float32, **load_options)
     return LanguageModel(model, tokenizer=tokenizer, model_id="SmolLM2-135M-Instruct")
 
 

@@ -124,6 +124,11 @@ DEFAULTS: dict[str, Any] = {
     #: proxies are rebound to the values (nnsight 0.4's frame injection); proxies inside lists and
     #: dicts keep ``.value``. ``False`` leaves every saved proxy a proxy.
     "frame_injection": True,
+    #: Shards may load checkpoints that bring their own Python code (``nd.serve(..., load_options=
+    #: {"trust_remote_code": True})``, or an ``attn_implementation`` fetched from the hub): that code runs
+    #: on the workers with their files and credentials. Read by each worker when it loads a shard: the
+    #: operator decides, not the client.
+    "trust_remote_code": False,
 }
 
 dask.config.update_defaults({NAMESPACE: {_name.replace("_", "-"): _value for _name, _value in DEFAULTS.items()}})

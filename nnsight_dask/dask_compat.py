@@ -44,3 +44,37 @@ def has_bokeh_page(app: Any, path: str) -> bool:
 
 def bokeh_prefix(app: Any) -> str:
     return str(getattr(app, "_prefix", ""))
+
+
+def use_dashboard_template(doc: Any, extra: dict[str, Any], page: bool = True) -> None:
+    """Give a Bokeh document of ours the dashboard's look: its theme, and (``page``) its template
+    with the navigation bar (``extra`` holds the bar's pages and "More..." plots), as Dask's own
+    pages have (``distributed.dashboard.components.scheduler.env`` and ``BOKEH_THEME``)."""
+    try:
+        from distributed.dashboard.components.scheduler import BOKEH_THEME, env
+    except ImportError:
+        return
+    doc.theme = BOKEH_THEME
+    if page:
+        doc.template = env.get_template("simple.html")
+        doc.template_variables.update(extra)
+
+
+def current_task_key() -> Any:
+    """The key of the task running in this worker thread (``distributed.worker.thread_state.key``;
+    None outside a task)."""
+    from distributed.worker import thread_state
+
+    return getattr(thread_state, "key", None)
+
+
+def task_released(worker: Any, key: Any) -> bool:
+    """Whether the worker no longer wants task ``key``'s result: its client cancelled or released it
+    while it ran (the worker's state ``cancelled``), or it is gone. False for ``key`` None."""
+    if key is None:
+        return False
+    tasks = getattr(getattr(worker, "state", None), "tasks", None)
+    if tasks is None:
+        return False
+    task = tasks.get(key)
+    return task is None or task.state in ("cancelled", "released", "forgotten")

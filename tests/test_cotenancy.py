@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 import nnsight_dask as nd
 from nnsight_dask.errors import GraphValidationError, InterventionError
 from nnsight_dask.execution.partition import assign_shards
-from nnsight_dask.execution.runner import run_graph
+from nnsight_dask.execution.local_runner import run_graph
 from nnsight_dask.execution.stage import Carry, plan_stages
 from nnsight_dask.graph import InterventionGraph
 from nnsight_dask.models import owner_of, plan_shards, tiny_gpt2, tiny_llama

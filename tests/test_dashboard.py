@@ -13,9 +13,8 @@ import pytest
 import nnsight_dask as nd
 from nnsight_dask.errors import InterventionError
 from nnsight_dask.models import save_tiny
-from nnsight_dask.scheduler import monitor
+from nnsight_dask.scheduler import monitor, prometheus, rpc
 from nnsight_dask.worker.telemetry import RUNNING_TOPIC, STAGES_TOPIC
-from nnsight_dask.scheduler.experiments_page import ExperimentsPanel
 
 pytestmark = pytest.mark.cluster
 PROMPT = "The Eiffel Tower is"
@@ -102,14 +101,23 @@ def test_metrics_endpoint_and_dask_metrics(cluster_with_dashboard):
     assert status == 200 and "nnsight_dask_experiment_seconds_bucket" in body and "dask_scheduler_workers" in body
 
 
-def test_experiments_page_and_panel(cluster_with_dashboard):
-    cluster, client, _, _ = cluster_with_dashboard
+def test_experiments_page_is_in_the_dashboards_navigation(cluster_with_dashboard):
+    """With the preload, the page is in the bar of Dask's pages, its plots in "More..." and in
+    /individual-plots.json (what dask-labextension lists), and it is drawn in Dask's template."""
+    _, client, _, _ = cluster_with_dashboard
     status, body = get(client, "/experiments")
     assert status == 200 and "bokeh" in body.lower()
-    panel = ExperimentsPanel(cluster.scheduler)
-    assert {"completed", "failed"} <= set(panel.source.data["status"])
-    assert "bytes_persisted" in panel.source.data and "busy_seconds" in panel.shard_source.data
-    assert sorted(panel.shard_source.data["shard"]) == [0, 1]
+    assert 'href="status"' in body and "More..." in body and 'href="individual-shard-busy"' in body
+    _, status_page = get(client, "/status")
+    assert 'href="experiments"' in status_page and 'href="individual-experiment-latency"' in status_page
+    _, listing = get(client, "/individual-plots.json")
+    plots = json.loads(listing)
+    for path in ("/individual-experiments-per-second", "/individual-experiment-latency",
+                 "/individual-experiment-queue", "/individual-shard-busy", "/individual-cotenant-batch-sizes",
+                 "/individual-experiments"):
+        assert path in plots.values()
+        page_status, page = get(client, path)
+        assert page_status == 200 and "bokeh" in page.lower()
 
 
 def test_events_and_cli_status(cluster_with_dashboard, capsys):
@@ -172,9 +180,12 @@ def test_progress_line_shows_queue_position():
 
 def test_cancelled_experiment_is_shown_cancelled(cluster_with_dashboard):
     _, client, lm, _ = cluster_with_dashboard
-    with lm.generate(PROMPT, max_new_tokens=100, blocking=False) as tracer:
+    with lm.generate(PROMPT, max_new_tokens=240, blocking=False) as tracer:
         lm.transformer.h[0].output.save()
-    time.sleep(0.5)
+    deadline = time.monotonic() + 30
+    while rows(client)["experiments"][0]["status"] != "running":  # cancelled mid-way, not before or after
+        assert not tracer.future.done() and time.monotonic() < deadline
+        time.sleep(0.02)
     assert tracer.future.cancel()
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -192,16 +203,16 @@ def test_monitor_counts_are_pure():
                      stages=2, shards=[0, 1], workers=["w0", "w1"])
     m.handle_message(client="c1", event="submitted", experiment="b", deployment="d", user="u",
                      stages=2, shards=[0, 1], workers=["w0", "w1"])
-    assert m.experiment_status("b") == {"status": "queued", "position": 1, "stages_done": 0, "stages": 2}
+    assert rpc.status(m, "b") == {"status": "queued", "position": 1, "stages_done": 0, "stages": 2}
     m.log_event(RUNNING_TOPIC, {"worker": "w0", "experiment": "a", "deployment": "d", "shard": 0})
-    assert m.experiment_status("a")["status"] == "running"
+    assert rpc.status(m, "a")["status"] == "running"
 
     def passes(worker, *entries):  # what a shard worker's telemetry sends, several passes per event
         m.log_event(STAGES_TOPIC, {"worker": worker, "passes": [
             {"deployment": "d", "shard": shard, "experiments": experiments, "labels": ["p0-t0-fwd-s0"] * len(experiments),
              "start": start, "stop": stop, "thread": 1} for shard, experiments, start, stop in entries]})
     passes("w0", (0, ["a"], 1.0, 1.5))
-    assert m.experiment_status("b")["position"] == 0 and m.experiment_status("a")["stages_done"] == 1
+    assert rpc.status(m, "b")["position"] == 0 and rpc.status(m, "a")["stages_done"] == 1
     passes("w1", (1, ["a"], 2.0, 3.0))
     passes("w0", (0, ["b"], 1.6, 1.7), (0, ["x", "y"], 1.7, 1.8))  # x, y: experiments it never heard of
     m.handle_message(client="c1", event="finished", experiment="a", status="completed", bytes_returned=40)
@@ -210,11 +221,11 @@ def test_monitor_counts_are_pure():
     assert a["status"] == "completed" and a["bytes_returned"] == 40 and a["stages"] == "2/2"
     assert a["queue_wait"] is not None and b["stages"] == "1/2"
     assert b["status"] == "failed" and b["error"] == "IndexError: boom"
-    text = m.prometheus_text()
+    text = prometheus.text(m)
     assert 'nnsight_dask_experiments_total{status="failed"} 1' in text
     assert 'nnsight_dask_experiments_total{status="completed"} 1' in text
     assert 'nnsight_dask_shared_passes_total{deployment="d",shard="0",size="2"} 1' in text
     assert [s["busy_seconds"] for s in m.shard_rows()] == [0.7, 1.0]
     assert [s["stages_run"] for s in m.shard_rows()] == [3, 1]
     m.remove_worker(None, "w0", stimulus_id="test")  # it said "a" computed there, but "a" had finished
-    assert m.experiment_lost_on("a") == {"known": True, "lost_on": ""}
+    assert rpc.lost_on(m, "a") == {"known": True, "lost_on": ""}

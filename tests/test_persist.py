@@ -169,7 +169,7 @@ def test_remote_collect(remote, local, tmp_path):
 
 def test_client_submit_graph_with_store_reads_refs_and_counts_bytes(client, remote, local, tmp_path):
     """``client.submit(graph)`` hands back TensorRefs that read from Zarr; the monitor counts the bytes."""
-    from nnsight_dask.scheduler import monitor
+    from nnsight_dask.scheduler import rpc
 
     store = str(tmp_path / "submit.zarr")
     with remote.trace(PROMPT, store=store, persist_threshold=THRESHOLD, execute=False) as tracer:
@@ -180,6 +180,6 @@ def test_client_submit_graph_with_store_reads_refs_and_counts_bytes(client, remo
     assert torch.allclose(ref.torch(), ref_h3, atol=1e-5)
     assert torch.allclose(ref[:, -1].compute(), ref_h3[:, -1], atol=1e-5)
     assert ref.numpy().shape == tuple(ref_h3.shape)
-    snapshot = client.sync(getattr(client.scheduler, monitor.SNAPSHOT_RPC))
+    snapshot = client.sync(getattr(client.scheduler, rpc.SNAPSHOT_RPC))
     row = next(r for r in snapshot["experiments"] if r["experiment"] == result.experiment_id)
     assert row["status"] == "completed" and row["bytes_persisted"] == ref_h3.numel() * 4

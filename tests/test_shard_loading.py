@@ -18,8 +18,8 @@ import torch
 
 import nnsight_dask as nd
 from nnsight_dask.worker.shard_actor import describe_model, load_source, shard_runner
-from nnsight_dask.execution.runner import run_graph
-from nnsight_dask.execution.stage import run_pipeline
+from nnsight_dask.execution.local_runner import run_graph
+from nnsight_dask.execution.shard_runner import run_pipeline
 from nnsight_dask.models import load_causal_lm, plan_shards, save_tiny, tiny_llama, tiny_tokenizer
 from nnsight_dask.models.shard_loading import (
     ShardLoadError,
@@ -156,6 +156,65 @@ def test_opt_generation_through_loaded_shards_matches(tmp_path: Path, k: int, pr
     assert saves.keys() == expected.keys() and len(saves) == 2
     for key in saves:
         assert torch.equal(saves[key], expected[key]), key
+
+
+#: family -> (config fields, a key transformers converts while loading that the saved checkpoint has).
+CONVERTED: dict[str, tuple[dict[str, Any], str]] = {
+    "mixtral": ({"num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2},
+                "model.layers.3.block_sparse_moe.experts.3.w3.weight"),
+    "qwen2_moe": ({"num_key_value_heads": 2, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                   "shared_expert_intermediate_size": 32, "tie_word_embeddings": True},
+                  "model.layers.3.mlp.experts.3.up_proj.weight"),
+    "gpt_neox": ({}, "embed_out.weight"),
+}
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("converted")
+    return {name: save_family(root / name, name, **fields) for name, (fields, _) in CONVERTED.items()}
+
+
+@pytest.mark.parametrize("name", sorted(CONVERTED))
+def test_converted_checkpoint_shards_read_alone_equal_the_full_load(converted: dict[str, Path], name: str) -> None:
+    """Mixture-of-experts checkpoints store each expert's tensors, which transformers fuses per layer;
+    GPT-NeoX's name the head ``embed_out``. Each shard is read alone through transformers' own
+    conversion: it holds exactly the full model's parameters of that shard, and the shards
+    together trace and generate as the full model does."""
+    from safetensors import safe_open
+
+    path = converted[name]
+    with safe_open(str(path / "model.safetensors"), framework="pt") as handle:
+        assert CONVERTED[name][1] in set(handle.keys())  # saved unconverted: the loader must convert
+    full, tokenizer = load_causal_lm(path)
+    lm = nd.LanguageModel(full, tokenizer=tokenizer)
+    for k in (2, 3):
+        shards = [load_shard_from_checkpoint(path, k, i) for i in range(k)]
+        for i, shard in enumerate(shards):
+            assert shard.partial
+            assert_same_shard(shard.model, full_cut(path, k, i))
+        runners = [shard_runner(s.model, s.plan, i, tokenizer.pad_token_id) for i, s in enumerate(shards)]
+        with lm.trace([PROMPT, "Paris is"], execute=False) as tracing:
+            lm.output.logits.save()
+        with lm.generate([PROMPT, "Paris is"], max_new_tokens=3, execute=False) as generating:
+            generating.result.save()
+        for graph in (tracing.graph, generating.graph):
+            saves, _ = run_pipeline(runners, graph)
+            expected = run_graph(full, graph, pad_token_id=tokenizer.pad_token_id).saves
+            assert saves.keys() == expected.keys()
+            for key in saves:
+                assert torch.equal(saves[key], expected[key]), (k, key)
+
+
+def test_converted_tied_head_on_the_last_shard(converted: dict[str, Path]) -> None:
+    """A tied head whose embedding another shard owns is read under the embedding's converted name."""
+    path = converted["qwen2_moe"]
+    last = load_shard_from_checkpoint(path, 2, 1).model
+    full = load_causal_lm(path)[0]
+    assert isinstance(last.model.embed_tokens, ZeroStandIn)
+    assert torch.equal(last.lm_head.weight, full.model.embed_tokens.weight)
+    whole = load_shard_from_checkpoint(path, 1, 0).model
+    assert whole.lm_head.weight is whole.model.embed_tokens.weight  # one tensor, as loaded whole
 
 
 def test_tied_head_on_the_last_shard_is_read_from_the_embedding(checkpoints: dict[str, Path]) -> None:

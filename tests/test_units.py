@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nnsight_dask.execution.partition import assign_shards, backward_origins
-from nnsight_dask.execution.runner import run_graph
+from nnsight_dask.execution.local_runner import run_graph
 from nnsight_dask.execution.stage import Carry, Stage, plan_stages
 from nnsight_dask.graph import InterventionGraph, Kind
 from nnsight_dask.models import owner_of, plan_shards, tiny_llama

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from ..execution.runner import persisted_name, run_graph
+from ..execution.local_runner import run_graph
+from ..execution.saves import persisted_name
 from ..graph.graph import InterventionGraph
 from .base import Backend, RunResult, SaveSink
 

@@ -32,7 +32,7 @@ import uuid
 import weakref
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -41,6 +41,7 @@ from distributed import Client, Lock
 
 from ..errors import DeploymentError
 from ..graph.policy import Policy
+from ..models.loading import LoadOptionError, check_shard_load_options, split_dtype
 from ..scheduler.monitor import ExperimentMonitor
 from ..worker.plugin import CLOSE_HANDLER, ShardWorkerPlugin
 from ..worker.shard_actor import ModelSource, ShardActor
@@ -85,27 +86,37 @@ def _dataset(name: str) -> str:
 @_one_at_a_time
 def serve(client: Client, model: ModelSource, shards: int = 1, name: str | None = None, *,
           workers: list[str] | None = None, dtype: torch.dtype | str | None = None, device: str | None = None,
-          gguf_file: str | None = None, policy: Policy | None = None) -> Deployment:
+          gguf_file: str | None = None, policy: Policy | None = None,
+          load_options: Mapping[str, Any] | None = None) -> Deployment:
     """Load ``model`` once, split into ``shards`` shards of consecutive layers, one actor each.
 
     ``model`` is a local HF directory or hub id (read by the workers), ``"smollm2"``, or a
     callable returning ``(model, tokenizer)``. ``workers`` chooses the workers (default: spread
     over the cluster, one shard per worker while there are enough). ``policy`` (a :class:`Policy`,
     default ``Policy()``) bounds what experiments may do; it is stored with the deployment and
-    enforced by every shard. Returns the deployment record.
+    enforced by every shard. ``load_options`` go to every shard's ``from_pretrained``
+    (``{"attn_implementation": "eager", "revision": ...}``, see
+    :data:`~nnsight_dask.models.loading.SHARD_LOAD_OPTIONS`); each shard checks them with its worker's
+    settings (``trust_remote_code`` only where ``nnsight-dask.trust-remote-code`` allows it). Returns
+    the deployment record.
     """
     name = name or _default_name(model)
+    dtype, load_options = split_dtype(load_options, dtype)
+    load_options = check_shard_load_options(load_options, trust_remote_code=None)  # fail fast; shards decide
+    if load_options and callable(model):
+        raise LoadOptionError(f"load options {sorted(load_options)} apply to a model path or 'smollm2'; a callable "
+                              "source builds its own model (pass the options to from_pretrained inside it)",
+                              option=sorted(load_options)[0])
     existing = client.get_metadata(_key(name), None)
     if existing is not None:
         raise DeploymentError(f"a deployment named {name!r} already exists on this cluster "
                               f"({_describe(existing)}); use it with nd.RemoteModel(client, {name!r}), or "
                               f"free it first with nd.undeploy(client, {name!r})", name=name)
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     placement = _place(client, shards, workers)
     client.register_plugin(ShardWorkerPlugin())
     policy = policy or Policy()
-    futures = [_start_shard(client, name, i, shards, model, dtype, device, gguf_file, placement[i], policy)
-               for i in range(shards)]
+    futures = [_start_shard(client, name, i, shards, model, dtype, device, gguf_file, placement[i], policy,
+                            load_options) for i in range(shards)]
     try:
         actors = [f.result() for f in futures]
     except Exception as exc:
@@ -119,7 +130,7 @@ def serve(client: Client, model: ModelSource, shards: int = 1, name: str | None 
         name=name, source=model if isinstance(model, str) else getattr(model, "__qualname__", repr(model)),
         shards=tuple(ShardPlacement.of(spec, placement[spec.index]) for spec in specs), created=time.time(),
         options={"dtype": str(dtype).removeprefix("torch.") if dtype else None, "device": device, "gguf_file": gguf_file,
-                 "spread": workers is None},
+                 "spread": workers is None, "load_options": load_options},
         monitor=monitored, policy=policy)
     client.set_metadata(_key(name), record.to_metadata())
     _remember_source(client, name, model)
@@ -143,15 +154,16 @@ def install_monitor(client: Client) -> bool:
 
 def _mount_experiments_page(dask_scheduler: Any) -> bool:
     """Run on the scheduler (Dask passes it by this parameter's name)."""
-    from ..scheduler.experiments_page import add_page
+    from ..scheduler.pages import add_page
 
     return add_page(dask_scheduler)
 
 
 def _start_shard(client: Client, name: str, index: int, n_shards: int, model: ModelSource, dtype: Any,
-                 device: str | None, gguf_file: str | None, worker: str, policy: Policy) -> Any:
+                 device: str | None, gguf_file: str | None, worker: str, policy: Policy,
+                 load_options: Mapping[str, Any] | None) -> Any:
     return client.submit(ShardActor, name, index, n_shards, model, dtype, device, gguf_file, policy.to_dict(),
-                         actor=True,
+                         dict(load_options or {}), actor=True,
                          workers=[worker], allow_other_workers=False,
                          key=f"nnsight-dask-shard-{name}-{index}-{uuid.uuid4().hex[:8]}")
 
@@ -354,7 +366,7 @@ def recover(client: Client, name: str) -> Deployment:
         options = record.options
         dtype = getattr(torch, options["dtype"]) if options.get("dtype") else None
         started = {index: _start_shard(client, name, index, record.n_shards, source, dtype, options.get("device"),
-                                       options.get("gguf_file"), worker, record.policy)
+                                       options.get("gguf_file"), worker, record.policy, options.get("load_options"))
                    for index, worker in moves.items()}
         for index, future in started.items():
             _loaded(client, name, index, future, moves[index])

@@ -39,11 +39,11 @@ from ..errors import DeploymentError, ExperimentFailedError
 from ..execution.partition import assign_shards
 from ..execution.stage import Stage, plan_stages
 from ..graph.graph import InterventionGraph
-from ..scheduler import monitor
+from ..scheduler import monitor, rpc
 from ..storage.results import ZarrSink
 from ..tensors import nbytes
 from ..worker.hop import Hop
-from ..worker.limits import check_graph
+from ..limits import check_graph
 from ..worker.plugin import CANCEL_HANDLER
 from ..worker.registry import ShardUnavailableError, ShardStateLostError
 from ..worker.results import Results
@@ -257,7 +257,7 @@ def _lost_on(client: Client, record: Deployment, experiment: str) -> str | None:
     if not record.monitor:
         return None
     try:
-        answer = client.sync(getattr(client.scheduler, monitor.LOST_RPC), experiment=experiment)
+        answer = client.sync(getattr(client.scheduler, rpc.LOST_RPC), experiment=experiment)
     except Exception:  # a scheduler with an older monitor: no answer, the loss counts
         return None
     return str(answer.get("lost_on") or "") if answer.get("known") else None
@@ -336,7 +336,7 @@ def _report_progress(client: Client, record: Deployment, experiment: str, n_stag
     status: dict[str, Any] = {}
     if record.monitor:
         try:
-            status = client.sync(getattr(client.scheduler, monitor.STATUS_RPC), experiment=experiment)
+            status = client.sync(getattr(client.scheduler, rpc.STATUS_RPC), experiment=experiment)
         except Exception:  # a scheduler that lost its monitor: progress without detail
             status = {}
     position, done = int(status.get("position") or 0), int(status.get("stages_done") or 0)

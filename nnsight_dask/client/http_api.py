@@ -20,7 +20,7 @@ import requests
 
 from .. import errors
 from ..errors import NNsightDaskError
-from .http_wire import API, error_from_json
+from ..http_wire import API, error_from_json
 
 #: Environment variables giving the gateway's URL and the user's key when they are not passed.
 URL_ENV, KEY_ENV = "NNSIGHT_DASK_URL", "NNSIGHT_DASK_API_KEY"

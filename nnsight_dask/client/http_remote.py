@@ -1,8 +1,8 @@
 """``nd.RemoteModel(url, name, api_key=...)``: a deployment reached through the HTTP gateway.
 
-The same class and the same tracing as over a Dask ``Client`` (see :mod:`.remote`); only the transport
-differs: the graph goes to the gateway as JSON, the results come back in the JSON of
-:mod:`.http_wire`, and persisted saves open as lazy tensors read through the gateway (or straight
+The same tracing as over a Dask ``Client`` (the common part is :mod:`.remote_model`); only the
+transport differs: the graph goes to the gateway as JSON, the results come back in the JSON of
+:mod:`nnsight_dask.http_wire`, and persisted saves open as lazy tensors read through the gateway (or straight
 from the store with ``store_access="direct"``), so a slice fetches only the chunks it needs.
 
 While a trace waits, the client asks the gateway for its status at least every
@@ -22,12 +22,12 @@ from ..backends.base import Backend, RunResult
 from ..backends.local import LocalBackend
 from ..errors import TracingError
 from ..graph.graph import InterventionGraph
+from ..http_wire import FINAL, decode_results, error_from_json
 from ..storage.results import TensorRef
 from .futures import ExperimentFuture
 from .http_api import GatewayError, GatewaySession
-from .http_wire import FINAL, decode_results, error_from_json
 from .progress import ExperimentProgress
-from .remote import RemoteModel, _meta_model, _tokenizer
+from .remote_model import RemoteModel
 
 #: Longest single status request (the gateway answers as soon as the experiment ends).
 POLL_SECONDS = 10.0
@@ -115,6 +115,10 @@ class HttpRemoteModel(RemoteModel):
     gateway reports it (the shards enforce it).
     """
 
+    @classmethod
+    def reaches(cls, target: Any) -> bool:
+        return target is None or isinstance(target, str)
+
     def __init__(self, url: str | None = None, name: str | None = None, *, api_key: str | None = None,
                  store_access: str = "gateway", timeout: float = 60.0) -> None:
         if not name:
@@ -123,10 +127,8 @@ class HttpRemoteModel(RemoteModel):
             raise TracingError(f"store_access= is one of {STORE_ACCESS}, not {store_access!r}")
         session = GatewaySession(url, api_key, timeout)
         description = session.call("GET", f"/deployments/{name}")
-        super(RemoteModel, self).__init__(_meta_model(description["config"]),
-                                          tokenizer=_tokenizer(description["tokenizer"]), model_id=name)
+        super().__init__(description, name)
         object.__setattr__(self, "_gateway", session)
-        object.__setattr__(self, "_module_paths", description["module_paths"])
         object.__setattr__(self, "_store_access", store_access)
         object.__setattr__(self, "policy", description.get("policy"))
 

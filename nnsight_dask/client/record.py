@@ -42,7 +42,7 @@ class ShardPlacement:
 class Deployment:
     """A model deployed on the cluster under ``name`` (see :func:`nnsight_dask.serve`).
 
-    ``options`` are the load options (``dtype``, ``device``, ``gguf_file``); ``monitor`` tells whether
+    ``options`` are the load options (``dtype``, ``device``, ``gguf_file``, ``load_options``); ``monitor`` tells whether
     the scheduler's experiment monitor is installed; ``policy`` is what experiments may do (the
     shards enforce it; a client reads it only to fail fast).
     """

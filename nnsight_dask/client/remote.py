@@ -1,14 +1,14 @@
-"""RemoteModel: the module tree of a deployed model on the meta device, tracing like a local one.
+"""A deployment reached over a Dask ``Client``: ``nd.RemoteModel(client, name)``.
 
-No weights reach the client: the config and the tokenizer come from shard 0, and every trace is
-sent to the deployment as a graph.
+No weights reach the client: the config and the tokenizer come from shard 0 (the common part of a
+remote model is :mod:`.remote_model`), and every trace is sent to the deployment as a graph by
+:class:`RemoteBackend`.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from distributed import Client
 
 from ..backends.base import Backend, RunResult
@@ -16,8 +16,6 @@ from ..backends.local import LocalBackend
 from ..errors import TracingError
 from ..graph.graph import InterventionGraph
 from ..storage.results import open_refs
-from ..tracing.model import LanguageModel
-from ..tracing.tracer import Session, Tracer
 from ..worker import tasks
 from ..worker.results import Results
 from ..worker.serialization import register as register_serializers
@@ -26,6 +24,7 @@ from .experiment import run_experiment
 from .futures import ExperimentFuture
 from .progress import ExperimentProgress
 from .record import Deployment
+from .remote_model import RemoteModel
 
 
 class RemoteBackend(Backend):
@@ -36,7 +35,7 @@ class RemoteBackend(Backend):
     here, on fake tensors over the model's meta-device module tree.
     """
 
-    def __init__(self, client: Client, name: str, model: RemoteModel) -> None:
+    def __init__(self, client: Client, name: str, model: DaskRemoteModel) -> None:
         self.client = client
         self.name = name
         self.model = model
@@ -73,77 +72,28 @@ def as_run_result(results: Results) -> RunResult:
     return RunResult(saves=open_refs(dict(results)), logs=results.logs)
 
 
-class RemoteModel(LanguageModel):
-    """A deployed model seen from a client: ``with lm.trace(prompt): ...`` runs on the cluster.
+class DaskRemoteModel(RemoteModel):
+    """A :class:`~.remote_model.RemoteModel` over a Dask ``Client`` (what ``nd.RemoteModel(client, name)``
+    builds): experiments go to the shards by the direct route, results come back as Dask hands them."""
 
-    Examples
-    --------
-    >>> nd.serve(client, "path/to/model", shards=2, name="smol")        # doctest: +SKIP
-    >>> lm = nd.RemoteModel(client, "smol")                              # doctest: +SKIP
-    >>> with lm.trace("The capital of France is", remote=True):          # doctest: +SKIP
-    ...     out = lm.output.logits[:, -1].argmax(-1).save()
-    >>> lm = nd.RemoteModel("http://head:8000", "smol", api_key=key)    # doctest: +SKIP  (through the gateway)
-    """
-
-    def __new__(cls, client: Client | str | None = None, name: str | None = None, **kwargs: Any) -> RemoteModel:
-        """A URL (or none: ``NNSIGHT_DASK_URL``) instead of a Client reaches the deployment through
-        the HTTP gateway: ``nd.RemoteModel("http://head:8000", "smol", api_key=...)``."""
-        if cls is RemoteModel and (client is None or isinstance(client, str)):
-            from .http_remote import HttpRemoteModel
-
-            return super().__new__(HttpRemoteModel)
-        return super().__new__(cls)
+    @classmethod
+    def reaches(cls, target: Any) -> bool:
+        return isinstance(target, Client)
 
     def __init__(self, client: Client, name: str) -> None:
         register_serializers()
         record = get_deployment(client, name)
         description = client.submit(tasks.describe, name, workers=[record.shards[0].worker],
                                     pure=False).result()
-        module = _meta_model(description["config"])
-        tokenizer = _tokenizer(description["tokenizer"])
-        super().__init__(module, tokenizer=tokenizer, model_id=name)
+        super().__init__(description, name)
         object.__setattr__(self, "_client", client)
-        object.__setattr__(self, "_module_paths", description["module_paths"])
         object.__setattr__(self, "deployment", record)
 
     def _set_deployment(self, record: Deployment) -> None:
         object.__setattr__(self, "deployment", record)
-
-    def trace(self, *inputs: Any, remote: Any = True, **kwargs: Any) -> Tracer:
-        return super().trace(*inputs, remote=remote, **kwargs)
-
-    def generate(self, *inputs: Any, remote: Any = True, **kwargs: Any) -> Tracer:
-        return super().generate(*inputs, remote=remote, **kwargs)
-
-    def session(self, *, remote: Any = True, blocking: bool = True, **options: Any) -> Session:
-        return super().session(remote=remote, blocking=blocking, **options)
-
-    def _local_backend(self) -> Backend:
-        raise TracingError(f"{self._model_id!r} is a remote deployment: its weights are on the cluster. "
-                           "Run traces with remote=True (the default for RemoteModel).")
 
     def _remote_backend(self, remote: Any) -> Backend:
         client = self._client if remote is True else remote
         if not isinstance(client, Client):
             raise TracingError(f"remote= takes True or a distributed.Client, not {type(remote).__name__}")
         return RemoteBackend(client, self._model_id, self)
-
-
-def _meta_model(config: dict[str, Any]) -> torch.nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    settings = dict(config)
-    model_type = settings.pop("model_type")
-    hf_config = AutoConfig.for_model(model_type, **settings)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(hf_config).eval()
-
-
-def _tokenizer(description: dict[str, Any] | None) -> Any:
-    if description is None:
-        return None
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(description["json"]),
-                                   padding_side=description["padding_side"], **description["special"])

@@ -1,4 +1,4 @@
-"""Co-tenant batches: the experiments waiting on a shard run their stage as one forward pass.
+"""Co-tenants: the experiments waiting on a shard run their stage as one forward pass (a shared pass).
 
 A shared deployment is worth sharing when many experiments cost little more than one: a batched
 forward pass of ten prompts costs a fraction of ten passes (3.4x less for SmolLM2 on one CPU thread,
@@ -9,8 +9,11 @@ about 10x on a GPU). The members of a batch are experiments of any users; none m
   never attend to another member's rows or to padding;
 * each member keeps its own :class:`~.interleaver.Interleaver`, which reads and writes only the
   member's :class:`~.batching.Window` of every value (views, so in-place edits write through);
-* a member's error or ``stop()`` halts that member only (:attr:`Interleaver.halted`), a cancelled or
-  timed-out member leaves the pass at the next layer, and the pass goes on for the others.
+* a member's error or ``stop()`` halts that member only (:attr:`.module_hooks.Seat.halted`), a
+  cancelled or timed-out member leaves the pass at the next layer, and the pass goes on for the others.
+
+The pass itself is :meth:`.shard_runner.ShardRunner.forward`; an experiment alone is a pass of one
+co-tenant, with its own inputs, cache and hidden state as they are (no window, no padding).
 
 Batched matrix products are not bit-identical to batch-1 ones (on SmolLM2 logits differ by up to
 7.5e-5), so experiments that must reproduce bit for bit ask for ``batching=False``.
@@ -34,26 +37,32 @@ from typing import Any
 import torch
 
 from ..graph.node import Kind
-from .batching import narrow_window, stack_hidden, stack_members
+from .batching import Window, stack_members
 from .cache_rows import cache_length, merge_caches, split_cache
-from .interleaver import Interleaver, Quiet, StopForward
-from .stage import Carry, ExperimentState, ExperimentStopped, ShardRunner, Stage, idle
+from .interleaver import ExperimentStopped
+from .module_hooks import Seat
+from .shard_state import ExperimentState
+from .stage import Carry, Stage
 
 
 @dataclass
-class Member:
-    """One experiment's place in a co-tenant batch, and what became of it."""
+class CoTenant:
+    """One experiment's stage in a shared pass on a shard, and what became of it."""
 
     state: ExperimentState
     stage: Stage
     carry: Carry
-    inter: Interleaver | None = None
-    #: The member's outcome: its next carry, or why it failed or stopped.
+    #: The stage's outcome: the experiment's next carry, or why it failed or stopped.
     outcome: Carry | BaseException | None = None
+
+    @property
+    def generates(self) -> bool:
+        """Whether this stage is a step of a generation (it has a KV cache on the shard)."""
+        return self.state.graph.passes[self.stage.pass_index].kind == "generate"
 
 
 def can_share(state: ExperimentState, stage: Stage) -> bool:
-    """Whether this stage of this experiment may run in a batch with other experiments' stages."""
+    """Whether this stage of this experiment may run in a pass with other experiments' stages."""
     graph = state.graph
     if stage.direction != "forward" or graph.options.get("batching") is False or graph.needs_grad:
         return False
@@ -74,125 +83,78 @@ def footprint(carry: Carry, state: ExperimentState, stage: Stage) -> tuple[int, 
     return (int(ids.shape[0]), int(ids.shape[-1])) if ids is not None else (1, 1)
 
 
-def forward_together(runner: ShardRunner, members: Sequence[Member]) -> None:
-    """Run the forward stage of every member in one pass of the shard's model; sets each ``outcome``.
+class PassInputs:
+    """The model's inputs for one pass of ``tenants``, and each one's :class:`~.batching.Window`.
 
-    Members must pass :func:`can_share`. Nothing raised by one member escapes: every error ends in
-    that member's outcome.
+    Alone, a tenant's own inputs and KV cache (its window None: it sees every value whole). Several
+    are stacked (:func:`.batching.stack_members`), their caches merged into one for the step and
+    split back after it (:meth:`keep_caches`).
     """
-    quiet = Quiet()
-    live: list[Member] = []
-    for member in members:
-        try:
-            member.inter = runner.begin(member.state, member.stage, member.carry)
-            if idle(member.carry):
-                member.outcome = runner.conclude(member.state, member.stage, member.carry, member.inter)
-                continue
-        except Exception as exc:
-            member.outcome = exc
-            continue
-        member.inter.quiet = quiet
-        live.append(member)
-    if not live:
-        return
-    caches = [_cache_of(m) for m in live]
-    pasts = [cache_length(c) for c in caches]
-    inputs, windows = stack_members([m.carry.inputs for m in live], runner.pad_token_id, pasts)
-    for member, window in zip(live, windows):
-        member.inter.window = window  # type: ignore[union-attr]
-    longest_past, seq = max(pasts), windows[0].seq
-    merged = None
-    if any(_generates(m) for m in live):
-        merged = merge_caches(caches, [w.stop - w.start for w in windows])
-        inputs.update({runner.cache_argument: merged, "use_cache": True,
-                       "cache_position": torch.arange(longest_past, longest_past + seq)})
+
+    def __init__(self, tenants: Sequence[CoTenant], pad_token_id: int, cache_argument: str) -> None:
+        self.tenants = tenants
+        self._pasts: list[int] = []
+        self._merged: Any = None
+        if len(tenants) == 1:
+            self.inputs = _own_inputs(tenants[0], cache_argument)
+            self.windows: list[Window | None] = [None]
+            self.seq = int(self.inputs["input_ids"].shape[1])
+            return
+        caches = [t.state.caches.get(t.stage.pass_index) if t.generates else None for t in tenants]
+        self._pasts = [cache_length(c) for c in caches]
+        self.inputs, windows = stack_members([t.carry.inputs for t in tenants], pad_token_id, self._pasts)
+        self.windows = list(windows)
+        self.seq = windows[0].seq or 0
+        if any(t.generates for t in tenants):
+            longest = max(self._pasts)
+            self._merged = merge_caches(caches, [w.stop - w.start for w in windows])
+            self.inputs.update({cache_argument: self._merged, "use_cache": True,
+                                "cache_position": torch.arange(longest, longest + self.seq)})
+        else:
+            self.inputs["use_cache"] = False
+
+    def keep_caches(self, seats: Sequence[Seat]) -> None:
+        """After the step: each generating tenant still in the pass takes its rows of the merged cache."""
+        if self._merged is None:
+            return
+        longest = max(self._pasts)
+        for tenant, seat, past in zip(self.tenants, seats, self._pasts):
+            if tenant.generates and seat.halted is None:
+                tenant.state.caches[tenant.stage.pass_index] = split_cache(
+                    self._merged, seat.window, past, longest)  # type: ignore[arg-type]
+
+
+def _own_inputs(tenant: CoTenant, cache_argument: str) -> dict[str, Any]:
+    """A tenant's inputs as they are; a generation step gets its own KV cache."""
+    inputs = dict(tenant.carry.inputs)
+    if tenant.generates:
+        from transformers import DynamicCache
+
+        cache = tenant.state.caches.setdefault(tenant.stage.pass_index, DynamicCache())
+        past = cache.get_seq_length()
+        length = inputs["input_ids"].shape[1]
+        inputs.update({cache_argument: cache, "use_cache": True, "cache_position": torch.arange(past, past + length)})
     else:
         inputs["use_cache"] = False
-    exit_value: list[Any] = []
-    output = None
-    handles: list[Any] = [layer.register_forward_pre_hook(_stop_members(live), prepend=True)
-                          for layer in runner.layers]
-    try:
-        if runner.index > 0:
-            hidden = stack_hidden([m.carry.hidden for m in live], seq)  # type: ignore[misc]
-            handles.append(runner.first_layer.register_forward_pre_hook(
-                runner._entry_hook(None, None, hidden), with_kwargs=True))
-        for member in live:
-            inter = member.inter
-            assert inter is not None
-            for path in inter.module_paths():
-                handles.extend(inter.watch_module(inter.modules[path], path))
-        handles.extend(runner.exit_hooks(exit_value))
-        for member in live:
-            member.inter.run_alongside(member.inter.drain)  # type: ignore[union-attr]
-        with torch.no_grad():
-            try:
-                if any(m.inter.halted is None for m in live):  # type: ignore[union-attr]
-                    output = runner.model(**inputs)
-            except StopForward:
-                pass  # the shard's last layer ended the pass (a shard before the last)
-            except _EveryoneLeft:
-                pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    if merged is not None:
-        for member, past in zip(live, pasts):
-            if _generates(member) and member.inter.halted is None:  # type: ignore[union-attr]
-                member.state.caches[member.stage.pass_index] = split_cache(
-                    merged, member.inter.window, past, longest_past)  # type: ignore[union-attr,arg-type]
-    for member in live:
-        _conclude(runner, member, exit_value[0] if exit_value else None, output)
+    return inputs
 
 
-def _generates(member: Member) -> bool:
-    return member.state.graph.passes[member.stage.pass_index].kind == "generate"
+class EveryoneLeft(Exception):
+    """Every tenant of the pass halted: it has nobody left to compute for."""
 
 
-def _cache_of(member: Member) -> Any:
-    """The member's KV cache of this pass on this shard (None: a trace, or no step ran yet)."""
-    return member.state.caches.get(member.stage.pass_index) if _generates(member) else None
-
-
-def _conclude(runner: ShardRunner, member: Member, exit_hidden: Any, output: Any) -> None:
-    inter = member.inter
-    assert inter is not None and inter.window is not None
-    window = inter.window
-    halted = inter.halted
-    if isinstance(halted, StopForward):  # the member's own stop(): as alone, the run ends here
-        member.carry.stopped = True
-        exit_hidden = output = None
-    elif halted is not None:
-        member.outcome = halted
-        return
-    try:
-        # the hidden state handed on is the member's own copy, not a view holding the whole batch
-        own_exit = narrow_window(exit_hidden, window)
-        if isinstance(own_exit, tuple):
-            own_exit = own_exit[0]
-        member.outcome = runner.conclude(member.state, member.stage, member.carry, inter,
-                                         own_exit.contiguous() if own_exit is not None else None,
-                                         narrow_window(output, window))
-    except Exception as exc:
-        member.outcome = exc
-
-
-class _EveryoneLeft(Exception):
-    """Every member of the batch halted: the pass has nobody left to compute for."""
-
-
-def _stop_members(live: Sequence[Member]) -> Any:
-    """A pre-hook for every decoder layer: members told to stop (cancel, timeout, undeploy) leave
-    the pass here, within one layer, and the pass ends once nobody is left."""
+def stop_hook(tenants: Sequence[CoTenant], seats: Sequence[Seat]) -> Any:
+    """A pre-hook for every decoder layer: tenants told to stop (cancel, timeout, undeploy) leave
+    the pass here, within one layer, and the pass ends (:class:`EveryoneLeft`) once nobody is left."""
+    pairs = list(zip(tenants, seats))
 
     def hook(_module: torch.nn.Module, _args: Any) -> None:
-        for member in live:
-            inter = member.inter
-            if inter is None or inter.halted is not None or member.state.should_stop is None:
-                continue
-            error = member.state.should_stop()
-            if error is not None:
-                inter.halted = ExperimentStopped(error)
-        if all(m.inter is not None and m.inter.halted is not None for m in live):
-            raise _EveryoneLeft
+        for tenant, seat in pairs:
+            should_stop = tenant.state.should_stop
+            if seat.halted is None and should_stop is not None:
+                error = should_stop()
+                if error is not None:
+                    seat.halt(ExperimentStopped(error))
+        if all(seat.halted is not None for seat in seats):
+            raise EveryoneLeft
     return hook

@@ -10,14 +10,14 @@ from collections.abc import Callable
 
 from ..graph.graph import InterventionGraph
 from ..graph.node import Kind
+from .plan import dependencies
 
 
 def assign_shards(graph: InterventionGraph, owner: Callable[[str], int], n_shards: int) -> list[int]:
     """``result[node.id]`` is the index of the shard that runs the node."""
     last = n_shards - 1
     shards: list[int] = []
-    for node in graph.nodes:
-        deps = node.deps()
+    for node, deps in zip(graph.nodes, dependencies(graph)):
         if node.kind in Kind.MODULE_BOUND:
             shard = owner(node.module)  # type: ignore[arg-type]
         elif node.kind in (Kind.GRAD, Kind.GRAD_SETTER, Kind.BACKWARD):

@@ -22,7 +22,7 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -87,6 +87,7 @@ def load_smollm2(
     dtype: torch.dtype = torch.float32,
     *,
     device: str | torch.device | None = None,
+    **options: Any,
 ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """Load SmolLM2-135M-Instruct and its tokenizer, converting the GGUF file on first use.
 
@@ -96,6 +97,8 @@ def load_smollm2(
         Parameter dtype. The cache is stored in float32 (the dequantized values) and cast on load.
     device:
         Where to put the model; ``None`` leaves it on the CPU.
+    options:
+        ``from_pretrained`` options, e.g. ``attn_implementation="eager"`` to read attention weights.
 
     Returns
     -------
@@ -117,7 +120,7 @@ def load_smollm2(
     >>> tok.decode(model.generate(ids, max_new_tokens=2, do_sample=False)[0, 5:])  # doctest: +SKIP
     ' Paris.'
     """
-    return load_causal_lm(smollm2_checkpoint(), dtype=dtype, device=device)
+    return load_causal_lm(smollm2_checkpoint(), dtype=dtype, device=device, **options)
 
 
 def smollm2_checkpoint() -> Path:

@@ -6,6 +6,10 @@ Three sources are accepted, all through transformers' ``from_pretrained``:
 - a hub id such as ``"HuggingFaceTB/SmolLM2-135M-Instruct"`` (needs network or a warm HF cache);
 - a local directory plus ``gguf_file=`` naming a GGUF file inside it (needs ``gguf`` and ``accelerate``).
 
+Any other keyword goes to ``from_pretrained`` (``attn_implementation="eager"``, ``revision=``,
+``low_cpu_mem_usage=``...), as in transformers. A shard of a shared deployment takes fewer: see
+:func:`check_shard_load_options`.
+
 The model comes back in eval mode (tracing reads activations; dropout would make two runs of the
 same prompt disagree) and the tokenizer pads on the left with a pad token always defined, so a
 batch of prompts of different lengths ends on the same position (``[:, -1]`` is every prompt's last
@@ -13,8 +17,9 @@ token, which is what logit lens and generation need).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,11 +28,109 @@ from nnsight_dask.errors import NNsightDaskError
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["ModelLoadError", "load_causal_lm", "load_tokenizer", "prepare_tokenizer"]
+__all__ = [
+    "SHARD_LOAD_OPTIONS",
+    "LoadOptionError",
+    "ModelLoadError",
+    "check_shard_load_options",
+    "load_causal_lm",
+    "load_tokenizer",
+    "prepare_tokenizer",
+    "split_dtype",
+]
+
+#: The ``from_pretrained`` options a shard of a deployment takes (``nd.serve(..., load_options=)``), with
+#: the types of their values. The loader runs on the cluster's workers, with their files and
+#: credentials, so nothing else is taken: no config overrides, ``cache_dir``, ``token``, ``device_map``
+#: (the deployment places its shards) or ``quantization_config``. ``trust_remote_code=True``, and an
+#: ``attn_implementation`` fetched from the hub (``"org/kernel"``), run code shipped with a checkpoint
+#: on the workers: only where the workers' setting ``nnsight-dask.trust-remote-code`` allows it.
+SHARD_LOAD_OPTIONS: dict[str, type] = {
+    "attn_implementation": str,
+    "revision": str,
+    "low_cpu_mem_usage": bool,
+    "variant": str,
+    "subfolder": str,
+    "use_safetensors": bool,
+    "trust_remote_code": bool,
+}
+
+#: Options that choose which tokenizer files are read, too.
+_TOKENIZER_OPTIONS = ("revision", "subfolder", "trust_remote_code")
 
 
 class ModelLoadError(NNsightDaskError, OSError):
     """A model or tokenizer cannot be loaded from the source given."""
+
+
+class LoadOptionError(NNsightDaskError, ValueError):
+    """A load option is unknown, has a value of the wrong type, or is not allowed on this cluster."""
+
+
+def check_shard_load_options(options: Mapping[str, Any] | None, *, trust_remote_code: bool | None) -> dict[str, Any]:
+    """The ``from_pretrained`` options a shard may load with, checked; raise :class:`LoadOptionError` otherwise.
+
+    Parameters
+    ----------
+    options:
+        What ``nd.serve(..., load_options=)`` was given (``dtype`` already taken out, see :func:`split_dtype`).
+    trust_remote_code:
+        Whether code shipped with a checkpoint may run here: the workers' own setting
+        ``nnsight-dask.trust-remote-code``, whatever a client asks. ``None`` (a client failing fast
+        before it deploys): names and types only, the shards decide the rest.
+
+    Examples
+    --------
+    >>> check_shard_load_options({"attn_implementation": "eager"}, trust_remote_code=False)
+    {'attn_implementation': 'eager'}
+    >>> check_shard_load_options({"trust_remote_code": True}, trust_remote_code=False)
+    Traceback (most recent call last):
+    ...
+    nnsight_dask.models.loading.LoadOptionError: load option trust_remote_code=True runs Python files shipped with the checkpoint on the cluster's workers; this cluster does not allow it (its workers' setting nnsight-dask.trust-remote-code is False). Ask its operator, or load the model yourself with nd.LanguageModel(path, trust_remote_code=True)
+    """
+    checked = dict(options or {})
+    for name, value in checked.items():
+        kind = SHARD_LOAD_OPTIONS.get(name)
+        if kind is None:
+            raise LoadOptionError(f"load option {name!r} is not taken by a deployment's shards; they take "
+                                  f"{sorted(SHARD_LOAD_OPTIONS)} (and dtype)", option=name)
+        if not isinstance(value, kind):
+            raise LoadOptionError(f"load option {name!r} takes a {kind.__name__}, not {type(value).__name__} "
+                                  f"({value!r})", option=name)
+    remote_code = [f"{name}={checked[name]!r}" for name in ("trust_remote_code", "attn_implementation")
+                   if checked.get(name) is True or "/" in str(checked.get(name, ""))]
+    if remote_code and trust_remote_code is False:
+        raise LoadOptionError(
+            f"load option {', '.join(remote_code)} runs Python files shipped with the checkpoint on the cluster's "
+            "workers; this cluster does not allow it (its workers' setting nnsight-dask.trust-remote-code is "
+            "False). Ask its operator, or load the model yourself with nd.LanguageModel(path, "
+            f"{remote_code[0]})", option=remote_code[0].split("=")[0])
+    return checked
+
+
+def split_dtype(options: Mapping[str, Any] | None, dtype: torch.dtype | str | None = None
+                ) -> tuple[torch.dtype | None, dict[str, Any]]:
+    """``(dtype, the other options)``: the dtype given as ``dtype=`` or in the options (``dtype`` or
+    transformers 4's ``torch_dtype``), as a ``torch.dtype``; a clear error if they disagree.
+
+    >>> split_dtype({"dtype": "bfloat16", "attn_implementation": "eager"})
+    (torch.bfloat16, {'attn_implementation': 'eager'})
+    """
+    rest = dict(options or {})
+    given = [value for value in (dtype, rest.pop("dtype", None), rest.pop("torch_dtype", None)) if value is not None]
+    resolved = {_as_dtype(value) for value in given}
+    if len(resolved) > 1:
+        raise LoadOptionError(f"two different dtypes were given: {sorted(map(str, resolved))}", option="dtype")
+    return (resolved.pop() if resolved else None), rest
+
+
+def _as_dtype(value: torch.dtype | str) -> torch.dtype:
+    if isinstance(value, torch.dtype):
+        return value
+    found = getattr(torch, str(value).removeprefix("torch."), None)
+    if not isinstance(found, torch.dtype):
+        raise LoadOptionError(f"dtype {value!r} is not a torch dtype (e.g. 'bfloat16', torch.float16)", option="dtype")
+    return found
 
 
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
@@ -67,6 +170,7 @@ def load_causal_lm(
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
+    **options: Any,
 ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer from a local directory, a hub id, or a GGUF file.
 
@@ -86,6 +190,11 @@ def load_causal_lm(
     tokenizer:
         A tokenizer to use instead of the one stored with the model. It is still switched to left
         padding with a pad token (see :func:`prepare_tokenizer`).
+    options:
+        Passed to ``from_pretrained`` as they are: ``attn_implementation="eager"`` (attention
+        modules then return their weights: ``self_attn.output[1]``), ``revision=``,
+        ``low_cpu_mem_usage=``, ``trust_remote_code=``, config overrides... ``revision``,
+        ``subfolder`` and ``trust_remote_code`` also go to the tokenizer.
 
     Returns
     -------
@@ -124,7 +233,7 @@ def load_causal_lm(
             source=src,
         )
 
-    kwargs: dict[str, object] = {}
+    kwargs: dict[str, object] = dict(options)
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
     if dtype is not None:
@@ -144,7 +253,11 @@ def load_causal_lm(
             source=src,
         ) from exc
 
-    tokenizer = load_tokenizer(src, gguf_file=gguf_file) if tokenizer is None else prepare_tokenizer(tokenizer)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(src, gguf_file=gguf_file,
+                                   **{name: options[name] for name in _TOKENIZER_OPTIONS if name in options})
+    else:
+        prepare_tokenizer(tokenizer)
 
     if device is not None:
         model = model.to(device)
@@ -152,8 +265,10 @@ def load_causal_lm(
     return model, tokenizer
 
 
-def load_tokenizer(source: str | Path, *, gguf_file: str | None = None) -> PreTrainedTokenizerBase:
+def load_tokenizer(source: str | Path, *, gguf_file: str | None = None, **options: Any) -> PreTrainedTokenizerBase:
     """The tokenizer stored with a model (directory, hub id, or GGUF file), prepared for batches.
+
+    ``options`` go to ``AutoTokenizer.from_pretrained`` (``revision=``, ``subfolder=``...).
 
     Raises
     ------
@@ -163,7 +278,7 @@ def load_tokenizer(source: str | Path, *, gguf_file: str | None = None) -> PreTr
     from transformers import AutoTokenizer
 
     src = str(source)
-    kwargs: dict[str, object] = {}
+    kwargs: dict[str, object] = dict(options)
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
     try:

@@ -20,17 +20,21 @@ that :mod:`._smollm2` converts once from GGUF), :func:`load_shard` instead
    the key they were saved as). No memory map: pages of a mapped file count in the process's RSS
    until it is unmapped, so a map would double the peak (the copies plus the mapped pages), and
    Dask's nanny restarts workers by RSS; views into a map would instead tie the weights to a file
-   that may be rewritten under a long-lived deployment;
+   that may be rewritten under a long-lived deployment. Checkpoints that transformers converts
+   while loading (mixture-of-experts models fuse their experts' tensors, GPT-NeoX renames its head)
+   go through transformers' own conversion engine instead, handed the cut shard and lazily read
+   tensors, so that too reads only the shard's tensors (:mod:`.converted_checkpoint`);
 4. settles the pass-through layers with one tiny forward through the shard's own modules, and
    checks that no parameter or buffer is left on ``meta``.
 
-Everything else (callables, GGUF files, hub ids, checkpoints whose key names or options need
-transformers' own conversion) takes the old path: full load, then cut. Both paths give the same
+Everything else (callables, GGUF files, hub ids, quantized checkpoints, load options the reader
+does not apply) takes the old path: full load, then cut. Both paths give the same
 module tree, parameters and outputs; ``tests/test_shard_loading.py`` checks it.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import sys
@@ -42,6 +46,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from .converted_checkpoint import LazyTensor, load_converted, weight_conversions
 from .loading import ModelLoadError, load_tokenizer
 from .shards import ShardSpec, plan_shards
 from .surgery import cut_to_shard, settle_passthroughs, strip_to_shard
@@ -119,7 +124,8 @@ def load_shard(source: Any, n_shards: int, index: int, *, full_loader: FullLoade
         The shard wanted.
     full_loader:
         Loads the whole model; used for sources without a local safetensors checkpoint (callables,
-        GGUF files, hub ids) and for checkpoints that need transformers' own key conversion.
+        GGUF files, hub ids) and for checkpoints the partial reader cannot read (see
+        :func:`load_shard_from_checkpoint`).
     dtype:
         Parameter dtype; ``None`` means what ``full_loader`` would give (with transformers 5, the
         dtype in the model's config, else the checkpoint's; float32 for ``"smollm2"``).
@@ -181,8 +187,9 @@ def load_shard_from_checkpoint(path: str | Path, n_shards: int, index: int, *, d
         A parameter or buffer of the shard is still on the ``meta`` device after loading.
     _NeedsFullLoad
         (internal; :func:`load_shard` falls back to a full load) the checkpoint is quantized, has
-        modules kept in float32, lacks a key or shape the model expects, or ``options`` has one
-        outside :data:`PARTIAL_LOAD_OPTIONS`.
+        modules kept in float32, lacks a key or shape the model expects (after transformers' own
+        conversion, for checkpoints it converts), or ``options`` has one outside
+        :data:`PARTIAL_LOAD_OPTIONS`.
     """
     path = Path(path)
     weight_map = _weight_map(path)
@@ -190,9 +197,13 @@ def load_shard_from_checkpoint(path: str | Path, n_shards: int, index: int, *, d
     tokenizer = load_tokenizer(path)
     description = describe(model, tokenizer) if describe is not None else None
     aliases = _aliases(model)
+    conversions = weight_conversions(model)
     plan = plan_shards(model, n_shards)
     strip_to_shard(model, plan, index)
-    _load_parameters(model, weight_map, aliases)
+    if conversions:
+        _load_converted(model, weight_map, conversions, aliases)
+    else:
+        _load_parameters(model, weight_map, aliases)
     _load_persistent_buffers(model, weight_map)
     check_materialized(model, where=f"shard {index} of {n_shards} of {path}")
     settle_passthroughs(model, plan[index])
@@ -249,31 +260,12 @@ def _skeleton(path: Path, weight_map: dict[str, Path], dtype: torch.dtype | None
             model = AutoModelForCausalLM.from_config(config, **built)
     except (ValueError, KeyError) as exc:
         raise _NeedsFullLoad(f"transformers cannot build it from its config ({exc})") from exc
-    if _needs_conversion(model):
-        raise _NeedsFullLoad(f"transformers converts {type(model).__name__} checkpoints while loading them")
     if dtype in (torch.float16, torch.bfloat16) and (
             getattr(model, "_keep_in_fp32_modules", None) or getattr(model, "_keep_in_fp32_modules_strict", None)):
         raise _NeedsFullLoad("some of its modules are kept in float32")
     _load_generation_config(model, path)
     model.eval()
     return model
-
-
-def _needs_conversion(model: torch.nn.Module) -> bool:
-    """True when transformers (5+) rewrites this model type's checkpoint tensors on load (e.g. fusing
-    mixture-of-experts weights): such a checkpoint's keys and tensors are not the model's own.
-
-    Legacy renames transformers applies to every model (``LayerNorm.gamma`` -> ``.weight``) are not
-    counted: a checkpoint that uses them lacks the model's key names, and a full load follows.
-    """
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-    except ImportError:  # transformers 4: no conversions beyond the legacy renames
-        return False
-    try:
-        return bool(get_model_conversion_mapping(model, add_legacy=False))
-    except TypeError:  # a newer signature: do not guess
-        return True
 
 
 def _resolve_dtype(config: Any, weight_map: dict[str, Path], dtype: torch.dtype | None) -> torch.dtype:
@@ -408,6 +400,20 @@ def _load_parameters(model: torch.nn.Module, weight_map: dict[str, Path], aliase
                 _set(model, name, new, parameter=True)
 
 
+def _load_converted(model: torch.nn.Module, weight_map: dict[str, Path], conversions: list[Any],
+                    aliases: dict[int, list[str]]) -> None:
+    """Give the shard's parameters their values through transformers' conversion of the checkpoint
+    (:mod:`.converted_checkpoint`); only the tensors that become the shard's parameters are read."""
+    tensors: dict[str, LazyTensor] = {}
+    for file in dict.fromkeys(weight_map.values()):
+        data_start, header = _read_header(file)
+        for key, entry in header.items():
+            tensors[key] = LazyTensor(functools.partial(_read_alone, file, data_start, key, entry))
+    problem = load_converted(model, tensors, conversions, aliases).problem()
+    if problem is not None:
+        raise _NeedsFullLoad(problem)
+
+
 def _load_persistent_buffers(model: torch.nn.Module, weight_map: dict[str, Path]) -> None:
     """Overwrite the persistent buffers the checkpoint has (e.g. ``num_batches_tracked``) with its values."""
     persistent = set(model.state_dict(keep_vars=True))
@@ -442,6 +448,12 @@ def _read_header(file: Path) -> tuple[int, dict[str, dict[str, Any]]]:
         header = json.loads(handle.read(size))
     header.pop("__metadata__", None)
     return 8 + size, header
+
+
+def _read_alone(file: Path, data_start: int, key: str, entry: dict[str, Any]) -> torch.Tensor:
+    """One tensor, through a file handle of its own (transformers reads from several threads)."""
+    with open(file, "rb", buffering=0) as handle:
+        return _read_tensor(handle, file, data_start, key, entry)
 
 
 def _read_tensor(handle: Any, file: Path, data_start: int, key: str, entry: dict[str, Any]) -> torch.Tensor:

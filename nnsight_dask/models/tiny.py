@@ -1,7 +1,8 @@
 """Tiny, seeded, offline models and a tokenizer for tests, examples and benchmarks.
 
 No model hub is reachable, so tests build their models here: real transformers architectures
-(GPT-2 and Llama) from small configs with weights drawn from a fixed seed, and a real
+(GPT-2, Llama, and any decoder family transformers has, see :func:`tiny_family`) from small configs
+with weights drawn from a fixed seed, and a real
 ``PreTrainedTokenizerFast`` over a small fixed English word list. The same seed gives the same
 weights in every process, so a shard rebuilt on a Dask worker matches the client's copy bit for bit.
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -20,6 +21,7 @@ __all__ = [
     "TINY_VOCAB",
     "TINY_VOCAB_SIZE",
     "save_tiny",
+    "tiny_family",
     "tiny_gpt2",
     "tiny_llama",
     "tiny_tokenizer",
@@ -191,9 +193,67 @@ def tiny_llama(n_layer: int = 2, hidden: int = 64, seed: int = 0, **config: Any)
     return _seeded(seed, lambda: LlamaForCausalLM(cfg))
 
 
+def _family_fields(model_type: str, hidden: int) -> dict[str, Any]:
+    """Config fields that keep ``model_type`` tiny where its defaults are the real model's sizes (head
+    width, OPT's feed-forward and projection widths, GPT-J's rotary width, experts), and what makes a
+    family differ from Llama set where the default turns it off: sliding attention windows shorter
+    than a test prompt, Granite's multipliers, SmolLM3's layers without rotary positions."""
+    head = hidden // 4
+    return {
+        "qwen3": {"head_dim": head},
+        "mistral": {"sliding_window": 4},
+        "gemma": {"head_dim": head},
+        "gemma2": {"head_dim": head, "query_pre_attn_scalar": head, "sliding_window": 4},
+        "gemma3_text": {"head_dim": head, "query_pre_attn_scalar": head, "sliding_window": 4},
+        "opt": {"ffn_dim": 2 * hidden, "word_embed_proj_dim": hidden},
+        "gptj": {"rotary_dim": head},
+        "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+        "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": hidden,
+                      "shared_expert_intermediate_size": hidden},
+        # multipliers other than the defaults' 1.0, and every other layer without rotary positions
+        "granite": {"embedding_multiplier": 2.0, "residual_multiplier": 0.5, "attention_multiplier": 0.25,
+                    "logits_scaling": 4.0},
+        "smollm3": {"no_rope_layer_interval": 2},
+    }.get(model_type, {})
+
+
+def tiny_family(model_type: str, n_layer: int = 2, hidden: int = 32, seed: int = 0, **config: Any) -> torch.nn.Module:
+    """A seeded causal LM of any transformers family (``"qwen3"``, ``"gemma2"``, ``"mixtral"``, ...) over
+    :data:`TINY_VOCAB` (float32, eval mode).
+
+    Four attention heads over two key/value heads where the family has grouped-query attention;
+    every other field is the family's default (tied embeddings where the family ties them), made
+    small where that default is the real model's size. Extra keyword arguments override config fields.
+
+    Examples
+    --------
+    >>> model = tiny_family("qwen3", n_layer=3)
+    >>> type(model).__name__, len(model.model.layers), model.config.hidden_size
+    ('Qwen3ForCausalLM', 3, 32)
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields: dict[str, Any] = dict(
+        vocab_size=TINY_VOCAB_SIZE,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=n_layer,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=_MAX_POSITIONS,
+        bos_token_id=_BOS,
+        eos_token_id=_EOS,
+        pad_token_id=_PAD,
+        **_family_fields(model_type, hidden),
+    )
+    fields.update(config)
+    cfg = AutoConfig.for_model(model_type, **fields)
+    return _seeded(seed, lambda: AutoModelForCausalLM.from_config(cfg))
+
+
 def save_tiny(
     path: str | Path,
-    arch: Literal["llama", "gpt2"] = "llama",
+    arch: str = "llama",
     *,
     seed: int = 0,
     **sizes: Any,
@@ -202,7 +262,8 @@ def save_tiny(
 
     The directory loads with ``load_causal_lm(path)`` or ``AutoModelForCausalLM.from_pretrained``,
     which is how tests exercise loading from disk without a model hub. ``sizes`` go to
-    :func:`tiny_llama` or :func:`tiny_gpt2` (e.g. ``n_layer=4``).
+    :func:`tiny_llama`, :func:`tiny_gpt2` or, for any other ``arch`` (a transformers model type such as
+    ``"qwen3"``), :func:`tiny_family` (e.g. ``n_layer=4``).
 
     Examples
     --------
@@ -211,12 +272,15 @@ def save_tiny(
     >>> (p / "config.json").is_file()
     True
     """
+    from transformers import CONFIG_MAPPING
+
     builders = {"llama": tiny_llama, "gpt2": tiny_gpt2}
-    if arch not in builders:
-        raise ValueError(f"Unknown tiny architecture {arch!r}; choose one of {sorted(builders)}.")
+    if arch not in builders and arch not in CONFIG_MAPPING:
+        raise ValueError(f"Unknown tiny architecture {arch!r}: not a transformers model type (e.g. 'llama', "
+                         "'gpt2', 'qwen3', 'mixtral').")
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    model = builders[arch](seed=seed, **sizes)
+    model = builders[arch](seed=seed, **sizes) if arch in builders else tiny_family(arch, seed=seed, **sizes)
     model.save_pretrained(out)
     tiny_tokenizer().save_pretrained(out)
     return out

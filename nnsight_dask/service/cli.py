@@ -187,10 +187,10 @@ def status_command(args: argparse.Namespace) -> None:
 
 def _print_experiments(client: Any) -> None:
     """Experiment counts by status and per-shard load, from the scheduler's experiment monitor."""
-    from ..scheduler import monitor
+    from ..scheduler import rpc
 
     try:
-        snapshot = client.sync(getattr(client.scheduler, monitor.SNAPSHOT_RPC))
+        snapshot = client.sync(getattr(client.scheduler, rpc.SNAPSHOT_RPC))
     except Exception:  # no deployment was ever served here, so no monitor
         print("experiments: none (no experiment monitor on this scheduler)")
         return

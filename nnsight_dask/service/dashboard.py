@@ -1,31 +1,29 @@
-"""Scheduler preload: an "Experiments" page on the Dask dashboard.
+"""Scheduler preload: the Experiments page and its plots on the Dask dashboard, from the start.
 
 Load it with ``dask scheduler --preload nnsight_dask.service.dashboard`` or
 ``LocalCluster(scheduler_kwargs={"preload": ["nnsight_dask.service.dashboard"]})`` (the CLI does).
-Importing the module adds the ``/experiments`` Bokeh page to the dashboard's applications, which is
-why it must be a preload (imported before the dashboard starts). ``dask_setup`` installs the
-experiment monitor (:mod:`nnsight_dask.scheduler.monitor`, which ``nd.serve`` also installs), whose
-data the page shows and which serves ``/nnsight/experiments.json`` and ``/nnsight/metrics``.
-A scheduler started without the preload gets the page when the monitor starts
-(:func:`nnsight_dask.scheduler.experiments_page.add_page`).
+Importing the module adds our Bokeh documents to the dashboard's own applications, which is why it
+must be a preload (imported before the dashboard starts): they are then served, listed in the
+"More..." menu and in ``/individual-plots.json`` like Dask's plots (:mod:`nnsight_dask.scheduler.pages`).
+``dask_setup`` installs the experiment monitor (:mod:`nnsight_dask.scheduler.monitor`, which
+``nd.serve`` also installs), whose data the pages show, and puts "Experiments" in the navigation bar.
+A scheduler started without the preload gets the pages when ``nd.serve`` first reaches it
+(:func:`nnsight_dask.scheduler.pages.add_page`).
 """
 from __future__ import annotations
 
 from typing import Any
 
 from ..scheduler import monitor as monitor_module
-from ..scheduler.experiments_page import PAGE, experiments_doc
+from ..scheduler import pages
 
 
 def dask_setup(scheduler: Any) -> None:
-    """Preload hook: install the experiment monitor now, so the page has data from the start."""
+    """Preload hook: install the experiment monitor now, so the pages have data from the start, and
+    link the Experiments page from the navigation bar."""
     monitor_module.install(scheduler)
+    if getattr(scheduler, "http_application", None) is not None:
+        pages.add_to_navigation(scheduler)
 
 
-def _install_page() -> None:
-    from distributed.dashboard import scheduler as dashboard
-
-    dashboard.applications.setdefault(PAGE, experiments_doc)
-
-
-_install_page()
+pages.register()

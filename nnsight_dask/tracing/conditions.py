@@ -2,25 +2,24 @@
 recorded inside run only when the condition is true; nested conditions combine with ``all``.
 
 Kept apart from :mod:`.tracer` so :mod:`.control_flow` and its torch-free check
-(``tests/control_flow_check``) use this very class.
+(``tests/control_flow_check``) use this very class. It knows the recorder only as a
+:class:`~.recording.Recording`.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..graph.node import Kind, Ref
 from .proxy import Proxy
-
-if TYPE_CHECKING:
-    from .recorder import Recorder
+from .recording import Recording
 
 
 class CondBlock:
     """Nodes recorded inside run only when the condition's value is true (``tracer.cond``, and
     ``session.cond`` around whole traces)."""
 
-    def __init__(self, recorder: Callable[[], Recorder], condition: Any) -> None:
+    def __init__(self, recorder: Callable[[], Recording], condition: Any) -> None:
         self._recorder = recorder
         self.condition = condition
         self._previous: int | None = None

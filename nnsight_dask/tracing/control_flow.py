@@ -30,15 +30,13 @@ import threading
 import warnings
 from dataclasses import dataclass
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import TracingError
 from ..graph.node import Kind
 from .conditions import CondBlock
-
-if TYPE_CHECKING:
-    from .proxy import Proxy
-    from .recorder import Recorder
+from .proxy import Proxy
+from .recording import Recording
 
 _local = threading.local()
 
@@ -214,8 +212,6 @@ def _no_arguments() -> ast.arguments:
 def _combine(target: str, short_circuit: bool) -> Any:
     """``all``/``any`` over thunks, as Python's ``and``/``or`` until a traced value makes it a node."""
     def combine(*thunks: Any) -> Any:
-        from .proxy import Proxy
-
         values: list[Any] = []
         for thunk in thunks:
             value = thunk()
@@ -231,8 +227,6 @@ def _combine(target: str, short_circuit: bool) -> Any:
 
 
 def _not(value: Any) -> Any:
-    from .proxy import Proxy
-
     if isinstance(value, Proxy):
         return value._recorder.add(Kind.OP, (value,), target="operator.not_")
     return not value
@@ -269,7 +263,7 @@ class _Branch:
 
     frame: FrameType
     node: ast.If
-    recorder: Recorder
+    recorder: Recording
     condition: Any
     state: str = "test"  # then "body", then "else" (if any)
     block: CondBlock | None = None

@@ -13,12 +13,9 @@ change the list (handing it to a function), makes it unknown, and iterating it i
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..graph.node import Kind, Node, Ref
-
-if TYPE_CHECKING:
-    from .recorder import Recorder
 
 _CHANGES = {"append": 1, "insert": 1, "pop": -1, "remove": -1}
 _READS = frozenset({"operator.getitem", "builtins.len", "Tensor.size"})
@@ -34,9 +31,9 @@ class KnownLengths:
     def get(self, node_id: int) -> int | None:
         return self._lengths.get(node_id)
 
-    def note(self, recorder: Recorder, node: Node) -> None:
-        """Follow ``node``, just recorded: a new list, a change to a known one, or another use of it."""
-        unconditional = recorder.cond is None and recorder.iteration is None and not recorder.block_proxies
+    def note(self, node: Node, unconditional: bool) -> None:
+        """Follow ``node``, just recorded (``unconditional``: outside any condition, generation-step
+        block or ``session.iter`` block): a new list, a change to a known one, or another use of it."""
         if node.kind == Kind.OP and node.target == "builtins.list" and unconditional:
             items = node.args[0] if node.args else []
             if isinstance(items, list):

@@ -20,7 +20,7 @@ from ..graph.ops import (
     denied_family,
     registry,
 )
-from .recorder import Recorder
+from .recording import Recording
 
 _MISSING = object()
 
@@ -30,7 +30,7 @@ class Proxy:
 
     __slots__ = ("_recorder", "_node", "_value", "_save_node", "__weakref__")
 
-    def __init__(self, recorder: Recorder, node: int) -> None:
+    def __init__(self, recorder: Recording, node: int) -> None:
         object.__setattr__(self, "_recorder", recorder)
         object.__setattr__(self, "_node", node)
         object.__setattr__(self, "_value", _MISSING)
@@ -178,9 +178,7 @@ class Proxy:
 
     def __bool__(self) -> bool:
         if self._live():
-            from .control_flow import branch
-
-            entered = branch(self, sys._getframe(1))  # `if x:` records both branches as conditionals
+            entered = self._recorder.enter_branch(self, sys._getframe(1))  # `if x:` records both branches
             if entered is not None:
                 return entered
             raise TracingError(
@@ -193,7 +191,7 @@ class Proxy:
 
     def __len__(self) -> int:
         if self._live():
-            length = self._recorder.lengths.get(self._node)
+            length = self._recorder.known_length(self._node)
             if length is None:
                 raise TracingError("the length of a traced value is unknown while recording; use .shape[0] or "
                                    ".size(0) (a traced list made with nd.list() and changed only by unconditional "
@@ -203,7 +201,7 @@ class Proxy:
 
     def __iter__(self) -> Any:
         if self._live():
-            length = self._recorder.lengths.get(self._node)
+            length = self._recorder.known_length(self._node)
             if length is None:
                 raise TracingError(
                     "a traced value cannot be unpacked or iterated while recording (its length is known only "
@@ -270,30 +268,30 @@ class _Method:
         return self._attribute()[key]
 
 
-def _map_proxies(obj: Any, fn: Any) -> Any:
+def map_proxies(obj: Any, fn: Any) -> Any:
     """``obj`` with every proxy inside plain tuples, lists and dicts replaced by ``fn(proxy)``."""
     kind = type(obj)
     if kind is Proxy:
         return fn(obj)
     if kind is tuple:
-        return tuple(_map_proxies(o, fn) for o in obj)
+        return tuple(map_proxies(o, fn) for o in obj)
     if kind is list:
-        return [_map_proxies(o, fn) for o in obj]
+        return [map_proxies(o, fn) for o in obj]
     if kind is dict:
-        return {k: _map_proxies(v, fn) for k, v in obj.items()}
+        return {k: map_proxies(v, fn) for k, v in obj.items()}
     return obj
 
 
 def _unwrap(obj: Any) -> Any:
-    return _map_proxies(obj, lambda proxy: proxy.value)
+    return map_proxies(obj, lambda proxy: proxy.value)
 
 
 def _refs(obj: Any) -> Any:
     """``obj`` with proxies replaced by references, as the recorder will store it (for checks)."""
-    return _map_proxies(obj, lambda proxy: Ref(proxy._node))
+    return map_proxies(obj, lambda proxy: Ref(proxy._node))
 
 
-def _live_recorder(obj: Any) -> Recorder | None:
+def _live_recorder(obj: Any) -> Recording | None:
     kind = type(obj)
     if kind is Proxy:
         return obj._recorder if obj._recorder.recording else None

@@ -9,16 +9,16 @@ import threading
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from types import FrameType
+from typing import Any
 
 from ..errors import TracingError, UnsavedValueError
 from ..graph.graph import InterventionGraph, Iteration, Pass
 from ..graph.node import Kind, Node, Ref
+from . import control_flow
 from .lengths import KnownLengths
 from .location import user_location
-
-if TYPE_CHECKING:
-    from .proxy import Proxy
+from .proxy import Proxy
 
 _local = threading.local()
 
@@ -139,23 +139,23 @@ class Recorder:
     def add(self, kind: str, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None, *,
             iteration: int | None = None, **fields: Any) -> Proxy:
         """Record a node and return the proxy that stands for its value."""
-        from .proxy import Proxy
-
         if not self.recording:
             raise TracingError("this trace has finished; values can no longer be recorded into it")
         found: list[int] = []
-        args = self.to_arg(args, found)
+        if args:
+            args = self.to_arg(args, found)
         kwargs = self.to_arg(kwargs, found) if kwargs else {}
         if iteration is None:
             iteration = self.iteration
-        if iteration is None and found:
-            iteration = self._inherited_iteration(found)
-        fields.setdefault("invoke", self.invoke)
+            if iteration is None and found:
+                iteration = self._inherited_iteration(found)
+        if "invoke" not in fields:
+            fields["invoke"] = self.invoke
         node = self.graph.add(kind, args=args, kwargs=kwargs, pass_index=self.pass_index,
                               iteration=iteration, cond=self.cond, location=user_location(), **fields)
         if not self.in_trace:
             self.session_level.append(node.id)
-        self.lengths.note(self, node)
+        self.lengths.note(node, self.cond is None and self.iteration is None and not self.block_proxies)
         proxy = Proxy(self, node.id)
         for block in self.block_proxies:
             block.append(weakref.ref(proxy))
@@ -170,8 +170,6 @@ class Recorder:
 
     def to_arg(self, obj: Any, found: list[int]) -> Any:
         """Replace proxies by references (this graph) or by their values (finished traces)."""
-        from .proxy import Proxy
-
         kind = type(obj)
         if kind is Proxy:
             return self._proxy_arg(obj, found)
@@ -204,6 +202,13 @@ class Recorder:
     def node(self, node_id: int) -> Node:
         return self.graph.nodes[node_id]
 
+    def known_length(self, node_id: int) -> int | None:
+        return self.lengths.get(node_id)
+
+    def enter_branch(self, proxy: Proxy, frame: FrameType) -> bool | None:
+        """``if proxy:`` in ``frame``: recorded as conditionals (see :mod:`.control_flow`)."""
+        return control_flow.branch(proxy, frame)
+
     def save(self, proxy: Proxy, name: str | None) -> None:
         if proxy._node in self.saved and name is None:
             return
@@ -213,8 +218,6 @@ class Recorder:
 
     def rename_saves(self, local_vars: dict[str, Any]) -> None:
         """Name saves after the user's variables (``h = ....save()`` is returned as ``"h"``)."""
-        from .proxy import Proxy
-
         taken = {n.target for n in self.graph.nodes if n.kind == Kind.SAVE}
         for var, value in local_vars.items():
             if var.startswith("_"):

@@ -16,7 +16,7 @@ from ..graph.node import Kind, Ref
 from . import control_flow
 from .conditions import CondBlock
 from .inject import inject_saves
-from .proxy import Proxy, _map_proxies
+from .proxy import Proxy, map_proxies
 from .recorder import Recorder, active_recorders
 from .scanning import ScanRecorder
 from .unroll import DeferredInput, SessionBlock, TracedItem, sequence_of, unroll
@@ -181,7 +181,7 @@ class Invoker:
             raise TracingError("invokes cannot be nested")
         session = self.tracer._session
         proxies: list[Proxy] = []
-        _map_proxies(self.inputs, proxies.append)
+        map_proxies(self.inputs, proxies.append)
         if not proxies:
             self.index = recorder.add_invoke(self.tracer.model._encode(self.inputs, **self.encode_kwargs))
         elif session is not None and any(session._is_traced_item(proxy) for proxy in proxies):

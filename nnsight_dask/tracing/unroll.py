@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import TracingError
 from ..graph.graph import Iteration, Pass
 from ..graph.node import Kind, Node, Ref
-from .proxy import Proxy, _map_proxies
+from .proxy import Proxy, map_proxies
 
 if TYPE_CHECKING:
     from .recorder import Recorder
@@ -37,13 +37,13 @@ class DeferredInput:
     encode: Callable[..., dict[str, Any]]
 
     def with_item(self, item: Proxy, value: Any) -> DeferredInput:
-        inputs = _map_proxies(self.inputs, lambda proxy: value if proxy is item else proxy)
+        inputs = map_proxies(self.inputs, lambda proxy: value if proxy is item else proxy)
         return DeferredInput(inputs, self.encode_kwargs, self.encode)
 
     @property
     def ready(self) -> bool:
         found: list[Proxy] = []
-        _map_proxies(self.inputs, found.append)
+        map_proxies(self.inputs, found.append)
         return not found
 
 
@@ -153,7 +153,7 @@ def sequence_of(items: Any) -> list[Any]:
     """``session.iter``'s items as a list; its length must be known while recording (a traced list's
     may be, see :mod:`.lengths`: its items are then :class:`TracedItem` placeholders)."""
     if isinstance(items, Proxy):
-        length = items._recorder.lengths.get(items._node) if items._live() else None
+        length = items._recorder.known_length(items._node) if items._live() else None
         if length is None:
             raise TracingError(
                 "session.iter needs a Python sequence (list, tuple, range) or a traced list whose length is "

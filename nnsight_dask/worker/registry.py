@@ -6,7 +6,7 @@ and the model never go through an actor call or a serializer on the same worker.
 Stop flags live here too, per process and without the shards' locks: experiment ids are unique on
 the cluster, so the flag the worker's cancel handler (:mod:`.plugin`) sets is seen by every shard of
 the process, between stages and by the hook that checks it before each decoder layer
-(:class:`~nnsight_dask.execution.stage.ShardRunner`). A shard closed by ``undeploy`` leaves a
+(:class:`~nnsight_dask.execution.shard_runner.ShardRunner`). A shard closed by ``undeploy`` leaves a
 tombstone, so stages still queued for it fail with the reason instead of "not on this worker".
 """
 from __future__ import annotations

@@ -11,6 +11,7 @@ while a stage may be running; the running stage sees the stop before its next de
 """
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -20,7 +21,7 @@ import torch
 from distributed import get_worker
 
 from .. import config as settings
-from ..execution.stage import ShardRunner
+from ..execution.shard_runner import ShardRunner
 from ..graph.policy import Policy
 from ..models import (
     ShardSpec,
@@ -29,6 +30,7 @@ from ..models import (
     owner_of,
     prepare_tokenizer,
 )
+from ..models.loading import check_shard_load_options
 from ..models.shard_loading import load_shard
 from ..tensors import nbytes
 from . import registry, telemetry
@@ -47,8 +49,10 @@ _LOADING = threading.Lock()
 RETIRE_GRACE_SECONDS = 120.0
 
 
-def load_source(source: ModelSource, dtype: torch.dtype | None = None, gguf_file: str | None = None) -> tuple[Any, Any]:
-    """Build the whole ``(model, tokenizer)`` from a deployment's model source, on the worker.
+def load_source(source: ModelSource, dtype: torch.dtype | None = None, gguf_file: str | None = None,
+                **options: Any) -> tuple[Any, Any]:
+    """Build the whole ``(model, tokenizer)`` from a deployment's model source, on the worker
+    (``options``: checked ``from_pretrained`` options; a callable source takes none).
 
     :func:`~nnsight_dask.models.shard_loading.load_shard` falls back to this when it cannot read a
     shard's weights alone (callables, GGUF files, hub ids).
@@ -56,8 +60,8 @@ def load_source(source: ModelSource, dtype: torch.dtype | None = None, gguf_file
     if callable(source):
         return source()
     if source == "smollm2":
-        return load_smollm2(dtype or torch.float32)
-    return load_causal_lm(str(source), gguf_file=gguf_file, dtype=dtype)
+        return load_smollm2(dtype or torch.float32, **options)
+    return load_causal_lm(str(source), gguf_file=gguf_file, dtype=dtype, **options)
 
 
 def describe_model(model: torch.nn.Module, tokenizer: Any) -> dict[str, Any]:
@@ -65,7 +69,7 @@ def describe_model(model: torch.nn.Module, tokenizer: Any) -> dict[str, Any]:
     here, on the worker, so every client pads the way the deployment does)."""
     config = getattr(model, "config", None)
     description: dict[str, Any] = {
-        "config": config.to_dict() if config is not None else None,
+        "config": _config_dict(config) if config is not None else None,
         "module_paths": [name for name, _ in model.named_modules()],
         "tokenizer": None,
     }
@@ -78,6 +82,16 @@ def describe_model(model: torch.nn.Module, tokenizer: Any) -> dict[str, Any]:
             "special": {k: str(v) for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)},
         }
     return description
+
+
+def _config_dict(config: Any) -> dict[str, Any]:
+    """The model's config as a dict, with the attention implementation it was loaded with (``to_dict``
+    leaves it out), so a client's weightless copy returns what the shards' modules return."""
+    settings = config.to_dict()
+    attention = getattr(config, "_attn_implementation", None)
+    if isinstance(attention, str):
+        settings["attn_implementation"] = attention
+    return settings
 
 
 def shard_runner(model: torch.nn.Module, plan: list[ShardSpec], index: int, pad_token_id: int) -> ShardRunner:
@@ -95,15 +109,18 @@ class ShardActor:
 
     def __init__(self, deployment: str, index: int, n_shards: int, source: ModelSource,
                  dtype: torch.dtype | None = None, device: str | None = None, gguf_file: str | None = None,
-                 policy: dict[str, Any] | None = None) -> None:
+                 policy: dict[str, Any] | None = None, load_options: dict[str, Any] | None = None) -> None:
         register_serializers()  # also done by ShardWorkerPlugin; here for actors made without serve()
         torch.set_num_threads(int(os.environ.get("NNSIGHT_DASK_TORCH_THREADS", "1")))
         started = time.perf_counter()
+        # the load options this worker takes, with its own settings (not the client's)
+        options = check_shard_load_options(load_options, trust_remote_code=bool(settings.trust_remote_code))
         # Only this shard's weights are read when the source is a safetensors checkpoint; otherwise
         # the whole model is loaded (load_source) and cut.
         with _LOADING:
-            shard = load_shard(source, n_shards, index, full_loader=load_source, dtype=dtype, gguf_file=gguf_file,
-                               describe=describe_model if index == 0 else None)
+            shard = load_shard(source, n_shards, index, full_loader=functools.partial(load_source, **options),
+                               dtype=dtype, gguf_file=gguf_file, describe=describe_model if index == 0 else None,
+                               options=options)
         model, tokenizer, plan, self.description = shard.model, shard.tokenizer, shard.plan, shard.description
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model.to(device)

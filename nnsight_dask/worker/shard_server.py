@@ -6,7 +6,7 @@ everything waiting whenever it is free: experiments that may share a pass run as
 forward pass (:mod:`..execution.cotenancy`), each with its own state and rows, the others alone.
 
 At an experiment's first stage here the server admits it: a graph from outside (JSON) is decoded
-and checked with this worker's settings and the deployment's policy (:mod:`.limits`); a graph a
+and checked with this worker's settings and the deployment's policy (:mod:`nnsight_dask.limits`); a graph a
 peer shard of its route already checked is trusted. It gets a Zarr sink when it asks for a store.
 
 Stopping never waits for a running stage: :meth:`~ShardServer.release_many` and the flags set by
@@ -25,12 +25,17 @@ from typing import Any
 import torch
 
 from ..errors import ExperimentFailedError
-from ..execution.cotenancy import Member, can_share, footprint, forward_together
-from ..execution.stage import Carry, ExperimentState, ExperimentStopped, ShardRunner, Stage, collect_results
+from ..execution.cotenancy import CoTenant, can_share, footprint
+from ..execution.interleaver import ExperimentStopped
+from ..execution.saves import collect_saves
+from ..execution.shard_runner import ShardRunner, run_alone
+from ..execution.shard_state import ExperimentState
+from ..execution.stage import Carry, Stage
 from ..graph.policy import Policy
+from ..limits import check_graph, check_inline_size, decode_graph
 from ..storage.results import ZarrSink
 from . import registry, telemetry
-from .limits import check_graph, check_inline_size, decode_graph, op_bounds
+from .op_bounds import op_bounds
 from .registry import ShardClosedError, ShardStateLostError, ShardUnavailableError
 from .results import Results
 from .stage_queue import StageQueue, StageRequest
@@ -209,11 +214,7 @@ class ShardServer:
         announcement = self.announcer.watch(experiment, self._others_waiting(experiment))
         started = time.perf_counter()
         try:
-            carry = request.carry if request.carry is not None else Carry()
-            if stage.direction == "forward":
-                carry = self.runner.forward(state, stage, carry)
-            else:
-                carry = self.runner.backward(state, stage, carry)
+            carry = run_alone(self.runner, state, stage, request.carry if request.carry is not None else Carry())
             self._raise_if_stopped(experiment)  # stopped during the stage's last layer
             request.outcome = self._after(request, state, carry)
         except ExperimentStopped as stop:
@@ -227,11 +228,11 @@ class ShardServer:
             self._record([request], started)
 
     def _serve_together(self, group: list[tuple[StageRequest, ExperimentState]]) -> None:
-        members = [Member(state, request.stage, request.carry or Carry()) for request, state in group]
+        members = [CoTenant(state, request.stage, request.carry or Carry()) for request, state in group]
         announcements = [self.announcer.watch(request.experiment, True) for request, _ in group]
         started = time.perf_counter()
         try:
-            forward_together(self.runner, members)
+            self.runner.forward(members)
         finally:
             for announcement in announcements:
                 announcement.cancel()
@@ -254,7 +255,7 @@ class ShardServer:
         if request.final or request.stage == state.last_stage:  # nothing more of it runs here
             self._forget(request.experiment)
         if request.final:
-            results = Results(collect_results(state.graph, carry.values), experiment_id=request.experiment,
+            results = Results(collect_saves(state.graph, carry.values), experiment_id=request.experiment,
                               logs=carry.logs)
             check_inline_size(results, state.graph.options, self.policy)
             return results

@@ -3,7 +3,7 @@
 The line tracer and ``frame.f_lineno`` jumps it relies on are CPython mechanics whose line events
 changed between 3.10 and 3.13 (3.12 rebuilt ``settrace`` on ``sys.monitoring``), while the suite
 runs on one interpreter with torch. This script loads the real ``control_flow.py`` (with the real
-``conditions.py``, ``errors.py`` and ``graph/node.py``) into a stand-in package whose recorder keeps
+``conditions.py``, ``recording.py``, ``errors.py`` and ``graph/node.py``) into a stand-in package whose recorder keeps
 a tiny evaluable graph, records the cases of ``cases.py`` (module level and function frames),
 evaluates every recorded mark under concrete inputs, and compares with the same decisions taken by
 plain Python.
@@ -33,8 +33,7 @@ class Proxy:
     def _live(self):
         return True
     def __bool__(self):
-        from .control_flow import branch  # lazily, as the real proxy does
-        entered = branch(self, sys._getframe(1))
+        entered = self._recorder.enter_branch(self, sys._getframe(1))  # as the real proxy does
         if entered is None:
             raise TracingError("no truth value while recording")
         return entered
@@ -70,6 +69,8 @@ class Recorder:
         return obj
     def input(self, name):
         return self.add("op", (name,), target="input")
+    def enter_branch(self, proxy, frame):
+        return control_flow.branch(proxy, frame)
     def mark(self, label):
         self.marks.append((label, self.cond))
     def value(self, node, inputs):
@@ -107,7 +108,7 @@ def build(root: Path) -> None:
         (root / "fakend" / package / "__init__.py").write_text("")
     shutil.copy(PACKAGE / "errors.py", root / "fakend" / "errors.py")
     shutil.copy(PACKAGE / "graph" / "node.py", root / "fakend" / "graph" / "node.py")
-    for module in ("control_flow.py", "conditions.py"):
+    for module in ("control_flow.py", "conditions.py", "recording.py"):
         shutil.copy(PACKAGE / "tracing" / module, root / "fakend" / "tracing" / module)
     (root / "fakend" / "tracing" / "proxy.py").write_text(PROXY)
     (root / "fakend" / "tracing" / "recorder.py").write_text(RECORDER)

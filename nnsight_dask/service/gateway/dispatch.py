@@ -25,7 +25,7 @@ from typing import Any
 from distributed import Client
 
 from ...client.experiment import plan_for, run_experiment
-from ...client.http_wire import encode_results, error_to_json
+from ...http_wire import encode_results, error_to_json
 from ...errors import NNsightDaskError
 from ...graph.graph import InterventionGraph
 from ...storage.results import TensorRef

@@ -20,23 +20,21 @@ import posixpath
 import re
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tornado import web, websocket
 
-from ...client.http_wire import API, FINAL, error_to_json
 from ...errors import DeploymentError, GraphValidationError, PolicyError
 from ...graph.graph import InterventionGraph
+from ...http_wire import API, FINAL, error_to_json
+from ...limits import check_graph, decode_graph
 from ...storage.location import StoreLocation
-from ...worker.limits import check_graph, decode_graph
 from .admission import Refused
 from .bodies import BodyError, json_values, parse_json
+from .core import GatewayCore
 from .dispatch import Job, QuotaExceeded
 from .keys import User
 from .stores import scope_graph
-
-if TYPE_CHECKING:
-    from .server import Gateway
 
 #: Longest ``?wait=`` a status request may block, in seconds.
 MAX_WAIT = 60.0
@@ -58,10 +56,10 @@ class ApiError(web.HTTPError):
 class ApiHandler(web.RequestHandler):
     """Authentication, body size limit and JSON answers, for every route."""
 
-    core: Gateway
+    core: GatewayCore
     user: User
 
-    def initialize(self, core: Gateway) -> None:
+    def initialize(self, core: GatewayCore) -> None:
         self.core = core
         self._body = bytearray()
         self._overflow = False
@@ -312,7 +310,7 @@ class Events(websocket.WebSocketHandler):
 
     The stream is one-way: a message from the client closes it (code 1003, with the reason)."""
 
-    def initialize(self, core: Gateway) -> None:
+    def initialize(self, core: GatewayCore) -> None:
         self.core = core
         self._stop: Any = None
         self._sent = -1
@@ -419,7 +417,7 @@ def _read(url: str, key: str, wanted: tuple[int | None, int | None] | None,
                        "read; what it answered is in the gateway's log") from None
 
 
-def routes(core: Gateway) -> list[tuple[str, type, dict[str, Any]]]:
+def routes(core: GatewayCore) -> list[tuple[str, type, dict[str, Any]]]:
     args = {"core": core}
     return [
         (f"{API}/health", Health, args),
@@ -441,7 +439,7 @@ def validation_error(exc: Exception) -> ApiError:
     return ApiError(status, wire["type"], wire["message"], **wire["fields"])
 
 
-def submission(core: Gateway, user: User, body: bytes | bytearray) -> tuple[str, InterventionGraph, float | None]:
+def submission(core: GatewayCore, user: User, body: bytes | bytearray) -> tuple[str, InterventionGraph, float | None]:
     """A submission's body parsed and its graph validated (in the validation pool): the deployment's
     name, the graph, and the keepalive."""
     try:
@@ -467,7 +465,7 @@ def submission(core: Gateway, user: User, body: bytes | bytearray) -> tuple[str,
     return deployment, validate(core, user, deployment, graph), float(keepalive) if keepalive is not None else None
 
 
-def validate(core: Gateway, user: User, deployment: str, graph: str | dict[str, Any]) -> InterventionGraph:
+def validate(core: GatewayCore, user: User, deployment: str, graph: str | dict[str, Any]) -> InterventionGraph:
     """Decode and check a graph for ``deployment`` the way its shards will (they check again), with
     its store bounded to the user's (:mod:`.stores`)."""
     served = served_or_404(core, user, deployment)
@@ -482,7 +480,7 @@ def validate(core: Gateway, user: User, deployment: str, graph: str | dict[str, 
     return decoded
 
 
-def served_or_404(core: Gateway, user: User, name: str) -> Any:
+def served_or_404(core: GatewayCore, user: User, name: str) -> Any:
     if not user.may_use(name):
         raise ApiError(404, "NotFound", f"no deployment {name!r} is open to user {user.name!r}")
     try:

@@ -31,12 +31,13 @@ from ...scheduler import monitor
 from ...storage.location import normalize_url
 from .admission import Admission, FairPool
 from .connections import ConnectionGuard, GuardedHTTPServer, default_max_unauthenticated
+from .core import GatewayCore
 from .deployments import DeploymentCache
 from .dispatch import Dispatcher
 from .events import EventHub
 from .handlers import NotFound, routes
 from .keys import KeyRing
-from .state import FINAL, StateStore
+from .state import StateStore
 
 #: How often (ms) lapsed keepalives are looked for.
 EXPIRE_EVERY_MS = 500
@@ -67,6 +68,8 @@ class Gateway:
     ----------
     interrupted
         Experiments a previous run left unfinished (a crash), marked FAILED when this one started.
+    core
+        The parts the handlers serve with (:class:`~.core.GatewayCore`), once started.
     """
 
     def __init__(self, scheduler: str | Client, keys: KeyRing | str | Path, *, host: str = "127.0.0.1",
@@ -93,6 +96,7 @@ class Gateway:
         self.refusals_per_minute = refusals_per_minute or config.gateway_refusals_per_minute
         self.validation_threads = validation_threads or config.gateway_validation_threads
         self.client: Client | None = None
+        self.core: GatewayCore | None = None
         self._own_client = False
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -112,18 +116,21 @@ class Gateway:
         else:
             self.client = Client(self.scheduler, set_as_default=False)
             self._own_client = True
-        self.state = StateStore(self.state_dir)
-        self.interrupted = self.state.fail_unfinished(
+        state = StateStore(self.state_dir)
+        self.interrupted = state.fail_unfinished(
             "the gateway restarted before the experiment finished; submit it again")
-        self.deployments = DeploymentCache(self.client)
-        self.io_pool = FairPool(8, per_user=4, name="nnsight-gateway-io")
-        self.validation_pool = FairPool(self.validation_threads, per_user=1)
-        self.admission = Admission(self.max_submitting_per_user, self.refusals_per_minute)
+        deployments = DeploymentCache(self.client)
         self.connections = ConnectionGuard(self.max_unauthenticated, self.keys.authenticate)
         self._loop = asyncio.new_event_loop()
-        self.events = EventHub(self._loop)
-        self.dispatcher = Dispatcher(self.client, self.deployments, self.state, self.events.publish,
-                                     self.max_in_flight, self.max_in_flight_per_user)
+        events = EventHub(self._loop)
+        self.core = GatewayCore(
+            keys=self.keys, state=state, deployments=deployments, events=events,
+            dispatcher=Dispatcher(self.client, deployments, state, events.publish,
+                                  self.max_in_flight, self.max_in_flight_per_user),
+            admission=Admission(self.max_submitting_per_user, self.refusals_per_minute),
+            io_pool=FairPool(8, per_user=4, name="nnsight-gateway-io"),
+            validation_pool=FairPool(self.validation_threads, per_user=1),
+            result_store=self.result_store, max_body_bytes=self.max_body_bytes, max_json_values=self.max_json_values)
         install_monitor(self.client)  # before the first experiment, so that its users show as checked
         self.client.run_on_scheduler(_on_scheduler, gateway=self.client.id)
         ready: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -139,12 +146,12 @@ class Gateway:
         return self
 
     def _serve(self, ready: concurrent.futures.Future[None]) -> None:
-        loop = self._loop
-        assert loop is not None
+        loop, core = self._loop, self.core
+        assert loop is not None and core is not None
         asyncio.set_event_loop(loop)
         try:
-            application = web.Application(routes(self), default_handler_class=NotFound,
-                                          default_handler_args={"core": self}, websocket_max_message_size=1 << 16)
+            application = web.Application(routes(core), default_handler_class=NotFound,
+                                          default_handler_args={"core": core}, websocket_max_message_size=1 << 16)
             # the handlers answer 413 past max_body_bytes; tornado itself drops connections past 4x
             self._server = GuardedHTTPServer(application, max_body_size=4 * self.max_body_bytes,
                                              body_timeout=self.body_timeout, header_timeout=self.header_timeout,
@@ -152,7 +159,7 @@ class Gateway:
             sockets = netutil.bind_sockets(self.port, self.host)
             self._server.listen_on(sockets)
             self.port = sockets[0].getsockname()[1]  # the one chosen when port=0
-            expire = PeriodicCallback(self.dispatcher.expire, EXPIRE_EVERY_MS)
+            expire = PeriodicCallback(core.dispatcher.expire, EXPIRE_EVERY_MS)
             expire.start()
         except BaseException as exc:
             ready.set_exception(exc)
@@ -166,9 +173,9 @@ class Gateway:
 
     def stop(self) -> None:
         """Stop serving; experiments not finished end FAILED with the reason (shards freed)."""
-        if self._thread is None:
+        if self._thread is None or self.core is None:
             return
-        self.dispatcher.stop()
+        self.core.dispatcher.stop()
         loop = self._loop
         assert loop is not None and self._server is not None
         loop.call_soon_threadsafe(self._server.stop)
@@ -178,9 +185,10 @@ class Gateway:
         self._release()
 
     def _release(self) -> None:
-        self.validation_pool.shutdown()
-        self.io_pool.shutdown()
-        self.state.close()
+        assert self.core is not None
+        self.core.validation_pool.shutdown()
+        self.core.io_pool.shutdown()
+        self.core.state.close()
         if self._own_client and self.client is not None:
             self.client.close()
         self.client = None
@@ -190,24 +198,6 @@ class Gateway:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-    # -- used by the handlers --------------------------------------------------------------------
-    async def wait_final(self, experiment: str, seconds: float) -> None:
-        """Return when ``experiment`` ends, or after ``seconds``."""
-        done = asyncio.get_running_loop().create_future()
-
-        def on_event(event: dict[str, Any]) -> None:
-            if event.get("status") in FINAL and not done.done():
-                done.set_result(None)
-        stop = self.events.listen(experiment, on_event)
-        try:
-            row = self.state.get(experiment)
-            if row is not None and row["status"] not in FINAL:  # it may have ended before we listened
-                await asyncio.wait_for(done, seconds)
-        except asyncio.TimeoutError:
-            pass
-        finally:
-            stop()
 
 
 def _on_scheduler(dask_scheduler: Any, gateway: str) -> None:

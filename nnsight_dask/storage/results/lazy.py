@@ -10,6 +10,7 @@ original torch dtype back exactly (bf16 included), which is what a researcher's 
 """
 from __future__ import annotations
 
+import posixpath
 from typing import Any, NamedTuple, Sequence
 
 import dask.array as da
@@ -19,7 +20,6 @@ import zarr
 from dask.base import tokenize
 
 from ...tensors import (
-    dtype_from_name,
     from_stored,
     is_bit_view,
     itemsize,
@@ -28,7 +28,7 @@ from ...tensors import (
     value_dtype,
 )
 from ..errors import ResultNotFoundError
-from .ref import TensorRef
+from ..location import StoreLocation
 
 Dim = int | Sequence[int] | None
 
@@ -68,17 +68,19 @@ class LazyTensor:
         self._source = source
 
     @classmethod
-    def from_ref(cls, ref: TensorRef) -> LazyTensor:
-        """Open the Zarr array ``ref`` points at (reads its metadata only)."""
-        store = ref.location.zarr_store(read_only=True)
+    def open(cls, location: StoreLocation, path: str, dtype: torch.dtype) -> LazyTensor:
+        """Open the Zarr array at ``path`` in ``location``, holding ``dtype`` data (reads its metadata
+        only); what :meth:`TensorRef.open <nnsight_dask.storage.results.ref.TensorRef.open>` returns."""
+        store = location.zarr_store(read_only=True)
+        source = posixpath.join(location.url, path)
         try:
-            z = zarr.open_array(store=store, path=ref.path, mode="r", zarr_format=3)
+            z = zarr.open_array(store=store, path=path, mode="r", zarr_format=3)
         except FileNotFoundError as exc:
             raise ResultNotFoundError(
-                f"no persisted tensor at {ref.full_url}: it was never written, or was deleted "
+                f"no persisted tensor at {source}: it was never written, or was deleted "
                 "(experiments expire after their TTL; see nnsight_dask.storage.cleanup)",
-                url=ref.url, path=ref.path) from exc
-        return cls.from_zarr(z, dtype_from_name(ref.dtype), source=ref.full_url)
+                url=location.url, path=path) from exc
+        return cls.from_zarr(z, dtype, source=source)
 
     @classmethod
     def from_zarr(cls, z: zarr.Array, dtype: torch.dtype, *, source: str = "") -> LazyTensor:

@@ -10,15 +10,13 @@ from __future__ import annotations
 import math
 import posixpath
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import torch
 
 from ...tensors import dtype_from_name, dtype_name, itemsize
 from ..location import StoreLocation
-
-if TYPE_CHECKING:
-    from .lazy import LazyTensor
+from .lazy import LazyTensor
 
 #: ``"type"`` tag of a TensorRef's JSON form, so a decoder can tell it from an inline tensor.
 JSON_TYPE = "zarr_tensor_ref"
@@ -81,9 +79,7 @@ class TensorRef:
 
     def open(self) -> LazyTensor:
         """A lazy handle on the array; nothing is read until it is computed."""
-        from .lazy import LazyTensor
-
-        return LazyTensor.from_ref(self)
+        return LazyTensor.open(self.location, self.path, self.torch_dtype)
 
     # Reading a ref directly (what ``client.submit(graph).result()`` holds for persisted saves):
     def __getitem__(self, index: Any) -> LazyTensor:

@@ -1,5 +1,8 @@
 """The JSON forms the HTTP gateway and its client agree on: results and errors.
 
+A top-level module because both sides import it: the gateway (``service/gateway``) encodes, the
+client (``client/http_remote.py``, ``client/http_api.py``) decodes, and neither imports the other.
+
 Results reuse the graph's argument codec (:mod:`nnsight_dask.graph.codec`: tensors as raw bytes +
 dtype + shape, bf16 included, tuples and dicts tagged), so a value comes back bit-identical to what
 a Dask client gets. One tag is added: ``{"zarr": {...}}`` for a persisted save, which the client
@@ -13,9 +16,9 @@ import concurrent.futures
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .. import errors
-from ..graph.codec import Decoder, encode
-from ..storage.results import TensorRef
+from . import errors
+from .graph.codec import Decoder, encode
+from .storage.results import TensorRef
 
 #: The API's version prefix.
 API = "/v1"

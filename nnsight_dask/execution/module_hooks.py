@@ -1,0 +1,174 @@
+"""The module hooks of one forward pass: one pre-hook and one hook per module some experiment's
+graph touches, handing each call to every experiment (:class:`Seat`) that has events on it.
+
+An experiment's seat in a pass is its interleaver and, in a co-tenant pass, its
+:class:`~.batching.Window` of the batch: its nodes see only their rows and columns, and an error
+(or its ``stop()``) halts that experiment only (:attr:`Seat.halted`) while the pass goes on for
+the others. Alone (no window) an error leaves the model at once.
+"""
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+
+from ..errors import ModuleNotFoundInModelError
+from ..graph.graph import InterventionGraph
+from ..graph.node import display_path
+from .batching import Window, narrow_window, splice_window
+from .executor import Quiet
+from .interleaver import NOT_SET, Interleaver, ModuleCalls
+
+
+class Seat:
+    """One experiment's place in one forward pass: its ``interleaver`` and ``window`` (None: alone)."""
+
+    __slots__ = ("interleaver", "window", "halted")
+
+    def __init__(self, interleaver: Interleaver, window: Window | None = None) -> None:
+        self.interleaver = interleaver
+        self.window = window
+        #: Why this experiment left the pass (its error, or StopForward for its ``stop()``); its hooks
+        #: do nothing from then on.
+        self.halted: BaseException | None = None
+
+    def halt(self, error: BaseException) -> None:
+        """The experiment leaves the pass (the first reason is kept)."""
+        if self.halted is None:
+            self.halted = error
+
+    def run(self, step: Callable[[], Any]) -> None:
+        """Run ``step`` (free nodes before the forward) for this experiment: an error halts it only."""
+        if self.halted is not None:
+            return
+        try:
+            step()
+        except Exception as exc:  # StopForward included: its stop() ends only its part
+            self.halted = exc
+
+    def fire(self, keys: list[Any], current: Any, phase: str) -> Any:
+        """The interleaver's :meth:`~.Interleaver.fire` on this experiment's window of ``current``."""
+        window = self.window
+        if window is None:
+            return self.interleaver.fire(keys, current, phase)
+        view = narrow_window(current, window)
+        try:
+            new = self.interleaver.fire(keys, view, phase)
+            return current if new is view else splice_window(current, new, window)
+        except Exception as exc:
+            self.halted = exc
+            return current
+
+    def enter(self, path: str, calls: ModuleCalls, current: tuple[Any, Any]) -> tuple[Any, Any]:
+        """A call of module ``path`` begins with ``current`` = (args, kwargs): count it, run the
+        experiment's skips and input events of that call; the (maybe replaced) arguments."""
+        if self.halted is not None:
+            calls.current = None
+            return current
+        call = calls.count
+        calls.count += 1
+        calls.current = call
+        plan = self.interleaver.plan
+        skips = plan.skips.get((path, call))
+        if skips is not None:
+            calls.skip_value = self.interleaver.fire(skips, None, "in")
+        keys = plan.events.get((path, "in", call))
+        return current if keys is None else self.fire(keys, current, "in")
+
+    def leave(self, path: str, calls: ModuleCalls, output: Any) -> Any:
+        """The call of module ``path`` returned ``output``: run the output events; the (maybe replaced) output."""
+        call = calls.current
+        if call is None or self.halted is not None:
+            return output
+        keys = self.interleaver.plan.events.get((path, "out", call))
+        return output if keys is None else self.fire(keys, output, "out")
+
+
+def hook_modules(seats: Sequence[Seat], quiet: Quiet) -> list[Any]:
+    """Hook every module some seat's pass has events on (one pre-hook and one hook per module,
+    whatever the number of seats); returns the handles to remove afterwards.
+
+    Calls the graph makes itself (``quiet``) are no model events for anyone.
+    """
+    watchers: dict[str, list[Seat]] = {}
+    modules: dict[str, torch.nn.Module] = {}
+    for seat in seats:
+        for path in seat.interleaver.plan.module_paths:
+            watchers.setdefault(path, []).append(seat)
+            modules[path] = seat.interleaver.modules[path]
+    handles: list[Any] = []
+    for path, watching in watchers.items():
+        handles.extend(_hook_module(modules[path], path, watching, quiet))
+    return handles
+
+
+def _hook_module(module: torch.nn.Module, path: str, seats: list[Seat], quiet: Quiet) -> list[Any]:
+    calls = [seat.interleaver.calls(path) for seat in seats]
+    pairs = list(zip(seats, calls))
+
+    def pre_hook(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if quiet.depth:
+            for state in calls:
+                state.current = None
+            return None
+        current = (args, kwargs)
+        for seat, state in pairs:
+            current = seat.enter(path, state, current)
+        return None if current[0] is args and current[1] is kwargs else current
+
+    def hook(_module: torch.nn.Module, _args: tuple[Any, ...], _kwargs: dict[str, Any], output: Any) -> Any:
+        current = output
+        for seat, state in pairs:
+            current = seat.leave(path, state, current)
+        return None if current is output else current
+
+    handles = [module.register_forward_pre_hook(pre_hook, with_kwargs=True),
+               module.register_forward_hook(hook, with_kwargs=True)]
+    if any(path in seat.interleaver.plan.skip_paths for seat in seats):
+        handles.append(_SkippedForward(module, calls))
+    return handles
+
+
+class _SkippedForward:
+    """Replaces ``module.forward`` while hooked: a call that a skip node covered returns the skip's
+    value instead of running; :meth:`remove` puts the module's own forward back."""
+
+    def __init__(self, module: torch.nn.Module, calls: list[ModuleCalls]) -> None:
+        self.module = module
+        original: Callable[..., Any] = module.forward
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            for state in calls:
+                if state.skip_value is not NOT_SET:
+                    value, state.skip_value = state.skip_value, NOT_SET
+                    return value
+            return original(*args, **kwargs)
+
+        self.forward = forward
+        module.forward = forward  # type: ignore[method-assign]
+
+    def remove(self) -> None:
+        if self.module.__dict__.get("forward") is self.forward:
+            del self.module.__dict__["forward"]
+
+
+_BY_PATH: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, torch.nn.Module]] = weakref.WeakKeyDictionary()
+
+
+def graph_modules(model: torch.nn.Module, graph: InterventionGraph,
+                  paths: Iterable[str] | None = None) -> dict[str, torch.nn.Module]:
+    """The model's modules by path, found once per model: the graph's (``paths``: only those), with
+    a clear error naming the user's line for a path the model does not have."""
+    found = _BY_PATH.setdefault(model, {})
+    for path in graph.module_paths() if paths is None else paths:
+        if path not in found:
+            try:
+                found[path] = model.get_submodule(path)
+            except AttributeError:
+                node = next(n for n in graph.nodes if n.module == path)
+                raise ModuleNotFoundInModelError(
+                    f"{node.location or '<graph>'}: the model has no module {display_path(path)!r}",
+                    module=path, location=node.location) from None
+    return found

@@ -1,0 +1,63 @@
+"""Which node of a pass runs next: a countdown of missing arguments per instance, and the free
+instances whose arguments all exist, in program order.
+
+The :class:`~.plan.PassPlan` says what waits for what; a :class:`Schedule` is one run's progress
+through it. It also knows when a ``stop()`` is due: once every instance before it has a value.
+"""
+from __future__ import annotations
+
+import heapq
+from typing import Any
+
+from .plan import Key, PassPlan, node_id, order
+
+
+class Schedule:
+    """Progress of one pass; ``values`` are those that exist when it starts (earlier passes')."""
+
+    def __init__(self, plan: PassPlan, values: dict[Key, Any]) -> None:
+        self.plan = plan
+        self.pending: dict[Key, int] = {}
+        self._heap: list[tuple[int, int, Key]] = []
+        free = plan.free
+        for key in plan.instances:
+            waiting = 0
+            for dep in plan.deps[key]:
+                if dep not in values:
+                    waiting += 1
+            self.pending[key] = waiting
+            if waiting == 0 and key in free:
+                heapq.heappush(self._heap, (*order(key), key))
+        stop = plan.stop_key
+        #: Instances before ``stop()`` still without a value (the stop is due at 0).
+        self.before_stop = 0 if stop is None else sum(1 for k in plan.instances if node_id(k) < node_id(stop))
+        self.stopped = False
+
+    def done(self, key: Key) -> None:
+        """``key`` has its value: count it off its dependents; free ones with nothing left are ready."""
+        stop = self.plan.stop_key
+        if stop is not None and key in self.pending and node_id(key) < node_id(stop):
+            self.before_stop -= 1
+        dependents = self.plan.dependents.get(key)
+        if dependents is None:
+            return
+        pending, free = self.pending, self.plan.free
+        for dependent in dependents:
+            left = pending[dependent] - 1
+            pending[dependent] = left
+            if left == 0 and dependent in free:
+                heapq.heappush(self._heap, (*order(dependent), dependent))
+
+    def next_ready(self, before: tuple[int, int] | None) -> Key | None:
+        """The first ready free instance in program order (only one before ``before``), or None."""
+        heap = self._heap
+        if not heap or (before is not None and (heap[0][0], heap[0][1]) >= before):
+            return None
+        return heapq.heappop(heap)[2]
+
+    def stop_due(self) -> bool:
+        """Whether ``stop()`` is due now (once: it answers True a single time)."""
+        if self.plan.stop_key is None or self.before_stop > 0 or self.stopped:
+            return False
+        self.stopped = True
+        return True
