@@ -8,7 +8,8 @@ Every recipe has ``main(model="smollm2", scheduler=None, local=False, ...)``:
 * ``scheduler="tcp://host:8786"`` or a ``distributed.Client``: use that cluster instead.
 
 ``model`` is ``"smollm2"`` (SmolLM2-135M-Instruct) or a Hugging Face directory (e.g. one written by
-``nnsight_dask.models.save_tiny``).
+``nnsight_dask.models.save_tiny``). Other keywords of :func:`open_model` are load options
+(``attn_implementation="eager"``): ``from_pretrained``'s locally, every shard's remotely.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def token_id(tok: Any, word: str) -> int:
 
 @contextlib.contextmanager
 def open_model(model: str = "smollm2", scheduler: Any = None, local: bool = False,
-               name: str | None = None) -> Iterator[Any]:
+               name: str | None = None, **load_options: Any) -> Iterator[Any]:
     """Yield a local LanguageModel or a RemoteModel on a (possibly new) cluster; clean up afterwards."""
     torch.set_num_threads(1)
     import nnsight_dask as nd
@@ -42,11 +43,11 @@ def open_model(model: str = "smollm2", scheduler: Any = None, local: bool = Fals
         if not smollm2_available():
             raise SystemExit(f"SmolLM2 weights are missing: {SMOLLM2_INSTALL}")
         if local:
-            yield nd.smollm2()
+            yield nd.smollm2(**load_options)
             return
         load_smollm2()  # convert once here, so the workers load the cached safetensors
     elif local:
-        yield nd.LanguageModel(model)
+        yield nd.LanguageModel(model, **load_options)
         return
 
     from distributed import Client, LocalCluster
@@ -62,7 +63,7 @@ def open_model(model: str = "smollm2", scheduler: Any = None, local: bool = Fals
         client = scheduler
     name = name or f"recipe-{uuid.uuid4().hex[:8]}"
     try:
-        nd.serve(client, model, shards=2, name=name)
+        nd.serve(client, model, shards=2, name=name, load_options=load_options)
         try:
             yield nd.RemoteModel(client, name)
         finally:

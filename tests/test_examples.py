@@ -9,13 +9,15 @@ import pytest
 import torch
 
 import nnsight_dask as nd
-from nnsight_dask.models import save_tiny
+from nnsight_dask.models import save_tiny, tiny_tokenizer
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
 import activation_patching  # noqa: E402
+import attention_patterns  # noqa: E402
 import attribution_patching  # noqa: E402
+import causal_tracing  # noqa: E402
 import linear_probe  # noqa: E402
 import logit_lens  # noqa: E402
 import steering  # noqa: E402
@@ -38,14 +40,10 @@ def test_activation_patching_local(model_dir, capsys):
     assert r["p_b"][-1, 1] == pytest.approx(r["clean"][0], abs=1e-5)
 
 
-@pytest.mark.cluster
-def test_activation_patching_remote_matches_local(model_dir):
-    from .cluster import local_cluster
-
+def test_activation_patching_remote_matches_local(model_dir, client):
     local = activation_patching.main(model_dir, local=True)
-    with local_cluster(2) as client:
-        remote = activation_patching.main(model_dir, scheduler=client)
-        assert "recipe" not in " ".join(nd.deployments(client))  # the recipe undeployed its model
+    remote = activation_patching.main(model_dir, scheduler=client)
+    assert "recipe" not in " ".join(nd.deployments(client))  # the recipe undeployed its model
     assert torch.allclose(remote["p_b"], local["p_b"], atol=1e-5)
     assert torch.equal(remote["top"], local["top"])
 
@@ -80,3 +78,71 @@ def test_linear_probe_local(model_dir, tmp_path):
     r = linear_probe.main(model_dir, local=True, layer=2, store=str(tmp_path / "acts.zarr"))
     assert r["features"] == (60, 64)
     assert 0 <= r["test_acc"] <= 1 and r["train_acc"] >= 0.5
+
+
+def attention_by_hand(model_dir, ids):
+    """Every layer's attention weights from transformers itself (eager attention, output_attentions)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager").eval()
+    with torch.no_grad():
+        return model(ids, output_attentions=True).attentions
+
+
+def test_attention_patterns_local(model_dir, tmp_path):
+    length = 6
+    r = attention_patterns.main(model_dir, local=True, length=length, batch=2, figure=tmp_path / "attention.png")
+    ids = r["ids"]
+    assert ids.shape == (2, 1 + 2 * length) and torch.equal(ids[:, 1:1 + length], ids[:, 1 + length:])
+    for layer, weights in enumerate(attention_by_hand(model_dir, ids)):
+        previous = torch.stack([weights[..., q, q - 1] for q in range(3, 1 + 2 * length)], -1).mean((0, 2))
+        induction = torch.stack([weights[..., q, q - length + 1] for q in range(1 + length, 1 + 2 * length)],
+                                -1).mean((0, 2))
+        assert torch.allclose(r["previous"][layer], previous, atol=1e-6)
+        assert torch.allclose(r["induction"][layer], induction, atol=1e-6)
+    from PIL import Image
+
+    with Image.open(r["figure"]) as image:
+        assert image.format == "PNG" and image.width > 2 * 4 * 18  # two panels of 4 heads
+
+
+def test_attention_patterns_remote_matches_local(model_dir, client, tmp_path):
+    local = attention_patterns.main(model_dir, local=True, length=6, batch=2, figure=tmp_path / "local.png")
+    remote = attention_patterns.main(model_dir, scheduler=client, length=6, batch=2, figure=tmp_path / "remote.png")
+    assert torch.allclose(remote["previous"], local["previous"], atol=1e-6)
+    assert torch.allclose(remote["induction"], local["induction"], atol=1e-6)
+
+
+def test_causal_tracing_local(model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    r = causal_tracing.main(model_dir, local=True, figure=tmp_path / "tracing.png")
+    assert r["subject"] == [0, 1, 2] and r["restored"].shape == (N_LAYER, len(r["tokens"])) == (N_LAYER, 9)
+    assert r["restored"][-1, -1] == pytest.approx(r["clean"], abs=1e-6)  # the last state is the answer
+    assert r["corrupted"] != pytest.approx(r["clean"], abs=1e-4)
+
+    # one cell by hand, with plain PyTorch hooks: noise on the subject, layer 1 restored at position 2
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = tiny_tokenizer()  # the one saved with the model
+    ids = torch.tensor([tokenizer(causal_tracing.PROMPT)["input_ids"]])
+    answer = tokenizer("Paris")["input_ids"][0]
+    kept = {}
+    keep = model.model.layers[1].register_forward_hook(lambda _m, _a, out: kept.setdefault("clean", out.clone()))
+    with torch.no_grad():
+        model(ids)
+    keep.remove()
+
+    def add_noise(_module, _args, out):
+        out[:, 0:3] += r["noise"]
+
+    def restore(_module, _args, out):
+        out[:, 2] = kept["clean"][:, 2]
+
+    hooks = [model.model.embed_tokens.register_forward_hook(add_noise),
+             model.model.layers[1].register_forward_hook(restore)]
+    with torch.no_grad():
+        p = model(ids).logits[0, -1].softmax(-1)[answer]
+    for hook in hooks:
+        hook.remove()
+    assert float(r["restored"][1, 2]) == pytest.approx(float(p), abs=1e-6)
+    assert Path(r["figure"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
