@@ -2,7 +2,7 @@
 
 Every invoke owns a contiguous row range of the batch (a :class:`Window`). A getter of invoke ``i``
 sees a view of those rows (so in-place edits reach the model); a setter of invoke ``i`` replaces only
-those rows. Co-tenant batches (several experiments in one pass) use the same windows, with columns.
+those rows. Co-tenants (several experiments in one shared pass) use the same windows, with columns.
 """
 from __future__ import annotations
 
@@ -167,11 +167,11 @@ def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
 
 # -- windows: an invoke's (or a co-tenant's) part of every value of the batch -------------------------
 #
-# An invoke's window is its rows. Experiments of different users batched on a shard (co-tenants) must
+# An invoke's window is its rows. Experiments of different users sharing a pass on a shard (co-tenants) must
 # each see exactly what they would see alone: their rows are stacked and their sequences padded on the
-# *right* (in a causal model a token attends only to tokens before it, so a member's real tokens never
-# see the padding after them, and each member keeps its own positions 0..T-1 without any position
-# ids), so a member's window is its rows and its first ``length`` columns. Every value read through a
+# *right* (in a causal model a token attends only to tokens before it, so a co-tenant's real tokens never
+# see the padding after them, and each co-tenant keeps its own positions 0..T-1 without any position
+# ids), so a co-tenant's window is its rows and its first ``length`` columns. Every value read through a
 # window is a view of it; every value written through it goes back into it.
 
 
@@ -216,9 +216,9 @@ def narrow_window(value: Any, window: Window) -> Any:
 
 
 def splice_window(full: Any, part: Any, window: Window) -> Any:
-    """``full`` with the member's window replaced by ``part`` (out of place, so autograd stays right).
+    """``full`` with the co-tenant's window replaced by ``part`` (out of place, so autograd stays right).
 
-    Objects the member got unchanged come back as they are; a replaced tensor must fit the window
+    Objects the co-tenant got unchanged come back as they are; a replaced tensor must fit the window
     (:func:`conform` names both shapes when it does not).
     """
     if isinstance(full, torch.Tensor):
@@ -251,17 +251,17 @@ def _same_mapping(like: dict[str, Any], items: dict[str, Any]) -> Any:
         return items
 
 
-def stack_members(parts: Sequence[dict[str, torch.Tensor]], pad_token_id: int, pasts: Sequence[int] | None = None
+def stack_cotenants(parts: Sequence[dict[str, torch.Tensor]], pad_token_id: int, pasts: Sequence[int] | None = None
                   ) -> tuple[dict[str, torch.Tensor], list[Window]]:
     """One batch from several experiments' token inputs: new tokens right-padded to the longest.
 
     Each part has ``input_ids`` and ``attention_mask`` (its own invokes already batched its own
-    way) and may have ``position_ids``. ``pasts`` gives each member's KV-cache length (generation
+    way) and may have ``position_ids``. ``pasts`` gives each co-tenant's KV-cache length (generation
     steps after the first; default none): the batch's cache holds ``max(pasts)`` columns with each
-    member's own keys at the right end (:func:`.cache_rows.merge_caches`), so a member's mask is
+    co-tenant's own keys at the right end (:func:`.cache_rows.merge_caches`), so a co-tenant's mask is
     zeros over the cache columns it lacks, its own mask (``past + new`` columns), zeros over the
     padding after its new tokens. Pad columns get position 0; position ids are passed for every row
-    as soon as one member has them (the others get ``past..past+T-1``, what the model computes when
+    as soon as one co-tenant has them (the others get ``past..past+T-1``, what the model computes when
     given none).
     """
     pasts = list(pasts) if pasts is not None else [0] * len(parts)
@@ -290,5 +290,5 @@ def stack_members(parts: Sequence[dict[str, torch.Tensor]], pad_token_id: int, p
 
 
 def stack_hidden(parts: Sequence[torch.Tensor], seq: int) -> torch.Tensor:
-    """Members' hidden states ``(rows, length, ...)`` right-padded with zeros to ``seq`` and stacked."""
+    """Co-tenants' hidden states ``(rows, length, ...)`` right-padded with zeros to ``seq`` and stacked."""
     return torch.cat([torch.nn.functional.pad(h, (0, 0) * (h.dim() - 2) + (0, seq - h.shape[1])) for h in parts])

@@ -1,11 +1,11 @@
-"""KV caches of co-tenant generations: one batch cache per step, built from the members' own.
+"""KV caches of co-tenant generations: one batch cache per step, built from the co-tenants' own.
 
-Members generating together have caches of different lengths (different prompts, different steps:
-a newcomer joins with an empty one). For one step their caches are stacked into one, each member's
+Co-tenants generating together have caches of different lengths (different prompts, different steps:
+a newcomer joins with an empty one). For one step their caches are stacked into one, each co-tenant's
 keys and values left-padded to the longest (the padding is masked, see
-:func:`.batching.stack_members`); after the step each member takes back its rows and its columns,
+:func:`.batching.stack_cotenants`); after the step each co-tenant takes back its rows and its columns,
 now one step longer. Copying the caches each step costs memory bandwidth proportional to their
-size; in exchange no member ever waits for another to finish, and the caches stay the model's own
+size; in exchange no co-tenant ever waits for another to finish, and the caches stay the model's own
 ``DynamicCache``.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from .batching import Window
 
 
 def cache_length(cache: Any) -> int:
-    """Columns a member's cache holds (0 for none)."""
+    """Columns a co-tenant's cache holds (0 for none)."""
     return int(cache.get_seq_length()) if cache is not None else 0
 
 
@@ -29,7 +29,7 @@ def _layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def merge_caches(caches: Sequence[Any], rows: Sequence[int]) -> Any:
-    """One ``DynamicCache`` holding every member's cache, left-padded to the longest; a member
+    """One ``DynamicCache`` holding every co-tenant's cache, left-padded to the longest; a co-tenant
     without a cache (``None`` or empty: a trace, or a generation's first step) gets ``rows`` of
     padding only."""
     from transformers import DynamicCache
@@ -38,11 +38,11 @@ def merge_caches(caches: Sequence[Any], rows: Sequence[int]) -> Any:
     merged = DynamicCache()
     if longest == 0:
         return merged
-    per_member = [_layers(c) if cache_length(c) else None for c in caches]
-    template = next(layers for layers in per_member if layers)
+    per_cotenant = [_layers(c) if cache_length(c) else None for c in caches]
+    template = next(layers for layers in per_cotenant if layers)
     for index, (key_like, value_like) in enumerate(template):
         keys, values = [], []
-        for layers, n in zip(per_member, rows):
+        for layers, n in zip(per_cotenant, rows):
             if layers is None:
                 keys.append(key_like.new_zeros(n, key_like.shape[1], longest, key_like.shape[3]))
                 values.append(value_like.new_zeros(n, value_like.shape[1], longest, value_like.shape[3]))
@@ -56,7 +56,7 @@ def merge_caches(caches: Sequence[Any], rows: Sequence[int]) -> Any:
 
 
 def split_cache(merged: Any, window: Window, past: int, longest_past: int) -> Any:
-    """A member's own cache after a step: its rows; its columns from where its past began in the
+    """A co-tenant's own cache after a step: its rows; its columns from where its past began in the
     merged cache up to the end of its new tokens."""
     from transformers import DynamicCache
 

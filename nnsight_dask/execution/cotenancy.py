@@ -1,32 +1,32 @@
 """Co-tenants: the experiments waiting on a shard run their stage as one forward pass (a shared pass).
 
-A shared deployment is worth sharing when many experiments cost little more than one: a batched
-forward pass of ten prompts costs a fraction of ten passes (3.4x less for SmolLM2 on one CPU thread,
-about 10x on a GPU). The members of a batch are experiments of any users; none may notice the others:
+A shared deployment is worth sharing when many experiments cost little more than one: one forward
+pass over ten prompts costs a fraction of ten passes (3.4x less for SmolLM2 on one CPU thread, about
+10x on a GPU). The co-tenants of a pass are experiments of any users; none may notice the others:
 
-* each member's inputs keep their own rows and their own length (the batch is right-padded, see
-  :func:`.batching.stack_members`), so its tokens keep their positions and, the model being causal,
-  never attend to another member's rows or to padding;
-* each member keeps its own :class:`~.interleaver.Interleaver`, which reads and writes only the
-  member's :class:`~.batching.Window` of every value (views, so in-place edits write through);
-* a member's error or ``stop()`` halts that member only (:attr:`.module_hooks.Seat.halted`), a
-  cancelled or timed-out member leaves the pass at the next layer, and the pass goes on for the others.
+* each co-tenant's inputs keep their own rows of the model's batch and their own length (the rows are
+  right-padded, see :func:`.batching.stack_cotenants`), so its tokens keep their positions and, the
+  model being causal, never attend to another co-tenant's rows or to padding;
+* each co-tenant keeps its own :class:`~.interleaver.Interleaver`, which reads and writes only the
+  co-tenant's :class:`~.batching.Window` of every value (views, so in-place edits write through);
+* a co-tenant's error or ``stop()`` halts that co-tenant only (:attr:`.module_hooks.Seat.halted`), a
+  cancelled or timed-out one leaves the pass at the next layer, and the pass goes on for the others.
 
 The pass itself is :meth:`.shard_runner.ShardRunner.forward`; an experiment alone is a pass of one
 co-tenant, with its own inputs, cache and hidden state as they are (no window, no padding).
 
-Batched matrix products are not bit-identical to batch-1 ones (on SmolLM2 logits differ by up to
+Stacked matrix products are not bit-identical to one-prompt ones (on SmolLM2 logits differ by up to
 7.5e-5), so experiments that must reproduce bit for bit ask for ``batching=False``.
 
-Generations share steps too, each member with its own KV cache (:mod:`.cache_rows`): a member
-whose sequences all ended leaves the batch, one arriving with its first step joins at the next
-(continuous batching), and each member's interventions fire on its own steps.
+Generations share steps too, each co-tenant with its own KV cache (:mod:`.cache_rows`): one whose
+sequences all ended leaves the pass, one arriving with its first step joins at the next (continuous
+batching), and each co-tenant's interventions fire on its own steps.
 
 What may share a pass is decided by :func:`can_share`: forward stages of experiments whose graph
-needs no autograd, skips no module and samples no token. Gradients stay solo on purpose: members
-of one batch share one autograd graph, and one member's ``backward()`` without ``retain_graph``
-would free the buffers another member's backward needs. Sampled generations too: their draws must
-see a solo run's logits bit for bit to repeat a local run with the same seed.
+needs no autograd, skips no module and samples no token. Gradients stay solo on purpose: co-tenants
+of one pass share one autograd graph, and one's ``backward()`` without ``retain_graph`` would free
+the buffers another's backward needs. Sampled generations too: their draws must see a solo run's
+logits bit for bit to repeat a local run with the same seed.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from ..graph.node import Kind
-from .batching import Window, stack_members
+from .batching import Window, stack_cotenants
 from .cache_rows import cache_length, merge_caches, split_cache
 from .interleaver import ExperimentStopped
 from .module_hooks import Seat
@@ -72,8 +72,8 @@ def can_share(state: ExperimentState, stage: Stage) -> bool:
 
 
 def footprint(carry: Carry, state: ExperimentState, stage: Stage) -> tuple[int, int]:
-    """The rows and the longest length this member brings to a batch (``max_batch_tokens`` bounds
-    rows x longest length over the batch)."""
+    """The rows and the longest length this co-tenant brings to a shared pass (``max_batch_tokens``
+    bounds rows x longest length over the pass)."""
     if stage.shard == 0 and stage.step == 0:  # the pass begins here: its inputs are the graph's
         # an input taken from an earlier trace is not known yet: it counts once its pass has begun
         shapes = [inv["input_ids"].shape for inv in state.graph.passes[stage.pass_index].invokes
@@ -87,7 +87,7 @@ class PassInputs:
     """The model's inputs for one pass of ``tenants``, and each one's :class:`~.batching.Window`.
 
     Alone, a tenant's own inputs and KV cache (its window None: it sees every value whole). Several
-    are stacked (:func:`.batching.stack_members`), their caches merged into one for the step and
+    are stacked (:func:`.batching.stack_cotenants`), their caches merged into one for the step and
     split back after it (:meth:`keep_caches`).
     """
 
@@ -102,7 +102,7 @@ class PassInputs:
             return
         caches = [t.state.caches.get(t.stage.pass_index) if t.generates else None for t in tenants]
         self._pasts = [cache_length(c) for c in caches]
-        self.inputs, windows = stack_members([t.carry.inputs for t in tenants], pad_token_id, self._pasts)
+        self.inputs, windows = stack_cotenants([t.carry.inputs for t in tenants], pad_token_id, self._pasts)
         self.windows = list(windows)
         self.seq = windows[0].seq or 0
         if any(t.generates for t in tenants):

@@ -107,6 +107,7 @@ class PassPlan:
             kind = node.kind
             for step in ((None,) if node.iteration is None else ranges.get(node.iteration, ())):
                 key = node.id if step is None else (node.id, step)
+                call = node.call + (step or 0)
                 self.instances.append(key)
                 deps = [dep_key(nodes[dep], step) for dep in all_deps[node.id]]
                 self.deps[key] = deps
@@ -114,10 +115,10 @@ class PassPlan:
                     self.dependents.setdefault(dep, []).append(key)
                 if kind == Kind.SKIP:
                     self.skip_paths.add(node.module)  # type: ignore[arg-type]
-                    self.skips.setdefault((node.module, node.call + (step or 0)), []).append(key)  # type: ignore[arg-type]
+                    self.skips.setdefault((node.module, call), []).append(key)  # type: ignore[arg-type]
                 elif kind in (Kind.GETTER, Kind.SETTER):
                     phase = "out" if node.access == "output" else "in"
-                    self.events.setdefault((node.module, phase, node.call + (step or 0)), []).append(key)  # type: ignore[arg-type]
+                    self.events.setdefault((node.module, phase, call), []).append(key)  # type: ignore[arg-type]
                 elif kind in (Kind.GRAD, Kind.GRAD_SETTER):
                     self.grad_events.setdefault(dep_key(nodes[node.args[0].id], step), []).append(key)
                     self.grad_backward[key] = _next_backward(nodes, backwards, node.id, step)

@@ -348,7 +348,8 @@ def run_alone(runner: ShardRunner, state: ExperimentState, stage: Stage, carry: 
     return tenant.outcome  # type: ignore[return-value]
 
 
-def run_pipeline(runners: list[ShardRunner], graph: InterventionGraph, transport: Any = None) -> tuple[dict[str, Any], list[str]]:
+def run_pipeline(runners: list[ShardRunner], graph: InterventionGraph,
+                 transport: Any = None) -> tuple[dict[str, Any], list[str]]:
     """Run the whole chain in this process (``transport`` may round-trip each carry, as a wire would).
 
     The workers run exactly these stages, each on its shard's worker; this in-process version is
