@@ -17,7 +17,14 @@ from tornado.httpclient import AsyncHTTPClient
 
 from nnsight_dask.scheduler import experiments_page, monitor, pages
 from nnsight_dask.scheduler.records import ShardRecord
-from nnsight_dask.scheduler.series import LATENCY_WINDOW, RATE_WINDOW, Finished, Series, percentile
+from nnsight_dask.scheduler.series import (
+    BUCKET_RATIO,
+    LATENCY_WINDOW,
+    RATE_WINDOW,
+    Finished,
+    LatencyWindow,
+    Series,
+)
 from nnsight_dask.worker.telemetry import STAGES_TOPIC
 
 T0 = 1_800_000_000.0
@@ -27,10 +34,10 @@ def test_series_points_rates_percentiles_queue_and_busy_fractions():
     series = Series()
     shard = ShardRecord("d", 0)
     latencies = [0.1 * (i + 1) for i in range(10)]  # 0.1 .. 1.0 s
-    series.sample(T0, [Finished("d", T0 - 0.5, latency, latency) for latency in latencies], {"d": 3}, {("d", 0): shard})
+    series.sample(T0, [Finished("d", latency, latency) for latency in latencies], {"d": 3}, {("d", 0): shard})
     points = series.deployments["d"]
     assert points.rate[-1] == 10 / RATE_WINDOW
-    assert points.p50[-1] == pytest.approx(0.5) and points.p99[-1] == pytest.approx(1.0)
+    assert points.p50[-1] == pytest.approx(0.5, rel=0.025) and points.p99[-1] == pytest.approx(1.0, rel=0.025)
     assert points.queued[-1] == 3 and series.busy_fraction(("d", 0)) == 0.0
     shard.busy_seconds = 0.25  # a quarter of the next second spent in passes
     series.sample(T0 + 1, [], {}, {("d", 0): shard})
@@ -38,11 +45,20 @@ def test_series_points_rates_percentiles_queue_and_busy_fractions():
     assert points.queued[-1] == 0 and points.rate[-1] == 10 / RATE_WINDOW  # still within the window
     series.sample(T0 + RATE_WINDOW, [], {}, {("d", 0): shard})
     assert points.rate[-1] == 0  # those ten finished more than RATE_WINDOW ago
-    assert points.p50[-1] == pytest.approx(0.5)  # but within LATENCY_WINDOW
+    assert points.p50[-1] == pytest.approx(0.5, rel=0.025)  # but within LATENCY_WINDOW
     series.sample(T0 + LATENCY_WINDOW, [], {}, {("d", 0): shard})
     assert math.isnan(points.p99[-1])  # nobody finished lately: a gap in the line, not a zero
     assert list(points.times) == [T0, T0 + 1, T0 + RATE_WINDOW, T0 + LATENCY_WINDOW]
-    assert percentile([1.0, 2.0, 3.0, 4.0], 0.99) == 4.0 and percentile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.0
+
+    window = LatencyWindow()  # percentiles from bucket counts: within BUCKET_RATIO of the exact ones
+    values = [0.001 * 1.37 ** i for i in range(40)]
+    window.add(T0, values)
+    for q in (0.01, 0.5, 0.9, 0.99, 1.0):
+        exact = sorted(values)[math.ceil(q * len(values)) - 1]
+        assert exact / BUCKET_RATIO <= window.quantile(q) <= exact * BUCKET_RATIO
+    assert window.finished_after(T0 - 1) == 40 and window.finished_after(T0) == 0
+    window.add(T0 + LATENCY_WINDOW, [])
+    assert window.total == 0 and window.counts == {} and math.isnan(window.quantile(0.5))
 
 
 def drive(m: monitor.ExperimentMonitor) -> None:

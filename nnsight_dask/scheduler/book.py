@@ -12,6 +12,7 @@ import bisect
 import itertools
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from .records import FINISHED, LATENCY_BUCKETS, STATUSES, ExperimentRecord, ShardRecord
@@ -24,7 +25,9 @@ KEEP_FINISHED = 2000
 class ExperimentBook:
     """Experiments and shards as the scheduler's monitor knows them; no Dask in here."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        #: The scheduler's wall clock (a benchmark drives its own).
+        self.clock = clock
         self.experiments: OrderedDict[str, ExperimentRecord] = OrderedDict()
         #: Experiments with no stage done yet, in submission order (what queue positions count).
         self.waiting: dict[str, ExperimentRecord] = {}
@@ -81,7 +84,7 @@ class ExperimentBook:
             experiment=message["experiment"], deployment=message.get("deployment", ""),
             user=message.get("user") or "", stages=int(message.get("stages") or 0),
             route=str(message.get("route") or message["experiment"]),
-            shards=list(message.get("shards", [])), submitted=time.time(), retry_of=message.get("retry_of") or "",
+            shards=list(message.get("shards", [])), submitted=self.clock(), retry_of=message.get("retry_of") or "",
             client=client, workers=sorted(set(message.get("workers") or ())),
             via="gateway" if client in self.gateways else "client")
         self.experiments[record.experiment] = record
@@ -142,11 +145,11 @@ class ExperimentBook:
             record.status = "running"
             self.status_changed(record)
         record.status = status
-        record.ended = ended or time.time()
+        record.ended = ended or self.clock()
         record.error = error or record.error
         self.totals[status] += 1
         if status in ("completed", "failed"):  # counted in the histogram and the plots by fold()
-            self._unfolded.append(Finished(record.deployment, record.ended, record.ended - record.submitted,
+            self._unfolded.append(Finished(record.deployment, record.ended - record.submitted,
                                            record.ended - (record.started or record.submitted)))
         self.waiting.pop(record.experiment, None)
         self.status_changed(record)
@@ -236,4 +239,4 @@ class ExperimentBook:
         queued: dict[str, int] = {}
         for record in self.waiting.values():
             queued[record.deployment] = queued.get(record.deployment, 0) + 1
-        self.series.sample(time.time() if now is None else now, self.fold(), queued, self.shards)
+        self.series.sample(self.clock() if now is None else now, self.fold(), queued, self.shards)

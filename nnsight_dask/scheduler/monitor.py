@@ -35,6 +35,8 @@ Two lifecycle duties ride on what the monitor sees:
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from typing import Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
@@ -64,8 +66,8 @@ class ExperimentMonitor(SchedulerPlugin, ExperimentBook):
     name = NAME
     idempotent = True  # registering again (every ``serve``, the dashboard preload) keeps the data
 
-    def __init__(self) -> None:
-        ExperimentBook.__init__(self)
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        ExperimentBook.__init__(self, clock)
         self.scheduler: Any = None
         self._background: set[asyncio.Task[Any]] = set()
 

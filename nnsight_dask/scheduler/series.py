@@ -23,15 +23,18 @@ KEEP = 600
 #: Experiments per second and busy fractions are averages over this many seconds.
 RATE_WINDOW = 5.0
 #: p50 and p99 are over the experiments that finished within this many seconds.
-LATENCY_WINDOW = 30.0
+LATENCY_WINDOW = 10.0
+#: Latencies are counted in buckets this much wider than the one before: percentiles within 2.5 %.
+BUCKET_RATIO = 1.05
+#: Latencies up to this many seconds share the first bucket.
+SHORTEST = 1e-4
 
 
 class Finished(NamedTuple):
-    """One completed or failed experiment, as the monitor notes it (scheduler clock, seconds; a
-    named tuple: the cheapest record to make per experiment)."""
+    """One completed or failed experiment, as the monitor notes it (seconds; a named tuple: the
+    cheapest record to make per experiment)."""
 
     deployment: str
-    ended: float
     #: From submission to the client's answer: what its user waited, queue included.
     latency: float
     #: From its first stage to the answer (the Prometheus histogram's measure).
@@ -51,8 +54,7 @@ class DeploymentSeries:
     p50: deque[float] = field(default_factory=_points)
     p99: deque[float] = field(default_factory=_points)
     queued: deque[float] = field(default_factory=_points)
-    #: Finished experiments within ``LATENCY_WINDOW`` of the last point, oldest first.
-    recent: deque[Finished] = field(default_factory=deque)
+    latencies: LatencyWindow = field(default_factory=lambda: LatencyWindow())
 
 
 @dataclass
@@ -65,11 +67,67 @@ class ShardSeries:
     window: deque[tuple[float, float]] = field(default_factory=deque)
 
 
-def percentile(sorted_values: list[float], q: float) -> float:
-    """The nearest-rank ``q`` quantile (0 < q <= 1) of ascending values; NaN (a gap in a plot) if none."""
-    if not sorted_values:
-        return math.nan
-    return sorted_values[max(0, math.ceil(q * len(sorted_values)) - 1)]
+def bucket(seconds: float) -> int:
+    """The latency bucket of ``seconds``: bucket ``i`` holds ``SHORTEST * BUCKET_RATIO**i`` up to the next."""
+    return int(math.log(max(seconds, SHORTEST) / SHORTEST) / math.log(BUCKET_RATIO))
+
+
+def bucket_value(index: int) -> float:
+    """The middle (geometric) of bucket ``index``: what a percentile falling in it reads."""
+    return SHORTEST * BUCKET_RATIO ** (index + 0.5)
+
+
+class LatencyWindow:
+    """Latencies of one deployment's experiments that finished within ``LATENCY_WINDOW``, as counts
+    per bucket, one set of counts per point: a point costs the buckets in use, not the experiments in
+    the window, so each experiment is touched twice (counted, then expired) however long it stays."""
+
+    def __init__(self) -> None:
+        #: Per point, oldest first: (time, counts per bucket, experiments).
+        self.points: deque[tuple[float, dict[int, int], int]] = deque()
+        self.counts: dict[int, int] = {}
+        self.total = 0
+
+    def add(self, now: float, latencies: list[float]) -> None:
+        """The experiments finished since the last point (counted as finished at ``now``); forget
+        those that finished ``LATENCY_WINDOW`` or more before ``now``."""
+        counts: dict[int, int] = {}
+        for seconds in latencies:
+            index = bucket(seconds)
+            counts[index] = counts.get(index, 0) + 1
+        self.points.append((now, counts, len(latencies)))
+        self._merge(counts, 1)
+        while self.points and self.points[0][0] <= now - LATENCY_WINDOW:
+            self._merge(self.points.popleft()[1], -1)
+
+    def _merge(self, counts: dict[int, int], sign: int) -> None:
+        for index, count in counts.items():
+            left = self.counts.get(index, 0) + sign * count
+            if left:
+                self.counts[index] = left
+            else:
+                self.counts.pop(index, None)
+            self.total += sign * count
+
+    def finished_after(self, since: float) -> int:
+        """Experiments counted at points after ``since``."""
+        count = 0
+        for when, _, finished in reversed(self.points):
+            if when <= since:
+                break
+            count += finished
+        return count
+
+    def quantile(self, q: float) -> float:
+        """The nearest-rank ``q`` quantile (0 < q <= 1) of the window; NaN (a gap in a plot) if empty."""
+        if not self.total:
+            return math.nan
+        rank, seen = max(1, math.ceil(q * self.total)), 0
+        for index in sorted(self.counts):
+            seen += self.counts[index]
+            if seen >= rank:
+                return bucket_value(index)
+        return bucket_value(max(self.counts))
 
 
 class Series:
@@ -83,20 +141,17 @@ class Series:
                shards: dict[tuple[str, int], ShardRecord]) -> None:
         """Add one point per deployment at ``now`` from what finished since the last point, the
         experiments queued per deployment now, and the shards' busy seconds so far."""
+        latencies: dict[str, list[float]] = {}
         for item in finished:
-            self._series(item.deployment).recent.append(item)
-        for name in queued:
+            latencies.setdefault(item.deployment, []).append(item.latency)
+        for name in [*latencies, *queued, *(key[0] for key in shards)]:
             self._series(name)
-        for key in shards:
-            self._series(key[0])
         for name, series in self.deployments.items():
-            while series.recent and series.recent[0].ended <= now - LATENCY_WINDOW:
-                series.recent.popleft()
-            latencies = sorted(item.latency for item in series.recent)
+            series.latencies.add(now, latencies.get(name, []))
             series.times.append(now)
-            series.rate.append(sum(item.ended > now - RATE_WINDOW for item in series.recent) / RATE_WINDOW)
-            series.p50.append(percentile(latencies, 0.5))
-            series.p99.append(percentile(latencies, 0.99))
+            series.rate.append(series.latencies.finished_after(now - RATE_WINDOW) / RATE_WINDOW)
+            series.p50.append(series.latencies.quantile(0.5))
+            series.p99.append(series.latencies.quantile(0.99))
             series.queued.append(float(queued.get(name, 0)))
         for key, shard in shards.items():
             points = self.shards.get(key)
