@@ -20,7 +20,7 @@ import nnsight_dask as nd
 from nnsight_dask.worker.shard_actor import describe_model, load_source, shard_runner
 from nnsight_dask.execution.local_runner import run_graph
 from nnsight_dask.execution.shard_runner import run_pipeline
-from nnsight_dask.models import load_causal_lm, plan_shards, save_tiny, tiny_llama, tiny_tokenizer
+from nnsight_dask.models import load_causal_lm, plan_shards, save_tiny, tiny_llama
 from nnsight_dask.models.shard_loading import (
     ShardLoadError,
     check_materialized,
@@ -117,33 +117,13 @@ def test_generation_through_loaded_shards_matches(checkpoints: dict[str, Path]) 
         assert torch.equal(saves[key], expected[key])
 
 
-def save_family(path: Path, model_type: str, *, seed: int = 0, dtype: torch.dtype | None = None,
-                **fields: Any) -> Path:
-    """A tiny seeded model of any transformers family, saved with ``save_pretrained`` (in ``dtype``)
-    beside :func:`tiny_tokenizer`: 4 layers, 4 heads, width 32, unless ``fields`` say otherwise."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    tokenizer = tiny_tokenizer()
-    config = AutoConfig.for_model(model_type, **{
-        "vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,
-        "num_attention_heads": 4, "max_position_embeddings": 64, "pad_token_id": tokenizer.pad_token_id,
-        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, **fields})
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config)
-    if dtype is not None:
-        model = model.to(dtype)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 @pytest.mark.parametrize("k", [2, 3])
 @pytest.mark.parametrize("projection", [None, 16], ids=["opt", "opt-projected"])
 def test_opt_generation_through_loaded_shards_matches(tmp_path: Path, k: int, projection: int | None) -> None:
     """OPT's learned positions take the whole attention mask (a stand-in must still return only the
     new positions), and OPT-350m projects its embeddings in and out of a narrower width."""
-    path = save_family(tmp_path / "opt", "opt", ffn_dim=64, word_embed_proj_dim=projection or 32)
+    widths = {"word_embed_proj_dim": projection} if projection else {}
+    path = save_tiny(tmp_path / "opt", arch="opt", n_layer=4, **widths)
     full, tokenizer = load_causal_lm(path)
     lm = nd.LanguageModel(full, tokenizer=tokenizer)
     with lm.generate([PROMPT, "Paris is"], max_new_tokens=4, execute=False) as tracer:
@@ -160,11 +140,8 @@ def test_opt_generation_through_loaded_shards_matches(tmp_path: Path, k: int, pr
 
 #: family -> (config fields, a key transformers converts while loading that the saved checkpoint has).
 CONVERTED: dict[str, tuple[dict[str, Any], str]] = {
-    "mixtral": ({"num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2},
-                "model.layers.3.block_sparse_moe.experts.3.w3.weight"),
-    "qwen2_moe": ({"num_key_value_heads": 2, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
-                   "shared_expert_intermediate_size": 32, "tie_word_embeddings": True},
-                  "model.layers.3.mlp.experts.3.up_proj.weight"),
+    "mixtral": ({}, "model.layers.3.block_sparse_moe.experts.3.w3.weight"),
+    "qwen2_moe": ({"tie_word_embeddings": True}, "model.layers.3.mlp.experts.3.up_proj.weight"),
     "gpt_neox": ({}, "embed_out.weight"),
 }
 
@@ -172,7 +149,7 @@ CONVERTED: dict[str, tuple[dict[str, Any], str]] = {
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("converted")
-    return {name: save_family(root / name, name, **fields) for name, (fields, _) in CONVERTED.items()}
+    return {name: save_tiny(root / name, arch=name, n_layer=4, **fields) for name, (fields, _) in CONVERTED.items()}
 
 
 @pytest.mark.parametrize("name", sorted(CONVERTED))
@@ -388,10 +365,17 @@ def _measure(how: str, path: Path, warm: Path) -> dict[str, int]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_loading_one_shard_does_not_hold_the_whole_model(tmp_path: Path) -> None:
-    # 8 layers x 512 wide: 76 MB of float32 weights, almost all in the layers.
-    big = save_tiny(tmp_path / "big", arch="llama", n_layer=8, hidden=512)
-    warm = save_tiny(tmp_path / "warm", arch="llama", n_layer=2, hidden=32)
+@pytest.mark.parametrize("arch, hidden, fused", [("llama", 512, 0), ("mixtral", 320, 2)], ids=["llama", "mixtral"])
+def test_loading_one_shard_does_not_hold_the_whole_model(tmp_path: Path, arch: str, hidden: int, fused: int) -> None:
+    """8 layers: 76 MB of float32 Llama weights, 88 MB of Mixtral ones, almost all in the layers.
+
+    A Mixtral checkpoint stores each expert's tensors apart; transformers stacks, then concatenates
+    them per layer while loading: one layer's experts exist up to about twice over for a moment,
+    and the allocator keeps some of that after (measured: 19-28 MB over the shard's 42 MB, about
+    two of its layers). ``fused``: layers of slack for that.
+    """
+    big = save_tiny(tmp_path / "big", arch=arch, n_layer=8, hidden=hidden)
+    warm = save_tiny(tmp_path / "warm", arch=arch, n_layer=2, hidden=32)
     if not os.access("/proc/self/clear_refs", os.W_OK):
         pytest.skip("needs Linux's /proc/self/clear_refs to measure the peak RSS of a load")
     full = _measure("full", big, warm)
@@ -399,6 +383,40 @@ def test_loading_one_shard_does_not_hold_the_whole_model(tmp_path: Path) -> None
     assert full["weights"] > 70e6
     assert shard["weights"] < 0.55 * full["weights"]
     assert shard["growth"] < 0.75 * full["growth"], (shard, full)
-    slack = 16 * 2**20
+    slack = 16 * 2**20 + fused * full["weights"] / 8
     assert shard["growth"] < shard["weights"] + slack, (shard, full)  # the shard's weights, little more
     assert shard["peak_growth"] < shard["weights"] + slack, (shard, full)  # never two copies at once
+
+
+# -- served on a cluster ----------------------------------------------------------------------------
+
+
+def _held_weight_bytes(deployment: str, index: int) -> int:
+    from nnsight_dask.worker import registry
+
+    return registry.lookup(deployment, index).weight_bytes
+
+
+@pytest.mark.parametrize("arch", ["opt", "mixtral"])
+def test_served_in_two_shards_generation_equals_local(client: Any, tmp_path: Path, arch: str) -> None:
+    """On a LocalCluster: OPT's generation in 2 shards equals local (it failed at its third step);
+    a Mixtral deployment's shards each hold only their own parameters, read through transformers'
+    conversion, and generate as the local model does."""
+    path = save_tiny(tmp_path / arch, arch=arch, n_layer=4)
+    record = nd.serve(client, str(path), shards=2, name=f"loading-{arch}")
+    try:
+        remote = nd.RemoteModel(client, record.name)
+        local = nd.LanguageModel(str(path))
+        ids = {}
+        for name, lm in (("remote", remote), ("local", local)):
+            with lm.generate([PROMPT, "Paris is"], max_new_tokens=4) as tracer:
+                ids[name] = tracer.result.save()
+        got, expected = (getattr(value, "value", value) for value in (ids["remote"], ids["local"]))
+        assert torch.equal(got, expected)
+        for shard in record.shards:
+            held = client.run(_held_weight_bytes, record.name, shard.index, workers=[shard.worker])[shard.worker]
+            reference = full_cut(path, 2, shard.index)
+            own = {id(p): p for p in reference.parameters()}.values()
+            assert held == sum(p.numel() * p.element_size() for p in own)
+    finally:
+        nd.undeploy(client, record.name)
