@@ -173,24 +173,7 @@ def tiny_llama(n_layer: int = 2, hidden: int = 64, seed: int = 0, **config: Any)
     >>> len(model.model.layers), model.config.hidden_size
     (3, 64)
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    fields: dict[str, Any] = dict(
-        vocab_size=TINY_VOCAB_SIZE,
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=n_layer,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=_MAX_POSITIONS,
-        tie_word_embeddings=False,
-        bos_token_id=_BOS,
-        eos_token_id=_EOS,
-        pad_token_id=_PAD,
-    )
-    fields.update(config)
-    cfg = LlamaConfig(**fields)
-    return _seeded(seed, lambda: LlamaForCausalLM(cfg))
+    return tiny_family("llama", n_layer=n_layer, hidden=hidden, seed=seed, **{"tie_word_embeddings": False, **config})
 
 
 def _family_fields(model_type: str, hidden: int) -> dict[str, Any]:
