@@ -59,13 +59,16 @@ def wait_until(condition, timeout, what):
     return time.monotonic()
 
 
-def running_experiment(client, future):
-    """The experiment of this deployment the monitor shows running, once it has run 20 stages."""
-    assert not future.done(), f"the generation ended before it was cancelled: {future}"
-    rows = [r for r in monitor_rows(client) if r["status"] == "running"]
-    if rows and int(rows[0]["stages"].split("/")[0]) >= 20:
-        return rows[0]["experiment"]
-    return None
+def running_experiment(client, future, timeout=60.0):
+    """The id of ``future``'s experiment, once the monitor shows it running with 20 stages done."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert not future.done(), f"the generation ended before it was cancelled: {future}"
+        rows = [r for r in monitor_rows(client) if r["status"] == "running"]
+        if rows and int(rows[0]["stages"].split("/")[0]) >= 20:
+            return rows[0]["experiment"]
+        assert time.monotonic() < deadline, f"the generation started within {timeout} s"
+        time.sleep(0.02)
 
 
 def assert_shards_freed_and_next_runs(client, remote, local, experiment, cancelled_at):
@@ -92,13 +95,7 @@ def test_cancelling_the_dask_future_of_client_submit_stops_it_on_the_shards(clie
     with remote.generate(PROMPT, max_new_tokens=LONG, execute=False) as tracer:
         tracer.result.save()
     future = client.submit(tracer.graph, pure=False)
-    experiment = None
-
-    def started():
-        nonlocal experiment
-        experiment = running_experiment(client, future)
-        return experiment is not None
-    wait_until(started, 60, "the generation started")
+    experiment = running_experiment(client, future)
     cancelled_at = time.monotonic()
     future.cancel()
     assert future.cancelled() and future.status == "cancelled"
@@ -111,13 +108,7 @@ def test_cancelling_an_experiment_future_returns_at_once_and_frees_the_shards(cl
     with remote.generate(PROMPT, max_new_tokens=LONG, blocking=False) as tracer:
         tracer.result.save()
     future = tracer.future
-    experiment = None
-
-    def started():
-        nonlocal experiment
-        experiment = running_experiment(client, future)
-        return experiment is not None
-    wait_until(started, 60, "the generation started")
+    experiment = running_experiment(client, future)
     cancelled_at = time.monotonic()
     assert future.cancel()
     returned = time.monotonic() - cancelled_at
