@@ -15,7 +15,8 @@ is read with plain file reads (see :class:`LazyTensor`), converted, and set on t
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,18 +100,34 @@ def load_converted(model: torch.nn.Module, tensors: Mapping[str, LazyTensor], co
     for name, param in model.named_parameters(remove_duplicate=False):
         groups.setdefault(id(param), []).append(name)
     report = ConversionReport()
-    for part in _by_layer(tensors):
-        found = _run_engine(model, part, conversions)
-        report.mismatched.extend(found.mismatched)
-        report.errors.update(found.errors)
-    unresolved = _tie(model, list(groups.values()))
-    if unresolved:
-        extra = _run_engine(model, _saved_elsewhere(tensors, conversions, aliases, unresolved), [])
-        report.mismatched.extend(extra.mismatched)
-        report.errors.update(extra.errors)
-        unresolved = _tie(model, unresolved)
+    with _no_progress_bars():
+        for part in _by_layer(tensors):
+            found = _run_engine(model, part, conversions)
+            report.mismatched.extend(found.mismatched)
+            report.errors.update(found.errors)
+        unresolved = _tie(model, list(groups.values()))
+        if unresolved:
+            extra = _run_engine(model, _saved_elsewhere(tensors, conversions, aliases, unresolved), [])
+            report.mismatched.extend(extra.mismatched)
+            report.errors.update(extra.errors)
+            unresolved = _tie(model, unresolved)
     report.missing = [names[0] for names in unresolved]
     return report
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """Without transformers' progress bars: its engine draws one per call, here one per layer."""
+    from transformers.utils import logging as transformers_logging
+
+    if not transformers_logging.is_progress_bar_enabled():
+        yield
+        return
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers_logging.enable_progress_bar()
 
 
 def _by_layer(tensors: Mapping[str, LazyTensor]) -> list[dict[str, LazyTensor]]:
