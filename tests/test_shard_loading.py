@@ -142,6 +142,9 @@ def test_opt_generation_through_loaded_shards_matches(tmp_path: Path, k: int, pr
 CONVERTED: dict[str, tuple[dict[str, Any], str]] = {
     "mixtral": ({}, "model.layers.3.block_sparse_moe.experts.3.w3.weight"),
     "qwen2_moe": ({"tie_word_embeddings": True}, "model.layers.3.mlp.experts.3.up_proj.weight"),
+    "qwen3_moe": ({"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "head_dim": 8},
+                  "model.layers.3.mlp.experts.3.gate_proj.weight"),
+    "olmoe": ({"num_experts": 4, "num_experts_per_tok": 2}, "model.layers.3.mlp.experts.3.down_proj.weight"),
     "gpt_neox": ({}, "embed_out.weight"),
 }
 

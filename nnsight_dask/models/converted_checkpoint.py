@@ -136,7 +136,8 @@ def _by_layer(tensors: Mapping[str, LazyTensor]) -> list[dict[str, LazyTensor]]:
     transformers' engine reads every tensor it will need at once, in threads, before converting
     any: given a whole shard of a mixture of experts, it would hold all the experts' separate
     tensors and their fused copies together. One layer at a time bounds that to one layer's worth.
-    A converter fuses tensors of one layer (the experts of ``layers.3``), so no fusion is split.
+    A converter fuses tensors of one layer (the experts of ``layers.3``), so no fusion is split;
+    one that were would give a tensor of the wrong shape, reported, and the shard would load whole.
     """
     groups: dict[str | None, dict[str, LazyTensor]] = {}
     for key, tensor in tensors.items():
