@@ -146,7 +146,7 @@ def announce(client: Client, record: Deployment, **message: Any) -> None:
 
 
 def run_experiment(client: Client, name: str, graph: InterventionGraph, *, module_paths: list[str] | None = None,
-                   user: str | None = None, cancelled: threading.Event | None = None,
+                   checked: bool = False, user: str | None = None, cancelled: threading.Event | None = None,
                    on_status: Callable[[str, dict[str, Any]], None] | None = None,
                    timeout: float | None = None, record: Deployment | None = None,
                    on_record: Callable[[Deployment], None] | None = None) -> Results:
@@ -154,12 +154,14 @@ def run_experiment(client: Client, name: str, graph: InterventionGraph, *, modul
 
     ``record`` is the caller's cached deployment record (saves a scheduler round trip per
     experiment); when the shards have moved since, the fresh record is handed to ``on_record``.
-    The graph is checked here to fail fast, and again by every shard with its worker's limits.
+    The graph is checked here to fail fast (unless the caller did: ``checked``, the gateway's
+    validation), and again by the first shard it reaches, with its worker's limits.
     ``cancelled`` (set by another thread) and ``timeout`` stop the experiment on the shards too.
     """
     if record is None:
         record = get_deployment(client, name)
-    check_graph(graph, module_paths, policy=record.policy)
+    if not checked:
+        check_graph(graph, module_paths, policy=record.policy)
     graph_json = graph.to_json()
     experiment = new_experiment_id()
     limit = min(timeout if timeout is not None else config.experiment_timeout, record.policy.timeout)
