@@ -22,15 +22,15 @@ from .tracing import inject
 from .tracing import model as traced
 
 
-class NNsight(traced.NNsight):
-    """Wrap any ``torch.nn.Module``: see :class:`nnsight_dask.tracing.NNsight`. Runs locally."""
+class NNsight(traced.ModuleWrapper):
+    """Wrap any ``torch.nn.Module``: see :class:`nnsight_dask.tracing.ModuleWrapper`. Runs locally."""
 
     def _make_local_backend(self) -> Backend:
         return local_backend(self._module, self._pad_token_id())
 
 
-class LanguageModel(traced.LanguageModel):
-    """A causal language model plus its tokenizer; see :class:`nnsight_dask.tracing.LanguageModel`.
+class LanguageModel(traced.LanguageModelWrapper):
+    """A causal language model plus its tokenizer; see :class:`nnsight_dask.tracing.LanguageModelWrapper`.
 
     Parameters
     ----------

@@ -66,10 +66,10 @@ def _finished_rows(base: str, count: int, timeout: float = 10.0) -> list[dict]:
         time.sleep(0.1)
 
 
-def _pull(url: str):
+def _pull(url: str, **arguments: str):
     from bokeh.client import pull_session
 
-    session = pull_session(url=url)
+    session = pull_session(url=url, arguments=arguments or None)
     try:
         return session.document
     finally:
@@ -108,3 +108,14 @@ def test_each_session_gets_the_current_rows(dashboard):
     for document in (first, second):
         (table,) = _experiment_tables(document)
         assert sorted(table.source.data["experiment"]) == sorted(r["experiment"] for r in rows)
+
+
+def test_the_user_argument_highlights_that_users_rows(dashboard):
+    """``/experiments?user=<name>`` opens the page with that user's rows highlighted: this test's
+    experiments are all ``nd.config.user``'s, another name's none."""
+    base, rows = dashboard
+    from nnsight_dask.scheduler.experiments_page import OWN_ROW_COLOR
+
+    for user, highlighted in ((nd.config.user, len(rows)), ("somebody-else", 0)):
+        (table,) = _experiment_tables(_pull(base + "/experiments", user=user))
+        assert table.source.data["highlight"].count(OWN_ROW_COLOR) == highlighted

@@ -57,6 +57,7 @@ def test_options_need_a_path(tiny_llama, tiny_tokenizer):
     ({"cache_dir": "/tmp/x"}, "load option 'cache_dir' is not taken by a deployment's shards"),
     ({"num_hidden_layers": 2}, "load option 'num_hidden_layers' is not taken"),
     ({"low_cpu_mem_usage": "yes"}, "load option 'low_cpu_mem_usage' takes a bool, not str"),
+    ({"subfolder": "../other"}, "subfolder='../other' must name a folder inside the model's directory"),
     ({"trust_remote_code": True}, "trust_remote_code=True runs Python files shipped with the checkpoint"),
     ({"attn_implementation": "kernels-community/flash-attn"}, "attn_implementation='kernels-community/flash-attn' runs"),
 ])

@@ -18,11 +18,11 @@ import torch
 
 from ..backends.base import Backend
 from ..errors import TracingError
-from ..tracing.model import LanguageModel
+from ..tracing.model import LanguageModelWrapper
 from ..tracing.tracer import Session, Tracer
 
 
-class RemoteModel(LanguageModel):
+class RemoteModel(LanguageModelWrapper):
     """A deployed model seen from a client: ``with lm.trace(prompt): ...`` runs on the cluster.
 
     Examples

@@ -97,6 +97,10 @@ def check_shard_load_options(options: Mapping[str, Any] | None, *, trust_remote_
         if not isinstance(value, kind):
             raise LoadOptionError(f"load option {name!r} takes a {kind.__name__}, not {type(value).__name__} "
                                   f"({value!r})", option=name)
+    subfolder = Path(checked.get("subfolder", ""))
+    if subfolder.is_absolute() or ".." in subfolder.parts:
+        raise LoadOptionError(f"load option subfolder={str(subfolder)!r} must name a folder inside the model's "
+                              "directory", option="subfolder")
     remote_code = [f"{name}={checked[name]!r}" for name in ("trust_remote_code", "attn_implementation")
                    if checked.get(name) is True or "/" in str(checked.get(name, ""))]
     if remote_code and trust_remote_code is False:

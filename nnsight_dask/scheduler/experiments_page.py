@@ -40,8 +40,6 @@ OWN_ROW_COLOR = "#ffe9a8"
 REFRESH_MS = 1000
 #: Where the page is served on the dashboard, and its name in the navigation bar.
 PAGE = "/experiments"
-PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-           "#bcbd22", "#17becf")
 
 
 def _monitor(scheduler: Any) -> ExperimentBook:
@@ -50,8 +48,10 @@ def _monitor(scheduler: Any) -> ExperimentBook:
 
 
 def _colors(items: list[Any]) -> list[str]:
-    """A color per item, in order."""
-    return [PALETTE[i % len(PALETTE)] for i in range(len(items))]
+    """A color per item, in order (Bokeh's ten categorical colors, then again)."""
+    from bokeh.palettes import Category10_10
+
+    return [Category10_10[i % len(Category10_10)] for i in range(len(items))]
 
 
 def _time_figure(title: str, y_label: str, **kwargs: Any) -> Any:
@@ -128,18 +128,6 @@ class QueuePlot:
         self.lines.update(_monitor(self.scheduler).series.deployments)
 
 
-def _bar_figure(title: str, y_label: str, tooltips: list[tuple[str, str]], **kwargs: Any) -> Any:
-    from bokeh.models import FactorRange, HoverTool
-    from bokeh.plotting import figure
-
-    fig = figure(title=title, x_range=FactorRange(), y_axis_label=y_label, height=240,
-                 tools="save,reset", toolbar_location="above", **kwargs)
-    fig.add_tools(HoverTool(tooltips=tooltips))
-    fig.y_range.start = 0
-    fig.xgrid.grid_line_color = None
-    return fig
-
-
 class ShardBusyPlot:
     """Each shard's busy fraction over time, a line per shard; hovering tells its worker and load."""
 
@@ -188,11 +176,15 @@ class BatchSizePlot:
     """The shards' forward passes by how many experiments shared them (co-tenant batching)."""
 
     def __init__(self, scheduler: Any, **kwargs: Any) -> None:
-        from bokeh.models import ColumnDataSource
+        from bokeh.models import ColumnDataSource, FactorRange, HoverTool
+        from bokeh.plotting import figure
 
         self.scheduler = scheduler
-        self.root = _bar_figure("Co-tenant batch sizes (passes by experiments in them)", "passes",
-                                [("deployment, experiments per pass", "@x"), ("passes", "@passes")], **kwargs)
+        self.root = figure(title="Co-tenant batch sizes (passes by experiments in them)", x_range=FactorRange(),
+                           y_axis_label="passes", height=240, tools="save,reset", toolbar_location="above", **kwargs)
+        self.root.add_tools(HoverTool(tooltips=[("deployment, experiments per pass", "@x"), ("passes", "@passes")]))
+        self.root.y_range.start = 0
+        self.root.xgrid.grid_line_color = None
         self.source = ColumnDataSource({"x": [], "passes": [], "color": []})
         self.root.vbar(x="x", top="passes", width=0.8, color="color", source=self.source)
         self.update()

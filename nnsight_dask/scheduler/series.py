@@ -4,8 +4,9 @@ Why sampled: what the scheduler does per experiment bounds a deployment's throug
 plane's cost per experiment, docs/scaling.md), so the monitor only notes each finished experiment
 (one list append) and :class:`Series` turns those notes, the queue and the shards' busy time into
 one point per deployment and shard in a periodic callback of the scheduler
-(:data:`SAMPLE_SECONDS`). Browsers read the points; however many pages are open, none of them
-adds work per experiment.
+(:data:`SAMPLE_SECONDS`). Latency percentiles come from counts per bucket
+(:class:`LatencyWindow`), so a point costs the buckets in use, not the experiments in its window.
+Browsers read the points; however many pages are open, none of them adds work per experiment.
 """
 from __future__ import annotations
 
@@ -43,28 +44,6 @@ class Finished(NamedTuple):
 
 def _points() -> deque[float]:
     return deque(maxlen=KEEP)
-
-
-@dataclass
-class DeploymentSeries:
-    """One deployment's points: experiments/s, latency percentiles and queue depth over time."""
-
-    times: deque[float] = field(default_factory=_points)
-    rate: deque[float] = field(default_factory=_points)
-    p50: deque[float] = field(default_factory=_points)
-    p99: deque[float] = field(default_factory=_points)
-    queued: deque[float] = field(default_factory=_points)
-    latencies: LatencyWindow = field(default_factory=lambda: LatencyWindow())
-
-
-@dataclass
-class ShardSeries:
-    """One shard's busy fraction over time (each point: the fraction of the ``RATE_WINDOW`` before it)."""
-
-    times: deque[float] = field(default_factory=_points)
-    busy: deque[float] = field(default_factory=_points)
-    #: (time, its busy seconds so far) over the last ``RATE_WINDOW``, oldest first.
-    window: deque[tuple[float, float]] = field(default_factory=deque)
 
 
 def bucket(seconds: float) -> int:
@@ -128,6 +107,28 @@ class LatencyWindow:
             if seen >= rank:
                 return bucket_value(index)
         return bucket_value(max(self.counts))
+
+
+@dataclass
+class DeploymentSeries:
+    """One deployment's points: experiments/s, latency percentiles and queue depth over time."""
+
+    times: deque[float] = field(default_factory=_points)
+    rate: deque[float] = field(default_factory=_points)
+    p50: deque[float] = field(default_factory=_points)
+    p99: deque[float] = field(default_factory=_points)
+    queued: deque[float] = field(default_factory=_points)
+    latencies: LatencyWindow = field(default_factory=LatencyWindow)
+
+
+@dataclass
+class ShardSeries:
+    """One shard's busy fraction over time (each point: the fraction of the ``RATE_WINDOW`` before it)."""
+
+    times: deque[float] = field(default_factory=_points)
+    busy: deque[float] = field(default_factory=_points)
+    #: (time, its busy seconds so far) over the last ``RATE_WINDOW``, oldest first.
+    window: deque[tuple[float, float]] = field(default_factory=deque)
 
 
 class Series:

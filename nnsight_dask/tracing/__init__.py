@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from .envoy import Envoy
-from .model import LanguageModel, NNsight
+from .model import LanguageModelWrapper, ModuleWrapper
 from .proxy import Proxy
 from .tracer import Invoker, Session, Tracer, apply, dict_, list_
 
-__all__ = ["Envoy", "Invoker", "LanguageModel", "NNsight", "Proxy", "Session", "Tracer", "apply", "dict_", "list_"]
+__all__ = ["Envoy", "Invoker", "LanguageModelWrapper", "ModuleWrapper", "Proxy", "Session", "Tracer", "apply", "dict_", "list_"]

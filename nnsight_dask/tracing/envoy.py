@@ -20,9 +20,9 @@ from ..errors import (
 from ..graph.node import HOOKED_CALL, Kind, display_path
 
 if TYPE_CHECKING:
-    from .model import NNsight
     from .proxy import Proxy
     from .recorder import Recorder
+    from .traceable import Traceable
 
 _ACCESS = ("output", "input", "inputs")
 
@@ -34,7 +34,7 @@ class Envoy:
 
     __slots__ = ("_block", "_children", "_module", "_owner", "_path", "_steps")
 
-    def __init__(self, module: torch.nn.Module, path: str, owner: NNsight,
+    def __init__(self, module: torch.nn.Module, path: str, owner: Traceable,
                  steps: tuple[int, int | None, int] | None = None) -> None:
         object.__setattr__(self, "_module", module)
         object.__setattr__(self, "_path", path)
@@ -63,7 +63,7 @@ class Envoy:
         except AttributeError:
             raise self._unknown(name) from None
         if isinstance(attr, torch.Tensor):
-            recorder = self._owner._active_recorder()
+            recorder = self._owner.active_recorder()
             if recorder is not None:
                 return recorder.add(Kind.MODULE_ATTR, target=name, module=self._path)
         return attr
@@ -147,7 +147,7 @@ class Envoy:
 
     # -- access points --------------------------------------------------------------------------
     def _recorder(self, what: str) -> Recorder:
-        recorder = self._owner._active_recorder()
+        recorder = self._owner.active_recorder()
         if recorder is None:
             raise TracingError(
                 f"{display_path(self._path)}.{what} can only be used inside `with model.trace(...)` "
@@ -188,7 +188,7 @@ class Envoy:
         if name in Envoy.__slots__:
             object.__setattr__(self, name, value)
             return
-        if self._owner._active_recorder() is not None:
+        if self._owner.active_recorder() is not None:
             raise ForbiddenOperationError(
                 f"{display_path(self._path)}.{name} cannot be set inside a trace: a trace may not change the "
                 "model (its weights are shared). Write to .output, .input or .inputs instead, or change a "
@@ -214,7 +214,7 @@ class Envoy:
         an envoy; else reach it with ``.next()``), and their interventions apply to it.
         """
         hook = kwargs.pop("hook", False)
-        recorder = self._owner._active_recorder()
+        recorder = self._owner.active_recorder()
         if recorder is None:
             return self._module(*args, **kwargs)
         if not isinstance(hook, bool):

@@ -16,10 +16,9 @@ import ctypes
 import sys
 from collections.abc import Callable
 from types import FrameType
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from .recorder import Recorder
+from .proxy import Proxy
+from .recorder import Recorder
 
 #: Replace saved proxies in the caller's local variables by their values when a trace has run:
 #: ``None`` follows the process setting, ``True``/``False`` force it.
@@ -42,21 +41,23 @@ def enabled() -> bool:
 _WRITE_THROUGH = sys.version_info >= (3, 13)  # PEP 667: frame.f_locals writes through to the frame
 
 
-def inject_saves(frame: FrameType | None, recorder: Recorder) -> list[str]:
-    """Rebind each local name of ``frame`` that holds a saved, filled proxy of ``recorder`` to its value.
+def inject_saves(frame: FrameType, recorder: Recorder, names: list[str]) -> list[str]:
+    """Rebind the local ``names`` of ``frame`` that hold a saved, filled proxy of ``recorder`` to its value.
 
-    Returns the names rebound. Module-level and class-body frames (whose locals are a plain dict)
-    are written directly; function frames through ``f_locals`` (write-through from Python 3.13,
-    ``PyFrame_LocalsToFast`` before).
+    ``names`` are those :meth:`Recorder.rename_saves` found bound to saved proxies (the setting is
+    read, and the frame's locals are read again, only when there are some). Returns the names rebound.
+    Module-level and class-body frames (whose locals are a plain dict) are written directly; function
+    frames through ``f_locals`` (write-through from Python 3.13, ``PyFrame_LocalsToFast`` before).
     """
-    if frame is None or not enabled():
+    if not names or not enabled():
         return []
-    from .proxy import Proxy
-
     local_vars = frame.f_locals
-    found = {name: value._value for name, value in list(local_vars.items())
-             if type(value) is Proxy and value._recorder is recorder and value._save_node is not None
-             and value._has_value()}
+    found = {}
+    for name in names:
+        value = local_vars.get(name)
+        if type(value) is Proxy and value._recorder is recorder and value._save_node is not None \
+                and value._has_value():
+            found[name] = value._value
     if not found:
         return []
     if frame.f_locals is frame.f_globals or _WRITE_THROUGH:

@@ -1,7 +1,10 @@
-"""Model wrappers: :class:`NNsight` for any ``torch.nn.Module``, :class:`LanguageModel` for causal LMs.
+"""Model wrappers: :class:`ModuleWrapper` for any ``torch.nn.Module``, :class:`LanguageModelWrapper` for causal LMs.
 
-They record and hand the graph to a :class:`~nnsight_dask.backends.base.Backend`; which backend runs
-locally is decided by whoever builds the wrapper (:mod:`nnsight_dask.api` for ``nd.LanguageModel``).
+They record and hand the graph to a :class:`~nnsight_dask.backends.base.Backend`, and know no backend
+of their own: the classes users hold add one. ``nd.NNsight`` and ``nd.LanguageModel``
+(:mod:`nnsight_dask.api`) run locally (and load models from a path); ``nd.RemoteModel``
+(:mod:`nnsight_dask.client`) runs on a deployment. Tracers and envoys reach a wrapper only through
+the :class:`~.traceable.Traceable` protocol.
 """
 from __future__ import annotations
 
@@ -18,12 +21,11 @@ from ..graph.node import Kind, Node
 from .envoy import Envoy
 from .proxy import Proxy
 from .recorder import Recorder, active_recorders
-from .scanning import typed_intervention_error
 from .tracer import Session, Tracer
 from .unroll import remap
 
 
-class NNsight:
+class ModuleWrapper:
     """Wrap any module so its internals can be read and rewritten inside ``with model.trace(...)``.
 
     Inputs given to ``trace``/``invoke`` are the module's positional and keyword arguments;
@@ -70,7 +72,8 @@ class NNsight:
         ``verbose`` shows a remote experiment's progress (default ``config.verbose``).
 
         ``batching=False`` keeps a remote experiment out of co-tenant batches on the shards: it runs
-        alone, bit-exact with a solo run (batched, values may differ by float rounding, ~1e-5 relative).
+        alone, bit-exact with a solo run (batched, values differ by float rounding: up to 4e-7 relative on
+        the tests' tiny models, 2e-5 on SmolLM2-135M).
 
         ``store=`` (an fsspec URL or local path) persists saved tensors above ``persist_threshold``
         bytes (default ``config.persist_threshold``) to Zarr; they come back as lazy tensors.
@@ -81,7 +84,7 @@ class NNsight:
                         backend_options=_verbosity(verbose), positions=positions, batching=batching)
         if trace:
             return tracer
-        return _run_at_once(tracer)
+        return tracer.run_now()
 
     def scan(self, *inputs: Any, **kwargs: Any) -> Tracer:
         """Like ``trace`` but on fake tensors only: shapes are computed (and concrete while recording),
@@ -106,9 +109,6 @@ class NNsight:
         tensors when the block ends, so its errors surface there with their type and the user's line.
         """
         return _EditContext(self, inplace, inputs, kwargs)
-
-    def clear_edits(self) -> None:
-        object.__setattr__(self, "_edits", None)
 
     # -- the module tree ----------------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -140,7 +140,39 @@ class NNsight:
     def inputs(self) -> Proxy:
         return self._envoy.inputs
 
-    # -- plumbing used by tracers ---------------------------------------------------------------------
+    # -- what tracers and envoys use (the Traceable protocol) -------------------------------------------
+    def active_recorder(self) -> Recorder | None:
+        recorders = self._recorders
+        return recorders[-1] if recorders else None
+
+    def open_recording(self, recorder: Recorder) -> None:
+        self._recorders.append(recorder)
+        active_recorders().append(recorder)
+
+    def close_recording(self, recorder: Recorder) -> None:
+        if self._recorders and self._recorders[-1] is recorder:
+            self._recorders.pop()
+        stack = active_recorders()
+        if stack and stack[-1] is recorder:
+            stack.pop()
+
+    def current_session(self) -> Session | None:
+        return getattr(self._threads, "session", None)
+
+    def set_current_session(self, session: Session | None) -> None:
+        self._threads.session = session
+
+    def encode_invoke(self, inputs: tuple[Any, ...], **kwargs: Any) -> dict[str, Any]:
+        return {"args": list(inputs), "kwargs": kwargs}
+
+    def apply_edits(self, recorder: Recorder) -> None:
+        if self._edits is not None:
+            copy_nodes(self._edits, recorder.graph, recorder.pass_index)
+
+    def backend_for(self, remote: Any) -> Backend:
+        return self._remote_backend(remote) if remote else self._local_backend()
+
+    # -- what subclasses provide ---------------------------------------------------------------------
     @property
     def _recorders(self) -> list[Recorder]:
         """Recording contexts open on this model in this thread (threads trace independently)."""
@@ -148,35 +180,6 @@ class NNsight:
         if not hasattr(threads, "recorders"):
             threads.recorders = []
         return threads.recorders
-
-    @property
-    def _session(self) -> Session | None:
-        return getattr(self._threads, "session", None)
-
-    def _set_session(self, session: Session | None) -> None:
-        self._threads.session = session
-
-    def _active_recorder(self) -> Recorder | None:
-        recorders = self._recorders
-        return recorders[-1] if recorders else None
-
-    def _push(self, recorder: Recorder) -> None:
-        self._recorders.append(recorder)
-        active_recorders().append(recorder)
-
-    def _pop(self, recorder: Recorder) -> None:
-        if self._recorders and self._recorders[-1] is recorder:
-            self._recorders.pop()
-        stack = active_recorders()
-        if stack and stack[-1] is recorder:
-            stack.pop()
-
-    def _encode(self, inputs: tuple[Any, ...], **kwargs: Any) -> dict[str, Any]:
-        return {"args": list(inputs), "kwargs": kwargs}
-
-    def _apply_edits(self, recorder: Recorder) -> None:
-        if self._edits is not None:
-            copy_nodes(self._edits, recorder.graph, recorder.pass_index)
 
     def _local_backend(self) -> Backend:
         if self._backend is None:
@@ -194,79 +197,23 @@ class NNsight:
     def _remote_backend(self, remote: Any) -> Backend:
         raise TracingError(f"{type(self).__name__} runs locally; use nd.RemoteModel for remote=...")
 
-    def _backend_for(self, remote: Any) -> Backend:
-        """The backend a run with this ``remote=`` argument goes to."""
-        return self._remote_backend(remote) if remote else self._local_backend()
-
-    def _run(self, recorder: Recorder, context: Tracer | Session) -> Any:
-        """Run a finished recording and hand saved values to their proxies; returns a future when
-        the run is remote and not blocking."""
-        graph = recorder.graph
-        remote = getattr(context, "remote", None)
-        try:
-            backend = self._backend_for(remote)
-            if getattr(context, "validate", False) or getattr(context, "fake", False):
-                try:
-                    fake_result = backend.scan(graph)
-                except Exception as exc:
-                    typed = typed_intervention_error(exc)
-                    if typed is exc:
-                        raise
-                    raise typed.with_traceback(exc.__traceback__) from None
-                if getattr(context, "fake", False):
-                    recorder.finish(fake_result.saves)
-                    return None
-            if not getattr(context, "blocking", True):
-                future = backend.submit(graph, deliver=lambda result: _finish(recorder, context, result))
-                future.add_done_callback(lambda f: _close_unless_done(recorder, f))
-                return future
-            result = backend.run(graph, **getattr(context, "backend_options", {}))
-        except BaseException:
-            recorder.close()
-            raise
-        _finish(recorder, context, result)
-        return None
-
-
-def _run_at_once(tracer: Tracer) -> Any:
-    """``model.trace(inputs, trace=False)``: run the model on the inputs and return its output."""
-    if not tracer._inputs:
-        raise TracingError("trace(trace=False) runs at once, so it needs its inputs: model.trace(inputs, trace=False)")
-    tracer.inject = False
-    with tracer:
-        output = tracer.result.save()
-    return output.value
-
-
-def _finish(recorder: Recorder, context: Any, result: Any) -> None:
-    recorder.finish(result.saves)
-    context.logs = list(result.logs)
-    for line in result.logs:
-        print(line)
-
-
-def _close_unless_done(recorder: Recorder, future: Any) -> None:
-    """A cancelled or failed run hands out nothing: its proxies are closed."""
-    if future.cancelled() or future.exception() is not None:
-        recorder.close()
-
 
 class _Generator:
     """``lm.generator.output``: the generated token ids of a ``generate`` run (of the current invoke's
     rows when read inside an invoke)."""
 
-    def __init__(self, model: NNsight) -> None:
+    def __init__(self, model: ModuleWrapper) -> None:
         self._model = model
 
     @property
     def output(self) -> Proxy:
-        recorder = self._model._active_recorder()
+        recorder = self._model.active_recorder()
         if recorder is None:
             raise TracingError("lm.generator.output can only be used inside `with lm.generate(...)`")
         return recorder.add(Kind.RESULT)  # inside an invoke: that invoke's rows only, as in nnsight
 
 
-class LanguageModel(NNsight):
+class LanguageModelWrapper(ModuleWrapper):
     """A causal language model plus its tokenizer; inputs may be text, token ids or encodings.
 
     Parameters
@@ -333,7 +280,7 @@ class LanguageModel(NNsight):
         """
         return encode_prompt(prompt, self.tokenizer, **kwargs)
 
-    def _encode(self, inputs: tuple[Any, ...], **kwargs: Any) -> dict[str, Any]:
+    def encode_invoke(self, inputs: tuple[Any, ...], **kwargs: Any) -> dict[str, Any]:
         if len(inputs) != 1:
             raise TracingError(f"a language model takes one input per invoke (text, list of texts, token "
                                f"ids or an encoding), got {len(inputs)}")
@@ -382,27 +329,27 @@ def _default_id(module: torch.nn.Module) -> str:
 class _EditContext:
     """``with model.edit() as edited:`` interventions recorded once, applied to every later trace."""
 
-    def __init__(self, model: NNsight, inplace: bool, inputs: tuple[Any, ...] = (),
+    def __init__(self, model: ModuleWrapper, inplace: bool, inputs: tuple[Any, ...] = (),
                  encode_kwargs: dict[str, Any] | None = None) -> None:
         self.model = model
         self.inplace = inplace
         self.inputs = inputs
         self.encode_kwargs = encode_kwargs or {}
         self.recorder = Recorder()
-        self.target: NNsight = model
+        self.target: ModuleWrapper = model
         self._scan: Tracer | None = None
         self._first = 0  # the edit's own nodes start here (a scan first applies the earlier edits)
 
-    def __enter__(self) -> NNsight:
+    def __enter__(self) -> ModuleWrapper:
         self.target = self.model if self.inplace else _copy_wrapper(self.model)
         if self.inputs:
             self._scan = self.target.scan(*self.inputs, **self.encode_kwargs)
             self._scan.__enter__()
-            self.recorder = self._scan._require()
+            self.recorder = self._scan.recorder
             self._first = len(self.recorder.graph.nodes)
         else:
             self.recorder.new_pass("trace", {})
-            self.model._push(self.recorder)  # the copy shares the model's recording stack
+            self.model.open_recording(self.recorder)  # the copy shares the model's recording stack
         return self.target
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -414,7 +361,7 @@ class _EditContext:
         if self._scan is not None:
             self._scan.__exit__(exc_type, exc, tb)  # without an error: the fake run, raising what the edit would
         else:
-            self.model._pop(self.recorder)
+            self.model.close_recording(self.recorder)
         self.recorder.close()
         if refused is not None:
             raise refused
@@ -427,7 +374,7 @@ class _EditContext:
         object.__setattr__(self.target, "_edits", merged)
 
 
-def _copy_wrapper(model: NNsight) -> NNsight:
+def _copy_wrapper(model: ModuleWrapper) -> ModuleWrapper:
     """A wrapper of the same module with its own edits, sharing the envoy tree and the recording
     stack (so ``lm.layer`` and ``edited.layer`` record into whichever of the two is tracing)."""
     clone = object.__new__(type(model))

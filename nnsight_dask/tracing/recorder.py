@@ -216,10 +216,16 @@ class Recorder:
         self.saved[proxy._node] = proxy
         proxy._save_node = save._node
 
-    def rename_saves(self, local_vars: dict[str, Any]) -> None:
-        """Name saves after the user's variables (``h = ....save()`` is returned as ``"h"``)."""
+    def rename_saves(self, local_vars: dict[str, Any]) -> list[str]:
+        """Name saves after the user's variables (``h = ....save()`` is returned as ``"h"``).
+
+        Returns the local names bound to saved proxies of this recorder themselves (not inside a
+        list or dict): those that frame injection (:mod:`.inject`) rebinds to their values."""
         taken = {n.target for n in self.graph.nodes if n.kind == Kind.SAVE}
+        direct: list[str] = []
         for var, value in local_vars.items():
+            if type(value) is Proxy and value._recorder is self and value._save_node is not None:
+                direct.append(var)
             if var.startswith("_"):
                 continue
             candidates: list[tuple[str, Any]] = [(var, value)]
@@ -230,7 +236,7 @@ class Recorder:
             for name, item in candidates:
                 if type(item) is not Proxy or item._recorder is not self:
                     continue
-                save_id = getattr(item, "_save_node", None)
+                save_id = item._save_node
                 if save_id is None:
                     continue
                 node = self.graph.nodes[save_id]
@@ -238,6 +244,7 @@ class Recorder:
                     taken.discard(node.target)
                     node.target = name
                     taken.add(name)
+        return direct
 
     def finish(self, saves: dict[str, Any]) -> None:
         """Stop recording and hand each saved proxy its value.

@@ -5,11 +5,13 @@ backend (local, or remote later) and hands saved values to their proxies.
 """
 from __future__ import annotations
 
+import os
 import sys
 import weakref
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from ..backends.base import Backend, RunResult
 from ..errors import TracingError
 from ..graph.graph import InterventionGraph
 from ..graph.node import Kind, Ref
@@ -18,18 +20,16 @@ from .conditions import CondBlock
 from .inject import inject_saves
 from .proxy import Proxy, map_proxies
 from .recorder import Recorder, active_recorders
+from .running import RunRequest, hand_out, run_recording
 from .scanning import ScanRecorder
+from .traceable import Traceable
 from .unroll import DeferredInput, SessionBlock, TracedItem, sequence_of, unroll
-
-if TYPE_CHECKING:
-    from ..backends.base import Backend
-    from .model import NNsight
 
 
 class Tracer:
     """One run of the model (a forward pass or a generation) and the interventions on it."""
 
-    def __init__(self, model: NNsight, inputs: tuple[Any, ...], *, kind: str = "trace", remote: Any = None,
+    def __init__(self, model: Traceable, inputs: tuple[Any, ...], *, kind: str = "trace", remote: Any = None,
                  execute: bool = True, validate: bool = False, fake: bool = False, scan: bool = False,
                  blocking: bool = True,
                  run_kwargs: dict[str, Any] | None = None, encode_kwargs: dict[str, Any] | None = None,
@@ -61,8 +61,7 @@ class Tracer:
         self._inputs = inputs
         self._implicit: Invoker | None = None
         self._recorder: Recorder | None = None
-        self._session = model._session
-        self._invoked = False
+        self._session = model.current_session()
         self._branches = 0  # `if`s on traced values open when the block opened (see control_flow)
         self.future: Any = None
         self.logs: list[str] = []
@@ -73,6 +72,11 @@ class Tracer:
     def graph(self) -> InterventionGraph:
         """The intervention graph recorded so far."""
         return self._require().graph
+
+    @property
+    def recorder(self) -> Recorder:
+        """The recording of the open block (a session's, inside a session)."""
+        return self._require()
 
     def _require(self) -> Recorder:
         if self._recorder is None:
@@ -85,13 +89,13 @@ class Tracer:
             self._recorder = self._session.recorder
         else:
             self._recorder = ScanRecorder(self._backend) if self.scan else Recorder()
-            self._recorder.graph.model = self.model._model_id
+            self._recorder.graph.model = self.model.model_id
         recorder = self._recorder
         self._branches = control_flow.depth()
         recorder.graph.options.update(self.options)
         recorder.new_pass(self.kind, self.run_kwargs)
-        self.model._push(recorder)
-        self.model._apply_edits(recorder)
+        self.model.open_recording(recorder)
+        self.model.apply_edits(recorder)
         if self._inputs:
             self._implicit = Invoker(self, self._inputs, self.encode_kwargs)
             self._implicit.__enter__()
@@ -102,7 +106,7 @@ class Tracer:
         control_flow.close_from(self._branches, finished=exc_type is None)
         if self._implicit is not None:
             self._implicit.__exit__(None, None, None)
-        self.model._pop(recorder)
+        self.model.close_recording(recorder)
         if self._session is not None:
             recorder.end_pass()
         if exc_type is not None:
@@ -112,18 +116,33 @@ class Tracer:
         if not recorder.graph.passes[recorder.pass_index].invokes:
             raise TracingError("the trace has no inputs: pass them to trace(...) or open `with tracer.invoke(...)`")
         caller = sys._getframe(1)
-        recorder.rename_saves(caller.f_locals)
+        saved_locals = recorder.rename_saves(caller.f_locals)
         if self._session is not None:
             return
         if not self.execute:
             recorder.close()
             return
-        self.future = self.model._run(recorder, self)
-        if self.future is None and not self.fake and self.inject:
-            inject_saves(caller, recorder)
+        request = RunRequest(remote=self.remote, scan_first=self.validate, fake_only=self.fake,
+                             blocking=self.blocking, options=self.backend_options)
+        self.future = run_recording(self.model, recorder, request, self._deliver)
+        if self.future is None and not self.fake and self.inject and saved_locals:
+            inject_saves(caller, recorder, saved_locals)
+
+    def _deliver(self, result: RunResult) -> None:
+        self.logs = hand_out(self._require(), result)
 
     def _backend(self) -> Backend:
-        return self.model._backend_for(self.remote)
+        return self.model.backend_for(self.remote)
+
+    def run_now(self) -> Any:
+        """``model.trace(inputs, trace=False)``: run the model on the inputs and return its output."""
+        if not self._inputs:
+            raise TracingError("trace(trace=False) runs at once, so it needs its inputs: "
+                               "model.trace(inputs, trace=False)")
+        self.inject = False
+        with self:
+            output = self.result.save()
+        return output.value
 
     # -- sub-contexts ----------------------------------------------------------------------------------
     def invoke(self, *inputs: Any, **encode_kwargs: Any) -> Invoker:
@@ -163,7 +182,7 @@ class Tracer:
         return self._require().add(Kind.RESULT, invoke=None)
 
     def __repr__(self) -> str:
-        return f"<Tracer {self.kind} of {self.model._model_id or type(self.model._module).__name__}>"
+        return f"<Tracer {self.kind} of {self.model.model_id}>"
 
 
 class Invoker:
@@ -183,7 +202,7 @@ class Invoker:
         proxies: list[Proxy] = []
         map_proxies(self.inputs, proxies.append)
         if not proxies:
-            self.index = recorder.add_invoke(self.tracer.model._encode(self.inputs, **self.encode_kwargs))
+            self.index = recorder.add_invoke(self.tracer.model.encode_invoke(self.inputs, **self.encode_kwargs))
         elif session is not None and any(session._is_traced_item(proxy) for proxy in proxies):
             raise TracingError(
                 "an item of a traced list cannot be a trace's input: inputs are encoded while recording and the "
@@ -191,7 +210,7 @@ class Invoker:
         elif session is not None and all(session._is_item(proxy) for proxy in proxies):
             self.index = recorder.add_invoke({})  # filled in per item when the session.iter block closes
             session._deferred[(recorder.pass_index, self.index)] = DeferredInput(
-                self.inputs, self.encode_kwargs, self.tracer.model._encode)
+                self.inputs, self.encode_kwargs, self.tracer.model.encode_invoke)
         elif session is not None and len(self.inputs) == 1 and self.inputs[0] is proxies[0] and len(proxies) == 1 \
                 and self._from_an_earlier_trace(recorder, proxies[0]):
             # token ids computed by an earlier trace (e.g. its generated tokens): resolved when this pass starts
@@ -255,13 +274,13 @@ class Session:
     """``with model.session():`` several traces recorded as one graph and run together at the end,
     so values flow from one trace to the next (remotely: one request)."""
 
-    def __init__(self, model: NNsight, remote: Any = None, blocking: bool = True, *, store: Any = None,
+    def __init__(self, model: Traceable, remote: Any = None, blocking: bool = True, *, store: Any = None,
                  persist_threshold: int | None = None, storage_options: dict[str, Any] | None = None) -> None:
         self.model = model
         self.remote = remote
         self.blocking = blocking
         self.recorder = Recorder()
-        self.recorder.graph.model = model._model_id
+        self.recorder.graph.model = model.model_id
         self.recorder.graph.options.update(experiment_options(store, persist_threshold, storage_options))
         self.future: Any = None
         self.logs: list[str] = []
@@ -297,9 +316,9 @@ class Session:
         return any(proxy is block.item and isinstance(block.items[0], TracedItem) for block in self._blocks)
 
     def __enter__(self) -> Session:
-        if self.model._session is not None:
+        if self.model.current_session() is not None:
             raise TracingError("sessions cannot be nested")
-        self.model._set_session(self)
+        self.model.set_current_session(self)
         self._active = True
         self._branches = control_flow.depth()
         active_recorders().append(self.recorder)  # nd.list(), nd.apply() between traces record here
@@ -307,7 +326,7 @@ class Session:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         control_flow.close_from(self._branches, finished=exc_type is None)
-        self.model._set_session(None)
+        self.model.set_current_session(None)
         self._active = False
         stack = active_recorders()
         if stack and stack[-1] is self.recorder:
@@ -316,14 +335,18 @@ class Session:
             self.recorder.close()
             return
         caller = sys._getframe(1)
-        self.recorder.rename_saves(caller.f_locals)
+        saved_locals = self.recorder.rename_saves(caller.f_locals)
         if not self.recorder.graph.passes:
             self.recorder.close()
             return
         self.recorder.place_session_nodes()
-        self.future = self.model._run(self.recorder, self)
-        if self.future is None:
-            inject_saves(caller, self.recorder)
+        request = RunRequest(remote=self.remote, blocking=self.blocking)
+        self.future = run_recording(self.model, self.recorder, request, self._deliver)
+        if self.future is None and saved_locals:
+            inject_saves(caller, self.recorder, saved_locals)
+
+    def _deliver(self, result: RunResult) -> None:
+        self.logs = hand_out(self.recorder, result)
 
 
 class SessionIteration:
@@ -369,8 +392,6 @@ def experiment_options(store: Any, persist_threshold: int | None,
     """The graph options for persisted saves (``store=`` any fsspec URL or local path)."""
     options: dict[str, Any] = {}
     if store is not None:
-        import os
-
         options["store"] = os.fspath(store)
     if persist_threshold is not None:
         if int(persist_threshold) < 0:
