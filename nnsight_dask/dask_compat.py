@@ -15,6 +15,12 @@ def send_to_scheduler(client: Any, message: dict[str, Any]) -> None:
     client._send_to_scheduler(message)
 
 
+def send_to_scheduler_from_loop(client: Any, message: dict[str, Any]) -> None:
+    """:func:`send_to_scheduler` for code already on the client's event loop: no hand-off to the loop
+    (``Client._send_to_scheduler_safe``)."""
+    client._send_to_scheduler_safe(message)
+
+
 def shorten_stream_interval(client: Any, interval: float) -> None:
     """Send the client's batched messages to the scheduler at least every ``interval`` seconds
     (Dask holds them up to 10 ms); a reconnecting client gets a new stream, so call it again."""

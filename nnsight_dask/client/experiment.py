@@ -27,14 +27,14 @@ import functools
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from distributed import Client
 from distributed.protocol import to_serialize
 
 from .. import config
-from ..dask_compat import send_to_scheduler, shorten_stream_interval
+from ..dask_compat import send_to_scheduler, send_to_scheduler_from_loop, shorten_stream_interval
 from ..errors import DeploymentError, ExperimentFailedError
 from ..execution.partition import assign_shards
 from ..execution.stage import Stage, plan_stages
@@ -88,8 +88,8 @@ def plan_for(record: Deployment, graph: InterventionGraph) -> list[Stage]:
 
 
 def launch_batch(client: Client, batch: Batch) -> None:
-    """Make the batch's :class:`~nnsight_dask.worker.hop.Hop` (sent by the coalescer) and tell the
-    deployment's monitor who submitted what, on the client's stream to the scheduler.
+    """Make the batch's :class:`~nnsight_dask.worker.hop.Hop` (sent by the coalescer, which also
+    tells the deployment's monitor who submitted what, on the client's stream to the scheduler).
 
     Every member's graph goes with the hop until each shard has seen it; the first shard's worker
     answers ``{experiment: Results | error}``.
@@ -98,21 +98,28 @@ def launch_batch(client: Client, batch: Batch) -> None:
     register_serializers()
     workers = {shard.index: shard.worker for shard in record.shards}
     ids = "+".join(member.experiment for member in batch.members)
-    for member in batch.members:
-        announce(client, record, event="submitted", experiment=member.experiment, deployment=record.name,
-                 user=member.user or config.user, stages=len(stages), shards=[stage.shard for stage in stages],
-                 workers=sorted(set(workers.values())), retry_of=member.retry_of, reason=member.reason,
-                 route=ids)
+    submitted = [{"op": monitor.STREAM_OP, "event": "submitted", "experiment": member.experiment,
+                  "deployment": record.name, "user": member.user or config.user, "stages": len(stages),
+                  "shards": [stage.shard for stage in stages], "workers": sorted(set(workers.values())),
+                  "retry_of": member.retry_of, "reason": member.reason, "route": ids}
+                 for member in batch.members] if record.monitor else []
     hop = Hop(route=f"{ids}-{uuid.uuid4().hex[:6]}", origin=workers[stages[0].shard], deployment=record.name,
               stages=list(stages), workers=workers,
               graphs={member.experiment: member.graph_json for member in batch.members},
               carries=dict.fromkeys(member.experiment for member in batch.members))
-    batch.send = functools.partial(send_hop, client, hop)
+    batch.send = functools.partial(send_hop, client, hop, submitted)
 
 
-async def send_hop(client: Client, hop: Hop) -> dict[str, Any]:
-    """Call the route's first worker (on the client's event loop) and return its answers; a worker
-    that cannot be reached is a :class:`~nnsight_dask.worker.registry.ShardUnavailableError`."""
+async def send_hop(client: Client, hop: Hop, announcements: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """Tell the monitor about the route's members (``announcements``) and call the route's first
+    worker, both from the client's event loop (announcing from the caller's thread cost one more
+    wake-up of the loop per experiment), and return its answers; a worker that cannot be reached is
+    a :class:`~nnsight_dask.worker.registry.ShardUnavailableError`."""
+    for message in announcements:
+        try:
+            send_to_scheduler_from_loop(client, message)
+        except Exception:  # monitoring must never fail an experiment
+            pass
     try:
         if config.direct_to_workers:
             answer = await client.rpc(hop.origin).nnsight_dask_route(hop=to_serialize(hop))
