@@ -5,7 +5,8 @@ registered worker plugins there before it takes tasks, so our carry serializer i
 the first carry reaches it. ``serve`` registers the plugin each time; registering again replaces
 the old instance (Dask tears it down first), so the plugin holds no state and its teardown leaves
 the worker as it is (the shards of other deployments on the worker must live on), unless the worker
-is closing: then it sends the shards' last telemetry.
+is closing: then it closes the worker's shards and sends their last telemetry (a process may outlive
+its worker: a test's in-process cluster, whose shards would otherwise stay in the process's registry).
 
 The plugin installs the worker's end of the direct route (:mod:`.routing`: the handlers experiments
 travel by), sends the shards' telemetry every :data:`~.telemetry.FLUSH_SECONDS`
@@ -58,11 +59,18 @@ class ShardWorkerPlugin(WorkerPlugin):
             callback.start()
 
     def teardown(self, worker: Any) -> None:
-        """A worker that closes sends the passes still buffered, and stops keeping new ones; the
-        teardown before a registration replaces this plugin (the worker running on) does nothing."""
-        if worker.status in (Status.closing, Status.closing_gracefully, Status.closed):
-            telemetry.flush(worker)
-            telemetry.PASSES.stop_sending(worker)
+        """A worker that closes closes the shards it holds (they leave the process's registry, their
+        experiments end with the reason), sends the passes still buffered and stops keeping new
+        ones. The teardown before a registration replaces this plugin (the worker running on) does
+        nothing."""
+        if worker.status not in (Status.closing, Status.closing_gracefully, Status.closed):
+            return
+        actors = list(worker.state.actors.values())
+        for shard in registry.shards():
+            if any(shard is actor for actor in actors):
+                shard.close(f"its worker {worker.address} closed")
+        telemetry.flush(worker)
+        telemetry.PASSES.stop_sending(worker)
 
 
 def cancel_experiments(experiments: list[str], reason: str = "cancelled") -> int:
