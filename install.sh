@@ -18,8 +18,9 @@ pip_install() { "$PYTHON" -m pip install --quiet "$@" </dev/null; }
 
 version="$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
 if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
-    echo "install.sh: nnsight-dask needs Python 3.11 or newer (zarr 3 does); $PYTHON is $version." \
-         "Use PYTHON=python3.11 bash install.sh (or 3.12, 3.13)" >&2
+    echo "install.sh: nnsight-dask needs Python 3.11 or newer: every zarr 3 release requires it" \
+         "(on 3.10 pip finds only zarr 2); $PYTHON is $version. Use PYTHON=python3.11 bash install.sh" \
+         "(or 3.12, 3.13)" >&2
     exit 1
 fi
 lock="requirements/lock-py$version.txt"

@@ -75,7 +75,7 @@ ACTIVITIES: dict[str, list[tuple[str, tuple[str, ...]]]] = {
     ],
     "worker": [
         ("stage: decode + validate the graph", ("ShardActor._admit", "ShardActor._start")),
-        ("stage: forward pass (hooks, layers)", ("ShardRunner.forward", "ShardRunner.conclude")),
+        ("stage: forward pass (hooks, layers)", ("ShardRunner.forward",)),
         ("stage: rest of run_stage", ("run_stage",)),
         ("Dask's own profiler thread", ("distributed/profile.py",)),
         ("fetch carry from previous worker", ("Worker.gather_dep", "get_data_from_worker")),

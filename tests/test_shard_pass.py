@@ -44,6 +44,7 @@ def record(model: torch.nn.Module, tokenizer: Any, prompt: str, scale: float) ->
         lm.model.layers[0].output[:, -1] *= scale
         lm.model.layers[1].output.save(name="h1")
         lm.output.logits[:, -1].save(name="last")
+        tracer.result.logits.save(name="result")  # the pass's result: the co-tenant's rows only
     return tracer.graph
 
 
@@ -75,7 +76,7 @@ def test_co_tenants_share_one_hook_per_module_and_get_their_solo_values(runner: 
         assert isinstance(tenant.outcome, Carry), tenant.outcome
         got = collect_saves(graph, tenant.outcome.values)
         expected = run_graph(model, graph, pad_token_id=tiny_tokenizer.pad_token_id).saves
-        for name in ("h1", "last"):
+        for name in ("h1", "last", "result"):
             assert_close(got[name], expected[name])
 
 

@@ -2,7 +2,6 @@
 each later generation step's (the token just picked, one column more of mask and positions)."""
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 
@@ -33,11 +32,11 @@ def first_inputs(state: ExperimentState, carry: Carry, pass_index: int, pad_toke
     carry.stopped = False
 
 
-def next_token(state: ExperimentState, stage: Stage, carry: Carry, output: Any, pad_token_id: int,
+def next_token(state: ExperimentState, stage: Stage, carry: Carry, logits: torch.Tensor, pad_token_id: int,
                eos: list[int]) -> None:
-    """On the last shard after a generation step: pick the next token (greedy, or the pass's seeded
-    sampler), mark sequences that reached ``eos`` finished, and make the next step's inputs."""
-    logits = output.logits if hasattr(output, "logits") else output[0]
+    """On the last shard after a generation step (``logits``: the experiment's): pick the next token
+    (greedy, or the pass's seeded sampler), mark sequences that reached ``eos`` finished, and make the
+    next step's inputs."""
     sampler = state.samplers.get(stage.pass_index)
     if sampler is None and stage.pass_index not in state.samplers:
         sampler = state.samplers[stage.pass_index] = SeededSampler.from_options(

@@ -24,7 +24,7 @@ from ..errors import InterventionError
 from ..graph.allocation import ExperimentBudget, OpBounds
 from ..graph.graph import InterventionGraph
 from ..graph.node import Kind, Ref
-from .batching import narrow_window, stack_hidden
+from .batching import Window, narrow_window, stack_hidden
 from .cotenancy import CoTenant, EveryoneLeft, PassInputs, stop_hook
 from .executor import Quiet
 from .generation_step import first_inputs, next_token
@@ -106,9 +106,9 @@ class ShardRunner:
         interleavers: list[Interleaver] = []
         for tenant in tenants:
             try:
-                inter = self.begin(tenant.state, tenant.stage, tenant.carry)
+                inter = self._begin(tenant.state, tenant.stage, tenant.carry)
                 if idle(tenant.carry):
-                    tenant.outcome = self.conclude(tenant.state, tenant.stage, tenant.carry, inter)
+                    tenant.outcome = self._conclude(tenant.state, tenant.stage, tenant.carry, inter)
                     continue
             except Exception as exc:
                 tenant.outcome = exc
@@ -137,14 +137,16 @@ class ShardRunner:
             handles.extend(hook_modules(seats, self.quiet))
             if not self.last:  # end the forward where the shard's layers end, keeping the hidden state
                 handles.append(self.last_layer.register_forward_hook(_exit_hook(exit_value)))
-            for seat in seats:
-                seat.run(seat.interleaver.drain)
             with torch.enable_grad() if any(t.state.graph.needs_grad for t in live) else torch.no_grad():
+                for seat in seats:
+                    seat.run(seat.interleaver.drain)
                 if any(seat.halted is None for seat in seats):
                     output = self.model(**inputs.inputs)
         except StopForward:
-            if not exit_value:  # not the shard's end: a lone tenant's own stop()
-                seats[0].halt(StopForward())
+            if not exit_value:  # not the shard's end: a lone tenant's own stop() (a windowed one halts itself)
+                for seat in seats:
+                    if seat.window is None:
+                        seat.halt(StopForward())
         except EveryoneLeft:
             pass
         except Exception as exc:  # alone: the tenant's own error; shared: the model's, everyone's
@@ -158,7 +160,7 @@ class ShardRunner:
         for tenant, seat in zip(live, seats):
             self._conclude_seat(tenant, seat, exit_hidden, output)
 
-    def begin(self, state: ExperimentState, stage: Stage, carry: Carry) -> Interleaver:
+    def _begin(self, state: ExperimentState, stage: Stage, carry: Carry) -> Interleaver:
         """Everything before the model runs: the stop check, the first inputs (shard 0, step 0),
         the pass's interleaver with the values that arrived."""
         check_stop(state)
@@ -210,16 +212,17 @@ class ShardRunner:
                 if isinstance(own_exit, tuple):
                     own_exit = own_exit[0]
                 exit_hidden = own_exit.contiguous() if own_exit is not None else None
-                output = narrow_window(output, window)
-            tenant.outcome = self.conclude(tenant.state, tenant.stage, tenant.carry, seat.interleaver,
-                                           exit_hidden, output)
+            tenant.outcome = self._conclude(tenant.state, tenant.stage, tenant.carry, seat.interleaver,
+                                            exit_hidden, output, window)
         except Exception as exc:
             tenant.outcome = exc
 
-    def conclude(self, state: ExperimentState, stage: Stage, carry: Carry, inter: Interleaver,
-                 exit_hidden: Any = None, output: Any = None) -> Carry:
-        """Everything after the model ran (``exit_hidden``/``output``: this experiment's part of them):
-        the hidden state to hand on, the next token, the values and saves to export."""
+    def _conclude(self, state: ExperimentState, stage: Stage, carry: Carry, inter: Interleaver,
+                  exit_hidden: Any = None, output: Any = None, window: Window | None = None) -> Carry:
+        """Everything after the model ran: the hidden state to hand on (``exit_hidden``, this
+        experiment's own), the next token, the values and saves to export. ``output`` is the pass's;
+        this experiment's part of it is its ``window`` (None: all of it), cut only where it is read
+        (the logits of a generation step, the pass's result)."""
         run = state.graph.passes[stage.pass_index]
         steps = run.steps if run.kind == "generate" else 1
         carry.hidden = None
@@ -231,7 +234,11 @@ class ShardRunner:
         if self.last and output is not None:
             carry.steps_run = stage.step + 1
             if run.kind == "generate":
-                next_token(state, stage, carry, output, self.pad_token_id, self.eos)
+                logits = output.logits if hasattr(output, "logits") else output[0]
+                next_token(state, stage, carry, logits if window is None else narrow_window(logits, window),
+                           self.pad_token_id, self.eos)
+            elif window is not None and inter.plan.result_keys:
+                output = narrow_window(output, window)
         final = stage.step == steps - 1 or idle(carry)
         return self._export(state, carry, inter, final=final, stage=stage, output=output)
 

@@ -3,8 +3,10 @@
 Why a plugin: a worker the Nanny restarts after a crash comes back as a fresh process. Dask runs
 registered worker plugins there before it takes tasks, so our carry serializer is in place before
 the first carry reaches it. ``serve`` registers the plugin each time; registering again replaces
-the old instance (Dask tears it down first), so the plugin holds no state and its teardown does
-nothing: the shards of other deployments on the worker must live on.
+the old instance (Dask tears it down first), so the plugin holds no state and its teardown leaves
+the worker as it is (the shards of other deployments on the worker must live on), unless the worker
+is closing: then it closes the worker's shards and sends their last telemetry (a process may outlive
+its worker: a test's in-process cluster, whose shards would otherwise stay in the process's registry).
 
 The plugin installs the worker's end of the direct route (:mod:`.routing`: the handlers experiments
 travel by), sends the shards' telemetry every :data:`~.telemetry.FLUSH_SECONDS`
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from distributed.core import Status
 from distributed.diagnostics.plugin import WorkerPlugin
 from tornado.ioloop import PeriodicCallback
 
@@ -49,10 +52,25 @@ class ShardWorkerPlugin(WorkerPlugin):
         worker.handlers[CANCEL_HANDLER] = cancel_experiments
         worker.handlers[CLOSE_HANDLER] = close_shards
         routing.router_of(worker)
+        telemetry.PASSES.send_from(worker)
         if FLUSH_CALLBACK not in worker.periodic_callbacks:
             callback = PeriodicCallback(lambda: telemetry.flush(worker), telemetry.FLUSH_SECONDS * 1000)
             worker.periodic_callbacks[FLUSH_CALLBACK] = callback
             callback.start()
+
+    def teardown(self, worker: Any) -> None:
+        """A worker that closes closes the shards it holds (they leave the process's registry, their
+        experiments end with the reason), sends the passes still buffered and stops keeping new
+        ones. The teardown before a registration replaces this plugin (the worker running on) does
+        nothing."""
+        if worker.status not in (Status.closing, Status.closing_gracefully, Status.closed):
+            return
+        actors = list(worker.state.actors.values())
+        for shard in registry.shards():
+            if any(shard is actor for actor in actors):
+                shard.close(f"its worker {worker.address} closed")
+        telemetry.flush(worker)
+        telemetry.PASSES.stop_sending(worker)
 
 
 def cancel_experiments(experiments: list[str], reason: str = "cancelled") -> int:

@@ -4,7 +4,10 @@
   Passes are buffered in the process (:data:`PASSES`) and sent as one event per worker every
   :data:`FLUSH_SECONDS` (:func:`flush`, a periodic callback of the worker), so a busy deployment
   sends a few messages a second, not several per experiment. The monitor counts stages, busy time
-  and co-tenants from them and draws them in Dask's task stream.
+  and co-tenants from them and draws them in Dask's task stream. The buffer keeps passes only while
+  a worker of the process sends them (:meth:`PassLog.send_from`), and a worker that closes sends what
+  is left first: passes of shards built outside a worker, or run after their worker closed, are not
+  kept for whichever worker of the process (an in-process test cluster's) would send them next.
 - :data:`RUNNING_TOPIC`: which experiment computes on this worker now, sent at once only when it
   matters (:class:`RunningAnnouncer`): when the worker dies, the monitor blames the experiment that
   was computing there, not those waiting behind it.
@@ -27,11 +30,24 @@ ANNOUNCE_AFTER = 0.05
 
 
 class PassLog:
-    """The passes this process's shards ran since the last flush (thread-safe)."""
+    """The passes this process's shards ran since the last flush (thread-safe), kept while a worker
+    of the process sends them."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._passes: list[dict[str, Any]] = []
+        #: Ids of the workers of this process that send the passes (one, outside tests).
+        self._senders: set[int] = set()
+
+    def send_from(self, worker: Any) -> None:
+        """``worker`` sends the passes from now on (its periodic :func:`flush`)."""
+        with self._lock:
+            self._senders.add(id(worker))
+
+    def stop_sending(self, worker: Any) -> None:
+        """``worker`` closes; with no sender left, later passes are not kept."""
+        with self._lock:
+            self._senders.discard(id(worker))
 
     def add(self, deployment: str, shard: int, stages: list[tuple[str, str]], start: float, stop: float) -> None:
         """One pass of shard ``shard``: ``stages`` are its ``(experiment, stage label)`` pairs;
@@ -40,7 +56,8 @@ class PassLog:
                  "experiments": [experiment for experiment, _ in stages], "labels": [label for _, label in stages],
                  "thread": threading.get_ident()}
         with self._lock:
-            self._passes.append(entry)
+            if self._senders:
+                self._passes.append(entry)
 
     def take(self) -> list[dict[str, Any]]:
         with self._lock:
