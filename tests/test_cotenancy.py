@@ -26,6 +26,7 @@ from nnsight_dask.execution.stage import Carry, plan_stages
 from nnsight_dask.graph import InterventionGraph
 from nnsight_dask.models import owner_of, plan_shards, tiny_gpt2, tiny_llama
 from nnsight_dask.storage.results import TensorRef
+from nnsight_dask.worker.plugin import cancel_experiments
 from nnsight_dask.worker.registry import ExperimentCancelledError
 from nnsight_dask.worker.results import Results
 from nnsight_dask.worker.shard_actor import ShardActor
@@ -158,7 +159,7 @@ def test_a_member_cancelled_mid_pass_leaves_at_the_next_layer(shards: list[Shard
     layer1 = shards[0].server.runner.model.model.layers[1]
     # the cancel arrives (from the worker's event loop, lock-free) while shard 0 computes layer 0
     def cancel_now(*_: Any) -> None:
-        shards[0].cancel(["leaves"], "the user pressed stop")
+        cancel_experiments(["leaves"], "the user pressed stop")
 
     handle = layer1.register_forward_pre_hook(cancel_now)
     try:

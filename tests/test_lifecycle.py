@@ -31,6 +31,7 @@ from nnsight_dask.execution.partition import assign_shards
 from nnsight_dask.execution.stage import plan_stages
 from nnsight_dask.models import owner_of, save_tiny, tiny_llama
 from nnsight_dask.worker import registry, tasks
+from nnsight_dask.worker.plugin import cancel_experiments
 from nnsight_dask.worker.registry import ExperimentCancelledError
 from nnsight_dask.worker.shard_actor import ShardActor
 
@@ -117,7 +118,7 @@ def test_a_stopped_experiment_leaves_the_model_before_the_next_layer(tiny_tokeni
         hooks = [layer.register_forward_pre_hook(lambda _m, _a, i=i: ran.append(i)) for i, layer in enumerate(layers)]
 
         def cancel_now(*_):  # a cancel arriving while layer 1 computes (what the worker's handler does)
-            shard.cancel(["stopped"], "cancelled by its owner")
+            cancel_experiments(["stopped"], "cancelled by its owner")
         hooks.append(layers[1].register_forward_hook(cancel_now))
         with pytest.raises(ExperimentCancelledError, match="cancelled by its owner"):
             shard.server.run("stopped", stage, graph.to_json(), None, True)

@@ -35,6 +35,7 @@ from nnsight_dask.graph.node import Kind, Node
 from nnsight_dask.graph.ops import KEY_FUNCTIONS, MethodRef, check_op_call, container_method_names, registry
 from nnsight_dask.graph.validate import validate_graph
 from nnsight_dask.models import owner_of, tiny_llama
+from nnsight_dask.worker.plugin import cancel_experiments
 from nnsight_dask.worker.registry import ExperimentCancelledError
 from nnsight_dask.worker.shard_actor import ShardActor
 
@@ -389,7 +390,7 @@ def test_a_cancel_stops_an_experiment_between_two_of_its_nodes(lm: Any, tiny_tok
     one = _timed(torch.matmul, (torch.ones(size, size), torch.ones(size, size)))
     try:
         # an id of its own: stop flags are per process, and other tests run experiments named "hog"
-        timer = threading.Timer(0.3, actor.cancel, args=(["cancelled-hog"], "cancelled by its owner"))
+        timer = threading.Timer(0.3, cancel_experiments, args=(["cancelled-hog"], "cancelled by its owner"))
         started = time.monotonic()
         timer.start()
         with pytest.raises(ExperimentCancelledError, match="cancelled by its owner"):

@@ -2,12 +2,13 @@
 
 The actor reads only its shard's weights (see :mod:`..models.shard_loading`), registers itself in
 the worker's process registry, and answers the calls of a deployment's life (describe, status,
-close, retire, cancel). Experiments reach its :class:`~.shard_server.ShardServer` by the direct
+close, retire). Experiments reach its :class:`~.shard_server.ShardServer` by the direct
 route (:mod:`.routing`), in-process.
 
-Stopping never waits for a running stage: :meth:`ShardActor.cancel`, :meth:`~ShardActor.close` and
-:meth:`~ShardActor.retire` are called from the worker's event loop (the handlers of :mod:`.plugin`)
-while a stage may be running; the running stage sees the stop before its next decoder layer.
+Stopping never waits for a running stage: :meth:`~ShardActor.close`, :meth:`~ShardActor.retire` and
+cancelling (:func:`.plugin.cancel_experiments`, for every shard of the worker) are called from the
+worker's event loop (the handlers of :mod:`.plugin`) while a stage may be running; the running
+stage sees the stop before its next decoder layer.
 """
 from __future__ import annotations
 
@@ -34,7 +35,6 @@ from ..models.loading import check_shard_load_options
 from ..models.shard_loading import load_shard
 from ..tensors import nbytes
 from . import registry, telemetry
-from .registry import ExperimentCancelledError
 from .serialization import register as register_serializers
 from .shard_server import ShardServer
 
@@ -186,14 +186,6 @@ class ShardActor:
         timer = threading.Timer(RETIRE_GRACE_SECONDS, self.close)
         timer.daemon = True
         timer.start()
-
-    def cancel(self, experiments: list[str], reason: str = "cancelled") -> int:
-        """Stop ``experiments`` (lock-free): a running stage of theirs ends before its next decoder
-        layer, later ones are refused, their state is freed now. Returns how many were held here."""
-        registry.stop(experiments, ExperimentCancelledError(
-            f"experiment(s) {', '.join(experiments)} stopped on the deployment's shards: {reason}",
-            experiments=list(experiments), reason=reason))
-        return self.server.release_many(experiments)
 
 
 def _this_worker() -> Any:

@@ -9,17 +9,6 @@ from typing import Any
 from . import registry
 
 
-def release(deployment: str, index: int, experiment: str) -> None:
-    """Forget an experiment's state on this shard (after it ended, or was cancelled or failed).
-
-    A task waits behind the stage running on the worker; to stop a running experiment at once, use
-    the worker handler ``plugin.CANCEL_HANDLER`` instead (what clients do)."""
-    try:
-        registry.lookup(deployment, index).server.release(experiment)
-    except registry.ShardUnavailableError:
-        pass
-
-
 def shard_status(deployment: str, index: int) -> dict[str, Any]:
     import psutil
 
