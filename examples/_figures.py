@@ -39,7 +39,10 @@ def heatmap(values: torch.Tensor, rows: Sequence[str], columns: Sequence[str], t
     span = high - low or 1.0
     font = ImageFont.load_default(size=max(10, cell // 2))
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    text_width = lambda text: int(measure.textlength(text, font=font))  # noqa: E731
+
+    def text_width(text: str) -> int:
+        return int(measure.textlength(text, font=font))
+
     left = _MARGIN + max(text_width(r) for r in rows) + _MARGIN
     width = max(cell, max(text_width(c) for c in columns) + 4)  # columns widen to fit their labels
     top = _MARGIN + cell + _MARGIN

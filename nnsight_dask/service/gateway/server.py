@@ -49,7 +49,9 @@ class Gateway:
     Parameters
     ----------
     scheduler
-        The cluster: a scheduler address (the gateway opens its own client) or a ``Client``.
+        The cluster: a scheduler address (the gateway opens its own client) or a ``Client``. A
+        ``Client`` counts as the gateway's while it serves: experiments sent through it directly are
+        then shown as the gateway's too (``via``), and no longer once the gateway stops.
     keys
         The users: a path to ``keys.toml`` or a :class:`~.keys.KeyRing`.
     host, port
@@ -189,8 +191,10 @@ class Gateway:
         self.core.validation_pool.shutdown()
         self.core.io_pool.shutdown()
         self.core.state.close()
-        if self._own_client and self.client is not None:
-            self.client.close()
+        if self.client is not None and self._own_client:
+            self.client.close()  # the monitor forgets a client that leaves
+        elif self.client is not None:  # the caller's client, still in use: no longer a gateway's
+            self.client.run_on_scheduler(_on_scheduler, gateway=self.client.id, trusted=False)
         self.client = None
 
     def __enter__(self) -> Gateway:
@@ -200,10 +204,12 @@ class Gateway:
         self.stop()
 
 
-def _on_scheduler(dask_scheduler: Any, gateway: str) -> None:
+def _on_scheduler(dask_scheduler: Any, gateway: str, trusted: bool = True) -> None:
     """Run on the scheduler (Dask passes it by this parameter's name): tell the experiment monitor
     that Dask client ``gateway`` stamps authenticated users (the monitor, registered by then, has
-    mounted the Experiments page)."""
+    mounted the Experiments page), or, ``trusted=False``, that it no longer serves as a gateway."""
     found = monitor.monitor_of(dask_scheduler)
-    if found is not None:
+    if found is not None and trusted:
         found.trust_gateway(gateway)
+    elif found is not None:
+        found.gateways.discard(gateway)
