@@ -1,8 +1,8 @@
 """Co-tenant batching: many users' experiments on one deployment cost little more than one's.
 
-One run, on a LocalCluster of 2 worker processes x ``--threads`` Dask threads (default 16: a stage
-can only wait in a shard's queue while it holds a worker thread, so a worker with k threads batches
-at most k experiments; one torch thread per shard), each model deployed in 2 shards, prints:
+One run, on a LocalCluster of 2 worker processes x ``--threads`` Dask threads (default 2: each shard
+computes in a thread of its own and waiting stages hold no Dask thread; one torch thread per shard),
+each model deployed in 2 shards, prints:
 
 1. **Throughput, separate client processes.** Experiments/s of 1 and of 10 client processes (one
    ``Client`` each, one experiment in flight each), in alternating windows. Every result is checked
@@ -154,7 +154,7 @@ def shard_batches(client, model: Model) -> list[dict[int, int]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny GPT-2 only, shorter windows")
-    parser.add_argument("--threads", type=int, default=16, help="Dask threads per worker (default 16)")
+    parser.add_argument("--threads", type=int, default=2, help="Dask threads per worker (default 2)")
     args = parser.parse_args()
 
     from distributed import Client, LocalCluster

@@ -16,9 +16,9 @@ def _client(scheduler: str | None, workers: int = 2) -> Any:
 
     if scheduler:
         return Client(scheduler), None
-    # several Dask threads per worker: stages of concurrent experiments wait in a shard's queue and run
-    # as one forward pass (co-tenant batching); the shard's torch threads are set apart
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=16, processes=True, dashboard_address=":8787",
+    # each shard computes in a thread of its own (stages waiting in its queue hold no Dask thread), so
+    # the workers' Dask threads only load shards and answer a deployment's rare calls
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=2, processes=True, dashboard_address=":8787",
                            env={"OMP_NUM_THREADS": "1", "NNSIGHT_DASK_TORCH_THREADS": "1"},
                            scheduler_kwargs={"preload": ["nnsight_dask.service.dashboard"]})
     return Client(cluster), cluster
