@@ -11,6 +11,7 @@ instance per generation step, keyed ``(node id, step)``. Program order is node i
 from __future__ import annotations
 
 import bisect
+import threading
 import weakref
 from collections.abc import Collection
 from typing import Any
@@ -47,18 +48,25 @@ def dep_key(dep: Node, step: int | None) -> Key:
 
 
 #: Per live graph (by id; an entry leaves with its graph): its node count then, and its nodes' deps.
+#: Per graph (by id, checked against a weak reference): its node count then, and its nodes' deps.
+#: The last few graphs are kept: an experiment's, while its shard starts and plans it.
 _DEPS: dict[int, tuple[weakref.ref[InterventionGraph], int, list[list[int]]]] = {}
+_DEPS_KEPT = 64
+_DEPS_LOCK = threading.Lock()
 
 
 def dependencies(graph: InterventionGraph) -> list[list[int]]:
     """``result[i]`` is ``graph.nodes[i].deps()``, walked once per graph (partitioning, the shard's
     exports and every pass's plan read them; a session that adds nodes gets them walked again)."""
-    key = id(graph)
+    key, count = id(graph), len(graph.nodes)
     cached = _DEPS.get(key)
-    if cached is not None and cached[0]() is graph and cached[1] == len(graph.nodes):
+    if cached is not None and cached[1] == count and cached[0]() is graph:
         return cached[2]
     deps = [node.deps() for node in graph.nodes]
-    _DEPS[key] = (weakref.ref(graph, lambda _ref: _DEPS.pop(key, None)), len(graph.nodes), deps)
+    with _DEPS_LOCK:
+        if len(_DEPS) >= _DEPS_KEPT:
+            del _DEPS[next(iter(_DEPS))]
+        _DEPS[key] = (weakref.ref(graph), count, deps)
     return deps
 
 
@@ -66,11 +74,14 @@ class PassPlan:
     """Instances of one pass's nodes (of the ``owned`` ones, on a shard) and their wiring.
 
     * ``deps[key]``: the instance keys it reads; ``dependents`` the reverse;
-    * ``free``: instances run by the schedule when their arguments exist (the rest wait for an event);
-    * ``events``: per module call event, the instances bound to it, skips apart in ``skips``;
+    * ``free``: instances run by the schedule when their arguments exist (the rest wait for an event),
+      ``ready`` those that read nothing, in program order;
+    * ``events``: per module call event, the instances bound to it, skips apart in ``skips``, each
+      list in program order;
     * ``grad_events``: per tensor instance, the gradient nodes hooked on it, and ``grad_backward``
       the backward each of those belongs to (the first after it in program order; None: none);
-    * ``result_keys``, ``stop_key``, ``stop_id``: the pass's result and ``stop()``.
+    * ``result_keys``, ``stop_key``, ``stop_id``: the pass's result and ``stop()``;
+    * ``module_paths``: modules whose calls carry events of this pass, the only ones worth a hook.
     """
 
     def __init__(self, graph: InterventionGraph, pass_index: int, steps: int,
@@ -81,55 +92,69 @@ class PassPlan:
         self.deps: dict[Key, list[Key]] = {}
         self.dependents: dict[Key, list[Key]] = {}
         self.free: set[Key] = set()
+        self.ready: list[Key] = []
         self.events: dict[Event, list[Key]] = {}
         self.skips: dict[tuple[str, int], list[Key]] = {}
         self.grad_events: dict[Key, list[Key]] = {}
         self.grad_backward: dict[Key, Key | None] = {}
         self.result_keys: list[Key] = []
         self.stop_key: Key | None = None
+        self.stop_id: int | None = None
         self.skip_paths: set[str] = set()
+        self.module_paths: set[str] = set()
         self._build(steps, owned)
-        #: Modules whose calls carry events of this pass: the only ones worth a hook.
-        self.module_paths = frozenset({path for (path, _phase, _call) in self.events}
-                                      | {path for (path, _call) in self.skips})
-        stops = [n.id for n in graph.nodes if n.kind == Kind.STOP and n.pass_index == pass_index]
-        self.stop_id: int | None = stops[0] if stops else None
+        stop = self.stop_key
+        #: How many instances come before ``stop()`` in program order.
+        self.before_stop = 0 if stop is None else sum(1 for k in self.instances if node_id(k) < node_id(stop))
 
     def _build(self, steps: int, owned: Collection[int] | None) -> None:
+        """One walk over the nodes, in id order: every list it fills is in program order."""
         graph, pass_index = self.graph, self.pass_index
         nodes = graph.nodes
         all_deps = dependencies(graph)
-        ranges = {it.id: it.steps(steps) for it in graph.iterations if it.pass_index == pass_index}
-        backwards = [n.id for n in nodes if n.kind == Kind.BACKWARD and n.pass_index == pass_index]
+        blocks = [it for it in graph.iterations if it.pass_index == pass_index]
+        ranges = {it.id: it.steps(steps) for it in blocks}
+        in_blocks = bool(graph.iterations)  # else every instance reads its deps' only instances
+        backwards: list[int] = []
+        grads: list[tuple[Key, int, int | None]] = []
         for node in nodes:
-            if node.pass_index != pass_index or (owned is not None and node.id not in owned):
+            if node.pass_index != pass_index:
                 continue
             kind = node.kind
+            if kind == Kind.BACKWARD:
+                backwards.append(node.id)
+            elif kind == Kind.STOP and self.stop_id is None:
+                self.stop_id = node.id
+            if owned is not None and node.id not in owned:
+                continue
             for step in ((None,) if node.iteration is None else ranges.get(node.iteration, ())):
                 key = node.id if step is None else (node.id, step)
-                call = node.call + (step or 0)
                 self.instances.append(key)
-                deps = [dep_key(nodes[dep], step) for dep in all_deps[node.id]]
+                deps = [dep_key(nodes[dep], step) for dep in all_deps[node.id]] if in_blocks else all_deps[node.id]
                 self.deps[key] = deps
                 for dep in deps:
                     self.dependents.setdefault(dep, []).append(key)
-                if kind == Kind.SKIP:
+                if kind in (Kind.GETTER, Kind.SETTER):
+                    self.module_paths.add(node.module)  # type: ignore[arg-type]
+                    event = (node.module, "out" if node.access == "output" else "in", node.call + (step or 0))
+                    self.events.setdefault(event, []).append(key)  # type: ignore[arg-type]
+                elif kind == Kind.SKIP:
                     self.skip_paths.add(node.module)  # type: ignore[arg-type]
-                    self.skips.setdefault((node.module, call), []).append(key)  # type: ignore[arg-type]
-                elif kind in (Kind.GETTER, Kind.SETTER):
-                    phase = "out" if node.access == "output" else "in"
-                    self.events.setdefault((node.module, phase, call), []).append(key)  # type: ignore[arg-type]
+                    self.module_paths.add(node.module)  # type: ignore[arg-type]
+                    self.skips.setdefault((node.module, node.call + (step or 0)), []).append(key)  # type: ignore[arg-type]
                 elif kind in (Kind.GRAD, Kind.GRAD_SETTER):
                     self.grad_events.setdefault(dep_key(nodes[node.args[0].id], step), []).append(key)
-                    self.grad_backward[key] = _next_backward(nodes, backwards, node.id, step)
+                    grads.append((key, node.id, step))
                 elif kind == Kind.RESULT:
                     self.result_keys.append(key)
                 elif kind == Kind.STOP:
                     self.stop_key = key
                 else:
                     self.free.add(key)
-        for keys in (*self.events.values(), *self.skips.values(), *self.grad_events.values()):
-            keys.sort(key=order)
+                    if not deps:
+                        self.ready.append(key)
+        for key, of, step in grads:
+            self.grad_backward[key] = _next_backward(nodes, backwards, of, step)
 
 
 def _next_backward(nodes: list[Node], backwards: list[int], of: int, step: int | None) -> Key | None:

@@ -17,20 +17,17 @@ class Schedule:
 
     def __init__(self, plan: PassPlan, values: dict[Key, Any]) -> None:
         self.plan = plan
-        self.pending: dict[Key, int] = {}
-        self._heap: list[tuple[int, int, Key]] = []
-        free = plan.free
-        for key in plan.instances:
-            waiting = 0
-            for dep in plan.deps[key]:
-                if dep not in values:
-                    waiting += 1
-            self.pending[key] = waiting
-            if waiting == 0 and key in free:
-                heapq.heappush(self._heap, (*order(key), key))
-        stop = plan.stop_key
+        deps = plan.deps
+        if values:  # earlier passes' values exist: what waits for them only does not wait
+            self.pending = {key: sum(1 for dep in deps[key] if dep not in values) for key in plan.instances}
+            free = plan.free
+            self._heap = [(*order(key), key) for key in plan.instances if key in free and not self.pending[key]]
+        else:
+            self.pending = {key: len(deps[key]) for key in plan.instances}
+            self._heap = [(*order(key), key) for key in plan.ready]
+        # instances are in program order: either list is already a heap
         #: Instances before ``stop()`` still without a value (the stop is due at 0).
-        self.before_stop = 0 if stop is None else sum(1 for k in plan.instances if node_id(k) < node_id(stop))
+        self.before_stop = plan.before_stop
         self.stopped = False
 
     def done(self, key: Key) -> None:
