@@ -125,7 +125,7 @@ class Interleaver:
             calls = self._calls[path] = ModuleCalls()
         return calls
 
-    def calls_made(self, path: str) -> int:
+    def _calls_made(self, path: str) -> int:
         """How many calls of module ``path`` this pass saw."""
         calls = self._calls.get(path)
         return calls.count if calls is not None else 0
@@ -274,7 +274,7 @@ class Interleaver:
             self.fire(self.plan.result_keys, result, "out")
         self.drain()
 
-    def unreached(self, steps_run: int) -> list[Node]:
+    def _unreached(self, steps_run: int) -> list[Node]:
         """Nodes of this pass that never ran and should have (not past a stop or the last step)."""
         stop_id = self.plan.stop_id
         missing = []
@@ -292,12 +292,12 @@ class Interleaver:
     def check_reached(self, steps_run: int) -> None:
         """Raise naming the first node with an effect (a save, a write, a backward, a log) that never
         ran although the pass ran ``steps_run`` steps, and why (the module call it waited for)."""
-        missing = self.unreached(steps_run)
+        missing = self._unreached(steps_run)
         effects = [n for n in missing if n.kind in _EFFECTS]
         if effects:
             first = effects[0]
             cause = self._root_cause(first, missing)
-            calls = self.calls_made(cause.module) if cause is not None and cause.module is not None else 0
+            calls = self._calls_made(cause.module) if cause is not None and cause.module is not None else 0
             raise node_errors.never_ran(first, cause, calls)
 
     def _root_cause(self, node: Node, missing: list[Node]) -> Node | None:
