@@ -196,6 +196,24 @@ def test_users_see_only_their_deployments_and_experiments(gateway, lm):
     assert experiment not in {row["experiment"] for row in call(gateway, "GET", "/experiments", "bob").json()["experiments"]}
 
 
+def test_a_waiting_client_gets_the_result_with_the_final_status(gateway, lm):
+    """``?result=1``: the status that says COMPLETED carries the result (what ``/result`` answers), so a
+    waiting client needs no second request; any other status carries none."""
+    done = submit(gateway, graph_of(lm))
+    while (status := call(gateway, "GET", f"/experiments/{done}", params={"wait": 5, "result": 1}).json())[
+            "status"] not in ("COMPLETED", "FAILED", "CANCELLED"):
+        assert "result" not in status
+    assert status["status"] == "COMPLETED" and status["experiment"] == done
+    assert status["result"] == call(gateway, "GET", f"/experiments/{done}/result").json()
+    assert "result" not in call(gateway, "GET", f"/experiments/{done}").json()
+
+    stopped = submit(gateway, graph_of(lm, max_new_tokens=LONG))
+    call(gateway, "DELETE", f"/experiments/{stopped}")
+    status = wait_status(gateway, stopped)
+    assert status["status"] == "CANCELLED"
+    assert "result" not in call(gateway, "GET", f"/experiments/{stopped}", params={"wait": 1, "result": 1}).json()
+
+
 # -- refusals ------------------------------------------------------------------------------------------
 def test_malformed_requests_answer_400_and_bad_graphs_422(gateway, lm):
     cases = {b"{not json": "not valid JSON", b"[1, 2]": "must be a JSON object",

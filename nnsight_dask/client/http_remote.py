@@ -19,7 +19,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..backends.base import Backend, RunResult
-from ..backends.local import LocalBackend
 from ..errors import TracingError
 from ..graph.graph import InterventionGraph
 from ..http_wire import FINAL, decode_results, error_from_json
@@ -40,15 +39,17 @@ STORE_ACCESS = ("gateway", "direct")
 
 
 class HttpBackend(Backend):
-    """Runs graphs on deployment ``name`` through the gateway of ``model``'s session."""
+    """Runs graphs on ``model``'s deployment through the gateway of its session; scans run on
+    ``scanner``, in this process."""
 
-    def __init__(self, model: HttpRemoteModel) -> None:
+    def __init__(self, model: HttpRemoteModel, scanner: Backend) -> None:
         self.model = model
         self.session = model._gateway
         self.name = model.model_id
+        self.scanner = scanner
 
     def scan(self, graph: InterventionGraph) -> RunResult:
-        return LocalBackend(self.model._module, self.model._pad_token_id()).scan(graph)
+        return self.scanner.scan(graph)
 
     def run(self, graph: InterventionGraph, **options: Any) -> RunResult:
         progress = ExperimentProgress(self.name, options.pop("verbose", None))
@@ -78,14 +79,17 @@ class HttpBackend(Backend):
         if status["status"] != "COMPLETED":
             raise error_from_json(status.get("error") or {"type": "ExperimentFailedError",
                                                           "message": f"experiment {experiment} {status['status']}"})
-        document = self.session.call("GET", f"/experiments/{experiment}/result")
+        # the final status carries the result (?result=1); a gateway that no longer keeps it says so at /result
+        document = status.get("result")
+        if document is None:
+            document = self.session.call("GET", f"/experiments/{experiment}/result")
         saves, logs = decode_results(document, lambda ref: self._open(experiment, ref))
         return RunResult(saves=saves, logs=logs)
 
     def _wait(self, experiment: str, cancelled: threading.Event,
               on_status: Callable[[str, dict[str, Any]], None] | None, poll: float) -> dict[str, Any]:
         while True:
-            status = self.session.call("GET", f"/experiments/{experiment}", params={"wait": poll},
+            status = self.session.call("GET", f"/experiments/{experiment}", params={"wait": poll, "result": 1},
                                        timeout=poll + self.session.timeout)
             if status["status"] in FINAL:
                 if on_status is not None and status["status"] == "COMPLETED":
@@ -135,4 +139,4 @@ class HttpRemoteModel(RemoteModel):
     def _remote_backend(self, remote: Any) -> Backend:
         if remote is not True:
             raise TracingError("a RemoteModel reached through a gateway runs with remote=True only")
-        return HttpBackend(self)
+        return HttpBackend(self, self._scanner())

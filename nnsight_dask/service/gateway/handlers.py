@@ -249,7 +249,16 @@ class Experiment(ApiHandler):
                 if job is not None:
                     job.watchers -= 1
             row = self.own_row(experiment)
-        self.answer(self.status_of(row))
+        status = self.status_of(row)
+        if row["status"] == "COMPLETED" and self.get_query_argument("result", "") in ("1", "true"):
+            # The result with the status that says it is there: a waiting client needs no second request
+            # (each request cost the gateway about a third of its CPU per experiment at 64 users).
+            document = await self.blocking(self.core.state.load_result, experiment)
+            if document is not None:  # gone: the client asks /result, which says so
+                self.set_header("Content-Type", "application/json")
+                self.finish(json.dumps(status)[:-1].encode() + b', "result": ' + document + b"}")
+                return
+        self.answer(status)
 
     def delete(self, experiment: str) -> None:
         self.cancel(experiment)
