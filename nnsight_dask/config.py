@@ -62,8 +62,10 @@ DEFAULTS: dict[str, Any] = {
     #: Most experiments one route carries (a batch of experiments in flight together from one process:
     #: threads, ``blocking=False`` traces). They share the messages of the direct route and meet in
     #: the same co-tenant passes on the shards; each keeps its own state and rows. ``1`` turns sharing
-    #: off: every experiment then leaves at once on a route of its own.
-    "max_batch_experiments": 8,
+    #: off: every experiment then leaves at once on a route of its own. As many as one co-tenant pass
+    #: takes (``cotenant_max_batch``): with 8, a 1-shard deployment held 64 users of one process to
+    #: 158-173 exp/s on the simulated GPU where 16 gave 240-252 (bench/scale.py, docs/scaling.md).
+    "max_batch_experiments": 16,
     #: Routes one process keeps in flight per shard of a deployment before newcomers wait to leave
     #: together (with ``2``, the next batch already waits on a shard while it computes one).
     "max_routes_per_shard": 2,
