@@ -23,7 +23,6 @@ import torch
 from distributed import Client, LocalCluster
 
 import nnsight_dask as nd
-from nnsight_dask.client.remote import RemoteBackend
 from nnsight_dask.errors import PolicyError
 from nnsight_dask.graph import InterventionGraph, Ref
 from nnsight_dask.graph.node import Kind, Node
@@ -177,7 +176,7 @@ def hand_built(remote: Any, ops: list[tuple[str, tuple[Any, ...], dict[str, Any]
 
 
 def submit(cluster: Client, remote: Any, graph: InterventionGraph) -> Any:
-    return RemoteBackend(cluster, remote.deployment.name, remote).submit(graph)
+    return remote.backend_for(cluster).submit(graph)
 
 
 def test_an_op_that_never_yields_is_refused_and_holds_nobody(cluster: Client, shared: Any) -> None:

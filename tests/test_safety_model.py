@@ -463,12 +463,10 @@ REMOTE_GRAPHS = [g for g in JSON_GRAPHS if g[0] in {
 @pytest.mark.parametrize("nodes, match", [(n, m) for _, n, m, _ in REMOTE_GRAPHS], ids=[g[0] for g in REMOTE_GRAPHS])
 def test_remote_hostile_graphs_are_refused(client: Any, deployment: dict[str, Any], nodes: Any, match: str) -> None:
     """Sent as is, past the tracer: refused (by the client's checks or on the shards) with the named error."""
-    from nnsight_dask.client.remote import RemoteBackend
-
     lm = deployment["attacker"]
     graph = hostile_graph(lm, nodes)
     with pytest.raises(ForbiddenOperationError, match=re.escape(match)):
-        RemoteBackend(client, NAME, lm).run(graph)
+        lm.backend_for(client).run(graph)
 
 
 def test_remote_deployment_is_untouched_after_the_attacks(client: Any, deployment: dict[str, Any]) -> None:

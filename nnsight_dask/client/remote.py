@@ -12,7 +12,6 @@ from typing import Any
 from distributed import Client
 
 from ..backends.base import Backend, RunResult
-from ..backends.local import LocalBackend
 from ..errors import TracingError
 from ..graph.graph import InterventionGraph
 from ..storage.results import open_refs
@@ -30,18 +29,19 @@ from .remote_model import RemoteModel
 class RemoteBackend(Backend):
     """Runs graphs on deployment ``name`` through ``client``.
 
-    ``model`` (the :class:`RemoteModel`) caches the deployment record, so an experiment needs no
+    ``model`` (the :class:`DaskRemoteModel`) caches the deployment record, so an experiment needs no
     scheduler round trip to find its shards; a recovery elsewhere refreshes the cache. Scans run
-    here, on fake tensors over the model's meta-device module tree.
+    on ``scanner``, in this process (on fake tensors over the model's meta-device module tree).
     """
 
-    def __init__(self, client: Client, name: str, model: DaskRemoteModel) -> None:
+    def __init__(self, client: Client, name: str, model: DaskRemoteModel, scanner: Backend) -> None:
         self.client = client
         self.name = name
         self.model = model
+        self.scanner = scanner
 
     def scan(self, graph: InterventionGraph) -> RunResult:
-        return LocalBackend(self.model._module, self.model._pad_token_id()).scan(graph)
+        return self.scanner.scan(graph)
 
     def _options(self, options: dict[str, Any]) -> dict[str, Any]:
         return {"module_paths": self.model._module_paths, "record": self.model.deployment,
@@ -86,6 +86,7 @@ class DaskRemoteModel(RemoteModel):
         description = client.submit(tasks.describe, name, workers=[record.shards[0].worker],
                                     pure=False).result()
         super().__init__(description, name)
+        object.__setattr__(self, "_module_paths", description["module_paths"])
         object.__setattr__(self, "_client", client)
         object.__setattr__(self, "deployment", record)
 
@@ -96,4 +97,4 @@ class DaskRemoteModel(RemoteModel):
         client = self._client if remote is True else remote
         if not isinstance(client, Client):
             raise TracingError(f"remote= takes True or a distributed.Client, not {type(remote).__name__}")
-        return RemoteBackend(client, self._model_id, self)
+        return RemoteBackend(client, self.model_id, self, self._scanner())

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..backends.base import Backend
+from ..backends.local import LocalBackend
 from ..errors import TracingError
 from ..tracing.model import LanguageModelWrapper
 from ..tracing.tracer import Session, Tracer
@@ -62,7 +63,6 @@ class RemoteModel(LanguageModelWrapper):
         :func:`nnsight_dask.worker.tasks.describe`), traced as deployment ``name``."""
         super().__init__(meta_model(description["config"]), tokenizer=tokenizer_from(description["tokenizer"]),
                          model_id=name)
-        object.__setattr__(self, "_module_paths", description["module_paths"])
 
     def trace(self, *inputs: Any, remote: Any = True, **kwargs: Any) -> Tracer:
         return super().trace(*inputs, remote=remote, **kwargs)
@@ -72,6 +72,11 @@ class RemoteModel(LanguageModelWrapper):
 
     def session(self, *, remote: Any = True, blocking: bool = True, **options: Any) -> Session:
         return super().session(remote=remote, blocking=blocking, **options)
+
+    def _scanner(self) -> Backend:
+        """Where scans of this deployment run: in this process, on fake tensors over the meta-device
+        module tree (each transport's backend is given one when the model builds it)."""
+        return LocalBackend(self._module, self._pad_token_id())
 
     def _local_backend(self) -> Backend:
         raise TracingError(f"{self._model_id!r} is a remote deployment: its weights are on the cluster. "
