@@ -13,6 +13,7 @@ import torch
 
 from ..errors import GraphValidationError, InterventionError, PolicyError
 from ..graph.node import Ref
+from ..graph.options import option_problem
 
 Layout = list[tuple[int, int]]
 
@@ -88,20 +89,14 @@ def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-#: How a batch of token inputs gets its positions (graph option ``positions``):
-#: ``"model"`` (default, nnsight's rule): no position ids are passed, the model computes them as
-#: ``model(**tokenizer(prompts, padding=True))`` does, so on a model with absolute position embeddings
-#: (GPT-2) a left-padded prompt differs from its solo run; ``"solo"``: position ids from the attention
-#: mask (:func:`position_ids_for`), so every prompt computes what it computes alone.
-POSITIONS = ("model", "solo")
-
-
 def positions_option(options: dict[str, Any]) -> str:
-    """The graph's ``positions`` option, checked (default ``"model"``)."""
+    """The graph's ``positions`` option (:data:`~nnsight_dask.graph.options.POSITION_MODES`, default
+    ``"model"``: no position ids are passed), checked again here: a graph built in this process never
+    went through the JSON decoder that checks it."""
     value = options.get("positions", "model")
-    if value not in POSITIONS:
-        raise GraphValidationError(f"graph option 'positions' must be one of {', '.join(map(repr, POSITIONS))}, "
-                                   f"got {value!r}", field="options.positions")
+    problem = option_problem("positions", value)
+    if problem is not None:
+        raise GraphValidationError(f"graph option 'positions' {problem}, got {value!r}", field="options.positions")
     return value  # type: ignore[no-any-return]
 
 

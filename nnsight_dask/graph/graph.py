@@ -13,6 +13,7 @@ from typing import Any
 from ..errors import ForbiddenOperationError, GraphValidationError
 from .codec import MAX_NESTING, Decoder, encode
 from .node import Kind, Node, check_fields, field_error, short
+from .options import OPTION_FIELDS, OPTION_RULES, option_problem
 
 FORMAT_VERSION = 1
 
@@ -72,8 +73,9 @@ class InterventionGraph:
     passes: list[Pass] = field(default_factory=list)
     iterations: list[Iteration] = field(default_factory=list)
     model: str | None = None
-    #: Experiment options (JSON-able): ``store`` (fsspec URL of persisted saves), ``persist_threshold``
-    #: (bytes; saves above it are persisted when a store is set), ``storage_options`` (fsspec options).
+    #: Experiment options (JSON-able; the fields and their rules are :mod:`.options`): ``store`` (fsspec
+    #: URL of persisted saves), ``persist_threshold`` (bytes; saves above it are persisted when a store
+    #: is set), ``storage_options`` (fsspec options), ``positions``, ``batching``, ``store_scope``.
     options: dict[str, Any] = field(default_factory=dict)
     #: Python callables of ``apply`` nodes, by node id. Never serialized: such graphs are local only.
     local_functions: dict[int, Callable[..., Any]] = field(default_factory=dict)
@@ -198,16 +200,9 @@ class InterventionGraph:
         return cls.from_dict(data, **limits)
 
 
-#: The fields of a graph, of one pass, and the experiment options a graph may carry.
+#: The fields of a graph and of one pass (its options: :data:`~.options.OPTION_FIELDS`).
 GRAPH_FIELDS = ("version", "model", "passes", "iterations", "nodes", "options")
 PASS_FIELDS = ("kind", "invokes", "kwargs")
-OPTION_FIELDS = ("store", "persist_threshold", "storage_options", "positions", "batching", "store_scope")
-#: ``positions``: ``"model"`` (the model's own batched forward from left-padded ids and mask, nnsight's
-#: rule) or ``"solo"`` (position ids from the attention mask: each prompt computes what it would alone).
-#: ``batching``: ``False`` keeps the experiment out of co-tenant batches on shared shards (bit-exact solo runs).
-#: ``store_scope``: ``{"user": name, "stores": [URL prefixes]}``, set by the gateway on every graph it sends:
-#: where that user's saves may go (checked by :func:`~.policy.check_policy` on the shards).
-POSITION_MODES = ("model", "solo")
 _NODE_FIELDS = ("target", "module", "access", "invoke", "iteration", "cond", "location")
 
 
@@ -303,22 +298,12 @@ def _options(options: Any) -> dict[str, Any]:
         raise GraphValidationError(f"graph field 'options' must be an object, got {type(options).__name__}",
                                    field="options")
     _no_unknown(options, OPTION_FIELDS, "graph field 'options'")
-    store = options.get("store")
-    if store is not None and type(store) is not str:
-        raise GraphValidationError(f"graph field 'options.store': must be a URL or path string, got {short(store)}",
-                                   field="options.store")
-    threshold = options.get("persist_threshold")
-    if threshold is not None and (type(threshold) is not int or threshold < 0):
-        raise GraphValidationError(f"graph field 'options.persist_threshold': must be an integer >= 0 (bytes), "
-                                   f"got {short(threshold)}", field="options.persist_threshold")
-    positions = options.get("positions")
-    if positions is not None and positions not in POSITION_MODES:
-        raise GraphValidationError(f"graph field 'options.positions': must be one of {list(POSITION_MODES)}, got "
-                                   f"{short(positions)}", field="options.positions")
-    batching = options.get("batching")
-    if batching is not None and type(batching) is not bool:
-        raise GraphValidationError(f"graph field 'options.batching': must be true or false, got {short(batching)}",
-                                   field="options.batching")
+    for name in OPTION_RULES:
+        value = options.get(name)
+        problem = None if value is None else option_problem(name, value)
+        if problem is not None:
+            raise GraphValidationError(f"graph field 'options.{name}': {problem}, got {short(value)}",
+                                       field=f"options.{name}")
     scope = options.get("store_scope")
     if scope is not None and not (type(scope) is dict and set(scope) == {"user", "stores"}
                                   and type(scope["user"]) is str and type(scope["stores"]) is list
@@ -327,10 +312,6 @@ def _options(options: Any) -> dict[str, Any]:
                                    f"[URL, ...]}}, got {short(scope)}", field="options.store_scope")
     storage = options.get("storage_options")
     if storage is not None:
-        if not isinstance(storage, dict) or not all(type(k) is str for k in storage):
-            raise GraphValidationError(
-                f"graph field 'options.storage_options': must be an object, got {short(storage)}",
-                field="options.storage_options")
         _check_json(storage, "options.storage_options")
     return dict(options)
 

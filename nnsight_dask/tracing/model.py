@@ -18,6 +18,7 @@ from ..backends.base import Backend
 from ..errors import TracingError
 from ..graph.graph import InterventionGraph
 from ..graph.node import Kind, Node
+from ..graph.options import ExperimentOptions
 from .envoy import Envoy
 from .proxy import Proxy
 from .recorder import Recorder, active_recorders
@@ -78,10 +79,12 @@ class ModuleWrapper:
         ``store=`` (an fsspec URL or local path) persists saved tensors above ``persist_threshold``
         bytes (default ``config.persist_threshold``) to Zarr; they come back as lazy tensors.
         """
+        options = ExperimentOptions.from_keywords(store=store, persist_threshold=persist_threshold,
+                                                  storage_options=storage_options, positions=positions,
+                                                  batching=batching)
         tracer = Tracer(self, inputs, kind="trace", remote=remote, execute=execute, validate=validate,
-                        scan=scan, blocking=blocking, encode_kwargs=kwargs, store=store,
-                        persist_threshold=persist_threshold, storage_options=storage_options,
-                        backend_options=_verbosity(verbose), positions=positions, batching=batching)
+                        scan=scan, blocking=blocking, encode_kwargs=kwargs, options=options,
+                        backend_options=_verbosity(verbose))
         if trace:
             return tracer
         return tracer.run_now()
@@ -96,8 +99,8 @@ class ModuleWrapper:
     def session(self, *, remote: Any = None, blocking: bool = True, store: Any = None,
                 persist_threshold: int | None = None, storage_options: dict[str, Any] | None = None) -> Session:
         """Group several traces into one graph whose values flow between traces."""
-        return Session(self, remote=remote, blocking=blocking, store=store, persist_threshold=persist_threshold,
-                       storage_options=storage_options)
+        return Session(self, remote=remote, blocking=blocking, options=ExperimentOptions.from_keywords(
+            store=store, persist_threshold=persist_threshold, storage_options=storage_options))
 
     def edit(self, *inputs: Any, inplace: bool = False, **kwargs: Any) -> _EditContext:
         """Record interventions applied to every later trace (of a copy, or of this model if inplace).
@@ -248,10 +251,11 @@ class LanguageModelWrapper(ModuleWrapper):
         """
         if kwargs.get("do_sample") and kwargs.get("seed") is None:
             kwargs["seed"] = secrets.randbits(62)  # the draws' seed travels with the graph
+        options = ExperimentOptions.from_keywords(store=store, persist_threshold=persist_threshold,
+                                                  storage_options=storage_options, batching=batching)
         return Tracer(self, inputs, kind="generate", remote=remote, execute=execute, validate=validate,
                       scan=scan, blocking=blocking, run_kwargs={"max_new_tokens": max_new_tokens, **kwargs},
-                      store=store, persist_threshold=persist_threshold, storage_options=storage_options,
-                      backend_options=_verbosity(verbose), batching=batching)
+                      options=options, backend_options=_verbosity(verbose))
 
     @property
     def generator(self) -> _Generator:

@@ -5,7 +5,6 @@ backend (local, or remote later) and hands saved values to their proxies.
 """
 from __future__ import annotations
 
-import os
 import sys
 import weakref
 from collections.abc import Iterable
@@ -15,6 +14,7 @@ from ..backends.base import Backend, RunResult
 from ..errors import TracingError
 from ..graph.graph import InterventionGraph
 from ..graph.node import Kind, Ref
+from ..graph.options import ExperimentOptions
 from . import control_flow
 from .conditions import CondBlock
 from .inject import inject_saves
@@ -33,21 +33,10 @@ class Tracer:
                  execute: bool = True, validate: bool = False, fake: bool = False, scan: bool = False,
                  blocking: bool = True,
                  run_kwargs: dict[str, Any] | None = None, encode_kwargs: dict[str, Any] | None = None,
-                 backend_options: dict[str, Any] | None = None, store: Any = None,
-                 persist_threshold: int | None = None, storage_options: dict[str, Any] | None = None,
-                 positions: str | None = None, batching: bool | None = None) -> None:
+                 backend_options: dict[str, Any] | None = None, options: ExperimentOptions | None = None) -> None:
         self.model = model
-        self.options = experiment_options(store, persist_threshold, storage_options)
-        if batching is not None:
-            if not isinstance(batching, bool):
-                raise TracingError(f"batching= takes True or False, not {batching!r}")
-            if not batching:
-                self.options["batching"] = False
-        if positions is not None:
-            if positions not in ("model", "solo"):
-                raise TracingError(f"positions= takes 'model' (the model's own batched forward, nnsight's rule) "
-                                   f"or 'solo' (each prompt's positions as if it ran alone), not {positions!r}")
-            self.options["positions"] = positions
+        #: What the graph's ``options`` get (the experiment's store, positions, batching).
+        self.options = options.to_graph() if options is not None else {}
         self.kind = kind
         self.remote = remote
         self.execute = execute
@@ -274,14 +263,15 @@ class Session:
     """``with model.session():`` several traces recorded as one graph and run together at the end,
     so values flow from one trace to the next (remotely: one request)."""
 
-    def __init__(self, model: Traceable, remote: Any = None, blocking: bool = True, *, store: Any = None,
-                 persist_threshold: int | None = None, storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(self, model: Traceable, remote: Any = None, blocking: bool = True, *,
+                 options: ExperimentOptions | None = None) -> None:
         self.model = model
         self.remote = remote
         self.blocking = blocking
         self.recorder = Recorder()
         self.recorder.graph.model = model.model_id
-        self.recorder.graph.options.update(experiment_options(store, persist_threshold, storage_options))
+        if options is not None:
+            self.recorder.graph.options.update(options.to_graph())
         self.future: Any = None
         self.logs: list[str] = []
         self._active = False
@@ -385,21 +375,6 @@ class SessionIteration:
         self._block = None
         if exc_type is None:
             unroll(recorder, block, self.session._deferred)
-
-
-def experiment_options(store: Any, persist_threshold: int | None,
-                       storage_options: dict[str, Any] | None) -> dict[str, Any]:
-    """The graph options for persisted saves (``store=`` any fsspec URL or local path)."""
-    options: dict[str, Any] = {}
-    if store is not None:
-        options["store"] = os.fspath(store)
-    if persist_threshold is not None:
-        if int(persist_threshold) < 0:
-            raise TracingError(f"persist_threshold must be >= 0 bytes, got {persist_threshold}")
-        options["persist_threshold"] = int(persist_threshold)
-    if storage_options:
-        options["storage_options"] = dict(storage_options)
-    return options
 
 
 def record_apply(recorder: Recorder, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Proxy:
