@@ -153,7 +153,7 @@ RECORDING: list[tuple[str, Callable[[Any], Any], str]] = [
     ("out= into an activation", lambda lm: torch.add(_out(lm), 1, out=_out(lm)), "out="),
     ("numpy", lambda lm: _weight(lm).numpy(), "numpy"),
     ("register_hook", lambda lm: _out(lm).register_hook(print), "register_hook"),
-    ("retain_grad", lambda lm: _out(lm).retain_grad(), "retain_grad"),
+    ("retain_grad of a weight", lambda lm: _weight(lm).retain_grad(), "copies"),
     ("share_memory_", lambda lm: _weight(lm).share_memory_(), "share_memory_"),
     ("pin_memory", lambda lm: _weight(lm).pin_memory(), "pin_memory"),
     ("empty_like", lambda lm: torch.empty_like(_out(lm)), "empty_like"),

@@ -175,7 +175,7 @@ class Interleaver:
         while key is not None:
             self._run_free(key)
             key = schedule.next_ready(before)
-        if schedule.stop_due():
+        if schedule.stop_due(before):
             raise StopForward
 
     def _run_free(self, key: Key) -> None:
@@ -284,8 +284,8 @@ class Interleaver:
             if isinstance(key, tuple) and key[1] >= steps_run:
                 continue
             node = self.graph.nodes[node_id(key)]
-            if node.kind == Kind.STOP or (stop_id is not None and node.id > stop_id):
-                continue
+            if node.kind == Kind.STOP or (stop_id is not None and (node.id > stop_id or self.schedule.stopped)):
+                continue  # past the stop, or not reached when it stopped the run
             missing.append(node)
         return missing
 

@@ -2,7 +2,8 @@
 
 A node bound to a module runs on the shard owning that module; a gradient node runs where its
 tensor lives; a free node runs on the latest shard among those of its inputs (the earliest point
-in the pipeline where all of them exist). Results and ``stop`` go to the end of their pass.
+in the pipeline where all of them exist). Results and a line's ``stop`` go to the end of their pass,
+a value's stop (``proxy.stop()``) to where that value is.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def assign_shards(graph: InterventionGraph, owner: Callable[[str], int], n_shard
     for node, deps in zip(graph.nodes, dependencies(graph)):
         if node.kind in Kind.MODULE_BOUND:
             shard = owner(node.module)  # type: ignore[arg-type]
-        elif node.kind in (Kind.GRAD, Kind.GRAD_SETTER, Kind.BACKWARD):
+        elif node.kind in (Kind.GRAD, Kind.GRAD_SETTER, Kind.BACKWARD) or (node.kind == Kind.STOP and node.args):
             shard = shards[node.args[0].id]
         elif node.kind == Kind.RESULT:
             shard = last

@@ -80,7 +80,9 @@ class PassPlan:
       list in program order;
     * ``grad_events``: per tensor instance, the gradient nodes hooked on it, and ``grad_backward``
       the backward each of those belongs to (the first after it in program order; None: none);
-    * ``result_keys``, ``stop_key``, ``stop_id``: the pass's result and ``stop()``;
+    * ``result_keys``, ``stop_key``, ``stop_id``: the pass's result and ``stop()``; ``stop_on_value``:
+      the stop is a value's (``proxy.stop()``: due once that value exists) rather than a line's
+      (``tracer.stop()``: due once every instance before it has a value);
     * ``module_paths``: modules whose calls carry events of this pass, the only ones worth a hook.
     """
 
@@ -100,12 +102,14 @@ class PassPlan:
         self.result_keys: list[Key] = []
         self.stop_key: Key | None = None
         self.stop_id: int | None = None
+        self.stop_on_value = False
         self.skip_paths: set[str] = set()
         self.module_paths: set[str] = set()
         self._build(steps, owned)
         stop = self.stop_key
-        #: How many instances come before ``stop()`` in program order.
-        self.before_stop = 0 if stop is None else sum(1 for k in self.instances if node_id(k) < node_id(stop))
+        #: How many instances come before a line's ``stop()`` in program order.
+        self.before_stop = 0 if stop is None or self.stop_on_value else sum(
+            1 for k in self.instances if node_id(k) < node_id(stop))
 
     def _build(self, steps: int, owned: Collection[int] | None) -> None:
         """One walk over the nodes, in id order: every list it fills is in program order."""
@@ -149,6 +153,7 @@ class PassPlan:
                     self.result_keys.append(key)
                 elif kind == Kind.STOP:
                     self.stop_key = key
+                    self.stop_on_value = bool(node.args)
                 else:
                     self.free.add(key)
                     if not deps:

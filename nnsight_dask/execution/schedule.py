@@ -2,7 +2,8 @@
 instances whose arguments all exist, in program order.
 
 The :class:`~.plan.PassPlan` says what waits for what; a :class:`Schedule` is one run's progress
-through it. It also knows when a ``stop()`` is due: once every instance before it has a value.
+through it. It also knows when a ``stop()`` is due: a line's once every instance before it has a
+value, a value's (``proxy.stop()``) once that value exists.
 """
 from __future__ import annotations
 
@@ -52,9 +53,13 @@ class Schedule:
             return None
         return heapq.heappop(heap)[2]
 
-    def stop_due(self) -> bool:
-        """Whether ``stop()`` is due now (once: it answers True a single time)."""
-        if self.plan.stop_key is None or self.before_stop > 0 or self.stopped:
+    def stop_due(self, before: tuple[int, int] | None = None) -> bool:
+        """Whether ``stop()`` is due now (once: it answers True a single time); with ``before``, only
+        a stop that comes before that point in program order (what precedes it may still run)."""
+        stop = self.plan.stop_key
+        if stop is None or self.stopped or (before is not None and order(stop) >= before):
+            return False
+        if self.before_stop > 0 if not self.plan.stop_on_value else self.pending[stop] > 0:
             return False
         self.stopped = True
         return True

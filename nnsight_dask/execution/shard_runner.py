@@ -275,7 +275,7 @@ class ShardRunner:
                 except StopForward:
                     pass
             backward_later = self.index < state.backward_from.get(stage.pass_index, 0)
-            if not backward_later:
+            if not backward_later and not carry.stopped:  # a stop() on an earlier shard excuses what it left
                 inter.check_reached(carry.steps_run or (stage.step + 1))
         elif final and stage.direction == "backward":
             inter.check_reached(carry.steps_run or 1)

@@ -41,7 +41,7 @@ class Kind:
     LOG = "log"                  # print a value when it is computed
     APPLY = "apply"              # a user's own Python function: local only
     RESULT = "result"            # the pass's final result (generated ids / model output)
-    STOP = "stop"                # stop the forward pass once every earlier node ran
+    STOP = "stop"                # stop the forward pass once every earlier node ran (with an argument: once it exists)
 
     EVENT_BOUND = frozenset({GETTER, SETTER, SKIP, GRAD, GRAD_SETTER, RESULT})
     MODULE_BOUND = frozenset({GETTER, SETTER, SKIP, MODULE_CALL, MODULE_ATTR})

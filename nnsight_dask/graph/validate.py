@@ -69,9 +69,9 @@ MODULE_INPUTS = ("args", "kwargs")
 DEFAULT_MAX_NODES = 20_000
 DEFAULT_MAX_CONSTANT_BYTES = 256 << 20
 
-#: How many arguments each kind takes (kinds not listed: any number).
+#: How many arguments each kind takes (a tuple: any of those; kinds not listed: any number).
 ARITY = {Kind.GETTER: 0, Kind.SETTER: 1, Kind.SKIP: 1, Kind.MODULE_ATTR: 0, Kind.GRAD: 1, Kind.GRAD_SETTER: 2,
-         Kind.BACKWARD: 1, Kind.SAVE: 1, Kind.RESULT: 0, Kind.STOP: 0}
+         Kind.BACKWARD: 1, Kind.SAVE: 1, Kind.RESULT: 0, Kind.STOP: (0, 1)}
 #: Keyword arguments each kind may take (kinds not listed: none; ``None``: any).
 KWARGS = {Kind.OP: None, Kind.MODULE_CALL: None, Kind.APPLY: None, Kind.BACKWARD: ("grad_tensors", "retain_graph")}
 #: Kinds whose node has a name in ``target`` (every other kind has none).
@@ -452,14 +452,15 @@ def _check_ref(graph: InterventionGraph, node: Node, dep: Any, field: str, where
 def _check_kind(graph: InterventionGraph, node: Node, ops: Any, where: str, remote: bool) -> None:
     kind, args = node.kind, node.args
     arity = ARITY.get(kind)
-    if arity is not None and len(args) != arity:
-        need = "needs an argument" if arity == 1 else f"takes {arity} argument(s)"
+    counts = arity if isinstance(arity, tuple) else (arity,)
+    if arity is not None and len(args) not in counts:
+        need = "needs an argument" if counts == (1,) else f"takes {' or '.join(map(str, counts))} argument(s)"
         raise field_error(node.id, "args", f"{where} {need}, got {len(args)}")
     allowed = KWARGS.get(kind, ())
     if allowed is not None and any(k not in allowed for k in node.kwargs):
         raise field_error(node.id, "kwargs", f"{where} takes no keyword argument(s) {short(sorted(node.kwargs))}"
                           + (f"; allowed: {list(allowed)}" if allowed else ""))
-    if kind in (Kind.GRAD, Kind.GRAD_SETTER, Kind.BACKWARD) and not isinstance(args[0], Ref):
+    if kind in (Kind.GRAD, Kind.GRAD_SETTER, Kind.BACKWARD, Kind.STOP) and args and not isinstance(args[0], Ref):
         raise field_error(node.id, "args", f"{where} must refer to a traced tensor")
     if kind in (Kind.SETTER, Kind.SKIP, Kind.GRAD_SETTER):
         _check_written_value(node, args[-1], where)

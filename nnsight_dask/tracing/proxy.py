@@ -70,11 +70,13 @@ class Proxy:
         return self
 
     def stop(self) -> None:
-        """Stop the run as soon as this value exists (and every intervention written before this line
-        has run), like ``tracer.stop()`` written here; saves written after it never run."""
+        """Stop the run when this value is reached, as nnsight does: once it exists (and what is
+        written before this line and can run by then has run), the forward pass ends. Saves of later
+        modules never run, even those written before this line; reading them raises ``ValueError``.
+        (``tracer.stop()`` stops where it is written instead, once everything before it has run.)"""
         if not self._live():
             raise TracingError("stop() can only be called inside the trace that records this value")
-        self._recorder.add(Kind.STOP)
+        self._recorder.add(Kind.STOP, (self,))
 
     def backward(self, gradient: Any = None, retain_graph: bool | None = None) -> Proxy:
         """Run backward from this value inside the trace (gradients then flow to ``.grad`` reads)."""
@@ -82,6 +84,20 @@ class Proxy:
             return self.value.backward(gradient=gradient, retain_graph=retain_graph)
         kwargs = {k: v for k, v in (("grad_tensors", gradient), ("retain_graph", retain_graph)) if v is not None}
         return self._recorder.add(Kind.BACKWARD, (self,), kwargs)
+
+    def retain_grad(self) -> None:
+        """Keep this value's gradient, as torch's ``retain_grad()``: after the trace, the saved value's
+        ``.grad`` is the gradient that reached it in the next ``backward()`` written after this line.
+
+        Recorded as a read of ``.grad`` saved beside the value, so it works alike locally and on
+        shards, which never run ``retain_grad`` themselves: it touches only the experiment's own
+        value. Parameters read in a trace are copies with no gradient, and are refused.
+        """
+        if not self._live():
+            self.value.retain_grad()
+            return
+        self._check_has_grad()
+        self._recorder.retain_grad(self)
 
     @property
     def grad(self) -> Any:

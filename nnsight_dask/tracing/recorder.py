@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
+import torch
+
 from ..errors import TracingError, UnsavedValueError
 from ..graph.graph import InterventionGraph, Iteration, Pass
 from ..graph.node import Kind, Node, Ref
@@ -42,6 +44,8 @@ class Recorder:
         self.iteration: int | None = None
         self.cond: int | None = None
         self.saved: dict[int, Proxy] = {}
+        #: ``proxy.retain_grad()``: the saved gradient read of each value whose gradient is kept, by its node
+        self.retained: dict[int, Proxy] = {}
         self._all_iteration: dict[tuple[int, int, int | None, int], int] = {}
         #: ``.next()`` calls of the current pass by envoy path; an envoy's call index adds its ancestors'
         self.envoy_steps: dict[str, int] = {}
@@ -155,7 +159,8 @@ class Recorder:
                               iteration=iteration, cond=self.cond, location=user_location(), **fields)
         if not self.in_trace:
             self.session_level.append(node.id)
-        self.lengths.note(node, self.cond is None and self.iteration is None and not self.block_proxies)
+        self.lengths.note(node, self.cond is None and self.iteration is None and not self.block_proxies,
+                          in_block=bool(self.block_proxies))
         proxy = Proxy(self, node.id)
         for block in self.block_proxies:
             block.append(weakref.ref(proxy))
@@ -216,6 +221,13 @@ class Recorder:
         self.saved[proxy._node] = proxy
         proxy._save_node = save._node
 
+    def retain_grad(self, proxy: Proxy) -> None:
+        """``proxy.retain_grad()``: a saved ``.grad`` read of it, set as its value's ``.grad`` by :meth:`finish`."""
+        if proxy._node not in self.retained:
+            grad = self.add(Kind.GRAD, (proxy,))
+            self.save(grad, None)
+            self.retained[proxy._node] = grad
+
     def rename_saves(self, local_vars: dict[str, Any]) -> list[str]:
         """Name saves after the user's variables (``h = ....save()`` is returned as ``"h"``).
 
@@ -249,20 +261,25 @@ class Recorder:
     def finish(self, saves: dict[str, Any]) -> None:
         """Stop recording and hand each saved proxy its value.
 
-        A save recorded after a stop of its pass (``tracer.stop()``, ``proxy.stop()``) never ran; its
-        proxy gets no value and says so when read.
+        A save recorded after a ``tracer.stop()`` of its pass, or one a ``proxy.stop()`` left unreached
+        (a later module's, wherever it is written), never ran; its proxy gets no value and says so
+        when read.
         """
         self.recording = False
         stops = self._stops()
         for proxy in self.saved.values():
             node = self.graph.nodes[proxy._save_node]
             stop = stops.get(node.pass_index)
-            if stop is not None and node.id > stop.id and node.iteration is None \
+            if stop is not None and (node.id > stop.id or stop.args) and node.iteration is None \
                     and saves.get(node.target) is None:
                 self.never_ran[proxy._node] = stop
                 continue
             if node.target in saves:
                 proxy._value = saves[node.target]
+        for node_id, grad in self.retained.items():
+            kept = self.saved.get(node_id)
+            if kept is not None and kept._has_value() and grad._has_value():
+                _attach_grad(kept._value, grad._value)
 
     def _stops(self) -> dict[int, Node]:
         """The first stop node of each pass (where that pass's run ends)."""
@@ -274,3 +291,13 @@ class Recorder:
 
     def close(self) -> None:
         self.recording = False
+
+
+def _attach_grad(value: Any, grad: Any) -> None:
+    """``value.grad = grad``, as ``retain_grad()`` leaves it (a value still in autograd's graph
+    retains it first, so reading ``.grad`` is what torch allows)."""
+    if not isinstance(value, torch.Tensor) or not isinstance(grad, torch.Tensor):
+        return  # a value read lazily from a store: its gradient is the saved read itself
+    if value.grad_fn is not None:
+        value.retain_grad()
+    value.grad = grad

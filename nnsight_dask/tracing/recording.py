@@ -32,6 +32,9 @@ class Recording(Protocol):
     def save(self, proxy: Any, name: str | None) -> None:
         """Keep ``proxy``'s value after the trace, under ``name`` (default: the variable's name)."""
 
+    def retain_grad(self, proxy: Any) -> None:
+        """Keep ``proxy``'s gradient in the next backward as its saved value's ``.grad``."""
+
     def known_length(self, node_id: int) -> int | None:
         """The length of a traced list while recording, when known (see :mod:`.lengths`)."""
 

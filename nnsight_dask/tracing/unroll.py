@@ -112,6 +112,7 @@ def unroll(recorder: Recorder, block: SessionBlock, deferred: dict[tuple[int, in
                 deferred[(new_pass, invoke)] = entry
     _renumber_proxies(recorder, block, ids)
     recorder.forget_passes_from(block.first_pass)
+    recorder.lengths.forget_from(block.first_node)
     recorder.pass_index = len(graph.passes) - 1
 
 
