@@ -103,7 +103,6 @@ def shard_runner(model: torch.nn.Module, plan: list[ShardSpec], index: int, pad_
 
 
 class ShardActor:
-    """Holds shard ``index`` of ``n_shards`` of a model for deployment ``deployment``."""
     """Holds shard ``index`` of ``n_shards`` of a model for deployment ``deployment``: loads it, answers
     the actor calls of a deployment's life, and serves experiments through :attr:`server`."""
 

@@ -286,10 +286,6 @@ class ShardServer:
                                  vocab_size=self.vocab_size,
                                  max_prompt_tokens=self.policy.max_prompt_tokens or self.context_length)
 
-    def release(self, experiment: str) -> None:
-        """Forget an experiment's state (lock-free: never waits for a running stage)."""
-        self._forget(experiment)
-
     def _forget(self, experiment: str) -> bool:
         """Free an experiment's state (whether it was held); the one way experiments leave a shard, so
         a retiring copy leaves the registry with its last experiment whichever way that one ended."""
@@ -336,7 +332,6 @@ class ShardServer:
     def _others_waiting(self, experiment: str) -> bool:
         """Whether other experiments have state or stages waiting here (then who computes matters)."""
         return len(self.queue) > 0 or any(other != experiment for other in self.experiments)
-
 
 
 def _device_and_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
