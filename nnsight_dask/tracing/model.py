@@ -22,6 +22,7 @@ from ..graph.options import ExperimentOptions
 from .envoy import Envoy
 from .proxy import Proxy
 from .recorder import Recorder, active_recorders
+from .tokenizing import direct_ids
 from .tracer import Session, Tracer
 from .unroll import remap
 
@@ -296,6 +297,10 @@ def encode_prompt(value: Any, tokenizer: Any, **kwargs: Any) -> dict[str, torch.
     if isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
         if tokenizer is None:
             raise TracingError("text inputs need a tokenizer: LanguageModel(model, tokenizer=...)")
+        direct = direct_ids(tokenizer, value) if isinstance(value, str) and not kwargs else None
+        if direct is not None:
+            return {"input_ids": torch.tensor([direct[0]], dtype=torch.long),
+                    "attention_mask": torch.tensor([direct[1]], dtype=torch.long)}
         # lists from the tokenizer, tensors made here: a third cheaper than its return_tensors="pt" (same values)
         encoded = tokenizer(value if isinstance(value, list) else [value], padding=True, **kwargs)
         return {"input_ids": torch.tensor(encoded["input_ids"], dtype=torch.long),
