@@ -1,0 +1,90 @@
+"""How a trace hooks the modules it touches: around ``forward`` where no one else hooks the module, as
+torch hooks where others do, the same results and order either way, and nothing left behind."""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+
+import nnsight_dask as nd
+
+PROMPT = "The Eiffel Tower is in the city of"
+
+
+def test_a_trace_leaves_the_modules_as_it_found_them(gpt: Any) -> None:
+    block = gpt._module.transformer.h[0]
+    signature = inspect.signature(block.forward)
+    with gpt.trace(PROMPT):
+        gpt.transformer.h[0].output[:, -1] = 0
+        hidden = gpt.transformer.h[0].output.save()
+    assert torch.all(hidden[:, -1] == 0)
+    assert "forward" not in block.__dict__
+    assert not block._forward_hooks and not block._forward_pre_hooks
+    assert inspect.signature(block.forward) == signature
+
+
+def test_others_hooks_run_before_ours_as_with_torch_hooks(gpt: Any) -> None:
+    """A module someone else hooks keeps torch's order: their hook sees the output before our write."""
+    block = gpt._module.transformer.h[1]
+    seen: list[torch.Tensor] = []
+    handle = block.register_forward_hook(lambda _m, _a, out: seen.append(out.detach().clone()))
+    try:
+        with gpt.trace(PROMPT):
+            gpt.transformer.h[1].output[:] = 0
+            after = gpt.transformer.h[2].input.save()
+    finally:
+        handle.remove()
+    assert len(seen) == 1 and seen[0].abs().sum() > 0  # theirs ran first, on the model's own output
+    assert torch.equal(after, torch.zeros_like(seen[0]))  # ours then wrote the zeros the next layer got
+    assert "forward" not in block.__dict__ and not block._forward_hooks
+
+
+def test_an_instance_forward_is_kept_and_runs_inside_ours(gpt: Any) -> None:
+    """A module whose forward is an instance attribute (accelerate's hooks set one) is hooked with
+    torch hooks, and its own forward is still there afterwards."""
+    block = gpt._module.transformer.h[0]
+    calls: list[int] = []
+    original = block.forward
+
+    def counting_forward(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    block.forward = counting_forward
+    try:
+        with gpt.trace(PROMPT):
+            hidden = gpt.transformer.h[0].output.save()
+        assert calls == [1] and hidden.shape[-1] == 64
+        assert block.__dict__["forward"] is counting_forward
+        assert not block._forward_hooks and not block._forward_pre_hooks
+    finally:
+        del block.forward
+
+
+def test_wrapped_and_hooked_modules_give_the_same_values(tiny_tokenizer: Any) -> None:
+    """The same trace on a model whose layers carry a no-op hook of someone else (so ours are torch hooks)
+    and on the same model without (so ours wrap forward): identical saves."""
+    from nnsight_dask.models import tiny_gpt2
+
+    lm = nd.LanguageModel(tiny_gpt2(n_layer=3), tokenizer=tiny_tokenizer)
+
+    def run() -> list[torch.Tensor]:
+        with lm.trace(PROMPT):
+            saves = []
+            for i in range(3):
+                if i == 1:
+                    lm.transformer.h[i].output[:, -1] = 0
+                saves.append(lm.transformer.h[i].output.save())
+            logits = lm.lm_head.output.save()
+        return [s.value for s in saves] + [logits]
+
+    wrapped = run()
+    handles = [block.register_forward_pre_hook(lambda *_: None) for block in lm._module.transformer.h]
+    try:
+        hooked = run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    for a, b in zip(wrapped, hooked):
+        assert torch.equal(a, b)
