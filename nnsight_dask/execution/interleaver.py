@@ -140,9 +140,11 @@ class Interleaver:
     def _set(self, key: Key, value: Any) -> None:
         self.values[key] = value
         self.schedule.done(key)
-        grads = self.plan.grad_events.get(key)
-        if grads is not None:
-            self.gradients.watch(self.graph.nodes[node_id(key)], value, grads)
+        grad_events = self.plan.grad_events
+        if grad_events:
+            grads = grad_events.get(key)
+            if grads is not None:
+                self.gradients.watch(self.graph.nodes[node_id(key)], value, grads)
 
     def _resolve(self, obj: Any, step: int | None) -> Any:
         if isinstance(obj, Ref):
@@ -154,7 +156,7 @@ class Interleaver:
         if type(obj) in (int, float, str, bool) or obj is None:
             return obj
         if isinstance(obj, tuple):
-            return tuple(self._resolve(o, step) for o in obj)
+            return tuple([self._resolve(o, step) for o in obj])
         if isinstance(obj, list):
             return [self._resolve(o, step) for o in obj]
         if isinstance(obj, dict):
@@ -165,23 +167,29 @@ class Interleaver:
 
     # -- running nodes ------------------------------------------------------------------------
     def drain(self, before: tuple[int, int] | None = None) -> None:
-        """Run ready free nodes in program order (only those before ``before`` when given)."""
+        """Run ready free nodes in program order (only those before ``before`` when given).
+
+        Called before and after every event: what it checks first costs no call when nothing is ready."""
         running = self.gradients.running
         if running is not None:  # inside a backward: nothing after it in program order
             limit = order(running)
             before = limit if before is None else min(before, limit)
         schedule = self.schedule
-        key = schedule.next_ready(before)
-        while key is not None:
-            self._run_free(key)
+        if schedule.heap:
             key = schedule.next_ready(before)
-        if schedule.stop_due(before):
+            while key is not None:
+                self._run_free(key)
+                key = schedule.next_ready(before)
+        if schedule.has_stop and schedule.stop_due(before):
             raise StopForward
 
     def _run_free(self, key: Key) -> None:
-        self._check_stop()
-        node = self.graph.nodes[node_id(key)]
-        step = key[1] if isinstance(key, tuple) else None
+        if self.should_stop is not None:
+            self._check_stop()
+        if type(key) is tuple:
+            node, step = self.graph.nodes[key[0]], key[1]
+        else:
+            node, step = self.graph.nodes[key], None
         try:
             if node.cond is not None and not self._resolve(Ref(node.cond), step):
                 raise _SkipNode
@@ -209,11 +217,16 @@ class Interleaver:
     def fire(self, keys: list[Key], current: Any, phase: str) -> Any:
         """Run the nodes bound to one event in program order; returns the (maybe replaced) value."""
         pending = self.schedule.pending
+        nodes = self.graph.nodes
         for key in keys:
-            self.drain(before=order(key))
-            self._check_stop()
-            node = self.graph.nodes[node_id(key)]
-            step = key[1] if isinstance(key, tuple) else None
+            if type(key) is tuple:
+                self.drain(before=key)
+                node, step = nodes[key[0]], key[1]
+            else:
+                self.drain(before=(key, -1))
+                node, step = nodes[key], None
+            if self.should_stop is not None:
+                self._check_stop()
             try:
                 if node.cond is not None and pending[key] == 0 and not self._resolve(Ref(node.cond), step):
                     raise _SkipNode

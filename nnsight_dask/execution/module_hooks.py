@@ -100,12 +100,14 @@ def hook_modules(seats: Sequence[Seat], quiet: Quiet) -> list[Any]:
             watchers.setdefault(path, []).append(seat)
             modules[path] = seat.interleaver.modules[path]
     handles: list[Any] = []
+    global_hooks = any_global_module_hooks()
     for path, watching in watchers.items():
-        handles.extend(_hook_module(modules[path], path, watching, quiet))
+        handles.extend(_hook_module(modules[path], path, watching, quiet, global_hooks))
     return handles
 
 
-def _hook_module(module: torch.nn.Module, path: str, seats: list[Seat], quiet: Quiet) -> list[Any]:
+def _hook_module(module: torch.nn.Module, path: str, seats: list[Seat], quiet: Quiet,
+                 global_hooks: bool) -> list[Any]:
     calls = [seat.interleaver.calls(path) for seat in seats]
     pairs = list(zip(seats, calls))
 
@@ -126,7 +128,7 @@ def _hook_module(module: torch.nn.Module, path: str, seats: list[Seat], quiet: Q
         return None if current is output else current
 
     skipped = any(path in seat.interleaver.plan.skip_paths for seat in seats)
-    if not skipped and _runs_without_hooks(module):
+    if not skipped and not global_hooks and _runs_without_hooks(module):
         return [_WrappedForward(module, pre_hook, hook)]
     handles = [module.register_forward_pre_hook(pre_hook, with_kwargs=True),
                module.register_forward_hook(hook, with_kwargs=True)]
@@ -136,10 +138,11 @@ def _hook_module(module: torch.nn.Module, path: str, seats: list[Seat], quiet: Q
 
 
 def _runs_without_hooks(module: torch.nn.Module) -> bool:
-    """Whether a call of ``module`` now runs no hook of anyone (torch then calls ``module.forward``
-    straight) and ``forward`` is the class's own (no instance attribute: accelerate's, another path's)."""
+    """Whether a call of ``module`` now runs no hook of its own (with no global hooks either, torch
+    then calls ``module.forward`` straight) and ``forward`` is the class's own (no instance attribute:
+    accelerate's, another path's)."""
     return not (module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks
-                or module._backward_hooks or "forward" in module.__dict__ or any_global_module_hooks())
+                or module._backward_hooks or "forward" in module.__dict__)
 
 
 def any_global_module_hooks() -> bool:

@@ -22,33 +22,39 @@ class Schedule:
         if values:  # earlier passes' values exist: what waits for them only does not wait
             self.pending = {key: sum(1 for dep in deps[key] if dep not in values) for key in plan.instances}
             free = plan.free
-            self._heap = [(*order(key), key) for key in plan.instances if key in free and not self.pending[key]]
+            heap = [(*order(key), key) for key in plan.instances if key in free and not self.pending[key]]
         else:
             self.pending = {key: len(deps[key]) for key in plan.instances}
-            self._heap = [(*order(key), key) for key in plan.ready]
-        # instances are in program order: either list is already a heap
+            heap = [(*order(key), key) for key in plan.ready]
+        #: Ready free instances as ``(node id, step, key)``, a heap (program order first); instances
+        #: are in program order, so either list above is already one.
+        self.heap = heap
+        #: Whether the pass has a ``stop()`` (else :meth:`stop_due` needs no asking).
+        self.has_stop = plan.stop_key is not None
         #: Instances before ``stop()`` still without a value (the stop is due at 0).
         self.before_stop = plan.before_stop
         self.stopped = False
 
     def done(self, key: Key) -> None:
         """``key`` has its value: count it off its dependents; free ones with nothing left are ready."""
-        stop = self.plan.stop_key
+        plan = self.plan
+        stop = plan.stop_key
         if stop is not None and key in self.pending and node_id(key) < node_id(stop):
             self.before_stop -= 1
-        dependents = self.plan.dependents.get(key)
+        dependents = plan.dependents.get(key)
         if dependents is None:
             return
-        pending, free = self.pending, self.plan.free
+        pending, free = self.pending, plan.free
         for dependent in dependents:
             left = pending[dependent] - 1
             pending[dependent] = left
             if left == 0 and dependent in free:
-                heapq.heappush(self._heap, (*order(dependent), dependent))
+                heapq.heappush(self.heap, (dependent[0], dependent[1], dependent) if type(dependent) is tuple
+                               else (dependent, -1, dependent))
 
     def next_ready(self, before: tuple[int, int] | None) -> Key | None:
         """The first ready free instance in program order (only one before ``before``), or None."""
-        heap = self._heap
+        heap = self.heap
         if not heap or (before is not None and (heap[0][0], heap[0][1]) >= before):
             return None
         return heapq.heappop(heap)[2]
