@@ -8,6 +8,7 @@ imports neither Dask nor Zarr: both load on first use.
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -96,13 +97,14 @@ def local_backend(module: torch.nn.Module, pad_token_id: int | None) -> LocalBac
     return LocalBackend(module, pad_token_id, sink_for=zarr_sink, open_saves=open_saves)
 
 
-def zarr_sink(options: Mapping[str, Any], experiment: str) -> SaveSink | None:
-    """The Zarr sink an experiment's options ask for (None without ``store=``)."""
+def zarr_sink(options: Mapping[str, Any]) -> SaveSink | None:
+    """The Zarr sink an experiment's options ask for, under a new experiment name (None without
+    ``store=``: then no name is drawn, which costs a system call)."""
     if not options.get("store"):
         return None
     from .storage.results import ZarrSink  # zarr loads only for runs that persist
 
-    return ZarrSink.from_options(options, experiment)
+    return ZarrSink.from_options(options, uuid.uuid4().hex[:12])
 
 
 def open_saves(saves: Any) -> Any:

@@ -7,7 +7,6 @@ so this module needs no storage of its own.
 """
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from typing import Any
@@ -19,8 +18,8 @@ from ..execution.saves import persisted_name
 from ..graph.graph import InterventionGraph
 from .base import Backend, RunResult, SaveSink
 
-#: ``sink_for(options, experiment)``: the sink a graph's options ask for, or None (no store).
-SinkFactory = Callable[[Mapping[str, Any], str], "SaveSink | None"]
+#: ``sink_for(options)``: the sink a graph's options ask for (a new experiment's), or None (no store).
+SinkFactory = Callable[[Mapping[str, Any]], "SaveSink | None"]
 #: ``open_saves(saves)``: what the user holds for written saves (e.g. lazy tensors for refs).
 Opener = Callable[[Any], Any]
 
@@ -37,7 +36,7 @@ class LocalBackend(Backend):
 
     def run(self, graph: InterventionGraph, **_options: Any) -> RunResult:
         result = run_graph(self.module, graph, pad_token_id=self.pad_token_id)
-        sink = self.sink_for(graph.options, uuid.uuid4().hex[:12]) if self.sink_for is not None else None
+        sink = self.sink_for(graph.options) if self.sink_for is not None else None
         if sink is None:
             return result
         try:

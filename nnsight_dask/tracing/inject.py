@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import ctypes
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import FrameType
+from typing import Any
 
 from .proxy import Proxy
 from .recorder import Recorder
@@ -41,17 +42,18 @@ def enabled() -> bool:
 _WRITE_THROUGH = sys.version_info >= (3, 13)  # PEP 667: frame.f_locals writes through to the frame
 
 
-def inject_saves(frame: FrameType, recorder: Recorder, names: list[str]) -> list[str]:
+def inject_saves(frame: FrameType, local_vars: Mapping[str, Any], recorder: Recorder, names: list[str]) -> list[str]:
     """Rebind the local ``names`` of ``frame`` that hold a saved, filled proxy of ``recorder`` to its value.
 
-    ``names`` are those :meth:`Recorder.rename_saves` found bound to saved proxies (the setting is
-    read, and the frame's locals are read again, only when there are some). Returns the names rebound.
-    Module-level and class-body frames (whose locals are a plain dict) are written directly; function
-    frames through ``f_locals`` (write-through from Python 3.13, ``PyFrame_LocalsToFast`` before).
+    ``local_vars`` is ``frame.f_locals`` as read when the block closed (reading it again would copy
+    the frame's locals again; the frame has not run since). ``names`` are those
+    :meth:`Recorder.rename_saves` found bound to saved proxies (the setting is read only when there
+    are some). Returns the names rebound. Module-level and class-body frames (whose locals are a
+    plain dict) are written directly; function frames through ``f_locals`` (write-through from
+    Python 3.13, ``PyFrame_LocalsToFast`` before).
     """
     if not names or not enabled():
         return []
-    local_vars = frame.f_locals
     found = {}
     for name in names:
         value = local_vars.get(name)
@@ -60,10 +62,15 @@ def inject_saves(frame: FrameType, recorder: Recorder, names: list[str]) -> list
             found[name] = value._value
     if not found:
         return []
-    if frame.f_locals is frame.f_globals or _WRITE_THROUGH:
+    if local_vars is frame.f_globals or _WRITE_THROUGH:
         for name, value in found.items():
-            local_vars[name] = value
+            local_vars[name] = value  # type: ignore[index]
     elif isinstance(local_vars, dict):
         local_vars.update(found)
-        ctypes.pythonapi.PyFrame_LocalsToFast(ctypes.py_object(frame), ctypes.c_int(0))
+        _locals_to_fast(frame, 0)
     return list(found)
+
+
+#: ``PyFrame_LocalsToFast(frame, 0)`` (Python < 3.13), bound once with its argument types.
+_locals_to_fast = None if _WRITE_THROUGH else ctypes.PYFUNCTYPE(None, ctypes.py_object, ctypes.c_int)(
+    ("PyFrame_LocalsToFast", ctypes.pythonapi))

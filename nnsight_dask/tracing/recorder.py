@@ -149,14 +149,15 @@ class Recorder:
         if args:
             args = self.to_arg(args, found)
         kwargs = self.to_arg(kwargs, found) if kwargs else {}
+        graph = self.graph
         if iteration is None:
             iteration = self.iteration
-            if iteration is None and found:
+            if iteration is None and found and graph.iterations:  # (no block in the graph: none to inherit)
                 iteration = self._inherited_iteration(found)
         if "invoke" not in fields:
             fields["invoke"] = self.invoke
-        node = self.graph.add(kind, args=args, kwargs=kwargs, pass_index=self.pass_index,
-                              iteration=iteration, cond=self.cond, location=user_location(), **fields)
+        node = graph.add(kind, args=args, kwargs=kwargs, pass_index=self.pass_index,
+                         iteration=iteration, cond=self.cond, location=user_location(), **fields)
         if not self.in_trace:
             self.session_level.append(node.id)
         self.lengths.note(node, self.cond is None and self.iteration is None and not self.block_proxies,
@@ -179,7 +180,7 @@ class Recorder:
         if kind is Proxy:
             return self._proxy_arg(obj, found)
         if kind is tuple:
-            return tuple(self.to_arg(o, found) for o in obj)
+            return tuple([self.to_arg(o, found) for o in obj])
         if kind is list:
             return [self.to_arg(o, found) for o in obj]
         if kind is dict:

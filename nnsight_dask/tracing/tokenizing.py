@@ -31,11 +31,11 @@ _DIRECT_CLASSES: dict[type, bool] = {}
 def direct_ids(tokenizer: Any, text: str) -> tuple[list[int], list[int]] | None:
     """``(input_ids, attention_mask)`` of ``text`` as ``tokenizer([text], padding=True)`` gives them
     (one row), from the Rust tokenizer directly; None where that is not known to be the same."""
-    if not _direct_class(type(tokenizer)) or tokenizer.pad_token is None:
-        return None  # (the ordinary call refuses to pad without a pad token, even one row)
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None or pad_id < 0:
+    if not _direct_class(type(tokenizer)):
         return None
+    pad_id = tokenizer.pad_token_id  # None without a pad token (one read: each costs ~2 us)
+    if pad_id is None or pad_id < 0:
+        return None  # (the ordinary call refuses to pad without a pad token, even one row)
     backend = tokenizer.backend_tokenizer
     if backend.truncation is not None or backend.encode_special_tokens != tokenizer.split_special_tokens:
         return None

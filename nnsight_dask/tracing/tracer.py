@@ -105,7 +105,8 @@ class Tracer:
         if not recorder.graph.passes[recorder.pass_index].invokes:
             raise TracingError("the trace has no inputs: pass them to trace(...) or open `with tracer.invoke(...)`")
         caller = sys._getframe(1)
-        saved_locals = recorder.rename_saves(caller.f_locals)
+        local_vars = caller.f_locals  # read once (each read of a function frame's f_locals copies them)
+        saved_locals = recorder.rename_saves(local_vars)
         if self._session is not None:
             return
         if not self.execute:
@@ -115,7 +116,7 @@ class Tracer:
                              blocking=self.blocking, options=self.backend_options)
         self.future = run_recording(self.model, recorder, request, self._deliver)
         if self.future is None and not self.fake and self.inject and saved_locals:
-            inject_saves(caller, recorder, saved_locals)
+            inject_saves(caller, local_vars, recorder, saved_locals)
 
     def _deliver(self, result: RunResult) -> None:
         self.logs = hand_out(self._require(), result)
@@ -325,7 +326,8 @@ class Session:
             self.recorder.close()
             return
         caller = sys._getframe(1)
-        saved_locals = self.recorder.rename_saves(caller.f_locals)
+        local_vars = caller.f_locals
+        saved_locals = self.recorder.rename_saves(local_vars)
         if not self.recorder.graph.passes:
             self.recorder.close()
             return
@@ -333,7 +335,7 @@ class Session:
         request = RunRequest(remote=self.remote, blocking=self.blocking)
         self.future = run_recording(self.model, self.recorder, request, self._deliver)
         if self.future is None and saved_locals:
-            inject_saves(caller, self.recorder, saved_locals)
+            inject_saves(caller, local_vars, self.recorder, saved_locals)
 
     def _deliver(self, result: RunResult) -> None:
         self.logs = hand_out(self.recorder, result)
