@@ -10,6 +10,7 @@ import datetime
 import gc
 import os
 import platform
+import random
 import sys
 import warnings
 import statistics
@@ -35,12 +36,17 @@ def use_this_checkout() -> str:
 
 def interleaved(variants: dict[str, Callable[[], object]], *, budget_s: float, min_rounds: int = 5,
                 max_rounds: int = 1000, warmup: int = 2,
-                clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+                clock: Callable[[], float] = time.perf_counter,
+                shuffle: random.Random | None = None) -> dict[str, list[float]]:
     """Time each variant round-robin; return per-variant lists of seconds (one entry per round).
 
     The number of rounds is chosen from ``budget_s`` using the warm-up timings, clamped to
     ``[min_rounds, max_rounds]``. ``clock`` reads the time (``time.process_time``: CPU seconds of the
     process, which waiting for a core on a loaded machine does not add to).
+
+    Each round starts one variant later (rotation), so each variant keeps the same neighbour before
+    it in most rounds; a variant that runs right after a similar one finds the code it runs still in
+    the CPU's caches. ``shuffle`` (a seeded ``random.Random``) orders every round at random instead.
     """
     names = list(variants)
     for _ in range(warmup):
@@ -56,7 +62,10 @@ def interleaved(variants: dict[str, Callable[[], object]], *, budget_s: float, m
     gc.collect()
     for r in range(rounds):
         k = r % len(names)
-        for name in names[k:] + names[:k]:
+        order = names[k:] + names[:k]
+        if shuffle is not None:
+            shuffle.shuffle(order)
+        for name in order:
             fn = variants[name]
             t0 = clock()
             fn()
