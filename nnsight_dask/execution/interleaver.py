@@ -175,11 +175,12 @@ class Interleaver:
             limit = order(running)
             before = limit if before is None else min(before, limit)
         schedule = self.schedule
-        if schedule.heap:
+        heap = schedule.heap
+        while heap:
             key = schedule.next_ready(before)
-            while key is not None:
-                self._run_free(key)
-                key = schedule.next_ready(before)
+            if key is None:
+                break
+            self._run_free(key)
         if schedule.has_stop and schedule.stop_due(before):
             raise StopForward
 
@@ -231,7 +232,9 @@ class Interleaver:
                 if node.cond is not None and pending[key] == 0 and not self._resolve(Ref(node.cond), step):
                     raise _SkipNode
                 if node.kind in (Kind.GETTER, Kind.GRAD, Kind.RESULT):
-                    self._set(key, self._view(node, current, phase))
+                    # a module's whole output, the common read, is the value itself
+                    self._set(key, current if phase == "out" and self.invoke_windows is None
+                              else self._view(node, current, phase))
                     continue
                 if pending[key]:
                     raise node_errors.cycle(node, self._first_unready_source(node, step))

@@ -127,7 +127,9 @@ def _hook_module(module: torch.nn.Module, path: str, seats: list[Seat], quiet: Q
             current = seat.leave(path, state, current)
         return None if current is output else current
 
-    skipped = any(path in seat.interleaver.plan.skip_paths for seat in seats)
+    skipped = False
+    for seat in seats:
+        skipped = skipped or path in seat.interleaver.plan.skip_paths
     if not skipped and not global_hooks and _runs_without_hooks(module):
         return [_WrappedForward(module, pre_hook, hook)]
     handles = [module.register_forward_pre_hook(pre_hook, with_kwargs=True),

@@ -163,8 +163,11 @@ class Envoy:
     def _access(self, kind: str, access: str, value: Any = None) -> Proxy:
         recorder = self._recorder(access)
         args = () if kind == Kind.GETTER else (value,)
-        return recorder.add(kind, args, module=self._path, access=access, call=recorder.call_index(self._path),
-                            iteration=self._iteration(recorder))
+        path = self._path
+        # (the common case, no `.next()` and no `.all()`/`.iter`, without two more calls per access)
+        return recorder.add(kind, args, module=path, access=access,
+                            call=recorder.call_index(path) if recorder.envoy_steps else 0,
+                            iteration=None if self._steps is None else self._iteration(recorder))
 
     @property
     def output(self) -> Proxy:

@@ -146,7 +146,7 @@ class ModuleWrapper:
 
     # -- what tracers and envoys use (the Traceable protocol) -------------------------------------------
     def active_recorder(self) -> Recorder | None:
-        recorders = self._recorders
+        recorders = getattr(self._threads, "recorders", None)  # (every envoy access asks: no property call)
         return recorders[-1] if recorders else None
 
     def open_recording(self, recorder: Recorder) -> None:

@@ -220,7 +220,7 @@ class Recorder:
             return
         save = self.add(Kind.SAVE, (proxy,), target=name or f"save_{proxy._node}")
         self.saved[proxy._node] = proxy
-        proxy._save_node = save._node
+        object.__setattr__(proxy, "_save_node", save._node)  # (past Proxy.__setattr__'s refusals)
 
     def retain_grad(self, proxy: Proxy) -> None:
         """``proxy.retain_grad()``: a saved ``.grad`` read of it, set as its value's ``.grad`` by :meth:`finish`."""
