@@ -18,7 +18,7 @@ from typing import Any
 
 from ..errors import NNsightDaskError
 from ..graph.graph import InterventionGraph
-from ..graph.node import Kind, Node
+from ..graph.node import Kind, Node, Ref
 
 Key = Any  # int for plain nodes, (node id, step) for nodes of an iteration block
 
@@ -62,12 +62,27 @@ def dependencies(graph: InterventionGraph) -> list[list[int]]:
     cached = _DEPS.get(key)
     if cached is not None and cached[1] == count and cached[0]() is graph:
         return cached[2]
-    deps = [node.deps() for node in graph.nodes]
+    deps = [_deps(node) for node in graph.nodes]
     with _DEPS_LOCK:
         if len(_DEPS) >= _DEPS_KEPT:
             del _DEPS[next(iter(_DEPS))]
         _DEPS[key] = (weakref.ref(graph), count, deps)
     return deps
+
+
+def _deps(node: Node) -> list[int]:
+    """``node.deps()``, without its walk for the common node whose arguments are references and
+    constants only (getters, saves, most operations): the same ids in the same order."""
+    found: list[int] = []
+    for arg in node.args:
+        kind = type(arg)
+        if kind is Ref:
+            found.append(arg.id)
+        elif kind in (tuple, list, dict, slice) or isinstance(arg, (Ref, tuple, list, dict, slice)):
+            return node.deps()
+    if node.kwargs or node.cond is not None:
+        return node.deps()
+    return found
 
 
 class PassPlan:

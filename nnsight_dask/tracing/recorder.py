@@ -276,7 +276,7 @@ class Recorder:
                 self.never_ran[proxy._node] = stop
                 continue
             if node.target in saves:
-                proxy._value = saves[node.target]
+                object.__setattr__(proxy, "_value", saves[node.target])
         for node_id, grad in self.retained.items():
             kept = self.saved.get(node_id)
             if kept is not None and kept._has_value() and grad._has_value():
