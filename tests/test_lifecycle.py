@@ -52,9 +52,21 @@ def quiet():
 
 
 @pytest.fixture(scope="module")
-def remote(client, model_dir):
+def life(client, model_dir):
     nd.serve(client, model_dir, shards=2, name="life")
     yield nd.RemoteModel(client, "life")
+
+
+@pytest.fixture
+def remote(client, life):
+    """The "life" deployment, serving when the test starts. A test that killed workers leaves it
+    to recover on its next experiment, and until then its record names the dead workers: a status
+    task pinned there would wait forever (seen in random order: the timeout test right after the
+    worker-death test hung in its first ``status``). So both workers are back and one trace has run."""
+    client.wait_for_workers(2, timeout=60)
+    with life.trace(PROMPT):
+        life.output.logits.save()
+    return life
 
 
 def status(client, name="life"):
@@ -365,8 +377,7 @@ def test_a_worker_death_counts_only_against_the_experiment_running_there(client,
 def test_shards_spread_again_after_two_deaths(client, remote, local):
     """Recovery puts a lost shard on a worker holding no other shard of the deployment (here: the
     one the Nanny restarts), so two deaths in a row leave the shards on distinct workers."""
-    client.wait_for_workers(2, timeout=60)
-    assert_equals_local(remote, local)  # "life" lost shards to the test above: recovered on first use
+    assert_equals_local(remote, local)
     for death in (1, 2):
         record = nd.deployments(client)["life"]
         victim = record.shards[death % 2].worker
