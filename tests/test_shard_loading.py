@@ -368,9 +368,11 @@ def _measure(how: str, path: Path, warm: Path) -> dict[str, int]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("arch, hidden, fused", [("llama", 512, 0), ("mixtral", 320, 2)], ids=["llama", "mixtral"])
+@pytest.mark.parametrize("arch, hidden, fused", [("llama", 512, 0), ("mixtral", 320, 2), ("gpt_neox", 576, 0)],
+                         ids=["llama", "mixtral", "gpt_neox"])
 def test_loading_one_shard_does_not_hold_the_whole_model(tmp_path: Path, arch: str, hidden: int, fused: int) -> None:
-    """8 layers: 76 MB of float32 Llama weights, 88 MB of Mixtral ones, almost all in the layers.
+    """8 layers: 76 MB of float32 Llama weights, 88 MB of Mixtral ones, 85 MB of GPT-NeoX ones (a
+    checkpoint transformers converts too: its head is saved as ``embed_out``), almost all in the layers.
 
     A Mixtral checkpoint stores each expert's tensors apart; transformers stacks, then concatenates
     them per layer while loading: one layer's experts exist up to about twice over for a moment,
