@@ -95,6 +95,10 @@ async def test_page_document_shows_each_plot_and_a_users_own_rows(s):
     values = [[list(ys) for ys in r.data_source.data["ys"]] for r in per_deployment]
     assert [[3 / RATE_WINDOW], [0.0]] in values  # experiments/s: gpt's three finished, none of llama's
     assert [[3.0], [1.0]] in values  # queue depth: g3-g5 of gpt, l0 of llama
+    latency = [ys for ys in values if ys not in ([[3 / RATE_WINDOW], [0.0]], [[3.0], [1.0]])]
+    assert len(latency) == 2  # p50 and p99: gpt's three answered at once, llama's line has a gap (none finished)
+    for (gpt,), (llama,) in latency:
+        assert 0 <= gpt < 1 and math.isnan(llama)
 
     busy = next(r.data_source.data for r in lines if "worker" in r.data_source.data)
     assert busy["shard"] == ["gpt[0]"] and busy["worker"] == ["w0"] and busy["ys"] == [[0.0]]  # one point yet
