@@ -258,6 +258,53 @@ def _check_private_module(module: str, importer: str, importer_package: str, lin
         found.append(f"{importer}:{line} imports the private module {module} from outside {parent}")
 
 
+#: Private attributes of other libraries' objects we read on purpose: torch modules' hook and
+#: parameter tables, ``Tensor._base``, ``sys._getframe`` and ``torch._C``. Dask's and Bokeh's live in
+#: ``dask_compat`` alone, whose job that is.
+FOREIGN_PRIVATE = frozenset({"_parameters", "_buffers", "_modules", "_forward_hooks", "_forward_pre_hooks",
+                             "_backward_hooks", "_backward_pre_hooks", "_base", "_getframe", "_C",
+                             "_VariableFunctions"})
+#: A proxy's own state, read by the rest of ``tracing``: underscored because a proxy's attribute
+#: namespace is the traced value's (``hidden.node`` records a getattr), and read directly because
+#: recording is the hot path of a local trace.
+PROXY_STATE = frozenset({"_node", "_recorder", "_value", "_has_value", "_save_node", "_live"})
+
+
+def private_attribute_uses(package: Path = PACKAGE) -> list[str]:
+    """``obj._x`` where ``_x`` is nowhere defined in the module reading it: another module's private
+    state (``self._x``/``cls._x`` are the class's own, or its base's hooks, and are not counted).
+
+    Defined means assigned, a def or class name, or a string starting with ``_`` (``__slots__``,
+    ``object.__setattr__(self, "_x", ...)``); lenient, so it misses some uses but does not invent any.
+    """
+    found = []
+    for name, path in _modules(package).items():
+        if name.endswith(".dask_compat"):
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        defined: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                defined.add(node.name)
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                defined.add(node.attr)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                defined.add(node.id)
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("_"):
+                defined.add(node.value)
+        allowed = FOREIGN_PRIVATE | (PROXY_STATE if ".tracing." in f"{name}." else frozenset())
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Attribute) and _private(node.attr)) or node.attr in defined | allowed:
+                continue
+            owner = node.value
+            if isinstance(owner, ast.Name) and owner.id in ("self", "cls"):
+                continue
+            if isinstance(owner, ast.Call) and isinstance(owner.func, ast.Name) and owner.func.id == "super":
+                continue
+            found.append(f"{name}:{node.lineno} reads {ast.unparse(node)}")
+    return sorted(found)
+
+
 def long_classes(package: Path = PACKAGE, limit: int = LONGEST_CLASS) -> list[str]:
     """Every class of the package spanning more than ``limit`` lines, with its length."""
     found = []
@@ -274,6 +321,13 @@ def test_no_private_name_used_across_modules() -> None:
     """A private name stays in its module; what another module needs is public API of a small module
     (STYLE.md 15). Tests may still reach into a module they test: a rename breaks them loudly."""
     assert not private_uses(), private_uses()
+
+
+def test_no_private_attribute_of_another_module_is_read() -> None:
+    """Objects too: a class's ``_x`` is read by its own module (and its subclasses' ``self``); others
+    get what they need through the constructor or a public method (the remote backends once read the
+    wrapper's ``_module``)."""
+    assert not private_attribute_uses(), private_attribute_uses()
 
 
 def test_no_class_outgrows_one_job() -> None:
@@ -321,6 +375,30 @@ def test_the_checkers_see_deferred_imports_and_private_names(tmp_path: Path) -> 
         "pkg.c:5 imports the private module pkg.sub._impl from outside pkg.sub",
         "pkg.c:8 uses b._state of pkg.b",
     ]
+
+
+def test_the_attribute_checker_sees_another_module_s_private_state(tmp_path: Path) -> None:
+    package = _write_package(tmp_path, {
+        "holder.py": """
+            class Holder:
+                __slots__ = ("_slot",)
+
+                def __init__(self):
+                    self._state = 1
+                    object.__setattr__(self, "_hidden", 2)
+
+                def peek(self, other):
+                    return other._state, other._hidden, other._slot
+        """,
+        "reader.py": """
+            from .holder import Holder
+
+            class Reader(Holder):
+                def read(self, holder):
+                    return self._state, super()._state, holder._state, holder.grad._parameters
+        """,
+    })
+    assert private_attribute_uses(package) == ["pkg.reader:6 reads holder._state"]
 
 
 def test_the_class_checker_measures_whole_classes(tmp_path: Path) -> None:
