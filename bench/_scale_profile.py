@@ -53,7 +53,7 @@ ACTIVITIES: dict[str, list[tuple[str, tuple[str, ...]]]] = {
     "client": [
         ("check_graph before submitting", ("check_graph",)),
         ("dead_shards polling (scheduler_info RPC)", ("dead_shards", "_update_scheduler_info")),
-        ("submit the stage tasks", ("launch_batch", "Client.submit", "_graph_to_futures")),
+        ("submit the stage tasks", ("launch_route", "Client.submit", "_graph_to_futures")),
         ("fetch the result from the last worker", ("get_data_from_worker", "Client._gather")),
         ("rest of run_experiment", ("run_experiment",)),
         ("record the trace (tracing/)", ("nnsight_dask/tracing/",)),

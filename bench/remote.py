@@ -444,7 +444,7 @@ PARTS = [
     ("tracer enter (tokenize, record)", "tracing/tracer.py", "__enter__"),
     ("check_graph (validate)", "worker/limits.py", "check_graph"),
     ("graph.to_json", "graph/graph.py", "to_json"),
-    ("launch_batch (announce + client.submit xN)", "client/experiment.py", "launch_batch"),
+    ("launch_route (announce + client.submit xN)", "client/experiment.py", "launch_route"),
     ("_wait (chain runs + result fetch)", "client/experiment.py", "_wait"),
     ("ZarrSink.commit", "storage/results/sink.py", "commit"),
 ]

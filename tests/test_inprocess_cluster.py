@@ -137,14 +137,14 @@ async def test_a_second_deployment_leaves_the_first_serving(c, s, a, b, model_di
 
 # -- the coalescer, with a launch function of our own ---------------------------------------------------
 def recording_launch(launched):
-    """A ``launch`` that records each batch's members and sends them to a task answering ``{experiment: i}``."""
-    def launch(client, batch):
-        names = [m.experiment for m in batch.members]
+    """A ``launch`` that records each route's members and sends them to a task answering ``{experiment: i}``."""
+    def launch(client, route):
+        names = [m.experiment for m in route.members]
         launched.append(names)
 
         async def send():
             return await client.submit(dict, [(name, i) for i, name in enumerate(names)], pure=False)
-        batch.send = send
+        route.send = send
     return launch
 
 
@@ -163,8 +163,8 @@ async def test_coalescer_queues_once_every_shard_is_busy(c, s, a, b):
         assert launched == [["e0"], ["e1"]] and coalescer.in_flight == 2  # one chain per shard
         queued = [coalescer.enqueue(m, record, FORWARD) for m in members[2:11]]
         full, extra = queued[0], queued[-1]
-        assert all(b_ is full for b_ in queued[:8]) and extra is not full  # a batch takes 8 at most
-        other = coalescer.enqueue(members[11], record, GENERATE)  # other stages: a batch of its own
+        assert all(b_ is full for b_ in queued[:8]) and extra is not full  # a route takes 8 at most
+        other = coalescer.enqueue(members[11], record, GENERATE)  # other stages: a route of its own
         assert list(coalescer.pending) == [full, extra, other] and len(launched) == 2
         assert not full.launched.is_set()
         assert coalescer.withdraw(full, members[5]) and members[5] not in full.members
@@ -186,14 +186,14 @@ async def test_coalescer_without_sharing_launches_each_at_once(c, s, a, b):
     launched: list[list[str]] = []
     coalescer, record = Coalescer(c, recording_launch(launched)), _record()
     with dask.config.set({"nnsight-dask.max-batch-experiments": 1}):
-        batches = [coalescer.enqueue(Member(f"e{i}", "{}"), record, FORWARD) for i in range(4)]
+        routes = [coalescer.enqueue(Member(f"e{i}", "{}"), record, FORWARD) for i in range(4)]
         assert launched == [["e0"], ["e1"], ["e2"], ["e3"]] and coalescer.in_flight == 4
-        assert not coalescer.pending and all(b_.launched.is_set() for b_ in batches)
-        await async_poll_for(lambda: all(b_.done.is_set() for b_ in batches), timeout=10)
-    assert [b_.outcome() for b_ in batches] == [{f"e{i}": 0} for i in range(4)]
+        assert not coalescer.pending and all(b_.launched.is_set() for b_ in routes)
+        await async_poll_for(lambda: all(b_.done.is_set() for b_ in routes), timeout=10)
+    assert [b_.outcome() for b_ in routes] == [{f"e{i}": 0} for i in range(4)]
     assert coalescer.in_flight == 0
 
-    def refuse(client, batch):
+    def refuse(client, route):
         raise RuntimeError("the client is closed")
     failing = Coalescer(c, refuse).enqueue(Member("x", "{}"), record, FORWARD)
     assert failing.done.is_set() and str(failing.launch_error) == "the client is closed"

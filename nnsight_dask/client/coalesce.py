@@ -30,7 +30,7 @@ from .record import Deployment
 
 @dataclass(eq=False)
 class Member:
-    """One experiment of a batch, with what its monitor announcement says."""
+    """One experiment of a route, with what its monitor announcement says."""
 
     experiment: str
     graph_json: str
@@ -42,8 +42,9 @@ class Member:
 
 
 @dataclass(eq=False)
-class Batch:
-    """Experiments on one deployment placement with the same chain of stages."""
+class Route:
+    """Experiments of this process travelling together (one of them, or several with the same
+    deployment placement and chain of stages): one hop message per stage carries them all."""
 
     record: Deployment
     stages: list[Stage]
@@ -51,7 +52,7 @@ class Batch:
     launched: threading.Event = field(default_factory=threading.Event)
     #: Set once the route has ended (completed, failed or cancelled) or could not be launched.
     done: threading.Event = field(default_factory=threading.Event)
-    #: Sends the batch on its way and returns ``{experiment: Results | error}`` (set by ``launch``).
+    #: Sends the route on its way and returns ``{experiment: Results | error}`` (set by ``launch``).
     send: Callable[[], Awaitable[dict[str, Any]]] | None = None
     launch_error: BaseException | None = None
     #: Takes no other member (its one member is ``solo``).
@@ -70,7 +71,7 @@ class Batch:
         return self._outcome
 
     async def fetch(self) -> None:
-        """On the client's event loop: send the batch and take the answer, once for all members.
+        """On the client's event loop: send the route and take the answer, once for all members.
 
         Waiting there, instead of in each member's thread, saves the hand-offs between threads that
         cost milliseconds each when many threads of a process compete for the GIL.
@@ -94,86 +95,86 @@ class Batch:
 
 
 class Coalescer:
-    """Queues experiments for one deployment of one client and launches them as batches.
+    """Queues experiments for one deployment of one client and launches them as routes.
 
     At most ``config.max_routes_per_shard`` routes per shard are in flight (so shards work on
-    different batches at once, and the next batch waits on the shard while one computes); a pending
-    batch takes up to ``config.max_batch_experiments`` members with equal stages. With sharing off
+    different routes at once, and the next route waits on the shard while one computes); a pending
+    route takes up to ``config.max_batch_experiments`` members with equal stages. With sharing off
     (``max_batch_experiments = 1``) every experiment leaves at once on a route of its own.
     """
 
     def __init__(self, client: Client, launch: Any) -> None:
         self.client = client
-        self.launch = launch  # launch(client, batch) announces the batch and sets batch.send
+        self.launch = launch  # launch(client, route) announces the route and sets route.send
         self.lock = threading.Lock()
         self.in_flight = 0
-        self.pending: deque[Batch] = deque()
+        self.pending: deque[Route] = deque()
 
-    def enqueue(self, member: Member, record: Deployment, stages: list[Stage]) -> Batch:
-        """Put ``member`` in a batch: a new one launched now if a slot is free, else a pending one."""
+    def enqueue(self, member: Member, record: Deployment, stages: list[Stage]) -> Route:
+        """Put ``member`` in a route: a new one launched now if a slot is free, else a pending one."""
         with self.lock:
             sharing = config.max_batch_experiments > 1
             if not sharing or self.in_flight < max(1, record.n_shards * config.max_routes_per_shard):
                 self.in_flight += 1
-                batch = Batch(record, stages, [member], solo=member.solo)
+                route = Route(record, stages, [member], solo=member.solo)
             elif member.solo:
-                batch = Batch(record, stages, [member], solo=True)
-                self.pending.append(batch)
-                return batch
+                route = Route(record, stages, [member], solo=True)
+                self.pending.append(route)
+                return route
             else:
-                batch = self._pending_for(record, stages)
-                batch.members.append(member)
-                return batch
-        self._launch(batch)
-        return batch
+                route = self._pending_for(record, stages)
+                route.members.append(member)
+                return route
+        self._launch(route)
+        return route
 
-    def withdraw(self, batch: Batch, member: Member) -> bool:
-        """Take a member out of a batch still pending; ``False`` when the batch is leaving or left."""
+    def withdraw(self, route: Route, member: Member) -> bool:
+        """Take a member out of a route still pending; ``False`` when the route is leaving or left."""
         with self.lock:
-            if batch not in self.pending:
+            if route not in self.pending:
                 return False
-            batch.members.remove(member)
-            if not batch.members:
-                self.pending.remove(batch)
+            route.members.remove(member)
+            if not route.members:
+                self.pending.remove(route)
             return True
 
-    def ahead_of(self, batch: Batch) -> int:
-        """Experiments of this process queued before ``batch`` (the in-flight routes count one each)."""
+    def ahead_of(self, route: Route) -> int:
+        """Experiments of this process queued before ``route`` (the in-flight routes count one each)."""
         with self.lock:
             ahead = self.in_flight
             for other in self.pending:
-                if other is batch:
+                if other is route:
                     break
                 ahead += len(other.members)
             return ahead
 
-    def _pending_for(self, record: Deployment, stages: list[Stage]) -> Batch:
-        for batch in self.pending:
-            if batch.record.generation == record.generation and batch.stages == stages and not batch.solo \
-                    and len(batch.members) < config.max_batch_experiments:
-                return batch
-        batch = Batch(record, stages)
-        self.pending.append(batch)
-        return batch
+    def _pending_for(self, record: Deployment, stages: list[Stage]) -> Route:
+        for route in self.pending:
+            if route.record.generation == record.generation and route.stages == stages and not route.solo \
+                    and len(route.members) < config.max_batch_experiments:
+                return route
+        route = Route(record, stages)
+        self.pending.append(route)
+        return route
 
-    def _launch(self, batch: Batch) -> None:
+    def _launch(self, route: Route) -> None:
         try:
-            self.launch(self.client, batch)
+            self.launch(self.client, route)
         except BaseException as exc:  # e.g. the client closed: every member hears it
-            batch.launch_error = exc
-            batch.launched.set()
-            self._finished(batch)
+            route.launch_error = exc
+            route.launched.set()
+            self._finished(route)
             return
-        batch.launched.set()
-        self.client.loop.add_callback(self._watch, batch)
+        route.launched.set()
+        self.client.loop.add_callback(self._watch, route)
 
-    async def _watch(self, batch: Batch) -> None:
-        await batch.fetch()
-        self._finished(batch)
+    async def _watch(self, route: Route) -> None:
+        await route.fetch()
+        self._finished(route)
 
-    def _finished(self, batch: Batch) -> None:
-        """A route ended (any way): wake its members, launch the oldest pending batch in its slot."""
-        batch.done.set()
+    def _finished(self, route: Route) -> None:
+        """A route ended (any way): wake its members, launch the oldest pending route in its slot."""
+        route.done.set()
         with self.lock:
             if not self.pending:
                 self.in_flight -= 1

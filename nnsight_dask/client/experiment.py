@@ -49,7 +49,7 @@ from ..worker.registry import ShardUnavailableError, ShardStateLostError
 from ..worker.results import Results
 from ..worker.routing import ROUTE_HANDLER
 from ..worker.serialization import register as register_serializers
-from .coalesce import Batch, Coalescer, Member, coalescer_for
+from .coalesce import Route, Coalescer, Member, coalescer_for
 from .deployment import (
     crowded,
     dead_shards,
@@ -87,27 +87,27 @@ def plan_for(record: Deployment, graph: InterventionGraph) -> list[Stage]:
     return plan_stages(graph, shards, record.n_shards)
 
 
-def launch_batch(client: Client, batch: Batch) -> None:
-    """Make the batch's :class:`~nnsight_dask.worker.hop.Hop` (sent by the coalescer, which also
+def launch_route(client: Client, route: Route) -> None:
+    """Make the route's :class:`~nnsight_dask.worker.hop.Hop` (sent by the coalescer, which also
     tells the deployment's monitor who submitted what, on the client's stream to the scheduler).
 
     Every member's graph goes with the hop until each shard has seen it; the first shard's worker
     answers ``{experiment: Results | error}``.
     """
-    record, stages = batch.record, batch.stages
+    record, stages = route.record, route.stages
     register_serializers()
     workers = {shard.index: shard.worker for shard in record.shards}
-    ids = "+".join(member.experiment for member in batch.members)
+    ids = "+".join(member.experiment for member in route.members)
     submitted = [{"op": monitor.STREAM_OP, "event": "submitted", "experiment": member.experiment,
                   "deployment": record.name, "user": member.user or config.user, "stages": len(stages),
                   "shards": [stage.shard for stage in stages], "workers": sorted(set(workers.values())),
                   "retry_of": member.retry_of, "reason": member.reason, "route": ids}
-                 for member in batch.members] if record.monitor else []
+                 for member in route.members] if record.monitor else []
     hop = Hop(route=f"{ids}-{uuid.uuid4().hex[:6]}", origin=workers[stages[0].shard], deployment=record.name,
               stages=list(stages), workers=workers,
-              graphs={member.experiment: member.graph_json for member in batch.members},
-              carries=dict.fromkeys(member.experiment for member in batch.members))
-    batch.send = functools.partial(send_hop, client, hop, submitted)
+              graphs={member.experiment: member.graph_json for member in route.members},
+              carries=dict.fromkeys(member.experiment for member in route.members))
+    route.send = functools.partial(send_hop, client, hop, submitted)
 
 
 async def send_hop(client: Client, hop: Hop, announcements: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
@@ -175,17 +175,17 @@ def run_experiment(client: Client, name: str, graph: InterventionGraph, *, modul
     deadline = time.monotonic() + limit
     notify = on_status or (lambda status, info: None)
     shorten_batching(client)
-    coalescer = coalescer_for(client, name, launch_batch)
+    coalescer = coalescer_for(client, name, launch_route)
     record = _spread_if_due(client, name, record, on_record)
     retries, retried_from, reason, solo = Retries(), "", "", False
     while True:
         member = Member(experiment, graph_json, user=user, retry_of=retried_from, reason=reason, solo=solo)
-        batch = coalescer.enqueue(member, record, plan_for(record, graph))
+        route = coalescer.enqueue(member, record, plan_for(record, graph))
         try:
-            results = _wait(client, coalescer, batch, member, deadline, limit, cancelled, on_status)
+            results = _wait(client, coalescer, route, member, deadline, limit, cancelled, on_status)
         except _WorkerLost:
             lost_on = _lost_on(client, record, experiment)
-            _abandon(client, coalescer, batch, member, graph, "a shard's worker died; it is retried")
+            _abandon(client, coalescer, route, member, graph, "a shard's worker died; it is retried")
             fresh = _current(client, name, experiment)
             moved = (fresh.generation, fresh.created) != (record.generation, record.created)
             decision = retries.after_loss(lost_on, moved, bool(moved and dead_shards(client, fresh)))
@@ -203,11 +203,11 @@ def run_experiment(client: Client, name: str, graph: InterventionGraph, *, modul
             retried_from, experiment = experiment, new_experiment_id()
             continue
         except _Cancelled:
-            _abandon(client, coalescer, batch, member, graph, "cancelled by its owner")
+            _abandon(client, coalescer, route, member, graph, "cancelled by its owner")
             _finished(client, record, experiment, "cancelled")
             raise concurrent.futures.CancelledError(f"experiment {experiment} was cancelled") from None
         except BaseException as exc:
-            _abandon(client, coalescer, batch, member, graph, f"{type(exc).__name__}: {exc}")
+            _abandon(client, coalescer, route, member, graph, f"{type(exc).__name__}: {exc}")
             _finished(client, record, experiment, "failed", error=f"{type(exc).__name__}: {exc}")
             raise
         sink = ZarrSink.from_options(graph.options, experiment)
@@ -224,16 +224,16 @@ def run_experiment(client: Client, name: str, graph: InterventionGraph, *, modul
         return results
 
 
-def _abandon(client: Client, coalescer: Coalescer, batch: Batch, member: Member, graph: InterventionGraph,
+def _abandon(client: Client, coalescer: Coalescer, route: Route, member: Member, graph: InterventionGraph,
              reason: str) -> None:
     """Stop the experiment on the shards (a running stage ends before its next decoder layer, its
-    state is freed now), leave the batch (its call is dropped once no member is left), and drop
+    state is freed now), leave the route (its call is dropped once no member is left), and drop
     its partial saves."""
-    if not coalescer.withdraw(batch, member):
-        batch.launched.wait()  # it was being launched: set within the launching call
-        if batch.send is not None:
-            _stop_on_shards(client, batch.record, [member.experiment], reason)
-            batch.leave(client, member.experiment)
+    if not coalescer.withdraw(route, member):
+        route.launched.wait()  # it was being launched: set within the launching call
+        if route.send is not None:
+            _stop_on_shards(client, route.record, [member.experiment], reason)
+            route.leave(client, member.experiment)
     sink = ZarrSink.from_options(graph.options, member.experiment)
     if sink is not None:
         sink.abort()
@@ -291,29 +291,29 @@ def _spread_if_due(client: Client, name: str, record: Deployment,
     return fresh
 
 
-def _wait(client: Client, coalescer: Coalescer, batch: Batch, member: Member, deadline: float, limit: float,
+def _wait(client: Client, coalescer: Coalescer, route: Route, member: Member, deadline: float, limit: float,
           cancelled: threading.Event | None, on_status: Callable[[str, dict[str, Any]], None] | None) -> Results:
-    """Wait for the batch to leave, then for its route's answer. The happy path makes no scheduler
+    """Wait for the route to leave, then for its answer. The happy path makes no scheduler
     call.
 
     Every ``POLL_SECONDS`` without a result: check cancellation, lost shard workers, the time
     limit, and (when someone shows progress) the queue position or stage reached.
     """
     shown: tuple[Any, ...] = ()
-    while not batch.launched.wait(POLL_SECONDS):
+    while not route.launched.wait(POLL_SECONDS):
         _check_limits(cancelled, deadline, limit)
         if on_status is not None:
-            position = coalescer.ahead_of(batch)
+            position = coalescer.ahead_of(route)
             if ("queued", position) != shown:
                 on_status("queued", {"experiment": member.experiment, "position": position})
                 shown = ("queued", position)
-    if batch.launch_error is not None:
-        raise batch.launch_error
-    record = batch.record
+    if route.launch_error is not None:
+        raise route.launch_error
+    record = route.record
     while True:
         try:
-            if batch.done.wait(POLL_SECONDS):
-                outcome = batch.outcome().get(member.experiment)
+            if route.done.wait(POLL_SECONDS):
+                outcome = route.outcome().get(member.experiment)
                 if isinstance(outcome, BaseException):
                     raise outcome
                 if not isinstance(outcome, Results):
@@ -327,7 +327,7 @@ def _wait(client: Client, coalescer: Coalescer, batch: Batch, member: Member, de
         if dead_shards(client, record):
             raise _WorkerLost
         if on_status is not None:
-            shown = _report_progress(client, record, member.experiment, len(batch.stages), on_status, shown)
+            shown = _report_progress(client, record, member.experiment, len(route.stages), on_status, shown)
 
 
 def _check_limits(cancelled: threading.Event | None, deadline: float, limit: float) -> None:
@@ -372,4 +372,4 @@ def _stop_on_shards(client: Client, record: Deployment, experiments: list[str], 
         pass
 
 
-__all__ = ["launch_batch", "run_experiment"]
+__all__ = ["launch_route", "run_experiment"]
