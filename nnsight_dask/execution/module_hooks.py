@@ -83,8 +83,11 @@ class Seat:
         call = calls.current
         if call is None or self.halted is not None:
             return output
-        keys = self.interleaver.plan.events.get((path, "out", call))
-        return output if keys is None else self.fire(keys, output, "out")
+        interleaver = self.interleaver
+        keys = interleaver.plan.events.get((path, "out", call))
+        if keys is None:
+            return output
+        return interleaver.fire(keys, output, "out") if self.window is None else self.fire(keys, output, "out")
 
 
 def hook_modules(seats: Sequence[Seat], quiet: Quiet) -> list[Any]:

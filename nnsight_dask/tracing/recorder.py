@@ -147,7 +147,13 @@ class Recorder:
             raise TracingError("this trace has finished; values can no longer be recorded into it")
         found: list[int] = []
         if args:
-            args = self.to_arg(args, found)
+            first = args[0]
+            if len(args) == 1 and type(first) is Proxy and first._recorder is self and type(args) is tuple:
+                # (a save, a backward, a .grad: one value of this trace, without to_arg's walk)
+                found.append(first._node)
+                args = (Ref(first._node),)
+            else:
+                args = self.to_arg(args, found)
         kwargs = self.to_arg(kwargs, found) if kwargs else {}
         graph = self.graph
         if iteration is None:
