@@ -194,9 +194,13 @@ class Interleaver:
         try:
             if node.cond is not None and not self._resolve(Ref(node.cond), step):
                 raise _SkipNode
-            args = self._resolve(node.args, step)
-            kwargs = self._resolve(node.kwargs, step) if node.kwargs else {}
-            value = self.executor.run(node, key, args, kwargs)
+            args = node.args
+            if node.kind == Kind.SAVE and len(args) == 1 and type(args[0]) is Ref:
+                value = self._resolve(args[0], step)  # a save of a value (most nodes of most graphs): that value
+            else:
+                args = self._resolve(args, step)
+                kwargs = self._resolve(node.kwargs, step) if node.kwargs else {}
+                value = self.executor.run(node, key, args, kwargs)
         except _SkipNode:
             value = SKIPPED
         except (StopForward, ExperimentStopped, InterventionError, PolicyError):
