@@ -7,7 +7,8 @@ a LocalCluster (a 4-layer tiny Llama in 2 shards: layers 0-1 on shard 0, layers 
   even one written before the stop line, never runs and raises ``ValueError`` (``tracer.stop()``
   keeps its line semantics);
 - iterating an item of a traced list of lists in a session (``for item in li: for x in item:``, and
-  nnsight 0.4's nested ``session.iter``) gives what plain Python gives.
+  nnsight 0.4's nested ``session.iter``) gives what plain Python gives; a session without any trace
+  runs its own code locally (remotely it is refused by name: shards run passes of the model).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 import nnsight_dask as nd
-from nnsight_dask.errors import ForbiddenOperationError, UnsavedValueError
+from nnsight_dask.errors import ForbiddenOperationError, GraphValidationError, UnsavedValueError
 
 PROMPT = "The Eiffel Tower is in the city of"
 NAME = "last-three"
@@ -197,3 +198,23 @@ def test_an_item_changed_after_it_went_in_is_not_iterated_with_a_stale_length(lo
         for item in outer:
             for _ in item:
                 pass
+
+
+def test_the_snippet_in_a_session_without_a_trace(local):
+    """nnsight 0.4 runs a session's own code even when it holds no trace; locally so do we."""
+    with local.session():
+        li = nd.list()
+        [li.append([n]) for n in range(3)]
+        li2 = nd.list().save()
+        for item in li:
+            for x in item:
+                li2.append(x)
+    assert li2 == [0, 1, 2]
+
+
+def test_a_remote_session_without_a_trace_is_refused_by_name(remote):
+    """The shards run passes of the model; a session with none is refused before it is sent."""
+    with pytest.raises(GraphValidationError, match="no passes .* session without a trace runs only locally"), \
+            remote.session():
+        li2 = nd.list().save()
+        li2.append(1)

@@ -41,7 +41,17 @@ def run_graph(model: torch.nn.Module, graph: InterventionGraph, *, pad_token_id:
         stack.enter_context(torch.enable_grad() if graph.needs_grad else torch.no_grad())
         for index, run in enumerate(graph.passes):
             _run_pass(model, graph, index, run, modules, values, logs, pad_token_id, fake)
+        if not graph.passes:
+            _run_session_code(graph, values, logs)
     return RunResult(saves=collect_saves(graph, values), logs=logs)
+
+
+def _run_session_code(graph: InterventionGraph, values: dict[Key, Any], logs: list[str]) -> None:
+    """A session without a trace: what it recorded (``nd.list()``, operations on them) runs alone,
+    without the model. Its nodes have no pass (index -1), so the interleaver of "pass -1" runs them."""
+    inter = Interleaver(graph, -1, [], values, 1, {}, logs, quiet=Quiet())
+    inter.drain()
+    inter.check_reached(1)
 
 
 def _generator(model: torch.nn.Module, needs_grad: bool) -> Any:

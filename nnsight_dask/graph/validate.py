@@ -124,7 +124,9 @@ def validate_graph(graph: InterventionGraph, *, module_paths: Collection[str] | 
         raise GraphValidationError(f"the graph has {len(graph.nodes)} nodes; the limit is {max_nodes}",
                                    field="nodes", nodes=len(graph.nodes), limit=max_nodes)
     if not graph.passes:
-        raise GraphValidationError("the graph has no passes (no inputs to run the model on)", field="passes")
+        raise GraphValidationError("the graph has no passes (no trace or generation to run the model on); a "
+                                   "session without a trace runs only locally: add a trace to run it remotely",
+                                   field="passes")
     budget = _Budget(max_constant_bytes)
     for index, run in enumerate(graph.passes):
         _check_pass(graph, index, run, budget, remote=remote, max_new_tokens=max_new_tokens, vocab_size=vocab_size,

@@ -328,10 +328,12 @@ class Session:
         caller = sys._getframe(1)
         local_vars = caller.f_locals
         saved_locals = self.recorder.rename_saves(local_vars)
-        if not self.recorder.graph.passes:
+        graph = self.recorder.graph
+        if not graph.nodes:
             self.recorder.close()
             return
-        self.recorder.place_session_nodes()
+        if graph.passes:  # else a session without a trace: its own code runs alone, as in nnsight 0.4
+            self.recorder.place_session_nodes()
         request = RunRequest(remote=self.remote, blocking=self.blocking)
         self.future = run_recording(self.model, self.recorder, request, self._deliver)
         if self.future is None and saved_locals:
