@@ -23,6 +23,8 @@ from .location import user_location
 from .proxy import Proxy
 
 _local = threading.local()
+#: ``Recorder.add(invoke=...)``'s default: the invoke open now.
+_CURRENT: Any = object()
 
 
 def active_recorders() -> list[Recorder]:
@@ -141,8 +143,13 @@ class Recorder:
 
     # -- nodes ------------------------------------------------------------------------------------
     def add(self, kind: str, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None, *,
-            iteration: int | None = None, **fields: Any) -> Proxy:
-        """Record a node and return the proxy that stands for its value."""
+            iteration: int | None = None, target: str | None = None, module: str | None = None,
+            access: str | None = None, call: int = 0, invoke: Any = _CURRENT) -> Proxy:
+        """Record a node and return the proxy that stands for its value (``invoke``: the open invoke's
+        rows unless given; ``None`` is the whole batch).
+
+        The hottest path of recording (every envoy access and save): the node is made here and appended
+        at the graph's next id, without :meth:`InterventionGraph.add`'s second packing of the fields."""
         if not self.recording:
             raise TracingError("this trace has finished; values can no longer be recorded into it")
         found: list[int] = []
@@ -160,10 +167,11 @@ class Recorder:
             iteration = self.iteration
             if iteration is None and found and graph.iterations:  # (no block in the graph: none to inherit)
                 iteration = self._inherited_iteration(found)
-        if "invoke" not in fields:
-            fields["invoke"] = self.invoke
-        node = graph.add(kind, args=args, kwargs=kwargs, pass_index=self.pass_index,
-                         iteration=iteration, cond=self.cond, location=user_location(), **fields)
+        nodes = graph.nodes
+        node = Node(id=len(nodes), kind=kind, target=target, args=args, kwargs=kwargs, module=module, access=access,
+                    invoke=self.invoke if invoke is _CURRENT else invoke, call=call, pass_index=self.pass_index,
+                    iteration=iteration, cond=self.cond, location=user_location())
+        nodes.append(node)
         if not self.in_trace:
             self.session_level.append(node.id)
         self.lengths.note(node, self.cond is None and self.iteration is None and not self.block_proxies,
