@@ -88,3 +88,22 @@ def test_wrapped_and_hooked_modules_give_the_same_values(tiny_tokenizer: Any) ->
             handle.remove()
     for a, b in zip(wrapped, hooked):
         assert torch.equal(a, b)
+
+
+def test_a_skip_puts_back_an_instance_forward(gpt: Any) -> None:
+    """A skipped module whose forward is an instance attribute (accelerate's) gets that forward back."""
+    block = gpt._module.transformer.h[1]
+
+    def own_forward(*args: Any, **kwargs: Any) -> Any:
+        return type(block).forward(block, *args, **kwargs)
+
+    block.forward = own_forward
+    try:
+        with gpt.trace(PROMPT):
+            gpt.transformer.h[1].skip(gpt.transformer.h[0].output)
+            after = gpt.transformer.h[2].input.save()
+            first = gpt.transformer.h[0].output.save()
+        assert torch.equal(after, first)
+        assert block.__dict__["forward"] is own_forward
+    finally:
+        del block.forward

@@ -134,11 +134,11 @@ def _hook_module(module: torch.nn.Module, path: str, seats: list[Seat], quiet: Q
     for seat in seats:
         skipped = skipped or path in seat.interleaver.plan.skip_paths
     if not skipped and not global_hooks and _runs_without_hooks(module):
-        return [_WrappedForward(module, pre_hook, hook)]
+        return [_wrapped_forward(module, pre_hook, hook)]
     handles = [module.register_forward_pre_hook(pre_hook, with_kwargs=True),
                module.register_forward_hook(hook, with_kwargs=True)]
     if skipped:
-        handles.append(_SkippedForward(module, calls))
+        handles.append(_skipping_forward(module, calls))
     return handles
 
 
@@ -161,61 +161,64 @@ _GLOBAL_HOOKS = ("_global_forward_pre_hooks", "_global_forward_hooks", "_global_
                  "_global_backward_hooks")
 
 
-class _WrappedForward:
+def _wrapped_forward(module: torch.nn.Module, pre_hook: Callable[..., Any],
+                     hook: Callable[..., Any]) -> _InstanceForward:
     """Our two hooks run around ``module.forward`` instead of as torch hooks, for a module that has no
     hooks of anyone else: the same calls, in the same order, without torch's hook machinery (about
-    15 us a module call on a 2-core VM, more than the model's own work in a small layer). The wrapper
-    is an instance attribute while hooked; :meth:`remove` takes it away.
+    15 us a module call on a 2-core VM, more than the model's own work in a small layer).
 
     Where others' hooks exist (or appear: transformers installs output-capturing hooks at a first
     ``output_hidden_states=True`` call), the order is what torch hooks registered now would give:
     ours first after the forward, before hooks added later.
     """
+    original: Callable[..., Any] = module.forward
 
-    __slots__ = ("module", "forward")
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        replaced = pre_hook(module, args, kwargs)
+        if replaced is not None:
+            args, kwargs = replaced
+        output = original(*args, **kwargs)
+        new = hook(module, args, kwargs, output)
+        return output if new is None else new
 
-    def __init__(self, module: torch.nn.Module, pre_hook: Callable[..., Any], hook: Callable[..., Any]) -> None:
+    forward.__wrapped__ = original  # type: ignore[attr-defined]  # inspect.signature(module.forward) as before
+    return _InstanceForward(module, forward)
+
+
+def _skipping_forward(module: torch.nn.Module, calls: list[ModuleCalls]) -> _InstanceForward:
+    """``module.forward`` for a module with skips: a call that a skip node covered returns the skip's
+    value instead of running."""
+    original: Callable[..., Any] = module.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        for state in calls:
+            if state.skip_value is not NOT_SET:
+                value, state.skip_value = state.skip_value, NOT_SET
+                return value
+        return original(*args, **kwargs)
+
+    return _InstanceForward(module, forward)
+
+
+class _InstanceForward:
+    """``forward`` is ``module.forward`` (an instance attribute) while hooked; :meth:`remove` puts back
+    what was there: the class's forward, or an instance attribute of someone else's (accelerate's)."""
+
+    __slots__ = ("module", "forward", "previous")
+
+    def __init__(self, module: torch.nn.Module, forward: Callable[..., Any]) -> None:
         self.module = module
-        original: Callable[..., Any] = module.forward
-
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            replaced = pre_hook(module, args, kwargs)
-            if replaced is not None:
-                args, kwargs = replaced
-            output = original(*args, **kwargs)
-            new = hook(module, args, kwargs, output)
-            return output if new is None else new
-
-        forward.__wrapped__ = original  # type: ignore[attr-defined]  # inspect.signature(module.forward) as before
         self.forward = forward
+        self.previous = module.__dict__.get("forward")
         module.__dict__["forward"] = forward
 
     def remove(self) -> None:
-        if self.module.__dict__.get("forward") is self.forward:
-            del self.module.__dict__["forward"]
-
-
-class _SkippedForward:
-    """Replaces ``module.forward`` while hooked: a call that a skip node covered returns the skip's
-    value instead of running; :meth:`remove` puts the module's own forward back."""
-
-    def __init__(self, module: torch.nn.Module, calls: list[ModuleCalls]) -> None:
-        self.module = module
-        original: Callable[..., Any] = module.forward
-
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            for state in calls:
-                if state.skip_value is not NOT_SET:
-                    value, state.skip_value = state.skip_value, NOT_SET
-                    return value
-            return original(*args, **kwargs)
-
-        self.forward = forward
-        module.forward = forward  # type: ignore[method-assign]
-
-    def remove(self) -> None:
-        if self.module.__dict__.get("forward") is self.forward:
-            del self.module.__dict__["forward"]
+        attributes = self.module.__dict__
+        if attributes.get("forward") is self.forward:
+            if self.previous is None:
+                del attributes["forward"]
+            else:
+                attributes["forward"] = self.previous
 
 
 _BY_PATH: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, torch.nn.Module]] = weakref.WeakKeyDictionary()
