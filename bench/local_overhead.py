@@ -453,7 +453,10 @@ def profile(calls: int = 300) -> int:
 
 
 def _library(filename: str) -> str:
-    """``.../site-packages/torch/nn/modules/module.py`` -> ``torch``; builtins stay as they are."""
+    """``.../site-packages/torch/nn/modules/module.py`` -> ``torch``; ``~`` (cProfile's name for C
+    functions: torch's kernels, dict and list methods) -> ``C functions``."""
+    if filename == "~":
+        return "C functions"
     if "site-packages/" in filename:
         return filename.split("site-packages/", 1)[1].split("/", 1)[0]
     return os.path.basename(filename) if filename.startswith("/") else filename
