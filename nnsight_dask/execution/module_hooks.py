@@ -103,7 +103,7 @@ def hook_modules(seats: Sequence[Seat], quiet: Quiet) -> list[Any]:
             watchers.setdefault(path, []).append(seat)
             modules[path] = seat.interleaver.modules[path]
     handles: list[Any] = []
-    global_hooks = any_global_module_hooks()
+    global_hooks = _any_global_module_hooks()
     for path, watching in watchers.items():
         handles.extend(_hook_module(modules[path], path, watching, quiet, global_hooks))
     return handles
@@ -150,7 +150,7 @@ def _runs_without_hooks(module: torch.nn.Module) -> bool:
                 or module._backward_hooks or "forward" in module.__dict__)
 
 
-def any_global_module_hooks() -> bool:
+def _any_global_module_hooks() -> bool:
     """Whether hooks for every module are registered (``torch.nn.modules.module.register_module_forward_hook``
     and its siblings; torch keeps them in private module globals, read here only)."""
     return any(getattr(_torch_module, name, None) for name in _GLOBAL_HOOKS)
