@@ -156,14 +156,20 @@ def test_tracer_stop_keeps_its_line_semantics(model, local):
 
 
 # -- a traced list of lists in a session ------------------------------------------------------------------
+def record_the_issue_snippet():
+    """Issue 24's snippet, as written, inside the caller's session: the saved list it fills."""
+    li = nd.list()
+    [li.append([n]) for n in range(3)]
+    li2 = nd.list().save()
+    for item in li:
+        for x in item:
+            li2.append(x)
+    return li2
+
+
 def test_for_over_an_item_of_a_traced_list_of_lists(model):
     with model.session():
-        li = nd.list()
-        [li.append([n]) for n in range(3)]
-        li2 = nd.list().save()
-        for item in li:
-            for x in item:
-                li2.append(x)
+        li2 = record_the_issue_snippet()
         with model.trace(PROMPT):
             h = model.model.layers[0].output[:, -1].sum().save()
     expected = []
@@ -203,12 +209,7 @@ def test_an_item_changed_after_it_went_in_is_not_iterated_with_a_stale_length(lo
 def test_the_snippet_in_a_session_without_a_trace(local):
     """nnsight 0.4 runs a session's own code even when it holds no trace; locally so do we."""
     with local.session():
-        li = nd.list()
-        [li.append([n]) for n in range(3)]
-        li2 = nd.list().save()
-        for item in li:
-            for x in item:
-                li2.append(x)
+        li2 = record_the_issue_snippet()
     assert li2 == [0, 1, 2]
 
 
