@@ -96,7 +96,7 @@ DEFAULTS: dict[str, Any] = {
     "gateway_validation_threads": 4,
     #: Experiments the gateway runs at once on one deployment; the rest wait in its fair queue, so a
     #: newly arrived user's experiment waits for about as long as these take. They travel and share
-    #: passes together on the shards (a pipeline of 4 shards runs batches of 8 at once), so they finish
+    #: passes together on the shards (routes of up to ``max_batch_experiments`` each), so they finish
     #: together: 8 held 64 users to 12 exp/s on the simulated-GPU deployment where 32 gave 59
     #: (bench/scale.py --mode gateway, docs/scaling.md); 64 fills routes of 16 (``max_batch_experiments``)
     #: and cost 8% less CPU per experiment than 32 (11.0 against 12.2 ms, all processes summed).

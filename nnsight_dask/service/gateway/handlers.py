@@ -252,7 +252,7 @@ class Experiment(ApiHandler):
         status = self.status_of(row)
         if row["status"] == "COMPLETED" and self.get_query_argument("result", "") in ("1", "true"):
             # The result with the status that says it is there: a waiting client needs no second request
-            # (each request cost the gateway about a third of its CPU per experiment at 64 users).
+            # (64 HTTP users on 4 simulated shards without that request: 154-163 exp/s against 141-149).
             document = await self.blocking(self.core.state.load_result, experiment)
             if document is not None:  # gone: the client asks /result, which says so
                 self.set_header("Content-Type", "application/json")
