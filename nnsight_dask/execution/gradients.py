@@ -28,13 +28,16 @@ class GradientHooks:
     ``backward_of`` maps each gradient node to its backward (None: any backward, e.g. a shard's
     backward stage that the graph did not start); ``values`` tells which nodes already ran, so a
     hook fires once; ``invoke_windows`` are the invokes' rows when a pass has several.
+
+    ``fire`` comes with each :meth:`watch`, not here: the interleaver owns this object, and holding
+    its bound method would make every pass a reference cycle, freed only by the garbage collector
+    (its values, activations included, with it).
     """
 
-    def __init__(self, backward_of: dict[Key, Key | None], values: dict[Key, Any], fire: Fire,
+    def __init__(self, backward_of: dict[Key, Key | None], values: dict[Key, Any],
                  invoke_windows: list[Window] | None) -> None:
         self.backward_of = backward_of
         self.values = values
-        self.fire = fire
         self.invoke_windows = invoke_windows
         #: The graph's backward node running now (None: none, or one the graph did not start).
         self.running: Key | None = None
@@ -48,8 +51,9 @@ class GradientHooks:
         finally:
             self.running = outer
 
-    def watch(self, node: Node, value: Any, keys: list[Key]) -> None:
-        """``node``'s value ``value`` exists: hook the gradient nodes ``keys`` that read its gradient."""
+    def watch(self, node: Node, value: Any, keys: list[Key], fire: Fire) -> None:
+        """``node``'s value ``value`` exists: hook the gradient nodes ``keys`` that read its gradient,
+        which ``fire`` runs on it."""
         if node.kind == Kind.MODULE_ATTR:
             raise ForbiddenOperationError(
                 f"{node.location or '<graph>'}: cannot read or write .grad of {node.describe()}: parameters "
@@ -66,9 +70,9 @@ class GradientHooks:
         for key in keys:
             groups.setdefault(self.backward_of.get(key), []).append(key)
         for backward, group in groups.items():
-            self._hook(node, value, group, backward)
+            self._hook(node, value, group, backward, fire)
 
-    def _hook(self, node: Node, value: torch.Tensor, keys: list[Key], backward: Key | None) -> None:
+    def _hook(self, node: Node, value: torch.Tensor, keys: list[Key], backward: Key | None, fire: Fire) -> None:
         """Hook ``keys`` on ``value``'s gradient, live only while ``backward`` runs and only once."""
         values = self.values
 
@@ -90,7 +94,7 @@ class GradientHooks:
                 if not live():
                     return None
                 part = narrow_window(grad, window)
-                new = self.fire(keys, part, "grad")
+                new = fire(keys, part, "grad")
                 return None if new is part else splice_window(grad, new, window)
 
             base.register_hook(rows_hook)
@@ -99,7 +103,7 @@ class GradientHooks:
         def hook(grad: torch.Tensor) -> Any:
             if not live():
                 return None
-            new = self.fire(keys, grad, "grad")
+            new = fire(keys, grad, "grad")
             return None if new is grad else new
 
         value.register_hook(hook)

@@ -108,7 +108,7 @@ class Interleaver:
         batch = layout[-1][1] if layout else 0
         #: Each invoke's rows of the batch, when the pass has several invokes (None: one or none).
         self.invoke_windows = [Window(start, stop, batch) for start, stop in layout] if len(layout) > 1 else None
-        self.gradients = GradientHooks(self.plan.grad_backward, values, self.fire, self.invoke_windows)
+        self.gradients = GradientHooks(self.plan.grad_backward, values, self.invoke_windows)
         self.executor = NodeExecutor(graph, modules, logs, budget, quiet, self.gradients)
         self._calls: dict[str, ModuleCalls] = {}
 
@@ -144,7 +144,7 @@ class Interleaver:
         if grad_events:
             grads = grad_events.get(key)
             if grads is not None:
-                self.gradients.watch(self.graph.nodes[node_id(key)], value, grads)
+                self.gradients.watch(self.graph.nodes[node_id(key)], value, grads, self.fire)
 
     def _resolve(self, obj: Any, step: int | None) -> Any:
         if isinstance(obj, Ref):

@@ -13,6 +13,7 @@ True``/``False`` here forces it either way (nnsight's ``CONFIG.APP.FRAME_INJECTI
 from __future__ import annotations
 
 import ctypes
+import inspect
 import sys
 from collections.abc import Callable, Mapping
 from types import FrameType
@@ -74,3 +75,16 @@ def inject_saves(frame: FrameType, local_vars: Mapping[str, Any], recorder: Reco
 #: ``PyFrame_LocalsToFast(frame, 0)`` (Python < 3.13), bound once with its argument types.
 _locals_to_fast = None if _WRITE_THROUGH else ctypes.PYFUNCTYPE(None, ctypes.py_object, ctypes.c_int)(
     ("PyFrame_LocalsToFast", ctypes.pythonapi))
+
+
+def release_locals(frame: FrameType, local_vars: Mapping[str, Any]) -> None:
+    """Let go of the copy of a function frame's locals that reading ``frame.f_locals`` left on the
+    frame (Python < 3.13; ``local_vars`` is that copy).
+
+    The copy lives as long as the frame and is refreshed only by the next read, so a value the user
+    ``del``s after a trace (an activation, a list of saves) would stay alive in it until the function
+    returns. The frame's own variables are not in the copy (:func:`inject_saves` has written to them
+    already), so emptying it changes nothing the code sees; a later ``locals()`` fills it again.
+    Module-level and class-body frames, whose locals *are* the dict, are left alone."""
+    if not _WRITE_THROUGH and frame.f_code.co_flags & inspect.CO_OPTIMIZED and isinstance(local_vars, dict):
+        local_vars.clear()

@@ -17,7 +17,7 @@ from ..graph.node import Kind, Ref
 from ..graph.options import ExperimentOptions
 from . import control_flow
 from .conditions import CondBlock
-from .inject import inject_saves
+from .inject import inject_saves, release_locals
 from .proxy import Proxy, map_proxies
 from .recorder import Recorder, active_recorders
 from .running import RunRequest, hand_out, run_recording
@@ -95,6 +95,7 @@ class Tracer:
         control_flow.close_from(self._branches, finished=exc_type is None)
         if self._implicit is not None:
             self._implicit.__exit__(None, None, None)
+            self._implicit = None  # (it holds this tracer: kept, the two would be a reference cycle)
         self.model.close_recording(recorder)
         if self._session is not None:
             recorder.end_pass()
@@ -106,17 +107,20 @@ class Tracer:
             raise TracingError("the trace has no inputs: pass them to trace(...) or open `with tracer.invoke(...)`")
         caller = sys._getframe(1)
         local_vars = caller.f_locals  # read once (each read of a function frame's f_locals copies them)
-        saved_locals = recorder.rename_saves(local_vars)
-        if self._session is not None:
-            return
-        if not self.execute:
-            recorder.close()
-            return
-        request = RunRequest(remote=self.remote, scan_first=self.validate, fake_only=self.fake,
-                             blocking=self.blocking, options=self.backend_options)
-        self.future = run_recording(self.model, recorder, request, self._deliver)
-        if self.future is None and not self.fake and self.inject and saved_locals:
-            inject_saves(caller, local_vars, recorder, saved_locals)
+        try:
+            saved_locals = recorder.rename_saves(local_vars)
+            if self._session is not None:
+                return
+            if not self.execute:
+                recorder.close()
+                return
+            request = RunRequest(remote=self.remote, scan_first=self.validate, fake_only=self.fake,
+                                 blocking=self.blocking, options=self.backend_options)
+            self.future = run_recording(self.model, recorder, request, self._deliver)
+            if self.future is None and not self.fake and self.inject and saved_locals:
+                inject_saves(caller, local_vars, recorder, saved_locals)
+        finally:
+            release_locals(caller, local_vars)
 
     def _deliver(self, result: RunResult) -> None:
         self.logs = hand_out(self._require(), result)
@@ -327,17 +331,20 @@ class Session:
             return
         caller = sys._getframe(1)
         local_vars = caller.f_locals
-        saved_locals = self.recorder.rename_saves(local_vars)
-        graph = self.recorder.graph
-        if not graph.nodes:
-            self.recorder.close()
-            return
-        if graph.passes:  # else a session without a trace: its own code runs alone, as in nnsight 0.4
-            self.recorder.place_session_nodes()
-        request = RunRequest(remote=self.remote, blocking=self.blocking)
-        self.future = run_recording(self.model, self.recorder, request, self._deliver)
-        if self.future is None and saved_locals:
-            inject_saves(caller, local_vars, self.recorder, saved_locals)
+        try:
+            saved_locals = self.recorder.rename_saves(local_vars)
+            graph = self.recorder.graph
+            if not graph.nodes:
+                self.recorder.close()
+                return
+            if graph.passes:  # else a session without a trace: its own code runs alone, as in nnsight 0.4
+                self.recorder.place_session_nodes()
+            request = RunRequest(remote=self.remote, blocking=self.blocking)
+            self.future = run_recording(self.model, self.recorder, request, self._deliver)
+            if self.future is None and saved_locals:
+                inject_saves(caller, local_vars, self.recorder, saved_locals)
+        finally:
+            release_locals(caller, local_vars)
 
     def _deliver(self, result: RunResult) -> None:
         self.logs = hand_out(self.recorder, result)
