@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from contextlib import ExitStack
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -34,16 +34,18 @@ def run_graph(model: torch.nn.Module, graph: InterventionGraph, *, pad_token_id:
     modules = graph_modules(model, graph)
     values: dict[Key, Any] = {}
     logs: list[str] = []
-    with ExitStack() as stack:
-        if fake:
-            from torch._subclasses.fake_tensor import FakeTensorMode
-            stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
-        stack.enter_context(torch.enable_grad() if graph.needs_grad else torch.no_grad())
+    with _fake_tensors() if fake else nullcontext(), torch.set_grad_enabled(graph.needs_grad):
         for index, run in enumerate(graph.passes):
             _run_pass(model, graph, index, run, modules, values, logs, pad_token_id, fake)
         if not graph.passes:
             _run_session_code(graph, values, logs)
     return RunResult(saves=collect_saves(graph, values), logs=logs)
+
+
+def _fake_tensors() -> Any:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode(allow_non_fake_inputs=True)
 
 
 def _run_session_code(graph: InterventionGraph, values: dict[Key, Any], logs: list[str]) -> None:

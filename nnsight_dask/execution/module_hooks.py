@@ -72,9 +72,12 @@ class Seat:
         calls.count += 1
         calls.current = call
         plan = self.interleaver.plan
-        skips = plan.skips.get((path, call))
-        if skips is not None:
-            calls.skip_value = self.interleaver.fire(skips, None, "in")
+        if path in plan.skip_paths:
+            skips = plan.skips.get((path, call))
+            if skips is not None:
+                calls.skip_value = self.interleaver.fire(skips, None, "in")
+        if path not in plan.input_paths:
+            return current
         keys = plan.events.get((path, "in", call))
         return current if keys is None else self.fire(keys, current, "in")
 
@@ -111,8 +114,11 @@ def hook_modules(seats: Sequence[Seat], quiet: Quiet) -> list[Any]:
 
 def _hook_module(module: torch.nn.Module, path: str, seats: list[Seat], quiet: Quiet,
                  global_hooks: bool) -> list[Any]:
-    calls = [seat.interleaver.calls(path) for seat in seats]
-    pairs = list(zip(seats, calls))
+    pairs = [(seat, seat.interleaver.calls(path)) for seat in seats]
+    skipped = any(path in seat.interleaver.plan.skip_paths for seat in seats)
+    if not skipped and not global_hooks and _runs_without_hooks(module):
+        return [_wrapped_forward(module, path, pairs, quiet)]
+    calls = [state for _seat, state in pairs]
 
     def pre_hook(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if quiet.depth:
@@ -130,11 +136,6 @@ def _hook_module(module: torch.nn.Module, path: str, seats: list[Seat], quiet: Q
             current = seat.leave(path, state, current)
         return None if current is output else current
 
-    skipped = False
-    for seat in seats:
-        skipped = skipped or path in seat.interleaver.plan.skip_paths
-    if not skipped and not global_hooks and _runs_without_hooks(module):
-        return [_wrapped_forward(module, pre_hook, hook)]
     handles = [module.register_forward_pre_hook(pre_hook, with_kwargs=True),
                module.register_forward_hook(hook, with_kwargs=True)]
     if skipped:
@@ -161,11 +162,12 @@ _GLOBAL_HOOKS = ("_global_forward_pre_hooks", "_global_forward_hooks", "_global_
                  "_global_backward_hooks")
 
 
-def _wrapped_forward(module: torch.nn.Module, pre_hook: Callable[..., Any],
-                     hook: Callable[..., Any]) -> _InstanceForward:
-    """Our two hooks run around ``module.forward`` instead of as torch hooks, for a module that has no
+def _wrapped_forward(module: torch.nn.Module, path: str, pairs: list[tuple[Seat, ModuleCalls]],
+                     quiet: Quiet) -> _InstanceForward:
+    """Our hooks run around ``module.forward`` instead of as torch hooks, for a module that has no
     hooks of anyone else: the same calls, in the same order, without torch's hook machinery (about
-    15 us a module call on a 2-core VM, more than the model's own work in a small layer).
+    15 us a module call on a 2-core VM, more than the model's own work in a small layer), and one
+    function made per module and trace instead of a pre-hook and a hook.
 
     Where others' hooks exist (or appear: transformers installs output-capturing hooks at a first
     ``output_hidden_states=True`` call), the order is what torch hooks registered now would give:
@@ -174,12 +176,17 @@ def _wrapped_forward(module: torch.nn.Module, pre_hook: Callable[..., Any],
     original: Callable[..., Any] = module.forward
 
     def forward(*args: Any, **kwargs: Any) -> Any:
-        replaced = pre_hook(module, args, kwargs)
-        if replaced is not None:
-            args, kwargs = replaced
-        output = original(*args, **kwargs)
-        new = hook(module, args, kwargs, output)
-        return output if new is None else new
+        if quiet.depth:  # the graph's own call of this module: no event for anyone
+            for _seat, state in pairs:
+                state.current = None
+            return original(*args, **kwargs)
+        current = (args, kwargs)
+        for seat, state in pairs:
+            current = seat.enter(path, state, current)
+        output = original(*current[0], **current[1])
+        for seat, state in pairs:
+            output = seat.leave(path, state, output)
+        return output
 
     forward.__wrapped__ = original  # type: ignore[attr-defined]  # inspect.signature(module.forward) as before
     return _InstanceForward(module, forward)
@@ -228,7 +235,9 @@ def graph_modules(model: torch.nn.Module, graph: InterventionGraph,
                   paths: Iterable[str] | None = None) -> dict[str, torch.nn.Module]:
     """The model's modules by path, found once per model: the graph's (``paths``: only those), with
     a clear error naming the user's line for a path the model does not have."""
-    found = _BY_PATH.setdefault(model, {})
+    found = _BY_PATH.get(model)
+    if found is None:  # (setdefault would make a weak reference at every call)
+        found = _BY_PATH[model] = {}
     for path in graph.module_paths() if paths is None else paths:
         if path not in found:
             try:

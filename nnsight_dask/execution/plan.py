@@ -98,7 +98,11 @@ class PassPlan:
     * ``result_keys``, ``stop_key``, ``stop_id``: the pass's result and ``stop()``; ``stop_on_value``:
       the stop is a value's (``proxy.stop()``: due once that value exists) rather than a line's
       (``tracer.stop()``: due once every instance before it has a value);
-    * ``module_paths``: modules whose calls carry events of this pass, the only ones worth a hook.
+    * ``module_paths``: modules whose calls carry events of this pass, the only ones worth a hook
+      (``input_paths`` those with events on a call's inputs, ``skip_paths`` those with skips);
+    * ``saves_of``: per instance, the saves that only keep its value (most nodes of most graphs):
+      they take the value when it is set instead of waiting their turn as free nodes (see
+      :func:`_plain_save`). The value is the same object either way; what is saved never changes.
     """
 
     def __init__(self, graph: InterventionGraph, pass_index: int, steps: int,
@@ -120,6 +124,9 @@ class PassPlan:
         self.stop_on_value = False
         self.skip_paths: set[str] = set()
         self.module_paths: set[str] = set()
+        #: modules with events on their inputs (the rest need no look-up when a call begins)
+        self.input_paths: set[str] = set()
+        self.saves_of: dict[Key, list[Key]] = {}
         self._build(steps, owned)
         stop = self.stop_key
         #: How many instances come before a line's ``stop()`` in program order.
@@ -155,6 +162,8 @@ class PassPlan:
                     self.dependents.setdefault(dep, []).append(key)
                 if kind in (Kind.GETTER, Kind.SETTER):
                     self.module_paths.add(node.module)  # type: ignore[arg-type]
+                    if node.access != "output":
+                        self.input_paths.add(node.module)  # type: ignore[arg-type]
                     event = (node.module, "out" if node.access == "output" else "in", node.call + (step or 0))
                     self.events.setdefault(event, []).append(key)  # type: ignore[arg-type]
                 elif kind == Kind.SKIP:
@@ -169,12 +178,29 @@ class PassPlan:
                 elif kind == Kind.STOP:
                     self.stop_key = key
                     self.stop_on_value = bool(node.args)
+                elif kind == Kind.SAVE and self.stop_id is None and _plain_save(node, nodes, pass_index):
+                    self.saves_of.setdefault(deps[0], []).append(key)
                 else:
                     self.free.add(key)
                     if not deps:
                         self.ready.append(key)
         for key, of, step in grads:
             self.grad_backward[key] = _next_backward(nodes, backwards, of, step)
+
+
+def _plain_save(node: Node, nodes: list[Node], pass_index: int) -> bool:
+    """Whether save ``node`` only keeps one value of its own pass, unconditionally, outside any
+    iteration block: nothing but that value decides what it keeps, so it can be set with it. Saves
+    of gradients wait their turn (a backward's order is kept), as do saves after a ``stop()`` (which
+    never run; the plan's walk stops fusing at the first stop)."""
+    if len(node.args) != 1 or type(node.args[0]) is not Ref or node.kwargs or node.cond is not None \
+            or node.iteration is not None:
+        return False
+    dep = nodes[node.args[0].id]
+    return dep.pass_index == pass_index and dep.iteration is None and dep.kind not in _GRADIENT_KINDS
+
+
+_GRADIENT_KINDS = frozenset({Kind.GRAD, Kind.GRAD_SETTER})
 
 
 def _next_backward(nodes: list[Node], backwards: list[int], of: int, step: int | None) -> Key | None:

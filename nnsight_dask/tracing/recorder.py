@@ -150,6 +150,14 @@ class Recorder:
 
         The hottest path of recording (every envoy access and save): the node is made here and appended
         at the graph's next id, without :meth:`InterventionGraph.add`'s second packing of the fields."""
+        proxy = Proxy(self, self._record(kind, args, kwargs, iteration, target, module, access, call, invoke))
+        for block in self.block_proxies:
+            block.append(weakref.ref(proxy))
+        return proxy
+
+    def _record(self, kind: str, args: tuple[Any, ...], kwargs: dict[str, Any] | None, iteration: int | None,
+                target: str | None, module: str | None, access: str | None, call: int, invoke: Any) -> int:
+        """:meth:`add` without the proxy (a save's node needs none): the new node's id."""
         if not self.recording:
             raise TracingError("this trace has finished; values can no longer be recorded into it")
         found: list[int] = []
@@ -176,10 +184,7 @@ class Recorder:
             self.session_level.append(node.id)
         self.lengths.note(node, self.cond is None and self.iteration is None and not self.block_proxies,
                           in_block=bool(self.block_proxies))
-        proxy = Proxy(self, node.id)
-        for block in self.block_proxies:
-            block.append(weakref.ref(proxy))
-        return proxy
+        return node.id
 
     def _inherited_iteration(self, refs: list[int]) -> int | None:
         nodes = self.graph.nodes
@@ -232,9 +237,9 @@ class Recorder:
     def save(self, proxy: Proxy, name: str | None) -> None:
         if proxy._node in self.saved and name is None:
             return
-        save = self.add(Kind.SAVE, (proxy,), target=name or f"save_{proxy._node}")
+        save = self._record(Kind.SAVE, (proxy,), None, None, name or f"save_{proxy._node}", None, None, 0, _CURRENT)
         self.saved[proxy._node] = proxy
-        object.__setattr__(proxy, "_save_node", save._node)  # (past Proxy.__setattr__'s refusals)
+        object.__setattr__(proxy, "_save_node", save)  # (past Proxy.__setattr__'s refusals)
 
     def retain_grad(self, proxy: Proxy) -> None:
         """``proxy.retain_grad()``: a saved ``.grad`` read of it, set as its value's ``.grad`` by :meth:`finish`."""
