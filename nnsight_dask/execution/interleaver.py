@@ -237,7 +237,16 @@ class Interleaver:
     # -- events -------------------------------------------------------------------------------
     def fire(self, keys: list[Key], current: Any, phase: str) -> Any:
         """Run the nodes bound to one event in program order; returns the (maybe replaced) value."""
-        pending = self.schedule.pending
+        schedule = self.schedule
+        if phase == "out" and not schedule.heap and self.invoke_windows is None and self.should_stop is None \
+                and not schedule.has_stop and self.gradients.running is None and self.plan.plain_reads.issuperset(keys):
+            # (the common event, reads of a module's output and nothing ready before them: no free
+            # node can run between two of them, so they take the value one after the other)
+            for key in keys:
+                self._set(key, current)
+            self.drain()
+            return current
+        pending = schedule.pending
         nodes = self.graph.nodes
         for key in keys:
             if type(key) is tuple:

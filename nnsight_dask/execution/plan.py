@@ -126,6 +126,9 @@ class PassPlan:
         self.module_paths: set[str] = set()
         #: modules with events on their inputs (the rest need no look-up when a call begins)
         self.input_paths: set[str] = set()
+        #: reads of a module's output without a condition: at an event of these alone, nothing runs
+        #: between them (see :meth:`~.interleaver.Interleaver.fire`)
+        self.plain_reads: set[Key] = set()
         self.saves_of: dict[Key, list[Key]] = {}
         self._build(steps, owned)
         stop = self.stop_key
@@ -164,6 +167,8 @@ class PassPlan:
                     self.module_paths.add(node.module)  # type: ignore[arg-type]
                     if node.access != "output":
                         self.input_paths.add(node.module)  # type: ignore[arg-type]
+                    elif kind == Kind.GETTER and node.cond is None:
+                        self.plain_reads.add(key)
                     event = (node.module, "out" if node.access == "output" else "in", node.call + (step or 0))
                     self.events.setdefault(event, []).append(key)  # type: ignore[arg-type]
                 elif kind == Kind.SKIP:

@@ -67,6 +67,9 @@ class ExperimentOptions:
         """The options of a model's entry point (``trace``, ``generate``, ``session``): ``store`` may be
         any path-like, ``persist_threshold`` anything ``int()`` takes. A wrong value raises
         :class:`~nnsight_dask.errors.TracingError` naming the keyword and what it takes."""
+        if store is None and persist_threshold is None and storage_options is None and positions is None \
+                and batching is None:
+            return _DEFAULTS  # (every trace without options: one shared, frozen instance)
         if store is not None:
             store = os.fspath(store)
         if persist_threshold is not None:
@@ -93,3 +96,6 @@ class ExperimentOptions:
         if self.positions is not None:
             options["positions"] = self.positions
         return options
+
+
+_DEFAULTS = ExperimentOptions()

@@ -40,6 +40,11 @@ class KnownLengths:
         #: forgets every list's items
         self._item_nodes: set[int] = set()
 
+    @property
+    def following(self) -> bool:
+        """Whether some list's length is known (else only a new list, an operation, needs :meth:`note`)."""
+        return bool(self._lengths)
+
     def get(self, node_id: int) -> int | None:
         return self._lengths.get(node_id)
 

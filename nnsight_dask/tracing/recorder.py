@@ -176,15 +176,18 @@ class Recorder:
             if iteration is None and found and graph.iterations:  # (no block in the graph: none to inherit)
                 iteration = self._inherited_iteration(found)
         nodes = graph.nodes
-        node = Node(id=len(nodes), kind=kind, target=target, args=args, kwargs=kwargs, module=module, access=access,
-                    invoke=self.invoke if invoke is _CURRENT else invoke, call=call, pass_index=self.pass_index,
-                    iteration=iteration, cond=self.cond, location=user_location())
+        node_id = len(nodes)
+        # (Node's fields in order: positional arguments cost less than keywords on this hottest path)
+        node = Node(node_id, kind, target, args, kwargs, module, access, self.invoke if invoke is _CURRENT else invoke,
+                    call, self.pass_index, iteration, self.cond, user_location())
         nodes.append(node)
         if not self.in_trace:
-            self.session_level.append(node.id)
-        self.lengths.note(node, self.cond is None and self.iteration is None and not self.block_proxies,
-                          in_block=bool(self.block_proxies))
-        return node.id
+            self.session_level.append(node_id)
+        lengths = self.lengths
+        if kind == Kind.OP or lengths.following:  # (other nodes matter only while some length is known)
+            lengths.note(node, self.cond is None and self.iteration is None and not self.block_proxies,
+                         in_block=bool(self.block_proxies))
+        return node_id
 
     def _inherited_iteration(self, refs: list[int]) -> int | None:
         nodes = self.graph.nodes
