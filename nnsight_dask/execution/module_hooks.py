@@ -114,8 +114,11 @@ def hook_modules(seats: Sequence[Seat], quiet: Quiet) -> list[Any]:
 
 def _hook_module(module: torch.nn.Module, path: str, seats: list[Seat], quiet: Quiet,
                  global_hooks: bool) -> list[Any]:
-    pairs = [(seat, seat.interleaver.calls(path)) for seat in seats]
-    skipped = any(path in seat.interleaver.plan.skip_paths for seat in seats)
+    pairs: list[tuple[Seat, ModuleCalls]] = []
+    skipped = False
+    for seat in seats:  # (a loop: no generator made per module and trace)
+        pairs.append((seat, seat.interleaver.calls(path)))
+        skipped = skipped or path in seat.interleaver.plan.skip_paths
     if not skipped and not global_hooks and _runs_without_hooks(module):
         return [_wrapped_forward(module, path, pairs, quiet)]
     calls = [state for _seat, state in pairs]

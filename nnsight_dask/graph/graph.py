@@ -97,7 +97,10 @@ class InterventionGraph:
 
     @property
     def needs_grad(self) -> bool:
-        return any(n.kind in (Kind.GRAD, Kind.GRAD_SETTER, Kind.BACKWARD) for n in self.nodes)
+        for node in self.nodes:  # (asked at every local run: a loop, no generator)
+            if node.kind in _GRADIENT_KINDS:
+                return True
+        return False
 
     def module_paths(self) -> set[str]:
         return {n.module for n in self.nodes if n.module is not None}
@@ -346,3 +349,7 @@ def _no_unknown(data: dict[Any, Any], known: tuple[str, ...], where: str) -> Non
     if unknown:
         raise GraphValidationError(f"{where}, field {unknown[0]!r}: unknown field; known: {list(known)}",
                                    field=unknown[0])
+
+
+#: Kinds of nodes that need autograd while the graph runs.
+_GRADIENT_KINDS = frozenset({Kind.GRAD, Kind.GRAD_SETTER, Kind.BACKWARD})

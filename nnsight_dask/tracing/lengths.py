@@ -32,7 +32,9 @@ class KnownLengths:
     """The lengths known while recording, by node id, for one recorder."""
 
     def __init__(self) -> None:
-        self._lengths: dict[int, int] = {}
+        #: The lengths known now, by node id (to read: while it is empty, only an operation can matter
+        #: to :meth:`note`, so the recorder asks for nothing else).
+        self.known: dict[int, int] = {}
         self._methods: dict[int, tuple[int, str]] = {}  # getattr node -> (list node, method name)
         #: per list of known length, the length of each item (None: unknown)
         self._items: dict[int, list[int | None]] = {}
@@ -40,17 +42,12 @@ class KnownLengths:
         #: forgets every list's items
         self._item_nodes: set[int] = set()
 
-    @property
-    def following(self) -> bool:
-        """Whether some list's length is known (else only a new list, an operation, needs :meth:`note`)."""
-        return bool(self._lengths)
-
     def get(self, node_id: int) -> int | None:
-        return self._lengths.get(node_id)
+        return self.known.get(node_id)
 
     def forget_from(self, first: int) -> None:
         """Forget what is known about nodes ``first`` and later (renumbered by an unrolled block)."""
-        for table in (self._lengths, self._methods, self._items):
+        for table in (self.known, self._methods, self._items):
             for node_id in [n for n in table if n >= first]:
                 del table[node_id]
         self._item_nodes = {n for n in self._item_nodes if n < first}
@@ -62,20 +59,20 @@ class KnownLengths:
         if node.kind == Kind.OP and node.target == "builtins.list":
             self._new_list(node, unconditional)
             return
-        if not self._lengths:
+        if not self.known:
             return
-        if node.kind == Kind.OP and node.target == "getattr" and _ref(node.args[0]) in self._lengths:
+        if node.kind == Kind.OP and node.target == "getattr" and _ref(node.args[0]) in self.known:
             name = node.args[1]
             if name in _CHANGES or name in ("extend", "clear"):
                 self._methods[node.id] = (_ref(node.args[0]), name)
             return
         if node.kind == Kind.OP and node.target == "call" and _ref(node.args[0]) in self._methods:
             list_id, name = self._methods.pop(_ref(node.args[0]))
-            length = self._lengths.get(list_id)
+            length = self.known.get(list_id)
             if length is not None and unconditional:
                 changed = _changed_length(length, name, node.args[1:])
                 if changed is not None:
-                    self._lengths[list_id] = changed
+                    self.known[list_id] = changed
                     if list_id in self._item_nodes:
                         self._items.clear()
                     self._change_items(list_id, name, node.args[1:])
@@ -93,10 +90,10 @@ class KnownLengths:
         """``nd.list(a, b)``, or a copy of a known list (``session.iter`` copies its traced list)."""
         items = node.args[0] if node.args else []
         if isinstance(items, list) and unconditional:
-            self._lengths[node.id] = len(items)
+            self.known[node.id] = len(items)
             self._items[node.id] = [self._length_of(item) for item in items]
-        elif isinstance(items, Ref) and items.id in self._lengths:
-            self._lengths[node.id] = self._lengths[items.id]
+        elif isinstance(items, Ref) and items.id in self.known:
+            self.known[node.id] = self.known[items.id]
             if items.id in self._items:
                 self._items[node.id] = list(self._items[items.id])
 
@@ -104,9 +101,9 @@ class KnownLengths:
         """The length of a value put into a list: a Python list or tuple, or a traced list of known length."""
         if isinstance(value, (list, tuple)):
             return len(value)
-        if isinstance(value, Ref) and value.id in self._lengths:
+        if isinstance(value, Ref) and value.id in self.known:
             self._item_nodes.add(value.id)  # changed later, it changes this item too
-            return self._lengths[value.id]
+            return self.known[value.id]
         return None
 
     def _change_items(self, list_id: int, name: str, args: tuple[Any, ...]) -> None:
@@ -136,12 +133,12 @@ class KnownLengths:
         if in_block and any(other != length for other in items):
             return  # a session.iter block's item reads a different index in each copy
         if length is not None:
-            self._lengths[node.id] = length
+            self.known[node.id] = length
             self._item_nodes.add(node.id)
 
     def _forget(self, refs: list[int]) -> None:
         for ref in refs:
-            self._lengths.pop(ref, None)
+            self.known.pop(ref, None)
             self._items.pop(ref, None)
             if ref in self._item_nodes:
                 self._items.clear()  # an item changed through another name

@@ -184,7 +184,7 @@ class Recorder:
         if not self.in_trace:
             self.session_level.append(node_id)
         lengths = self.lengths
-        if kind == Kind.OP or lengths.following:  # (other nodes matter only while some length is known)
+        if kind == Kind.OP or lengths.known:  # (other nodes matter only while some length is known)
             lengths.note(node, self.cond is None and self.iteration is None and not self.block_proxies,
                          in_block=bool(self.block_proxies))
         return node_id
