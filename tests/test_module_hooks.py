@@ -107,3 +107,31 @@ def test_a_skip_puts_back_an_instance_forward(gpt: Any) -> None:
         assert block.__dict__["forward"] is own_forward
     finally:
         del block.forward
+
+
+def test_two_reads_of_one_call_around_an_in_place_write_see_it_as_torch_does(gpt: Any) -> None:
+    """Reads of one module call take its output one after the other; a write recorded between them
+    changes that one tensor in place, as a plain PyTorch hook's write does: both reads, and the next
+    layer, see it."""
+    block = gpt._module.transformer.h[0]
+    with gpt.trace(PROMPT):
+        first = gpt.transformer.h[0].output
+        first[:, -1] = 0
+        second = gpt.transformer.h[0].output.save()
+        after = gpt.transformer.h[1].input.save()
+
+    seen: list[torch.Tensor] = []
+
+    def write(_module: Any, _args: Any, output: torch.Tensor) -> None:
+        output[:, -1] = 0
+
+    handles = [block.register_forward_hook(write),
+               gpt._module.transformer.h[1].register_forward_pre_hook(lambda _m, args: seen.append(args[0].clone()))]
+    try:
+        with torch.no_grad():
+            gpt._module(**gpt.encode(PROMPT))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert torch.all(second[:, -1] == 0)
+    assert torch.equal(after, seen[0]) and torch.equal(second, seen[0])

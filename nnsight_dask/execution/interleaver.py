@@ -111,11 +111,8 @@ class Interleaver:
         self.gradients = GradientHooks(self.plan.grad_backward, values, self.invoke_windows)
         self.executor = NodeExecutor(graph, modules, logs, budget, quiet, self.gradients)
         self._calls: dict[str, ModuleCalls] = {}
+        #: (a plain save's value is of its own pass, so it arrives through :meth:`_set`, never before)
         self._saves_of = self.plan.saves_of
-        if values and self._saves_of:  # a value that exists already (an earlier stage's): its saves now
-            for key, saves in self._saves_of.items():
-                if key in values:
-                    self._set_saves(saves, values[key])
 
     def take_logs(self) -> list[str]:
         """The lines logged since the last call (a shard hands them on with each stage's carry)."""
@@ -143,24 +140,20 @@ class Interleaver:
                 self._set(key, value)
 
     def _set(self, key: Key, value: Any) -> None:
-        self.values[key] = value
-        self.schedule.done(key)
+        values, done = self.values, self.schedule.done
+        values[key] = value
+        done(key)
         saves = self._saves_of.get(key)
-        if saves is not None:
-            self._set_saves(saves, value)
+        if saves is not None:  # its plain saves keep it as it is set (:attr:`~.plan.PassPlan.saves_of`)
+            for save in saves:
+                if save not in values:
+                    values[save] = value
+                    done(save)
         grad_events = self.plan.grad_events
         if grad_events:
             grads = grad_events.get(key)
             if grads is not None:
                 self.gradients.watch(self.graph.nodes[node_id(key)], value, grads, self.fire)
-
-    def _set_saves(self, saves: list[Key], value: Any) -> None:
-        """The plain saves of a value (:attr:`~.plan.PassPlan.saves_of`) keep it as it is set."""
-        values, done = self.values, self.schedule.done
-        for save in saves:
-            if save not in values:
-                values[save] = value
-                done(save)
 
     def _resolve(self, obj: Any, step: int | None) -> Any:
         if isinstance(obj, Ref):
