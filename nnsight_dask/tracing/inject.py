@@ -84,7 +84,9 @@ def release_locals(frame: FrameType, local_vars: Mapping[str, Any]) -> None:
     The copy lives as long as the frame and is refreshed only by the next read, so a value the user
     ``del``s after a trace (an activation, a list of saves) would stay alive in it until the function
     returns. The frame's own variables are not in the copy (:func:`inject_saves` has written to them
-    already), so emptying it changes nothing the code sees; a later ``locals()`` fills it again.
+    already), so emptying it changes nothing the code sees; a later ``locals()`` (or a debugger's next
+    stop) fills it again. Only a ``locals()`` dict kept across the block sees it empty, as from
+    Python 3.13 on it would not see the block's names either (PEP 667: each call, its own snapshot).
     Module-level and class-body frames, whose locals *are* the dict, are left alone."""
     if not _WRITE_THROUGH and frame.f_code.co_flags & inspect.CO_OPTIMIZED and isinstance(local_vars, dict):
         local_vars.clear()
