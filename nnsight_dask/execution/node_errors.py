@@ -40,7 +40,7 @@ def no_positional_input(node: Node) -> NNsightDaskError:
 def never_ran(node: Node, cause: Node | None, calls: int) -> InterventionError:
     """``node`` never ran because of ``cause`` (the module event it waited for, which ran ``calls``
     times in the pass; or the gradient never computed)."""
-    if cause is not None and cause.kind in (Kind.GRAD, Kind.GRAD_SETTER):
+    if cause is not None and cause.kind in Kind.GRADIENTS:
         why = f"{cause.describe()} (.grad) was never computed: call .backward() on a loss inside the trace"
     elif cause is not None and cause.module is not None:
         why = (f"{display_path(cause.module)}.{cause.access} at call {cause.call} was never reached: the "

@@ -21,7 +21,7 @@ def assign_shards(graph: InterventionGraph, owner: Callable[[str], int], n_shard
     for node, deps in zip(graph.nodes, dependencies(graph)):
         if node.kind in Kind.MODULE_BOUND:
             shard = owner(node.module)  # type: ignore[arg-type]
-        elif node.kind in (Kind.GRAD, Kind.GRAD_SETTER, Kind.BACKWARD) or (node.kind == Kind.STOP and node.args):
+        elif node.kind in Kind.AUTOGRAD or (node.kind == Kind.STOP and node.args):
             shard = shards[node.args[0].id]
         elif node.kind == Kind.RESULT:
             shard = last

@@ -175,7 +175,7 @@ class PassPlan:
                     self.skip_paths.add(node.module)  # type: ignore[arg-type]
                     self.module_paths.add(node.module)  # type: ignore[arg-type]
                     self.skips.setdefault((node.module, node.call + (step or 0)), []).append(key)  # type: ignore[arg-type]
-                elif kind in (Kind.GRAD, Kind.GRAD_SETTER):
+                elif kind in Kind.GRADIENTS:
                     self.grad_events.setdefault(dep_key(nodes[node.args[0].id], step), []).append(key)
                     grads.append((key, node.id, step))
                 elif kind == Kind.RESULT:
@@ -202,10 +202,7 @@ def _plain_save(node: Node, nodes: list[Node], pass_index: int) -> bool:
             or node.iteration is not None:
         return False
     dep = nodes[node.args[0].id]
-    return dep.pass_index == pass_index and dep.iteration is None and dep.kind not in _GRADIENT_KINDS
-
-
-_GRADIENT_KINDS = frozenset({Kind.GRAD, Kind.GRAD_SETTER})
+    return dep.pass_index == pass_index and dep.iteration is None and dep.kind not in Kind.GRADIENTS
 
 
 def _next_backward(nodes: list[Node], backwards: list[int], of: int, step: int | None) -> Key | None:

@@ -98,7 +98,7 @@ class InterventionGraph:
     @property
     def needs_grad(self) -> bool:
         for node in self.nodes:  # (asked at every local run: a loop, no generator)
-            if node.kind in _GRADIENT_KINDS:
+            if node.kind in Kind.AUTOGRAD:
                 return True
         return False
 
@@ -349,7 +349,3 @@ def _no_unknown(data: dict[Any, Any], known: tuple[str, ...], where: str) -> Non
     if unknown:
         raise GraphValidationError(f"{where}, field {unknown[0]!r}: unknown field; known: {list(known)}",
                                    field=unknown[0])
-
-
-#: Kinds of nodes that need autograd while the graph runs.
-_GRADIENT_KINDS = frozenset({Kind.GRAD, Kind.GRAD_SETTER, Kind.BACKWARD})

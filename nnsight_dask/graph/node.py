@@ -44,6 +44,8 @@ class Kind:
     STOP = "stop"                # stop the forward pass once every earlier node ran (with an argument: once it exists)
 
     EVENT_BOUND = frozenset({GETTER, SETTER, SKIP, GRAD, GRAD_SETTER, RESULT})
+    GRADIENTS = frozenset({GRAD, GRAD_SETTER})             # reads and writes of a gradient
+    AUTOGRAD = frozenset({GRAD, GRAD_SETTER, BACKWARD})    # what needs autograd while the graph runs
     MODULE_BOUND = frozenset({GETTER, SETTER, SKIP, MODULE_CALL, MODULE_ATTR})
     ALL = frozenset({GETTER, SETTER, SKIP, OP, MODULE_CALL, MODULE_ATTR, GRAD, GRAD_SETTER,
                      BACKWARD, SAVE, LOG, APPLY, RESULT, STOP})

@@ -204,7 +204,7 @@ def _check_node(node: Node, policy: Policy) -> None:
         raise PolicyError(f"{what}: module {display_path(node.module)!r} is not open to experiments on this "
                           f"deployment; allowed modules: {list(policy.modules or ())}", rule="modules",
                           location=node.location, module=node.module)
-    if not policy.gradients and node.kind in (Kind.GRAD, Kind.GRAD_SETTER, Kind.BACKWARD):
+    if not policy.gradients and node.kind in Kind.AUTOGRAD:
         raise PolicyError(f"{what}: gradients are turned off on this deployment (gradients=False)",
                           rule="gradients", location=node.location)
     _check_tensor_bytes([node.args, node.kwargs], policy, what, node.location)
