@@ -78,7 +78,7 @@ def _deps(node: Node) -> list[int]:
         kind = type(arg)
         if kind is Ref:
             found.append(arg.id)
-        elif kind in (tuple, list, dict, slice) or isinstance(arg, (Ref, tuple, list, dict, slice)):
+        elif isinstance(arg, (Ref, tuple, list, dict, slice)):  # a nested or subclassed argument
             return node.deps()
     if node.kwargs or node.cond is not None:
         return node.deps()
