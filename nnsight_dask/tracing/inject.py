@@ -77,16 +77,31 @@ _locals_to_fast = None if _WRITE_THROUGH else ctypes.PYFUNCTYPE(None, ctypes.py_
     ("PyFrame_LocalsToFast", ctypes.pythonapi))
 
 
-def release_locals(frame: FrameType, local_vars: Mapping[str, Any]) -> None:
-    """Let go of the copy of a function frame's locals that reading ``frame.f_locals`` left on the
-    frame (Python < 3.13; ``local_vars`` is that copy).
+class CallerLocals:
+    """``with CallerLocals(frame) as local_vars:``: the locals of the frame that ran a ``with`` block,
+    read once when the block closes (each read of a function frame's ``f_locals`` copies them; the
+    frame does not run meanwhile, so one read serves naming the saves and :func:`inject_saves`).
 
-    The copy lives as long as the frame and is refreshed only by the next read, so a value the user
-    ``del``s after a trace (an activation, a list of saves) would stay alive in it until the function
-    returns. The frame's own variables are not in the copy (:func:`inject_saves` has written to them
-    already), so emptying it changes nothing the code sees; a later ``locals()`` (or a debugger's next
-    stop) fills it again. Only a ``locals()`` dict kept across the block sees it empty, as from
-    Python 3.13 on it would not see the block's names either (PEP 667: each call, its own snapshot).
-    Module-level and class-body frames, whose locals *are* the dict, are left alone."""
-    if not _WRITE_THROUGH and frame.f_code.co_flags & inspect.CO_OPTIMIZED and isinstance(local_vars, dict):
-        local_vars.clear()
+    On leaving, the copy that the read left on a function frame is let go of (Python < 3.13): it
+    lives as long as the frame and is refreshed only by the next read, so a value the user ``del``s
+    after a trace (an activation, a list of saves) would stay alive in it until the function returns.
+    The frame's own variables are not in the copy (:func:`inject_saves` has written to them already),
+    so emptying it changes nothing the code sees; a later ``locals()`` (or a debugger's next stop)
+    fills it again. Only a ``locals()`` dict kept across the block sees it empty, as from Python 3.13
+    on it would not see the block's names either (PEP 667: each call, its own snapshot). Module-level
+    and class-body frames, whose locals *are* the dict, are left alone.
+    """
+
+    __slots__ = ("frame", "values")
+
+    def __init__(self, frame: FrameType) -> None:
+        self.frame = frame
+        self.values: Mapping[str, Any] = frame.f_locals
+
+    def __enter__(self) -> Mapping[str, Any]:
+        return self.values
+
+    def __exit__(self, *exc: object) -> None:
+        values = self.values
+        if not _WRITE_THROUGH and self.frame.f_code.co_flags & inspect.CO_OPTIMIZED and isinstance(values, dict):
+            values.clear()

@@ -17,7 +17,7 @@ from ..graph.node import Kind, Ref
 from ..graph.options import ExperimentOptions
 from . import control_flow
 from .conditions import CondBlock
-from .inject import inject_saves, release_locals
+from .inject import CallerLocals, inject_saves
 from .proxy import Proxy, map_proxies
 from .recorder import Recorder, active_recorders
 from .running import RunRequest, hand_out, run_recording
@@ -106,8 +106,7 @@ class Tracer:
         if not recorder.graph.passes[recorder.pass_index].invokes:
             raise TracingError("the trace has no inputs: pass them to trace(...) or open `with tracer.invoke(...)`")
         caller = sys._getframe(1)
-        local_vars = caller.f_locals  # read once (each read of a function frame's f_locals copies them)
-        try:
+        with CallerLocals(caller) as local_vars:
             saved_locals = recorder.rename_saves(local_vars)
             if self._session is not None:
                 return
@@ -119,8 +118,6 @@ class Tracer:
             self.future = run_recording(self.model, recorder, request, self._deliver)
             if self.future is None and not self.fake and self.inject and saved_locals:
                 inject_saves(caller, local_vars, recorder, saved_locals)
-        finally:
-            release_locals(caller, local_vars)
 
     def _deliver(self, result: RunResult) -> None:
         self.logs = hand_out(self._require(), result)
@@ -330,8 +327,7 @@ class Session:
             self.recorder.close()
             return
         caller = sys._getframe(1)
-        local_vars = caller.f_locals
-        try:
+        with CallerLocals(caller) as local_vars:
             saved_locals = self.recorder.rename_saves(local_vars)
             graph = self.recorder.graph
             if not graph.nodes:
@@ -343,8 +339,6 @@ class Session:
             self.future = run_recording(self.model, self.recorder, request, self._deliver)
             if self.future is None and saved_locals:
                 inject_saves(caller, local_vars, self.recorder, saved_locals)
-        finally:
-            release_locals(caller, local_vars)
 
     def _deliver(self, result: RunResult) -> None:
         self.logs = hand_out(self.recorder, result)
