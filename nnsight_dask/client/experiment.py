@@ -49,7 +49,7 @@ from ..worker.registry import ShardUnavailableError, ShardStateLostError
 from ..worker.results import Results
 from ..worker.routing import ROUTE_HANDLER
 from ..worker.serialization import register as register_serializers
-from .coalesce import Route, Coalescer, Member, coalescer_for
+from .coalesce import Coalescer, Member, Route, coalescer_for
 from .deployment import (
     crowded,
     dead_shards,

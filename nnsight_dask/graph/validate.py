@@ -462,7 +462,7 @@ def _check_kind(graph: InterventionGraph, node: Node, ops: Any, where: str, remo
     if allowed is not None and any(k not in allowed for k in node.kwargs):
         raise field_error(node.id, "kwargs", f"{where} takes no keyword argument(s) {short(sorted(node.kwargs))}"
                           + (f"; allowed: {list(allowed)}" if allowed else ""))
-    if kind in (Kind.GRAD, Kind.GRAD_SETTER, Kind.BACKWARD, Kind.STOP) and args and not isinstance(args[0], Ref):
+    if (kind in Kind.AUTOGRAD or kind == Kind.STOP) and args and not isinstance(args[0], Ref):
         raise field_error(node.id, "args", f"{where} must refer to a traced tensor")
     if kind in (Kind.SETTER, Kind.SKIP, Kind.GRAD_SETTER):
         _check_written_value(node, args[-1], where)
